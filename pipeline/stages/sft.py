@@ -1,0 +1,309 @@
+"""SFT stage: supervised fine-tuning on chat or prompt/completion data with TRL's SFTTrainer.
+
+    rlhf run configs/tiny.yaml --stage sft
+
+Tuning modes: `full`; `lora` (peft; merged into the weights or kept as an adapter);
+`freeze` (full fine-tuning with the embeddings and the lowest `freeze_layers` layers frozen).
+By default the loss covers the assistant's tokens only (via the chat template's
+`{% generation %}` markers). Writes a `policy` artifact: `model/` (safetensors + tokenizer).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.errors import InvalidInput
+
+ROLES = ("system", "user", "assistant")
+
+
+class SFTDataConfig(Strict):
+    train: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:sft")
+    eval: str | None = Field(None, description="held-out file; without it `eval_fraction` of train is held out")
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    on_error: Literal["fail", "skip"] = "fail"
+    max_rows: int | None = Field(None, ge=1, description="use only the first N valid training rows")
+
+
+class SFTStageConfig(Strict):
+    stage: Literal["sft"]
+    name: str | None = None
+    model: str = Field(description="a key of `models`, stage:NAME, or a model reference")
+    data: SFTDataConfig
+    tuning: Literal["full", "lora", "freeze"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze_layers: int = Field(0, ge=0, description="with tuning: freeze, the lowest N decoder layers (and embeddings)")
+    assistant_only_loss: bool = True
+    packing: bool = False
+    max_length: int = Field(512, ge=8)
+    precision: Precision = "auto"
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tuning == "freeze" and self.freeze_layers == 0:
+            raise ValueError("freeze_layers: tuning 'freeze' needs freeze_layers >= 1")
+        return self
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"model": (self.model, "model"), "train_data": (self.data.train, "data")}
+        if self.data.eval:
+            out["eval_data"] = (self.data.eval, "data")
+        return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _check_messages(msgs) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"messages[{j}] must be an object with 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"messages[{j}].role is {m['role']!r}; expected one of {list(ROLES)}"
+        if not isinstance(m["content"], str):
+            return f"messages[{j}].content must be a string"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        return "no non-empty assistant message to learn from"
+    return None
+
+
+def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
+    """One data row -> a conversational example {'messages': [...]}, or the reason it is invalid."""
+    if not isinstance(row, dict):
+        return None, f"row is a {type(row).__name__}, not an object"
+    if fmt == "auto":
+        fmt = "messages" if "messages" in row else "prompt_completion" if "prompt" in row else None
+        if fmt is None:
+            return None, f"expected key 'messages' or 'prompt'/'completion'; found keys {sorted(row)}"
+    if fmt == "messages":
+        if "messages" not in row:
+            return None, f"missing key 'messages'; found keys {sorted(row)}"
+        err = _check_messages(row["messages"])
+        return (None, err) if err else ({"messages": row["messages"]}, None)
+    missing = [k for k in ("prompt", "completion") if k not in row]
+    if missing:
+        return None, f"missing key {missing[0]!r}; found keys {sorted(row)}"
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not prompt.strip() or not completion.strip():
+            return None, "empty prompt or completion"
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    elif isinstance(prompt, list) and isinstance(completion, list):
+        msgs = prompt + completion
+    else:
+        return None, "'prompt' and 'completion' must both be strings or both be message lists"
+    err = _check_messages(msgs)
+    return (None, err) if err else ({"messages": msgs}, None)
+
+
+def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[list[dict], int]:
+    """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip)."""
+    from feedback.records import iter_records
+
+    examples, problems, n = [], [], 0
+    for rec in iter_records(path):
+        n += 1
+        ex, err = (None, rec.error) if rec.error else to_example(rec.value, fmt)
+        if err:
+            problems.append(f"{rec.where}: {err}")
+            rejected.append({"where": rec.where, "reason": err, "row": rec.raw})
+        else:
+            examples.append(ex)
+    if problems and on_error == "fail":
+        shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
+                           "(set data.on_error: skip to train on the valid rows)")
+    if not examples:
+        raise InvalidInput(f"{path}: no valid rows")
+    return examples, n
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def decoder_layers(model):
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+            return obj
+        except AttributeError:
+            continue
+    raise InvalidInput(f"tuning 'freeze': cannot find the decoder layers of {type(model).__name__}")
+
+
+def freeze_lower(model, n: int) -> None:
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise InvalidInput(f"freeze_layers is {n} but the model has only {len(layers)} layers")
+    for p in model.get_input_embeddings().parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[:n]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+
+
+def peft_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def training_args(cls, cfg, ctx, precision: str, **extra):
+    """TRL config shared by the TRL-based stages: explicit precision, seeds, our logging, no hub."""
+    import torch
+
+    from pipeline.tracking import report_to
+
+    o = cfg.optim
+    return cls(
+        output_dir=str(ctx.work_dir / "checkpoints"),
+        learning_rate=o.lr,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps,
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        lr_scheduler_type=o.scheduler,
+        max_grad_norm=o.max_grad_norm,
+        logging_steps=o.logging_steps,
+        eval_strategy="steps" if o.eval_steps else "no",
+        eval_steps=o.eval_steps,
+        save_strategy="no",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        report_to=report_to(ctx.pipeline.tracking),
+        disable_tqdm=False,
+        push_to_hub=False,
+        **extra,
+    )
+
+
+def save_policy(model, tokenizer, out_dir, merge: bool) -> bool:
+    """Save a policy as safetensors + tokenizer; a peft model is merged or saved as an adapter. Returns is_adapter."""
+    import os
+    import shutil
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return is_peft and not merge
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: SFTStageConfig, ctx) -> dict:
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline import artifacts
+    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
+    from pipeline.runner import resolve_data_path
+    from pipeline.tracking import trainer_callback
+
+    set_seed(ctx.seed)
+    rejected: list[dict] = []
+    train, n_train = read_examples(resolve_data_path(cfg.data.train), cfg.data.format, cfg.data.on_error, rejected)
+    if cfg.data.eval:
+        evals, n_eval = read_examples(resolve_data_path(cfg.data.eval), cfg.data.format, cfg.data.on_error, rejected)
+    else:
+        n_eval = 0
+        rng = random.Random(ctx.seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        k = max(1, int(round(len(train) * cfg.data.eval_fraction))) if cfg.data.eval_fraction > 0 else 0
+        evals = [train[i] for i in order[:k]]
+        train = [train[i] for i in order[k:]]
+    if cfg.data.max_rows:
+        train = train[: cfg.data.max_rows]
+    if rejected:
+        artifacts.write_jsonl(ctx.work_dir / "rejected.jsonl", rejected)
+        print(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
+
+    precision = resolve_precision(cfg.precision)
+    path, model_info = ctx.model_path(cfg.model)
+    tokenizer = load_tokenizer(path, model_info.get("trust_remote_code", False), model_info.get("revision"))
+    model = load_causal_lm(path, "fp32" if precision != "fp32" else precision,
+                           model_info.get("trust_remote_code", False), model_info.get("revision"))
+    if cfg.tuning == "freeze":
+        freeze_lower(model, cfg.freeze_layers)
+
+    args = training_args(
+        SFTConfig, cfg, ctx, precision,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        assistant_only_loss=cfg.assistant_only_loss,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals) if evals else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+        callbacks=[trainer_callback(ctx.metrics)],
+    )
+    total, trainable = count_parameters(trainer.model)
+    print(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
+          f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
+
+    metrics: dict[str, float] = {}
+    if evals:
+        metrics["eval/loss_initial"] = trainer.evaluate()["eval_loss"]
+    t0 = time.time()
+    result = trainer.train()
+    seconds = time.time() - t0
+    metrics["train/loss"] = result.training_loss
+    if evals:
+        metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
+    for name, value in metrics.items():
+        if not torch.isfinite(torch.tensor(value)):
+            raise InvalidInput(f"[{ctx.name}] {name} is {value}: training diverged; no artifact written")
+    ctx.metrics.log(metrics, step=trainer.state.global_step)
+
+    shutil.rmtree(ctx.work_dir / "checkpoints", ignore_errors=True)  # nothing kept yet; resume comes later
+    model_dir = ctx.work_dir / "model"
+    is_adapter = save_policy(trainer.model, tokenizer, model_dir, merge=cfg.lora.merge)
+    steps = trainer.state.global_step
+    summary = (f"{steps} steps in {seconds:.1f}s; train/loss {metrics['train/loss']:.4f}"
+               + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}" if evals else "")
+               + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    return {
+        "kind": "policy",
+        "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
+        "counts": {"rows_read": n_train + n_eval, "accepted": len(train) + len(evals), "rejected": len(rejected),
+                   "train": len(train), "eval": len(evals)},
+        "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
+                            "parameters": total, "trainable": trainable, "precision": precision}},
+        "summary": summary,
+    }

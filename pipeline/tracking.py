@@ -1,0 +1,78 @@
+"""Metrics: one `metrics.jsonl` per stage with the DESIGN.md names, and wandb (offline unless told).
+
+TRL and the HF Trainer log `loss`, `eval_loss`, `eval_rewards/margins`, ...; `metric_name`
+maps them to our names (`train/loss`, `eval/loss`, `eval/rewards/margins`) so that
+metrics.jsonl, wandb and the manifest use one vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+_SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
+
+
+def metric_name(key: str) -> str:
+    if key == "loss":
+        return "train/loss"
+    if key.startswith("eval_"):
+        return "eval/" + key[5:]
+    if "/" in key and key.split("/", 1)[0] in ("train", "eval", "ppo", "rewards"):
+        return key
+    return "train/" + key
+
+
+def redact(obj: Any) -> Any:
+    """Drop values under keys that look like secrets (for configs and metrics sent anywhere)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if _SECRET_KEYS.search(str(k)) and not str(k).endswith("_env") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+class MetricsLog:
+    """Appends one JSON object per call to metrics.jsonl and keeps the last value of each metric."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.last: dict[str, float] = {}
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        row: dict[str, Any] = {} if step is None else {"step": step}
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                name = metric_name(k)
+                row[name] = v
+                if math.isfinite(float(v)):
+                    self.last[name] = v
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def trainer_callback(metrics: MetricsLog):
+    """A transformers TrainerCallback that mirrors the trainer's logs into `metrics`."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                metrics.log(logs, step=state.global_step)
+
+    return _Callback()
+
+
+def report_to(tracking) -> list[str]:
+    """The HF `report_to` list for a TrackingConfig; sets WANDB_MODE so offline needs no account."""
+    if not tracking.wandb:
+        return []
+    os.environ.setdefault("WANDB_MODE", tracking.wandb_mode)
+    os.environ.setdefault("WANDB_PROJECT", tracking.wandb_project)
+    return ["wandb"]

@@ -1,0 +1,45 @@
+"""Shared fixtures. Everything is offline: the tiny model is built by project code and cached."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from pipeline.models import resolve
+
+    return resolve("tiny")
+
+
+def write_yaml(path: Path, data) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_sft_block(**over):
+    block = {
+        "stage": "sft",
+        "model": "tiny",
+        "data": {"train": "synthetic:sft", "eval_fraction": 0.1},
+        "max_length": 64,
+        "precision": "fp32",
+        "optim": {"lr": 3e-3, "epochs": 2, "batch_size": 16, "logging_steps": 5},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(block.get(k), dict):
+            block[k] = {**block[k], **v}
+        else:
+            block[k] = v
+    return block

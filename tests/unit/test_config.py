@@ -1,0 +1,94 @@
+"""Config loading: every shipped YAML loads; bad configs fail naming the file and key path."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import apply_override, load_pipeline, load_yaml_text
+from pipeline.errors import UsageError
+from tests.conftest import ROOT, tiny_sft_block, write_yaml
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads(path):
+    cfg = load_pipeline(path)
+    assert cfg.stages and all(s.name for s in cfg.stages)
+    assert path.read_text().startswith("# rlhf run ") or path.read_text().startswith("#"), "starts with its command"
+    first = path.read_text().splitlines()[0]
+    assert "rlhf run" in first and path.name in first, "each YAML begins with the command that runs it"
+
+
+def test_scientific_notation_is_a_number():
+    assert load_yaml_text("lr: 2e-5\nb: 1E3\nc: -3.5e+2\nd: '2e-5'", "x") == {"lr": 2e-5, "b": 1000.0, "c": -350.0,
+                                                                             "d": "2e-5"}
+
+
+def _cfg(tmp_path, **over):
+    return {"run_dir": str(tmp_path / "run"), "models": {"base": "tiny"}, "stages": [tiny_sft_block(**over)]}
+
+
+def _error(tmp_path, data, overrides=None) -> str:
+    path = write_yaml(tmp_path / "x.yaml", data)
+    with pytest.raises(UsageError) as exc:
+        load_pipeline(path, overrides)
+    return str(exc.value)
+
+
+def test_wrong_type_names_file_and_key_path(tmp_path):
+    data = _cfg(tmp_path)
+    data["stages"][0]["optim"]["lr"] = "fast"
+    msg = _error(tmp_path, data)
+    assert msg == f"{tmp_path / 'x.yaml'}: stages[0].optim.lr: expected a number, got 'fast'"
+
+
+def test_unknown_key_and_bad_choice(tmp_path):
+    data = _cfg(tmp_path, tuning="half")
+    data["stages"][0]["optim"]["learning_rate"] = 1e-3
+    data["extra_top"] = 1
+    msg = _error(tmp_path, data)
+    assert "stages[0].optim.learning_rate: unknown key" in msg
+    assert "stages[0].tuning: expected one of 'full', 'lora' or 'freeze', got 'half'" in msg
+    assert "extra_top: unknown key" in msg
+
+
+def test_unknown_stage_and_forward_reference(tmp_path):
+    data = _cfg(tmp_path)
+    data["stages"].append({"stage": "sftt", "model": "base"})
+    assert "stages[1]: unknown stage 'sftt'" in _error(tmp_path, data)
+    data = _cfg(tmp_path, model="stage:later")
+    assert "stages[0].model: 'stage:later' names no earlier stage" in _error(tmp_path, data)
+
+
+def test_set_overrides(tmp_path):
+    path = write_yaml(tmp_path / "x.yaml", _cfg(tmp_path))
+    cfg = load_pipeline(path, ["stages.sft.optim.lr=1e-4", "stages.0.tuning=lora", "seed=7", "stages.sft.lora.r=4"])
+    st = cfg.stages[0]
+    assert st.optim.lr == 1e-4 and isinstance(st.optim.lr, float)
+    assert (st.tuning, cfg.seed, st.lora.r) == ("lora", 7, 4)
+    msg = _error(tmp_path, _cfg(tmp_path), ["stages.sft.optim.lr=fast"])
+    assert "(with --set overrides): stages[0].optim.lr: expected a number, got 'fast'" in msg
+    with pytest.raises(UsageError, match="no list item named 'nope'"):
+        apply_override({"stages": [{"stage": "sft"}]}, "stages.nope.x=1")
+    with pytest.raises(UsageError, match="expected KEY.PATH=VALUE"):
+        apply_override({}, "seed")
+
+
+def test_cli_bad_config_exits_2_with_message(tmp_path, capsys):
+    data = _cfg(tmp_path)
+    data["stages"][0]["optim"]["lr"] = "fast"
+    path = write_yaml(tmp_path / "x.yaml", data)
+    assert main(["run", str(path)]) == 2
+    assert "stages[0].optim.lr: expected a number, got 'fast'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_help_describes_every_command(capsys):
+    for argv in (["--help"], ["run", "--help"], ["models", "--help"], ["models", "prepare", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: rlhf" in out and len(out.splitlines()) > 3
