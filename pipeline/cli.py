@@ -38,6 +38,147 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _keys(spec: str | None) -> dict[str, str] | None:
+    from pipeline.errors import UsageError
+
+    if not spec:
+        return None
+    out = {}
+    for item in spec.split(","):
+        role, _, name = item.partition("=")
+        if role not in ("prompt", "chosen", "rejected") or not name:
+            raise UsageError(f"--keys {spec}: expected ROLE=NAME[,ROLE=NAME] with ROLE prompt, chosen or rejected")
+        out[role] = name
+    return out
+
+
+def _data_report(args):
+    from feedback.validate import validate_file
+
+    tokenizer = None
+    if getattr(args, "tokenizer", None):
+        from pipeline.models import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(resolve(args.tokenizer))
+    max_length = getattr(args, "max_length", None)
+    if max_length and tokenizer is None:
+        from pipeline.errors import UsageError
+
+        raise UsageError("--max-length needs --tokenizer (the model whose tokenizer truncates)")
+    return validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length)
+
+
+def _print_problems(report, limit: int | None = None) -> None:
+    problems = report.problems()
+    for line in problems[:limit]:
+        print(line)
+    if limit is not None and len(problems) > limit:
+        print(f"... and {len(problems) - limit} more")
+
+
+def _cmd_data_validate(args) -> int:
+    report = _data_report(args)
+    _print_problems(report)
+    print(f"format: {report.format}", file=sys.stderr)
+    print(report.summary())
+    return 1 if report.invalid else 0
+
+
+def _cmd_data_import(args) -> int:
+    from pathlib import Path
+
+    from feedback.schema import write_pairs
+    from pipeline.artifacts import write_jsonl
+
+    report = _data_report(args)
+    out = Path(args.output)
+    rejected_path = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
+    if report.invalid and args.on_error == "fail":
+        _print_problems(report, 20)
+        print(f"{report.summary()}; nothing written (--on-error skip writes the valid rows)")
+        return 1
+    n = write_pairs(out, report.pairs)
+    if report.invalid:
+        write_jsonl(rejected_path, report.rejected_rows())
+    print(f"format: {report.format}; {report.summary()}")
+    print(f"wrote {n} pairs to {out}" + (f"; {len(report.invalid)} rejected rows with reasons to {rejected_path}"
+                                          if report.invalid else ""))
+    return 0
+
+
+def _cmd_data_stats(args) -> int:
+    import json
+
+    from feedback.stats import file_stats
+
+    report = _data_report(args)
+    tokenizer = None
+    if args.tokenizer:
+        from pipeline.models import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(resolve(args.tokenizer))
+    stats = file_stats(report, tokenizer)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"{stats['file']}  format: {stats['format']}")
+    print(f"rows: {stats['rows_read']} ({stats['accepted']} valid, {stats['rejected']} invalid"
+          + (f": {stats['rejected_by_reason']}" if stats["rejected"] else "") + f"); pairs: {stats['pairs']}")
+    print(f"distinct prompts: {stats['distinct_prompts']}; ties: {stats['ties']}; with margin: {stats['with_margin']}")
+    print(f"sources: {stats['sources']}; annotators: {stats['annotators']}")
+    print(f"lengths ({stats['length_unit']}):")
+    for k, d in stats["lengths"].items():
+        print(f"  {k:9s} " + "  ".join(f"{n} {v}" for n, v in d.items()))
+    print(f"  prompt turns  " + "  ".join(f"{n} {v}" for n, v in stats["prompt_turns"].items()))
+    a = stats["agreement"]
+    print(f"annotator agreement: {a['agreement'] if a['agreement'] is not None else 'n/a'} over "
+          f"{a['pairs_labelled_more_than_once']} pairs labelled more than once")
+    return 0
+
+
+def _cmd_reward_score(args) -> int:
+    import json
+
+    from feedback.records import iter_records
+    from pipeline.artifacts import write_jsonl
+    from pipeline.errors import InvalidInput
+    from reward.scoring import RewardScorer
+
+    items, problems = [], []  # (where, prompt, [(field, response)])
+    for rec in iter_records(args.input):
+        row = rec.value
+        if rec.error or not isinstance(row, dict) or "prompt" not in row:
+            problems.append(f"{rec.where}: {rec.error or 'expected an object with prompt and response (or chosen/rejected)'}")
+            continue
+        fields = [k for k in ("response", "chosen", "rejected", "completion") if isinstance(row.get(k), (str, list))]
+        if not fields:
+            problems.append(f"{rec.where}: no 'response' (or 'chosen'/'rejected') to score; found keys {sorted(row)}")
+            continue
+        items.append((rec.where, row, fields))
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        raise InvalidInput(f"{args.input}: {len(problems)} rows cannot be scored")
+    scorer = RewardScorer.from_artifact(args.model, batch_size=args.batch_size)
+    prompts = [row["prompt"] for _, row, fields in items for _ in fields]
+    responses = [row[f] for _, row, fields in items for f in fields]
+    raw, norm = scorer.score(prompts, responses)
+    out, k = [], 0
+    for where, row, fields in items:
+        rec = {"where": where, **({"id": row["id"]} if "id" in row else {})}
+        for f in fields:
+            rec[f"{f}_score"] = round(raw[k], 6)
+            rec[f"{f}_score_normalized"] = round(norm[k], 6)
+            k += 1
+        out.append(rec)
+    if args.output:
+        write_jsonl(args.output, out)
+        print(f"scored {len(responses)} responses in {len(out)} rows -> {args.output}")
+    else:
+        for rec in out:
+            print(json.dumps(rec))
+    return 0
+
+
 def _cmd_models_prepare(args) -> int:
     from pipeline.models import resolve
 
@@ -81,6 +222,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="override run_dir")
     r.add_argument("--check", action="store_true", help="validate the config and exit")
     r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("data", help="validate, import and describe preference files",
+                       description="Preference files: JSONL, JSON arrays, CSV, Parquet or a local dataset directory, "
+                       "in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+
+    def data_options(q, tokenizer=True):
+        q.add_argument("file", help="the preference file or dataset directory")
+        q.add_argument("--format", default="auto", choices=["auto", "pairs", "messages", "hh", "ranked"],
+                       help="row format (default: detected from the first row)")
+        q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
+        q.add_argument("--ranked", default="all_pairs", choices=["all_pairs", "best_vs_rest"],
+                       help="how ranked rows expand into pairs")
+        q.add_argument("--source", default="human", choices=["human", "ai"], help="source recorded on each pair")
+        if tokenizer:
+            q.add_argument("--tokenizer", metavar="MODEL", help="model whose tokenizer checks truncation")
+            q.add_argument("--max-length", type=int, help="flag pairs that become empty or identical when truncated")
+
+    dv = dsub.add_parser("validate", help="check every row; print FILE:LINE: reason and a summary line",
+                         description="Check every row of a preference file. Prints each problem as FILE:LINE: reason "
+                         "and ends with 'N rows: V valid, I invalid'. Exit 1 if any row is invalid.")
+    data_options(dv)
+    dv.set_defaults(func=_cmd_data_validate)
+    di = dsub.add_parser("import", help="write the canonical schema (JSONL)",
+                         description="Convert a preference file to canonical JSONL. With --on-error skip, rejected "
+                         "rows go to OUT.rejected.jsonl with their reasons.")
+    data_options(di)
+    di.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    di.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    di.set_defaults(func=_cmd_data_import)
+    ds = dsub.add_parser("stats", help="rows, formats, lengths, ties, sources, annotators and their agreement")
+    data_options(ds)
+    ds.add_argument("--json", action="store_true", help="print JSON")
+    ds.set_defaults(func=_cmd_data_stats)
+
+    rw = sub.add_parser("reward", help="use a trained reward model",
+                        description="Reward models trained by the reward stage.")
+    rsub = rw.add_subparsers(dest="reward_command", metavar="ACTION")
+    rs = rsub.add_parser("score", help="score each row's response(s): raw and normalised",
+                         description="Score rows with a reward-model artifact. Rows hold 'prompt' and 'response', or "
+                         "'chosen'/'rejected' (both are scored). Text is tokenised with the reward model's own "
+                         "tokenizer; normalised = (raw - mean) / std from the artifact's manifest.")
+    rs.add_argument("--model", required=True, metavar="RUN_DIR/reward", help="reward-model artifact (or its model/)")
+    rs.add_argument("--input", required=True, metavar="FILE", help="JSONL/JSON/CSV/Parquet rows to score")
+    rs.add_argument("--output", "-o", metavar="OUT.jsonl", help="write here instead of printing")
+    rs.add_argument("--batch-size", type=int, default=32)
+    rs.set_defaults(func=_cmd_reward_score)
 
     m = sub.add_parser("models", help="list or prepare model references",
                        description="Model references: tiny, smollm2-135m-instruct, a local directory, or a hub id.")

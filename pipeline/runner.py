@@ -18,7 +18,11 @@ from pipeline.config import PipelineConfig, config_hash, dump_yaml
 from pipeline.errors import UsageError
 from pipeline.tracking import MetricsLog, redact
 
-STAGE_MODULES = {"sft": "pipeline.stages.sft"}
+STAGE_MODULES = {
+    "sft": "pipeline.stages.sft",
+    "preferences": "pipeline.stages.preferences",
+    "reward": "pipeline.stages.reward",
+}
 
 
 def resolve_data_path(ref: str) -> Path:

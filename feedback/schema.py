@@ -1,0 +1,129 @@
+"""The canonical preference row, and reading/writing it as JSONL.
+
+    {"id": str, "prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages],
+     "source": "human" | "ai", "tie": bool, "margin": float | null, "annotator": str | null,
+     "judge": object | null}
+
+`prompt` holds the shared context (a string, or the dialogue so far as {"role", "content"}
+messages); `chosen` and `rejected` hold only the final responses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+Text = str | list  # a string or a list of {"role", "content"} messages
+
+FIELDS = ("id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class PreferencePair:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    id: str = ""
+    source: str = "human"
+    tie: bool = False
+    margin: float | None = None
+    annotator: str | None = None
+    judge: dict | None = None
+
+    def __post_init__(self):
+        self.source = self.source or "human"
+        self.tie = bool(self.tie)
+        if not self.id:
+            self.id = pair_id(self.prompt, self.chosen, self.rejected)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: d[k] for k in FIELDS}
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:
+    return hashlib.sha1(canonical([prompt, chosen, rejected]).encode()).hexdigest()[:16]
+
+
+def text_of(x: Text) -> str:
+    """Plain text of a string or a message list (for lengths and comparisons)."""
+    if isinstance(x, str):
+        return x
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in x)
+
+
+def prompt_key(prompt: Text) -> str:
+    return canonical(prompt)
+
+
+def check_text(value: Any, name: str) -> str | None:
+    """None if `value` is a non-empty string or a non-empty list of valid messages; otherwise the reason."""
+    if isinstance(value, str):
+        return None if value.strip() else f"empty {name}"
+    if isinstance(value, list):
+        if not value:
+            return f"empty {name}"
+        for j, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                return f"{name}[{j}] must be an object with string 'role' and 'content'"
+            if m["role"] not in ROLES:
+                return f"{name}[{j}].role is {m['role']!r}; expected one of {list(ROLES)}"
+            if not isinstance(m["content"], str):
+                return f"{name}[{j}].content must be a string, got {type(m['content']).__name__}"
+        if not any(m["content"].strip() for m in value):
+            return f"empty {name}"
+        return None
+    return f"'{name}' must be a string or a list of messages, got {type(value).__name__}"
+
+
+def from_dict(d: dict) -> tuple[PreferencePair | None, str | None]:
+    """A canonical row -> PreferencePair, or the reason it is not one."""
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in d]
+    if missing:
+        return None, f"missing key '{missing[0]}' (found keys: {sorted(d)})"
+    for k in ("prompt", "chosen", "rejected"):
+        err = check_text(d[k], k)
+        if err:
+            return None, err
+    if d.get("source", "human") not in ("human", "ai"):
+        return None, f"'source' must be 'human' or 'ai', got {d.get('source')!r}"
+    if not isinstance(d.get("tie", False), bool):
+        return None, f"'tie' must be true or false, got {d.get('tie')!r}"
+    margin = d.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        return None, f"'margin' must be a number or null, got {margin!r}"
+    unknown = set(d) - set(FIELDS)
+    if unknown:
+        return None, f"unknown keys {sorted(unknown)} in a canonical row"
+    return PreferencePair(**{k: d[k] for k in FIELDS if k in d}), None
+
+
+def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> int:
+    from pipeline.artifacts import write_jsonl
+
+    return write_jsonl(path, (p.to_dict() for p in pairs))
+
+
+def read_pairs(path: str | Path) -> Iterator[PreferencePair]:
+    """Read a canonical JSONL file written by this project; any bad row is an error naming its line."""
+    from pipeline.errors import InvalidInput
+
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pair, err = from_dict(json.loads(line))
+            except json.JSONDecodeError as exc:
+                err = f"invalid JSON: {exc.msg}"
+            if err:
+                raise InvalidInput(f"{path}:{i}: {err}")
+            yield pair

@@ -1,0 +1,65 @@
+"""Helpers shared by the TRL-based stages: training arguments, LoRA config, saving a model."""
+
+from __future__ import annotations
+
+from pipeline.config import LoraConfig
+
+
+def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+
+    # A reward model's score head is new: train it fully beside the adapter.
+    extra = {"modules_to_save": ["score"]} if task_type == "SEQ_CLS" else {}
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type=task_type, **extra)
+
+
+def training_args(cls, cfg, ctx, precision: str, **extra):
+    """TRL config shared by the TRL-based stages: explicit precision, seeds, our logging, no hub."""
+    import torch
+
+    from pipeline.tracking import report_to
+
+    o = cfg.optim
+    return cls(
+        output_dir=str(ctx.work_dir / "checkpoints"),
+        learning_rate=o.lr,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps,
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        lr_scheduler_type=o.scheduler,
+        max_grad_norm=o.max_grad_norm,
+        logging_steps=o.logging_steps,
+        eval_strategy="steps" if o.eval_steps else "no",
+        eval_steps=o.eval_steps,
+        save_strategy="no",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        report_to=report_to(ctx.pipeline.tracking),
+        disable_tqdm=False,
+        push_to_hub=False,
+        **extra,
+    )
+
+
+def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
+    """Save a model as safetensors + tokenizer; a peft model is merged or saved as an adapter. Returns is_adapter."""
+    import os
+    import shutil
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return is_peft and not merge

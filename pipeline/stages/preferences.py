@@ -1,0 +1,103 @@
+"""Preferences stage: import a human preference file into a `preferences` artifact.
+
+    rlhf run configs/tiny.yaml --stage preferences
+
+Every row is validated (feedback/validate.py). `on_error: fail` stops before anything is
+written, listing the first problems and the counts; `skip` keeps the valid rows and writes the
+rejected ones with their reasons to `rejected.jsonl`. The pairs are split into train and eval
+by prompt (seeded), so that no prompt is in both.
+
+    RUN_DIR/preferences/
+      manifest.json        # kind: preferences; counts: rows read / accepted / rejected by reason
+      preferences.jsonl    # train pairs, canonical schema
+      eval.jsonl           # held-out pairs (prompts not in train)
+      rejected.jsonl       # rows left out, with FILE:LINE and reason (when any)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config import Strict
+from pipeline.errors import InvalidInput
+
+
+class PreferenceDataConfig(Strict):
+    path: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:preferences")
+    format: Literal["auto", "pairs", "messages", "hh", "ranked"] = "auto"
+    keys: dict[Literal["prompt", "chosen", "rejected"], str] = Field(default_factory=dict)
+    ranked: Literal["all_pairs", "best_vs_rest"] = "all_pairs"
+    source: Literal["human", "ai"] = "human"
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+class PreferencesStageConfig(Strict):
+    stage: Literal["preferences"]
+    name: str | None = None
+    data: PreferenceDataConfig
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
+    tokenizer: str | None = Field(None, description="model (or stage:NAME) whose tokenizer checks truncation")
+    max_length: int | None = Field(None, ge=8, description="with tokenizer: flag pairs empty/identical once truncated")
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"data": (self.data.path, "data")}
+        if self.tokenizer:
+            out["tokenizer"] = (self.tokenizer, "model")
+        return out
+
+
+def split_by_prompt(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded train/eval split over distinct prompts: every pair of a prompt lands on the same side."""
+    from feedback.schema import prompt_key
+
+    prompts = sorted({prompt_key(p.prompt) for p in pairs})
+    random.Random(seed).shuffle(prompts)
+    n_eval = math.ceil(len(prompts) * eval_fraction) if eval_fraction > 0 and len(prompts) > 1 else 0
+    held = set(prompts[:n_eval])
+    return [p for p in pairs if prompt_key(p.prompt) not in held], [p for p in pairs if prompt_key(p.prompt) in held]
+
+
+def fail_summary(report, limit: int = 10) -> str:
+    problems = report.problems()
+    shown = "\n".join(problems[:limit]) + (f"\n... and {len(problems) - limit} more" if len(problems) > limit else "")
+    return f"{shown}\n{report.path}: {report.summary()} (set data.on_error: skip to keep the valid rows)"
+
+
+def run(cfg: PreferencesStageConfig, ctx) -> dict:
+    from feedback.schema import write_pairs
+    from feedback.validate import validate_file
+    from pipeline.artifacts import write_jsonl
+    from pipeline.runner import resolve_data_path
+
+    tokenizer = None
+    if cfg.tokenizer:
+        from pipeline.models import load_tokenizer
+
+        path, info = ctx.model_path(cfg.tokenizer, role="tokenizer")
+        tokenizer = load_tokenizer(path, info.get("trust_remote_code", False))
+    d = cfg.data
+    report = validate_file(resolve_data_path(d.path), d.format, d.keys or None, d.source, d.ranked,
+                           tokenizer, cfg.max_length)
+    if report.invalid and d.on_error == "fail":
+        raise InvalidInput(fail_summary(report))
+    if not report.pairs:
+        raise InvalidInput(f"{report.path}: no valid pairs ({report.summary()})")
+    train, evals = split_by_prompt(report.pairs, cfg.eval_fraction, ctx.seed)
+    write_pairs(ctx.work_dir / "preferences.jsonl", train)
+    write_pairs(ctx.work_dir / "eval.jsonl", evals)
+    outputs = {"train": "preferences.jsonl", "eval": "eval.jsonl"}
+    if report.invalid:
+        write_jsonl(ctx.work_dir / "rejected.jsonl", report.rejected_rows())
+        outputs["rejected"] = "rejected.jsonl"
+    counts = {**report.counts(), "train": len(train), "eval": len(evals),
+              "ties": sum(p.tie for p in report.pairs)}
+    summary = (f"{report.summary()} ({report.format}); {len(train)} train / {len(evals)} eval pairs"
+               + (f"; rejected rows in {ctx.run_dir / ctx.name / 'rejected.jsonl'}" if report.invalid else ""))
+    return {"kind": "preferences", "outputs": outputs, "counts": counts,
+            "extra": {"format": report.format, "split": {"by": "prompt", "seed": ctx.seed,
+                                                         "eval_fraction": cfg.eval_fraction}},
+            "summary": summary}

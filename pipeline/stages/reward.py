@@ -1,0 +1,159 @@
+"""Reward stage: a Bradley-Terry reward model trained with TRL's RewardTrainer on a preferences artifact.
+
+    rlhf run configs/tiny.yaml --stage reward
+
+The model is `AutoModelForSequenceClassification` with one output, from the SFT policy or any
+model reference. Pairs are tokenised here with `reward.text.encode` (the reward model's own
+tokenizer and chat template, right-truncated to max_length), the same function the scoring API
+uses. Pairs the trainer cannot learn from are counted and listed in `skipped.jsonl`, never
+dropped silently: ties, and pairs that truncation makes empty or identical.
+
+    RUN_DIR/reward/
+      manifest.json   # kind: reward_model; metrics eval/accuracy (+ by source), eval/margin_mean;
+                      # normalization {mean, std, n}; calibration [accuracy by |margin| bucket]
+      model/          # safetensors + tokenizer (LoRA merged)
+      metrics.jsonl
+      skipped.jsonl   # pairs not trained on, with reasons (when any)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.errors import InvalidInput
+
+
+class RewardStageConfig(Strict):
+    stage: Literal["reward"]
+    name: str | None = None
+    model: str = Field(description="stage:NAME (e.g. the SFT policy), a key of `models`, or a model reference")
+    preferences: str = Field(description="stage:NAME of a preferences artifact")
+    tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    use_margin: bool = Field(False, description="subtract each pair's margin inside the loss (pairs need margins)")
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="penalise (r_c + r_r)^2 to centre rewards")
+    max_length: int = Field(512, ge=8)
+    precision: Precision = "auto"
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    calibration_buckets: int = Field(4, ge=1)
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        return {"model": (self.model, "model"), "preferences": (self.preferences, "artifact")}
+
+
+def encode_pairs(pairs, tokenizer, max_length: int, use_margin: bool):
+    """Pairs -> (trainable rows {chosen_ids, rejected_ids[, margin]}, kept pairs, skipped [{id, reason}])."""
+    from reward.text import encode
+
+    rows, kept, skipped = [], [], []
+    for p in pairs:
+        if p.tie:
+            skipped.append({"id": p.id, "reason": "tie: a Bradley-Terry model has no target for ties"})
+            continue
+        c, n_prompt = encode(tokenizer, p.prompt, p.chosen, max_length)
+        r, _ = encode(tokenizer, p.prompt, p.rejected, max_length)
+        if n_prompt >= max_length or c == r:
+            skipped.append({"id": p.id, "reason": f"empty or identical after truncation to max_length {max_length}"})
+            continue
+        row = {"chosen_ids": c, "rejected_ids": r}
+        if use_margin:
+            if p.margin is None:
+                raise InvalidInput(f"use_margin is on but pair {p.id} has no margin")
+            row["margin"] = float(p.margin)
+        rows.append(row)
+        kept.append(p)
+    return rows, kept, skipped
+
+
+def evaluate(model, rows, pairs, pad_id: int, buckets: int) -> tuple[dict, list[float]]:
+    from reward.scoring import pairwise_metrics, score_ids
+
+    rc = score_ids(model, [r["chosen_ids"] for r in rows], pad_id)
+    rr = score_ids(model, [r["rejected_ids"] for r in rows], pad_id)
+    return pairwise_metrics(rc, rr, [p.source for p in pairs], buckets), rc + rr
+
+
+def run(cfg: RewardStageConfig, ctx) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from feedback.schema import read_pairs
+    from pipeline.artifacts import write_jsonl
+    from pipeline.models import count_parameters, load_tokenizer, resolve_precision
+    from pipeline.stages.common import peft_config, save_model, training_args
+    from pipeline.tracking import trainer_callback
+    from reward.scoring import load_reward_model, normalization
+
+    set_seed(ctx.seed)
+    prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
+    train_pairs = list(read_pairs(prefs.output("train")))
+    eval_pairs = list(read_pairs(prefs.output("eval")))
+    precision = resolve_precision(cfg.precision)
+    path, info = ctx.model_path(cfg.model)
+    tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
+    model = load_reward_model(path, "fp32", info.get("trust_remote_code", False))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    train_rows, train_kept, skipped = encode_pairs(train_pairs, tokenizer, cfg.max_length, cfg.use_margin)
+    eval_rows, eval_kept, eval_skipped = encode_pairs(eval_pairs, tokenizer, cfg.max_length, False)
+    skipped = [{**s, "split": "train"} for s in skipped] + [{**s, "split": "eval"} for s in eval_skipped]
+    if skipped:
+        write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
+        print(f"[{ctx.name}] {len(skipped)} pairs not used (ties or truncation); reasons in skipped.jsonl")
+    if not train_rows:
+        raise InvalidInput(f"{prefs.output('train')}: no trainable pairs (all ties or truncated)")
+
+    args = training_args(RewardConfig, cfg, ctx, precision, max_length=None,
+                         center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.lora, "SEQ_CLS") if cfg.tuning == "lora" else None,
+        callbacks=[trainer_callback(ctx.metrics)],
+    )
+    total, trainable = count_parameters(trainer.model)
+    print(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
+          f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
+    # Held-out metrics come from the same scoring code that users and PPO call.
+    score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)
+    before, _ = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
+    t0 = time.time()
+    result = trainer.train()
+    seconds = time.time() - t0
+    after, rewards = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
+    if not all(map(lambda v: torch.isfinite(torch.tensor(v)), rewards + [result.training_loss])):
+        raise InvalidInput(f"[{ctx.name}] non-finite loss or rewards: training diverged; no artifact written")
+    calibration = after.pop("calibration")
+    after.pop("calibration", None)
+    before.pop("calibration", None)
+    metrics = {"train/loss": result.training_loss, **after, "eval/accuracy_initial": before["eval/accuracy"],
+               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2)}
+    ctx.metrics.log(metrics, step=trainer.state.global_step)
+    norm = normalization(rewards)
+
+    save_model(trainer.model, tokenizer, ctx.work_dir / "model", merge=True)
+    split = "eval" if eval_rows else "train (no eval split)"
+    summary = (f"{trainer.state.global_step} steps in {seconds:.1f}s; {split} accuracy "
+               f"{before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "
+               f"artifact: {ctx.run_dir / ctx.name / 'model'}")
+    return {
+        "kind": "reward_model",
+        "outputs": {"model": "model", "metrics": "metrics.jsonl", **({"skipped": "skipped.jsonl"} if skipped else {})},
+        "metrics": metrics,
+        "counts": {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": len(train_rows),
+                   "evaluated_on": len(eval_rows), "skipped": len(skipped)},
+        "extra": {"normalization": {**norm, "split": split}, "calibration": calibration,
+                  "max_length": cfg.max_length,
+                  "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
+                            "precision": precision}},
+        "summary": summary,
+    }

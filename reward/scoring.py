@@ -1,0 +1,124 @@
+"""Score (prompt, response) pairs with a reward model, using the reward model's own tokenizer.
+
+    scorer = RewardScorer.from_artifact("runs/tiny/reward")
+    raw, normalised = scorer.score(["Tell me about the river."], ["The river is calm and lovely."])
+
+`normalised = (raw - mean) / std` with the statistics the reward stage measured on its
+held-out responses and stored in the manifest. Responses written by a policy with another
+tokenizer are passed as text and re-tokenised here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from reward.text import encode
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
+    """Reward for each token sequence (right-padded batches; the model reads its last non-pad token)."""
+    import torch
+
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[i : i + batch_size], pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            out.extend(logits[:, 0].float().cpu().tolist())
+    model.train(was_training)
+    return out
+
+
+class RewardScorer:
+    def __init__(self, model, tokenizer, max_length: int | None = None, mean: float = 0.0, std: float = 1.0,
+                 batch_size: int = 32):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_length, self.mean, self.std, self.batch_size = max_length, mean, std or 1.0, batch_size
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, batch_size: int = 32) -> "RewardScorer":
+        """A reward-model artifact directory (RUN_DIR/reward) or its model/ directory."""
+        from pipeline.artifacts import load_artifact
+        from pipeline.models import load_tokenizer
+
+        path = Path(path)
+        if (path / "manifest.json").exists():
+            art = load_artifact(path, "reward_model", role="reward model")
+            model_dir, manifest = art.output("model"), art.manifest
+        else:
+            model_dir = path
+            parent = path.parent / "manifest.json"
+            manifest = json.loads(parent.read_text()) if parent.exists() else {}
+        norm = manifest.get("normalization", {})
+        tok = load_tokenizer(str(model_dir))
+        return cls(load_reward_model(str(model_dir)), tok, manifest.get("max_length"),
+                   norm.get("mean", 0.0), norm.get("std", 1.0), batch_size)
+
+    def encode(self, prompt, response) -> list[int]:
+        return encode(self.tokenizer, prompt, response, self.max_length)[0]
+
+    def score(self, prompts: list, responses: list) -> tuple[list[float], list[float]]:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        raw = score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size)
+        return raw, [(r - self.mean) / self.std for r in raw]
+
+
+def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.errors import UsageError
+    from pipeline.models import torch_dtype
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UsageError(f"cannot load reward model '{path}': {exc}") from None
+
+
+def pairwise_metrics(chosen: list[float], rejected: list[float], sources: list[str], buckets: int = 4) -> dict:
+    """Accuracy (overall and by source), mean margin, and calibration: accuracy by |margin| quantile bucket."""
+    n = len(chosen)
+    if n == 0:
+        return {}
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    correct = [m > 0 for m in margins]
+    out = {"eval/accuracy": sum(correct) / n, "eval/margin_mean": sum(margins) / n, "eval/pairs": n}
+    for src in sorted(set(sources)):
+        idx = [i for i, s in enumerate(sources) if s == src]
+        out[f"eval/accuracy_{src}"] = sum(correct[i] for i in idx) / len(idx)
+    order = sorted(range(n), key=lambda i: abs(margins[i]))
+    calib = []
+    for b in range(min(buckets, n)):
+        part = order[b * n // buckets : (b + 1) * n // buckets] if buckets <= n else order[b : b + 1]
+        if not part:
+            continue
+        calib.append({"abs_margin_min": round(abs(margins[part[0]]), 4),
+                      "abs_margin_max": round(abs(margins[part[-1]]), 4),
+                      "pairs": len(part), "accuracy": round(sum(correct[i] for i in part) / len(part), 4)})
+    out["calibration"] = calib
+    return out
+
+
+def normalization(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
+    return {"mean": mean, "std": std if std > 1e-8 else 1.0, "n": n}

@@ -1,0 +1,215 @@
+"""Preference readers and validation: each format, each file type, each listed problem, with files
+written by the test; the CLI's line numbers, reasons, summary and exit codes."""
+
+import json
+
+import pytest
+
+from feedback.readers import read_rows
+from feedback.validate import validate_file
+from pipeline.cli import main
+
+PROMPT_MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+               {"role": "user", "content": "How are you?"}]
+
+
+def jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def pairs_of(path, **kw):
+    rows = list(read_rows(path, **kw))
+    assert all(r.error is None for r in rows), [r.error for r in rows]
+    return [p.to_dict() for r in rows for p in r.pairs]
+
+
+def test_pairs_format_and_aliases(tmp_path):
+    p = jsonl(tmp_path / "a.jsonl", [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad", "annotator": "ann1", "margin": 2},
+        {"question": "Q2", "response_chosen": "good", "response_rejected": "bad"},
+        {"prompt": "Q3", "chosen_response": "good", "rejected_response": "bad", "tie": True},
+    ])
+    got = pairs_of(p)
+    assert [(g["prompt"], g["chosen"], g["rejected"]) for g in got] == [("Q1", "good", "bad"), ("Q2", "good", "bad"),
+                                                                         ("Q3", "good", "bad")]
+    assert got[0]["annotator"] == "ann1" and got[0]["margin"] == 2 and got[2]["tie"] is True
+    assert all(g["source"] == "human" and g["id"] for g in got)
+    q = jsonl(tmp_path / "b.jsonl", [{"q": "Q", "good": "x", "bad": "y"}])
+    assert pairs_of(q, keys={"prompt": "q", "chosen": "good", "rejected": "bad"})[0]["chosen"] == "x"
+
+
+def test_messages_format_both_shapes(tmp_path):
+    p = jsonl(tmp_path / "m.jsonl", [
+        {"prompt": PROMPT_MSGS, "chosen": [{"role": "assistant", "content": "Fine."}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {"chosen": PROMPT_MSGS + [{"role": "assistant", "content": "Fine."}],
+         "rejected": PROMPT_MSGS + [{"role": "assistant", "content": "Go away."}]},
+    ])
+    got = pairs_of(p)
+    assert got[0] == got[1] and got[0]["prompt"] == PROMPT_MSGS
+    assert (got[0]["chosen"], got[0]["rejected"]) == ("Fine.", "Go away.")
+
+
+def test_hh_multi_turn_split(tmp_path):
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How are you?"
+    p = jsonl(tmp_path / "hh.jsonl", [{"chosen": shared + "\n\nAssistant: Fine.",
+                                       "rejected": shared + "\n\nAssistant: Go away."}])
+    rows = list(read_rows(p, detected=(det := [])))
+    assert det == ["hh"]
+    pair = rows[0].pairs[0]
+    assert pair.prompt == PROMPT_MSGS and (pair.chosen, pair.rejected) == ("Fine.", "Go away.")
+
+
+def test_ranked_expansion(tmp_path):
+    p = jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [2, 1, 2]},
+        {"prompt": "P", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 2.0}]},
+    ])
+    got = [(g["prompt"], g["chosen"], g["rejected"], g["tie"], g["margin"]) for g in pairs_of(p)]
+    assert got == [("Q", "b", "a", False, None), ("Q", "b", "c", False, None), ("Q", "a", "c", True, None),
+                   ("P", "y", "x", False, 1.5)]
+    best = [(g["chosen"], g["rejected"], g["tie"]) for g in pairs_of(p, ranked="best_vs_rest")]
+    assert best == [("b", "a", False), ("b", "c", False), ("y", "x", False)]
+
+
+def test_every_file_type_reads_the_same_pairs(tmp_path):
+    import pandas as pd
+    from datasets import Dataset
+
+    rows = [{"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+            {"prompt": "Q2", "chosen": "yes", "rejected": "no"}]
+    expected = pairs_of(jsonl(tmp_path / "a.jsonl", rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    for name in ("a.json", "a.csv", "a.parquet", "ds"):
+        assert pairs_of(tmp_path / name) == expected, name
+    msgs = [{"prompt": PROMPT_MSGS, "chosen": "A", "rejected": "B"}]
+    pd.DataFrame([{k: json.dumps(v) if isinstance(v, list) else v for k, v in msgs[0].items()}]).to_csv(
+        tmp_path / "m.csv", index=False)
+    assert pairs_of(tmp_path / "m.csv")[0]["prompt"] == PROMPT_MSGS, "CSV cells holding JSON lists are parsed"
+
+
+BAD_ROWS = [
+    ({"prompt": "ok", "chosen": "good", "rejected": "bad"}, None),
+    ("{broken json", "invalid JSON"),
+    ("[1, 2]", "row is a list, not an object"),
+    ({"prompt": "Q", "chosen": "a"}, "missing key 'rejected' (found keys: ['chosen', 'prompt'])"),
+    ({"prompt": "Q", "chosen": "a", "rejectd": "b"}, "did you mean 'rejectd'?"),
+    ({"prompt": "Q", "chosen": 5, "rejected": "b"}, "'chosen' must be a string or a list of messages, got int"),
+    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty prompt"),
+    ({"prompt": "Q", "chosen": "a", "rejected": ""}, "empty rejected"),
+    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
+    ({"prompt": "ok", "chosen": "good", "rejected": "bad"}, "exact duplicate of line 1"),
+    ({"prompt": "C", "chosen": "x", "rejected": "y"}, "conflicting duplicate of line 12"),
+    ({"prompt": "C", "chosen": "y", "rejected": "x"}, "conflicting duplicate of line 11"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "tie": "yes"}, "'tie' must be true or false"),
+]
+
+
+def _mixed_file(tmp_path):
+    p = jsonl(tmp_path / "mixed.jsonl", [r for r, _ in BAD_ROWS])
+    with open(p, "ab") as f:
+        f.write(b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}\n')
+    return p
+
+
+def test_mixed_file_validate_cli(tmp_path, capsys):
+    p = _mixed_file(tmp_path)
+    assert main(["data", "validate", str(p), "--format", "pairs"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    for line, (_, reason) in enumerate(BAD_ROWS, 1):
+        if reason:
+            assert any(o.startswith(f"{p}:{line}: ") and reason in o for o in out), (line, reason, out)
+    assert any(o.startswith(f"{p}:14: not valid UTF-8") for o in out)
+    assert out[-1] == "14 rows: 1 valid, 13 invalid"
+    assert len(out) == 14, "one line per problem plus the summary"
+
+
+def test_import_skip_accounts_for_every_row(tmp_path, capsys):
+    p = _mixed_file(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "import", str(p), "-o", str(out), "--format", "pairs"]) == 1
+    assert not out.exists(), "fail writes nothing"
+    assert main(["data", "import", str(p), "-o", str(out), "--format", "pairs", "--on-error", "skip"]) == 0
+    accepted = out.read_text().splitlines()
+    rejected = [json.loads(x) for x in (tmp_path / "out.rejected.jsonl").read_text().splitlines()]
+    assert len(accepted) + len(rejected) == 14
+    assert all(r["reason"] and r["where"].startswith(f"{p}:") and "row" in r for r in rejected)
+    canon = json.loads(accepted[0])
+    assert set(canon) == {"id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge"}
+    assert main(["data", "validate", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_hh_structural_problems(tmp_path):
+    s = "\n\nHuman: Hi\n\nAssistant: Hello"
+    p = jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": s + "\n\nHuman: more?", "rejected": s + "\n\nHuman: more?\n\nAssistant: x"},
+        {"chosen": "\n\nHuman: A\n\nAssistant: one", "rejected": "\n\nHuman: B\n\nAssistant: two"},
+        {"chosen": "\n\nHuman: A\n\nAssistant: ", "rejected": "\n\nHuman: A\n\nAssistant: two"},
+    ])
+    reasons = [r.error[1] for r in read_rows(p, fmt="hh")]
+    assert "ends on a user turn, not an assistant reply" in reasons[0]
+    assert "differ before the last assistant turn" in reasons[1]
+    assert reasons[2] == "empty chosen reply"
+
+
+def test_truncation_checks_with_tokenizer(tmp_path, tiny_path):
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_path)
+    p = jsonl(tmp_path / "t.jsonl", [
+        {"prompt": "Tell me about the river.", "chosen": "The river is calm and lovely.",
+         "rejected": "The river is dull and cold."},
+        {"prompt": "Tell me about the river. " * 20, "chosen": "Calm.", "rejected": "Dull."},
+        {"prompt": "Hi", "chosen": "The river is calm and lovely and bright and warm and cheerful and friendly.",
+         "rejected": "The river is calm and lovely and bright and warm and cheerful and dull."},
+    ])
+    report = validate_file(p, tokenizer=tok, max_length=24)
+    assert report.rows[0].error is None
+    assert "responses would be empty after truncation to max_length 24" in report.rows[1].error[1]
+    assert "identical after truncation to max_length 24" in report.rows[2].error[1]
+    assert validate_file(p, tokenizer=tok, max_length=256).summary() == "3 rows: 3 valid, 0 invalid"
+
+
+def test_stats_reports_annotator_agreement(tmp_path, capsys):
+    p = jsonl(tmp_path / "s.jsonl", [
+        {"prompt": "Q", "chosen": "a", "rejected": "b", "annotator": "x"},
+        {"prompt": "Q", "chosen": "a", "rejected": "b", "annotator": "y"},
+        {"prompt": "Q", "chosen": "b", "rejected": "a", "annotator": "z"},
+        {"prompt": "R", "chosen": "c", "rejected": "d", "annotator": "x", "tie": True},
+    ])
+    assert main(["data", "stats", str(p), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["agreement"] == {"pairs_labelled_more_than_once": 1, "label_pairs": 3, "agreement": round(1 / 3, 4)}
+    assert stats["ties"] == 1 and stats["annotators"]["x"] == 1 and stats["rows_read"] == 4
+    assert main(["data", "stats", str(p)]) == 0
+    assert "annotator agreement: 0.3333" in capsys.readouterr().out
+
+
+def test_real_hh_sample(capsys, tmp_path):
+    from tests.conftest import SHARED_DATA
+
+    src = SHARED_DATA / "hh-rlhf-harmless-sample.jsonl"
+    if not src.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    assert main(["data", "validate", str(src)]) == 1
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert "format: hh" in cap.err
+    assert lines[-1] == "1200 rows: 1194 valid, 6 invalid"
+    bad = {int(line.split(":")[1]): line.split(": ", 1)[1] for line in lines[:-1]}
+    assert sorted(bad) == [221, 317, 335, 827, 939, 1013]
+    assert bad[335] == bad[1013] == "empty chosen reply"
+    assert all("differ before the last assistant turn" in bad[i] for i in (221, 317, 827, 939))
+    out = tmp_path / "hh.jsonl"
+    assert main(["data", "import", str(src), "-o", str(out), "--on-error", "skip"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    rejected = [json.loads(x) for x in (tmp_path / "hh.rejected.jsonl").read_text().splitlines()]
+    assert len(rows) == 1194 and len(rejected) == 6
+    first = json.loads(src.read_text().splitlines()[0])
+    assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["prompt"][-1]["role"] == "user"
+    assert first["chosen"].endswith(rows[0]["chosen"]) and first["rejected"].endswith(rows[0]["rejected"])
+    assert all(isinstance(r["prompt"], list) and isinstance(r["chosen"], str) for r in rows)
