@@ -179,6 +179,86 @@ def _cmd_reward_score(args) -> int:
     return 0
 
 
+def _policy_path(ref: str) -> str:
+    """A policy artifact directory (RUN_DIR/sft), its model/ directory, or a model reference."""
+    from pathlib import Path
+
+    from pipeline.artifacts import load_artifact
+    from pipeline.models import resolve
+
+    if (Path(ref) / "manifest.json").exists():
+        return str(load_artifact(ref, "policy", role="--policy").output("model"))
+    return resolve(ref)
+
+
+def _cmd_feedback_label(args) -> int:
+    from feedback.schema import write_pairs
+    from pipeline.artifacts import write_json, write_jsonl
+    from pipeline.runner import resolve_data_path
+    from pipeline.stages.ai_preferences import CandidatesConfig, label_with_policy, read_prompts
+
+    prompts = read_prompts(resolve_data_path(args.prompts), args.max_prompts)
+    cand = CandidatesConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    pairs, unlabelled, stats, judge_id = label_with_policy(_policy_path(args.policy), prompts, args.judge, cand,
+                                                           args.pairing, args.seed)
+    out = args.output
+    n = write_pairs(out, pairs)
+    base = out.removesuffix(".jsonl")
+    write_jsonl(base + ".unlabelled.jsonl", unlabelled)
+    write_json(base + ".judge.json", {"judge": judge_id, "stats": stats})
+    print(f"wrote {n} AI-labelled pairs to {out}; {len(unlabelled)} abstentions to {base}.unlabelled.jsonl; "
+          f"judge stats in {base}.judge.json")
+    return 0
+
+
+def _cmd_feedback_agree(args) -> int:
+    import json
+
+    from feedback.agree import agreement
+    from feedback.judges.config import build_judge
+    from feedback.validate import validate_file
+    from pipeline.artifacts import write_json
+    from pipeline.runner import resolve_data_path
+
+    judge, jcfg, _ = build_judge(args.judge)
+    report = validate_file(resolve_data_path(args.human), args.format, _keys(args.keys))
+    if report.invalid:
+        print(f"{report.summary()}: judging the {len(report.valid)} valid rows "
+              f"(rlhf data validate {args.human} lists the problems)", file=sys.stderr)
+    pairs = report.pairs[: args.limit] if args.limit else report.pairs
+    if not pairs:
+        from pipeline.errors import InvalidInput
+
+        raise InvalidInput(f"{args.human}: no valid human pairs to compare with")
+    result, rows = agreement(pairs, judge, jcfg.position, seed=args.seed)
+    result["human_file"] = str(args.human)
+    print(f"{'pairs':22s} {result['pairs']}")
+    for key in ("accuracy", "cohen_kappa", "tie_rate", "abstain_rate", "position_consistency"):
+        v = result[key]
+        print(f"{key:22s} {'n/a' if v is None else f'{v:.4f}'}")
+    for key, v in result["judge"].items():
+        if key not in ("name", "identity"):
+            print(f"judge.{key:16s} {v}")
+    out = args.output or "agreement.json"
+    write_json(out, {**result, "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_serve_judge(args) -> int:
+    from feedback.server import make_server
+
+    server = make_server(args.model, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {args.model} at http://{host}:{port}/v1 (chat completions); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def _cmd_models_prepare(args) -> int:
     from pipeline.models import resolve
 
@@ -269,6 +349,49 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--output", "-o", metavar="OUT.jsonl", help="write here instead of printing")
     rs.add_argument("--batch-size", type=int, default=32)
     rs.set_defaults(func=_cmd_reward_score)
+
+    fb = sub.add_parser("feedback", help="AI-judge labels (RLAIF) and agreement with human labels",
+                        description="Label policy samples with an AI judge, or measure a judge against humans.")
+    fsub = fb.add_subparsers(dest="feedback_command", metavar="ACTION")
+    fl = fsub.add_parser("label", help="sample k responses per prompt from a policy and let a judge pick",
+                         description="Sample k responses per prompt from a policy, judge pairs of them in both "
+                         "orders, and write canonical preference pairs with source 'ai' (plus OUT.unlabelled.jsonl "
+                         "and OUT.judge.json with calls, retries, tokens, cost and position consistency).")
+    fl.add_argument("--policy", required=True, help="policy artifact (RUN_DIR/sft), its model/ dir, or a model ref")
+    fl.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
+    fl.add_argument("--judge", required=True, help="judge config, e.g. configs/judges/rule.yaml")
+    fl.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    fl.add_argument("--k", type=int, default=4, help="responses per prompt")
+    fl.add_argument("--temperature", type=float, default=1.0)
+    fl.add_argument("--top-p", type=float, default=1.0)
+    fl.add_argument("--max-new-tokens", type=int, default=32)
+    fl.add_argument("--batch-size", type=int, default=16)
+    fl.add_argument("--pairing", default="round_robin", choices=["round_robin", "random"])
+    fl.add_argument("--max-prompts", type=int)
+    fl.add_argument("--seed", type=int, default=0)
+    fl.set_defaults(func=_cmd_feedback_label)
+    fa = fsub.add_parser("agree", help="a judge's accuracy, Cohen's kappa, tie/abstain rates against human labels",
+                         description="Judge human-labelled pairs (both orders) and report accuracy against the "
+                         "humans, Cohen's kappa, tie and abstain rates and position consistency, as a table and "
+                         "in a JSON file.")
+    fa.add_argument("--human", required=True, help="human preference file (any format rlhf data reads)")
+    fa.add_argument("--judge", required=True, help="judge config")
+    fa.add_argument("--format", default="auto", choices=["auto", "pairs", "messages", "hh", "ranked"])
+    fa.add_argument("--keys", metavar="ROLE=NAME,...")
+    fa.add_argument("--limit", type=int, help="judge only the first N pairs")
+    fa.add_argument("--seed", type=int, default=0, help="which side the human-preferred response is shown on")
+    fa.add_argument("-o", "--output", metavar="REPORT.json", help="default: agreement.json")
+    fa.set_defaults(func=_cmd_feedback_agree)
+
+    sv = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible judge endpoint")
+    ssub = sv.add_subparsers(dest="serve_command", metavar="WHAT")
+    sj = ssub.add_parser("judge", help="chat-completions server backed by a local model",
+                         description="A small OpenAI-compatible chat-completions server (POST /v1/chat/completions, "
+                         "GET /v1/models) backed by a local model, for `type: http` judge configs.")
+    sj.add_argument("--model", required=True, help="model reference (tiny, smollm2-135m-instruct, a path)")
+    sj.add_argument("--host", default="127.0.0.1")
+    sj.add_argument("--port", type=int, default=8000)
+    sj.set_defaults(func=_cmd_serve_judge)
 
     m = sub.add_parser("models", help="list or prepare model references",
                        description="Model references: tiny, smollm2-135m-instruct, a local directory, or a hub id.")

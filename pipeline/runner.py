@@ -21,6 +21,7 @@ from pipeline.tracking import MetricsLog, redact
 STAGE_MODULES = {
     "sft": "pipeline.stages.sft",
     "preferences": "pipeline.stages.preferences",
+    "ai_preferences": "pipeline.stages.ai_preferences",
     "reward": "pipeline.stages.reward",
 }
 

@@ -32,6 +32,8 @@ class RewardStageConfig(Strict):
     name: str | None = None
     model: str = Field(description="stage:NAME (e.g. the SFT policy), a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
+    eval_preferences: str | None = Field(None, description="stage:NAME whose eval split is the held-out set "
+                                         "(e.g. human pairs for a model trained on AI labels)")
     tuning: Literal["full", "lora"] = "full"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     use_margin: bool = Field(False, description="subtract each pair's margin inside the loss (pairs need margins)")
@@ -42,7 +44,10 @@ class RewardStageConfig(Strict):
     calibration_buckets: int = Field(4, ge=1)
 
     def inputs(self) -> dict[str, tuple[str, str]]:
-        return {"model": (self.model, "model"), "preferences": (self.preferences, "artifact")}
+        out = {"model": (self.model, "model"), "preferences": (self.preferences, "artifact")}
+        if self.eval_preferences:
+            out["eval_preferences"] = (self.eval_preferences, "artifact")
+        return out
 
 
 def encode_pairs(pairs, tokenizer, max_length: int, use_margin: bool):
@@ -93,7 +98,8 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     set_seed(ctx.seed)
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
     train_pairs = list(read_pairs(prefs.output("train")))
-    eval_pairs = list(read_pairs(prefs.output("eval")))
+    eval_art = ctx.artifact(cfg.eval_preferences, "preferences", "eval_preferences") if cfg.eval_preferences else prefs
+    eval_pairs = list(read_pairs(eval_art.output("eval")))
     precision = resolve_precision(cfg.precision)
     path, info = ctx.model_path(cfg.model)
     tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))

@@ -1,0 +1,123 @@
+"""Judge configs (`configs/judges/*.yaml`) and building a judge from one.
+
+    type: rule | local | http | reward_model
+    rule: feedback.synthetic:rule_score      # rule
+    model: smollm2-135m-instruct             # local: a model reference; reward_model: an artifact path
+    http: {base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max, concurrency, ...}
+    template: pairwise.yaml                  # relative to this file
+    constitution: constitution.yaml          # principles; `principles: all | sample | none`, `n_principles`
+    position: {policy: agree_or_tie | average, disagreement: tie | abstain, tie_band: 0.05}
+    cache: default                           # default ($RLHF_CACHE/judge-cache.sqlite) | none | a path
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import Strict, load_yaml, validate
+from pipeline.errors import UsageError
+
+
+class PositionConfig(Strict):
+    policy: Literal["agree_or_tie", "average"] = "agree_or_tie"
+    disagreement: Literal["tie", "abstain"] = "tie"
+    tie_band: float = Field(0.05, ge=0, lt=0.5)
+
+
+class HTTPConfig(Strict):
+    base_url: str
+    model: str
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
+    timeout: float = Field(30.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_base: float = Field(0.5, ge=0)
+    backoff_max: float = Field(30.0, ge=0)
+    concurrency: int = Field(4, ge=1)
+    max_tokens: int = Field(8, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    price_per_1k_prompt: float = Field(0.0, ge=0)
+    price_per_1k_completion: float = Field(0.0, ge=0)
+
+
+class JudgeConfig(Strict):
+    type: Literal["rule", "local", "http", "reward_model"]
+    rule: str | None = None
+    model: str | None = None
+    http: HTTPConfig | None = None
+    template: str = "pairwise.yaml"
+    constitution: str | None = "constitution.yaml"
+    principles: Literal["all", "sample", "none"] = "all"
+    n_principles: int = Field(2, ge=1)
+    position: PositionConfig = Field(default_factory=PositionConfig)
+    cache: str = "default"
+    batch_size: int = Field(8, ge=1)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        http = data.get("http") if isinstance(data, dict) else None
+        for where, block in (("", data), ("http.", http)):
+            if isinstance(block, dict) and ("api_key" in block or "key" in block):
+                raise ValueError(f"{where}api_key: never put a key in a config; name its environment variable "
+                                 "with http.api_key_env")
+        return data
+
+    @model_validator(mode="after")
+    def _needs(self):
+        need = {"rule": "rule", "local": "model", "http": "http", "reward_model": "model"}[self.type]
+        if getattr(self, need) is None:
+            raise ValueError(f"{need}: a '{self.type}' judge needs '{need}'")
+        return self
+
+
+def load_judge_config(path: str | Path) -> tuple[JudgeConfig, Path]:
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a judge config is a mapping with a 'type'")
+    return validate(JudgeConfig, data, str(path)), Path(path).resolve().parent
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else base / p
+
+
+def build_judge(path: str | Path):
+    """A judge config file -> (judge, config, template hash). The judge is cached unless `cache: none`."""
+    from feedback.judges.cache import CachedJudge, VerdictCache
+    from feedback.judges.prompting import load_principles, load_template
+
+    cfg, base = load_judge_config(path)
+    template = load_template(_resolve(base, cfg.template)) if cfg.type in ("local", "http") else None
+    principles = load_principles(_resolve(base, cfg.constitution)) if template and cfg.constitution else []
+    if cfg.type == "rule":
+        from feedback.judges.rule import RuleJudge
+
+        judge = RuleJudge(cfg.rule)
+    elif cfg.type == "reward_model":
+        from feedback.judges.reward_model import RewardModelJudge
+
+        judge = RewardModelJudge(cfg.model, batch_size=cfg.batch_size)
+    elif cfg.type == "local":
+        from feedback.judges.local import LocalJudge
+
+        judge = LocalJudge(cfg.model, template, principles, cfg.principles, cfg.n_principles,
+                           batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    else:
+        from feedback.judges.http import HTTPJudge
+
+        judge = HTTPJudge(template=template, principles=principles, principle_mode=cfg.principles,
+                          n_principles=cfg.n_principles, **cfg.http.model_dump())
+    # The cache key covers the template and the constitution: editing either invalidates old verdicts.
+    thash = hashlib.sha256((template.hash() + "\n".join(principles)).encode()).hexdigest()[:16] if template else ""
+    if cfg.cache != "none":
+        from pipeline.models import cache_dir
+
+        cache_path = cache_dir() / "judge-cache.sqlite" if cfg.cache == "default" else Path(cfg.cache)
+        judge = CachedJudge(judge, VerdictCache(cache_path), thash)
+    return judge, cfg, thash

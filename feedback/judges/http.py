@@ -1,0 +1,136 @@
+"""OpenAI-compatible HTTP judge (chat completions): vLLM, TGI, Ollama, OpenAI, or `rlhf serve judge`.
+
+The API key is read from the environment variable named in the config (`api_key_env`), at
+request time; it is never stored in the judge's identity, the cache, logs or manifests.
+Transport failures (timeouts, connection errors, 429, 5xx, a body that is not JSON) are retried
+with exponential backoff and jitter, honouring Retry-After, up to `max_retries` times; then the
+item is `abstain` with the reason, and it is not cached, so a rerun tries again. An answer that
+arrives but cannot be parsed into a choice is `abstain` as well, never a winner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from feedback.judges import Judge, JudgeItem, Verdict
+from feedback.judges.prompting import Template, build_messages, parse_choice, select_principles
+from pipeline.errors import UsageError
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class HTTPJudge(Judge):
+    name = "http"
+    streams_results = True  # CachedJudge stores each verdict as it arrives
+
+    def __init__(self, base_url: str, model: str, template: Template, principles: list[str],
+                 principle_mode: str = "all", n_principles: int = 2, api_key_env: str | None = None,
+                 timeout: float = 30.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 concurrency: int = 4, max_tokens: int = 8, temperature: float = 0.0,
+                 price_per_1k_prompt: float = 0.0, price_per_1k_completion: float = 0.0, sleep=time.sleep):
+        if api_key_env and not os.environ.get(api_key_env):
+            raise UsageError(f"the HTTP judge reads its API key from ${api_key_env}, which is not set")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url, self.model, self.template, self.principles = base_url, model, template, principles
+        self.mode, self.n, self.api_key_env = principle_mode, n_principles, api_key_env
+        self.timeout, self.max_retries, self.backoff_base, self.backoff_max = timeout, max_retries, backoff_base, backoff_max
+        self.concurrency, self.max_tokens, self.temperature = concurrency, max_tokens, temperature
+        self.prices = (price_per_1k_prompt, price_per_1k_completion)
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.counters = {"requests": 0, "retries": 0, "gave_up": 0, "unparseable": 0,
+                         "prompt_tokens": 0, "completion_tokens": 0}
+
+    def identity(self) -> dict:
+        return {"type": "http", "base_url": self.base_url, "model": self.model, "principles": self.mode,
+                "n_principles": self.n, "max_tokens": self.max_tokens, "temperature": self.temperature}
+
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        c["cost"] = round(c["prompt_tokens"] / 1000 * self.prices[0] + c["completion_tokens"] / 1000 * self.prices[1], 6)
+        return c
+
+    def _count(self, **kw) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                self.counters[k] += v
+
+    def request_body(self, it: JudgeItem) -> dict:
+        principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))
+        return {"model": self.model, "messages": build_messages(self.template, it.prompt, it.response_a,
+                                                                it.response_b, principles),
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(self.backoff_max, max(0.0, float(retry_after)))
+            except ValueError:
+                pass  # an HTTP date: fall back to backoff
+        return min(self.backoff_max, self.backoff_base * 2 ** attempt) * (0.5 + random.random())
+
+    def _one(self, it: JudgeItem) -> Verdict:
+        body = json.dumps(self.request_body(it)).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:
+            headers["Authorization"] = f"Bearer {os.environ.get(self.api_key_env, '')}"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count(retries=1)
+            self._count(requests=1)
+            retry_after = None
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    payload = resp.read()
+                try:
+                    data = json.loads(payload)
+                    content = data["choices"][0]["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    last = f"malformed response body: {payload[:80]!r}"
+                else:
+                    usage = data.get("usage") or {}
+                    pt, ct = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+                    self._count(prompt_tokens=pt, completion_tokens=ct)
+                    choice = parse_choice(content, self.template.choices)
+                    if choice == "abstain":
+                        self._count(unparseable=1)
+                    return Verdict(choice, {"a": 1.0, "b": 0.0, "tie": 0.5}.get(choice), raw=content,
+                                   reason="unparseable answer" if choice == "abstain" else "parsed answer",
+                                   attempts=attempt + 1, usage={"prompt_tokens": pt, "completion_tokens": ct})
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+                if exc.code not in RETRYABLE_STATUS:
+                    self._count(gave_up=1)
+                    return Verdict("abstain", reason=f"transport: {last} (not retried)", attempts=attempt + 1)
+                retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            if attempt < self.max_retries:
+                self._sleep(self._delay(attempt, retry_after))
+        self._count(gave_up=1)
+        return Verdict("abstain", reason=f"transport: gave up after {self.max_retries + 1} attempts ({last})",
+                       attempts=self.max_retries + 1)
+
+    def judge(self, items: list[JudgeItem], on_result=None) -> list[Verdict]:
+        from tqdm.auto import tqdm
+
+        out: list[Verdict | None] = [None] * len(items)
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self._one, it): j for j, it in enumerate(items)}
+            for fut in tqdm(as_completed(futures), total=len(futures), desc=f"judging ({self.model})",
+                            unit="call", disable=len(items) <= self.concurrency):
+                j = futures[fut]
+                out[j] = fut.result()
+                if on_result is not None:
+                    on_result(j, out[j])
+        return out  # type: ignore[return-value]

@@ -1,0 +1,121 @@
+"""AI preferences stage (RLAIF): sample candidates from a policy, let a judge pick, write preferences.
+
+    rlhf run configs/tiny-rlaif.yaml --stage ai_preferences
+
+k responses per prompt are sampled from the policy (batched; temperature, top-p, max new
+tokens, seeded), paired (round robin best-versus-worst, or random pairs), judged in both orders
+(configs/judges/*.yaml), and written as a `preferences` artifact in exactly the canonical schema
+with `source: "ai"` and the judge's details on each pair, so the reward and DPO stages read it
+unchanged. Pairs the judge abstained on are counted and listed in `unlabelled.jsonl`.
+
+    RUN_DIR/ai_preferences/
+      manifest.json        # kind: preferences; counts; judge: identity, calls, retries, tokens, cost,
+                           # position_consistency, cache hits
+      preferences.jsonl    # train pairs
+      eval.jsonl           # held-out pairs (prompts not in train)
+      unlabelled.jsonl     # judged pairs without a label (abstentions), with reasons
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config import Strict
+from pipeline.errors import InvalidInput
+
+
+class CandidatesConfig(Strict):
+    k: int = Field(4, ge=2, description="responses sampled per prompt")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class AIPreferencesStageConfig(Strict):
+    stage: Literal["ai_preferences"]
+    name: str | None = None
+    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
+    prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    judge: str = Field(description="a judge config, e.g. configs/judges/rule.yaml")
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    pairing: Literal["round_robin", "random"] = "round_robin"
+    max_prompts: int | None = Field(None, ge=1)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        return {"policy": (self.policy, "model"), "prompts": (self.prompts, "data"), "judge": (self.judge, "data")}
+
+
+def read_prompts(path, limit: int | None = None) -> list:
+    from feedback.records import iter_records
+    from feedback.schema import check_text
+
+    prompts, problems = [], []
+    for rec in iter_records(path):
+        row = rec.value
+        err = rec.error or (None if isinstance(row, dict) and "prompt" in row
+                            else f"expected an object with 'prompt'; found {type(row).__name__}"
+                            + (f" keys {sorted(row)}" if isinstance(row, dict) else ""))
+        err = err or check_text(row["prompt"], "prompt")
+        if err:
+            problems.append(f"{rec.where}: {err}")
+        else:
+            prompts.append(row["prompt"])
+    if problems:
+        raise InvalidInput("\n".join(problems[:10]) + f"\n{path}: {len(problems)} invalid prompt rows")
+    if not prompts:
+        raise InvalidInput(f"{path}: no prompts")
+    return prompts[:limit] if limit else prompts
+
+
+def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: CandidatesConfig, pairing: str,
+                      seed: int):
+    """Sample candidates, judge them; returns (pairs, unlabelled, stats, judge identity)."""
+    from feedback.judges.config import build_judge
+    from feedback.label import label
+    from pipeline.generation import sample
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    judge, jcfg, _ = build_judge(judge_config)  # before sampling: a bad judge config fails fast
+    tok, model = load_tokenizer(policy_path), load_causal_lm(policy_path)
+    candidates = sample(model, tok, prompts, n=cand.k, temperature=cand.temperature, top_p=cand.top_p,
+                        max_new_tokens=cand.max_new_tokens, batch_size=cand.batch_size, seed=seed,
+                        desc="sampling candidates")
+    del model
+    pairs, unlabelled, stats = label(prompts, candidates, judge, jcfg.position, pairing, seed)
+    return pairs, unlabelled, stats, {"name": judge.name, **judge.identity(), "position": jcfg.position.model_dump()}
+
+
+def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
+    from feedback.schema import write_pairs
+    from pipeline.artifacts import write_jsonl
+    from pipeline.runner import resolve_data_path
+    from pipeline.stages.preferences import split_by_prompt
+
+    prompts = read_prompts(resolve_data_path(cfg.prompts), cfg.max_prompts)
+    policy_path, _ = ctx.model_path(cfg.policy, role="policy")
+    pairs, unlabelled, stats, judge_id = label_with_policy(policy_path, prompts, cfg.judge, cfg.candidates,
+                                                           cfg.pairing, ctx.seed)
+    if not pairs:
+        raise InvalidInput(f"[{ctx.name}] the judge labelled no pairs ({stats})")
+    train, evals = split_by_prompt(pairs, cfg.eval_fraction, ctx.seed)
+    write_pairs(ctx.work_dir / "preferences.jsonl", train)
+    write_pairs(ctx.work_dir / "eval.jsonl", evals)
+    write_jsonl(ctx.work_dir / "unlabelled.jsonl", unlabelled)
+    counts = {"prompts": len(prompts), "candidates": len(prompts) * cfg.candidates.k, "pairs": len(pairs),
+              "train": len(train), "eval": len(evals), "unlabelled": len(unlabelled),
+              "ties": sum(p.tie for p in pairs)}
+    pc = stats.get("position_consistency")
+    summary = (f"{len(pairs)} AI-labelled pairs from {len(prompts)} prompts x {cfg.candidates.k} candidates "
+               f"({len(unlabelled)} abstained); position consistency "
+               f"{'n/a' if pc is None else f'{pc:.3f}'}; {stats.get('requests', stats['judge_calls'])} judge calls")
+    return {"kind": "preferences",
+            "outputs": {"train": "preferences.jsonl", "eval": "eval.jsonl", "unlabelled": "unlabelled.jsonl"},
+            "counts": counts,
+            "metrics": {"judge/position_consistency": pc} if pc is not None else {},
+            "extra": {"source": "ai", "judge": {**judge_id, "stats": stats},
+                      "split": {"by": "prompt", "seed": ctx.seed, "eval_fraction": cfg.eval_fraction}},
+            "summary": summary}
