@@ -115,11 +115,15 @@ def _stage_union():
     # Imported here so that each stage file owns its config class (DESIGN.md); stage modules
     # import torch only inside run(), so this stays cheap.
     from pipeline.stages.ai_preferences import AIPreferencesStageConfig
+    from pipeline.stages.dpo import DPOStageConfig
+    from pipeline.stages.grpo import GroupRLStageConfig
+    from pipeline.stages.ppo import PPOStageConfig
     from pipeline.stages.preferences import PreferencesStageConfig
     from pipeline.stages.reward import RewardStageConfig
     from pipeline.stages.sft import SFTStageConfig
 
-    return Annotated[Union[SFTStageConfig, PreferencesStageConfig, AIPreferencesStageConfig, RewardStageConfig], Field(discriminator="stage")]
+    return Annotated[Union[SFTStageConfig, PreferencesStageConfig, AIPreferencesStageConfig, RewardStageConfig,
+                           PPOStageConfig, DPOStageConfig, GroupRLStageConfig], Field(discriminator="stage")]
 
 
 StageConfig = _stage_union()

@@ -23,6 +23,10 @@ STAGE_MODULES = {
     "preferences": "pipeline.stages.preferences",
     "ai_preferences": "pipeline.stages.ai_preferences",
     "reward": "pipeline.stages.reward",
+    "ppo": "pipeline.stages.ppo",
+    "dpo": "pipeline.stages.dpo",
+    "grpo": "pipeline.stages.grpo",
+    "rloo": "pipeline.stages.grpo",
 }
 
 

@@ -43,3 +43,13 @@ def tiny_sft_block(**over):
         else:
             block[k] = v
     return block
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """configs/tiny.yaml run once (SFT -> preferences -> reward -> PPO), shared by the tests that read it."""
+    from pipeline.cli import main
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run)]) == 0
+    return run

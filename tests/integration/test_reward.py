@@ -9,15 +9,7 @@ from feedback.schema import prompt_key, read_pairs
 from feedback.synthetic import prompts, rule_score
 from pipeline import artifacts
 from pipeline.cli import main
-from tests.conftest import ROOT, write_yaml
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run),
-                 "--stage", "sft", "--stage", "preferences", "--stage", "reward"]) == 0
-    return run
+from tests.conftest import write_yaml
 
 
 def test_reward_model_learns_the_task(tiny_run):

@@ -1,0 +1,1 @@
+"""Our PPO: pure functions first (functional.py), then the loop (ppo.py)."""

@@ -1,0 +1,158 @@
+"""DPO stage: direct preference optimisation with TRL's DPOTrainer on a preferences artifact (human or AI).
+
+    rlhf run configs/tiny-dpo.yaml --stage dpo
+
+`loss_type` is any of TRL's (sigmoid, ipo, hinge, robust, ...); with LoRA the reference is the
+same weights with the adapter disabled (no second model). Ties are not trained on and are
+counted. Held-out metrics `rewards/margins` and `rewards/accuracies` (and, with `eval_rule`,
+the rule reward of samples on held-out prompts before and after).
+
+    RUN_DIR/dpo/
+      manifest.json    # kind: policy
+      model/           # safetensors + tokenizer
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.errors import InvalidInput
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+
+
+class DPOStageConfig(Strict):
+    stage: Literal["dpo"]
+    name: str | None = None
+    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
+    preferences: str = Field(description="stage:NAME of a preferences artifact")
+    loss_type: Literal[LOSS_TYPES] = "sigmoid"  # type: ignore[valid-type]
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    precompute_ref_log_probs: bool = False
+    tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_length: int = Field(512, ge=8)
+    precision: Precision = "auto"
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-7))
+    eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
+    eval_rule: str | None = None
+    eval_max_new_tokens: int = Field(32, ge=1)
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"policy": (self.policy, "model"), "preferences": (self.preferences, "artifact")}
+        if self.eval_prompts:
+            out["eval_prompts"] = (self.eval_prompts, "data")
+        return out
+
+
+def to_dpo_row(p) -> dict:
+    """Canonical pair -> TRL conversational preference row (explicit prompt)."""
+    prompt = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else p.prompt
+
+    def reply(x):
+        return [{"role": "assistant", "content": x}] if isinstance(x, str) else x
+
+    return {"prompt": prompt, "chosen": reply(p.chosen), "rejected": reply(p.rejected)}
+
+
+def rule_eval(model, tok, prompts: list, rule, max_new_tokens: int, seed: int) -> float:
+    from pipeline.generation import sample
+
+    responses = sample(model, tok, prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=64,
+                       seed=seed, desc="eval samples")
+    return sum(float(rule(p, r[0])) for p, r in zip(prompts, responses)) / len(prompts)
+
+
+def run(cfg: DPOStageConfig, ctx) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from feedback.schema import read_pairs
+    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
+    from pipeline.stages.common import peft_config, save_model, training_args
+    from pipeline.tracking import trainer_callback
+
+    set_seed(ctx.seed)
+    prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
+    train_pairs = list(read_pairs(prefs.output("train")))
+    eval_pairs = list(read_pairs(prefs.output("eval")))
+    train = [to_dpo_row(p) for p in train_pairs if not p.tie]
+    evals = [to_dpo_row(p) for p in eval_pairs if not p.tie]
+    ties = len(train_pairs) + len(eval_pairs) - len(train) - len(evals)
+    if ties:
+        print(f"[{ctx.name}] {ties} tie pairs not used (DPO needs a preferred response)")
+    if not train:
+        raise InvalidInput(f"{prefs.output('train')}: no non-tie pairs to train on")
+    precision = resolve_precision(cfg.precision)
+    path, info = ctx.model_path(cfg.policy, role="policy")
+    tok = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
+    model = load_causal_lm(path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
+
+    rule = prompts = None
+    if cfg.eval_rule and cfg.eval_prompts:
+        from feedback.judges.rule import load_callable
+        from pipeline.runner import resolve_data_path
+        from pipeline.stages.ai_preferences import read_prompts
+        from feedback.schema import prompt_key
+
+        rule = load_callable(cfg.eval_rule)
+        held = {prompt_key(p.prompt) for p in eval_pairs}
+        prompts = [p for p in read_prompts(resolve_data_path(cfg.eval_prompts)) if prompt_key(p) in held] or \
+            read_prompts(resolve_data_path(cfg.eval_prompts))[:64]
+    metrics: dict = {}
+    if rule:
+        metrics["eval/rule_reward_mean_initial"] = rule_eval(model, tok, prompts, rule, cfg.eval_max_new_tokens,
+                                                             ctx.seed)
+
+    args = training_args(DPOConfig, cfg, ctx, precision, loss_type=[cfg.loss_type], beta=cfg.beta,
+                         label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
+                         precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataset_num_proc=None)
+    trainer = DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
+        peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+        callbacks=[trainer_callback(ctx.metrics)],
+    )
+    total, trainable = count_parameters(trainer.model)
+    print(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
+          f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
+    t0 = time.time()
+    result = trainer.train()
+    seconds = time.time() - t0
+    metrics["train/loss"] = result.training_loss
+    if evals:
+        ev = trainer.evaluate()
+        for k in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+            if f"eval_{k}" in ev:
+                metrics[k] = ev[f"eval_{k}"]
+        metrics["eval/loss"] = ev["eval_loss"]
+    model_out = trainer.model
+    if rule:
+        eval_model = model_out.merge_and_unload() if hasattr(model_out, "peft_config") and cfg.lora.merge else model_out
+        metrics["eval/rule_reward_mean"] = rule_eval(eval_model, tok, prompts, rule, cfg.eval_max_new_tokens,
+                                                     ctx.seed)
+        model_out = eval_model
+    if any(v != v for v in metrics.values() if isinstance(v, float)):
+        raise InvalidInput(f"[{ctx.name}] a metric is NaN ({metrics}); no artifact written")
+    ctx.metrics.log(metrics, step=trainer.state.global_step)
+    is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    steps = trainer.state.global_step
+    summary = (f"{steps} steps in {seconds:.1f}s; rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
+               f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}"
+               + (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
+                  f"{metrics['eval/rule_reward_mean']:.3f}" if rule else "")
+               + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
+            "counts": {"train_pairs": len(train), "eval_pairs": len(evals), "ties_skipped": ties},
+            "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
+                                "trainable": trainable, "precision": precision, "loss_type": cfg.loss_type,
+                                "beta": cfg.beta}},
+            "summary": summary}

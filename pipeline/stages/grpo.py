@@ -1,0 +1,173 @@
+"""GRPO and RLOO stages on TRL's GRPOTrainer and RLOOTrainer, rewarded by a reward-model artifact,
+a rule, or both (summed).
+
+    rlhf run configs/tiny-grpo.yaml --stage grpo
+    rlhf run configs/tiny-grpo.yaml --stage rloo
+
+Both sample `num_generations` completions per prompt and use the group's rewards as the
+baseline (GRPO: group-normalised advantages; RLOO: leave-one-out). The reward model may use
+another tokenizer: completions are scored as text through reward.scoring.
+
+    RUN_DIR/grpo/ (or rloo/)
+      manifest.json    # kind: policy; train/reward, eval/rule_reward_mean before and after with eval_rule
+      model/           # safetensors + tokenizer
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.errors import InvalidInput
+
+
+class GroupRLStageConfig(Strict):
+    stage: Literal["grpo", "rloo"]
+    name: str | None = None
+    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
+    prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    reward_model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
+    rule: str | None = Field(None, description="module:function(prompt, response) -> float")
+    normalize_reward: bool = True
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference model)")
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    eval_rule: str | None = None
+    tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    precision: Precision = "auto"
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-6))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.reward_model and not self.rule:
+            raise ValueError("reward_model: give a reward model (stage:NAME), a rule (module:function), or both")
+        if (self.optim.batch_size * self.optim.grad_accum) % self.num_generations:
+            raise ValueError(f"optim.batch_size: batch_size x grad_accum must be a multiple of num_generations "
+                             f"({self.num_generations})")
+        return self
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"policy": (self.policy, "model"), "prompts": (self.prompts, "data")}
+        if self.reward_model:
+            out["reward_model"] = (self.reward_model, "artifact")
+        return out
+
+
+def _text(completion) -> str:
+    # conversational completions arrive as [{"role": "assistant", "content": ...}]
+    return completion if isinstance(completion, str) else "".join(m.get("content", "") for m in completion)
+
+
+def _prompt(prompt):
+    # drop the chat roles TRL adds back: our scorers take a user string or a message list
+    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0]["content"]
+    return prompt
+
+
+def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None) -> list:
+    """TRL reward callables: f(prompts, completions, **kw) -> list[float]."""
+    funcs = []
+    if reward_path:
+        from reward.scoring import RewardScorer
+
+        scorer = RewardScorer.from_artifact(reward_path)
+
+        def reward_model(prompts, completions, **kw):
+            raw, norm = scorer.score([_prompt(p) for p in prompts], [_text(c) for c in completions])
+            return norm if cfg.normalize_reward else raw
+
+        funcs.append(reward_model)
+    if cfg.rule:
+        from feedback.judges.rule import load_callable
+
+        rule = load_callable(cfg.rule)
+
+        def rule_reward(prompts, completions, **kw):
+            return [float(rule(_prompt(p), _text(c))) for p, c in zip(prompts, completions)]
+
+        funcs.append(rule_reward)
+    return funcs
+
+
+def run(cfg: GroupRLStageConfig, ctx) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
+    from pipeline.runner import resolve_data_path
+    from pipeline.stages.ai_preferences import read_prompts
+    from pipeline.stages.common import peft_config, save_model, training_args
+    from pipeline.stages.dpo import rule_eval
+    from pipeline.stages.preferences import split_by_prompt
+    from pipeline.tracking import trainer_callback
+
+    set_seed(ctx.seed)
+    prompts = read_prompts(resolve_data_path(cfg.prompts))
+
+    class _P:
+        def __init__(self, prompt):
+            self.prompt = prompt
+
+    train_p, eval_p = split_by_prompt([_P(p) for p in prompts], cfg.eval_fraction, ctx.seed)
+    train = [{"prompt": [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else p.prompt}
+             for p in train_p]
+    eval_prompts = [p.prompt for p in eval_p]
+    precision = resolve_precision(cfg.precision)
+    path, info = ctx.model_path(cfg.policy, role="policy")
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path, "fp32")
+    reward_path = str(ctx.artifact(cfg.reward_model, "reward_model", "reward_model").path) if cfg.reward_model else None
+    funcs = reward_functions(cfg, reward_path)
+    rule = None
+    metrics: dict = {}
+    if cfg.eval_rule and eval_prompts:
+        from feedback.judges.rule import load_callable
+
+        rule = load_callable(cfg.eval_rule)
+        metrics["eval/rule_reward_mean_initial"] = rule_eval(model, tok, eval_prompts, rule,
+                                                             cfg.max_completion_length, ctx.seed)
+    ConfigCls, TrainerCls = (GRPOConfig, GRPOTrainer) if cfg.stage == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = training_args(ConfigCls, cfg, ctx, precision, num_generations=cfg.num_generations,
+                         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                         top_p=cfg.top_p, beta=cfg.beta, use_vllm=False)
+    trainer = TrainerCls(model=model, reward_funcs=funcs if len(funcs) > 1 else funcs[0], args=args,
+                         train_dataset=Dataset.from_list(train), processing_class=tok,
+                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+                         callbacks=[trainer_callback(ctx.metrics)])
+    total, trainable = count_parameters(trainer.model)
+    print(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
+          f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
+    t0 = time.time()
+    result = trainer.train()
+    seconds = time.time() - t0
+    if result.training_loss != result.training_loss:
+        raise InvalidInput(f"[{ctx.name}] the training loss is NaN; no artifact written")
+    model_out = trainer.model
+    if hasattr(model_out, "peft_config") and cfg.lora.merge:
+        model_out = model_out.merge_and_unload()
+    if rule:
+        metrics["eval/rule_reward_mean"] = rule_eval(model_out, tok, eval_prompts, rule, cfg.max_completion_length,
+                                                     ctx.seed)
+    metrics["train/loss"] = result.training_loss
+    ctx.metrics.log(metrics, step=trainer.state.global_step)
+    is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    steps = trainer.state.global_step
+    summary = (f"{steps} steps in {seconds:.1f}s"
+               + (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
+                  f"{metrics['eval/rule_reward_mean']:.3f}" if rule else "")
+               + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
+            "counts": {"train_prompts": len(train), "eval_prompts": len(eval_prompts)},
+            "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
+                                "trainable": trainable, "precision": precision, "method": cfg.stage}},
+            "summary": summary}

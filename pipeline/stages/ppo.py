@@ -1,0 +1,234 @@
+"""PPO stage: our own PPO against a reward model or a rule (pipeline/rl/).
+
+    rlhf run configs/tiny.yaml --stage ppo
+
+Each step samples `rollout.prompts_per_step` training prompts, generates responses, scores
+them, and runs `ppo.epochs` epochs of clipped updates over minibatches. Held-out prompts are
+evaluated before and after training (`eval/reward_mean`, `eval/rule_reward_mean` with
+`eval_rule`, `eval/kl`). Metrics per step: ppo/reward_mean, ppo/reward_std, ppo/kl, ppo/entropy,
+ppo/clipfrac, ppo/approx_kl, ppo/value_loss, ppo/policy_loss, ppo/explained_variance,
+ppo/response_length, ppo/eos_rate, ppo/ratio_mean, ppo/kl_coef; samples in samples.jsonl.
+
+    RUN_DIR/ppo/
+      manifest.json    # kind: policy; eval before/after; final PPO state (KL coefficient)
+      model/           # safetensors + tokenizer (LoRA merged, or an adapter with lora.merge: false)
+      value_head.safetensors | critic/
+      metrics.jsonl, samples.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.errors import InvalidInput
+
+
+class RewardSourceConfig(Strict):
+    model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
+    rule: str | None = Field(None, description="module:function(prompt, response) -> float")
+    normalize: bool = Field(True, description="use the reward model's normalised score")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if not self.model and not self.rule:
+            raise ValueError("reward: give a reward model (model: stage:NAME) or a rule (rule: module:function)")
+        return self
+
+
+class RolloutConfig(Strict):
+    prompts_per_step: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score without EOS")
+
+
+class KLConfig(Strict):
+    coef: float = Field(0.05, ge=0)
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive: bool = False
+    target: float = Field(6.0, gt=0)
+    horizon: int = Field(10000, ge=1)
+    ceiling: float | None = Field(None, gt=0, description="stop (or warn) when the mean KL exceeds this")
+    on_ceiling: Literal["stop", "warn"] = "stop"
+
+
+class PPOHyperConfig(Strict):
+    epochs: int = Field(4, ge=1)
+    minibatch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(16, ge=1, description="gradient accumulation: minibatch_size / micro_batch_size")
+    clip: float = Field(0.2, gt=0)
+    dual_clip: float | None = Field(None, gt=1)
+    value_clip: float | None = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    reward_clip: float | None = Field(10.0, gt=0)
+
+
+class PPOStageConfig(Strict):
+    stage: Literal["ppo"]
+    name: str | None = None
+    policy: str = Field(description="stage:NAME of a policy artifact (e.g. the SFT stage), or a model reference")
+    reward: RewardSourceConfig
+    prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    max_eval_prompts: int = Field(64, ge=1)
+    eval_rule: str | None = Field(None, description="a rule reported on held-out prompts (eval/rule_reward_mean)")
+    steps: int = Field(20, ge=1)
+    tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    value_model: Literal["head", "critic"] = "head"
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    ppo: PPOHyperConfig = Field(default_factory=PPOHyperConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5))
+    precision: Precision = "auto"
+    log_samples_every: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.value_model == "critic" and not self.reward.model:
+            raise ValueError("value_model: 'critic' is initialised from the reward model; set reward.model")
+        if self.ppo.minibatch_size > self.rollout.prompts_per_step:
+            raise ValueError("ppo.minibatch_size: larger than rollout.prompts_per_step")
+        return self
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"policy": (self.policy, "model"), "prompts": (self.prompts, "data")}
+        if self.reward.model:
+            out["reward_model"] = (self.reward.model, "artifact")
+        return out
+
+
+class _Hyper:
+    """The knobs ppo_step reads, gathered from the stage config's blocks."""
+
+    def __init__(self, cfg: PPOStageConfig):
+        self.__dict__.update(cfg.ppo.model_dump())
+        self.kl_estimator = cfg.kl.estimator
+
+
+def run(cfg: PPOStageConfig, ctx) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from feedback.judges.rule import load_callable
+    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
+    from pipeline.rl import functional as F
+    from pipeline.rl.ppo import (PPOModels, RewardFunction, cycle_batches, evaluate, generate, kl_ceiling_message,
+                                 ppo_step, score_rollout)
+    from pipeline.runner import resolve_data_path
+    from pipeline.stages.ai_preferences import read_prompts
+    from pipeline.stages.common import peft_config, save_model
+    from pipeline.stages.preferences import split_by_prompt
+
+    set_seed(ctx.seed)
+    precision = resolve_precision(cfg.precision)
+    if precision != "fp32":
+        print(f"[{ctx.name}] note: PPO runs in fp32 on this path; precision {precision} applies under DeepSpeed")
+    prompts = read_prompts(resolve_data_path(cfg.prompts))
+
+    class _P:  # split_by_prompt works on objects with .prompt
+        def __init__(self, prompt):
+            self.prompt = prompt
+
+    train_p, eval_p = split_by_prompt([_P(p) for p in prompts], cfg.eval_fraction, ctx.seed)
+    train_prompts = [p.prompt for p in train_p]
+    eval_prompts = [p.prompt for p in eval_p][: cfg.max_eval_prompts]
+    if len(train_prompts) < cfg.rollout.prompts_per_step:
+        raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
+                           f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
+
+    policy_path, info = ctx.model_path(cfg.policy, role="policy")
+    tok = load_tokenizer(policy_path)
+    policy = load_causal_lm(policy_path, "fp32")
+    if cfg.tuning == "lora":
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config(cfg.lora))
+    reward_path = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").path) if cfg.reward.model else None
+    critic = None
+    if cfg.value_model == "critic":
+        from pipeline.models import load_tokenizer as _lt
+        from reward.scoring import load_reward_model
+
+        rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
+        if _lt(rm_dir).get_vocab() != tok.get_vocab():
+            raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
+                               "use value_model: head")
+        critic = load_reward_model(rm_dir)
+    models = PPOModels(policy, tok, cfg.value_model, critic, lora=cfg.tuning == "lora")
+    reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
+    eval_rule = load_callable(cfg.eval_rule) if cfg.eval_rule else None
+    optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+    kl_ctl = (F.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else F.FixedKLController(cfg.kl.coef))
+    total, trainable = count_parameters(policy)
+    print(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
+          f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}")
+
+    ro_cfg = cfg.rollout
+    ev = dict(temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed)
+    before = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
+    before.pop("_samples", None)
+    hp = _Hyper(cfg)
+    batches = cycle_batches(train_prompts, ro_cfg.prompts_per_step, ctx.seed)
+    samples_path = ctx.work_dir / "samples.jsonl"
+    t0 = time.time()
+    last: dict = {}
+    for step in tqdm(range(1, cfg.steps + 1), desc="PPO", unit="step"):
+        epoch, batch = next(batches)
+        ro = generate(models, batch, ro_cfg.temperature, ro_cfg.top_p, ro_cfg.max_new_tokens)
+        score_rollout(models, ro, reward_fn, ro_cfg.missing_eos_penalty, step)
+        last = ppo_step(models, optimizer, ro, hp, kl_ctl, step, cfg.optim.max_grad_norm)
+        last["ppo/epoch"] = epoch
+        ctx.metrics.log(last, step=step)
+        if step % cfg.log_samples_every == 0 or step == 1:
+            with open(samples_path, "a", encoding="utf-8") as f:
+                for p, r, s in list(zip(ro.prompts, ro.responses, ro.scores.tolist()))[:2]:
+                    f.write(json.dumps({"step": step, "prompt": p, "response": r, "score": s}) + "\n")
+        if cfg.kl.ceiling is not None and last["ppo/kl"] > cfg.kl.ceiling:
+            msg = kl_ceiling_message(step, last["ppo/kl"], cfg.kl.ceiling)
+            if cfg.kl.on_ceiling == "stop":
+                raise InvalidInput(msg + " Stopped; no artifact written.")
+            print(f"[{ctx.name}] warning: {msg}")
+    seconds = time.time() - t0
+    after = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
+    samples = after.pop("_samples", [])
+    with open(samples_path, "a", encoding="utf-8") as f:
+        for p, r in samples:
+            f.write(json.dumps({"step": "final-eval", "prompt": p, "response": r}) + "\n")
+
+    save_model(models.policy, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
+    if models.value_head is not None:
+        from safetensors.torch import save_file
+
+        save_file(models.value_head.state_dict(), str(ctx.work_dir / "value_head.safetensors"))
+        outputs["value_head"] = "value_head.safetensors"
+    else:
+        models.critic.save_pretrained(ctx.work_dir / "critic", safe_serialization=True)
+        outputs["critic"] = "critic"
+    metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
+               "train/seconds": round(seconds, 2)}
+    key = "eval/rule_reward_mean" if eval_rule else "eval/reward_mean"
+    summary = (f"{cfg.steps} steps in {seconds:.1f}s; held-out {key.split('/')[1]} "
+               f"{before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
+               f"KL {after.get('eval/kl', float('nan')):.3f}; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    return {"kind": "policy", "outputs": outputs, "metrics": metrics,
+            "counts": {"train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
+                       "rollouts": cfg.steps * ro_cfg.prompts_per_step},
+            "extra": {"ppo_state": {"kl_coef": kl_ctl.value, "kl": kl_ctl.state_dict()},
+                      "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
+                                "adapter": cfg.tuning == "lora" and not cfg.lora.merge}},
+            "summary": summary}
