@@ -34,7 +34,7 @@ def _cmd_run(args) -> int:
         return 0
     from pipeline.runner import run_pipeline
 
-    run_pipeline(cfg, only=args.stage, force=args.force)
+    run_pipeline(cfg, only=args.stage, force=args.force, resume=args.resume)
     return 0
 
 
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config key, e.g. stages.sft.optim.lr=1e-4 (list items by index or stage name)")
     r.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the first stage to run from its newest complete checkpoint (an error if none)")
     r.add_argument("--run-dir", help="override run_dir")
     r.add_argument("--check", action="store_true", help="validate the config and exit")
     r.set_defaults(func=_cmd_run)

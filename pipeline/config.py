@@ -102,6 +102,13 @@ class LoraConfig(Strict):
     merge: bool = Field(True, description="merge the adapter into the weights when saving; false keeps an adapter")
 
 
+class CheckpointConfig(Strict):
+    """Periodic checkpoints of a training stage (pipeline/checkpoint.py); `rlhf run --resume` continues from them."""
+
+    every: int = Field(0, ge=0, description="save every N optimizer steps (0: no checkpoints)")
+    keep: int = Field(2, ge=1, description="keep the newest K complete checkpoints")
+
+
 class TrackingConfig(Strict):
     wandb: bool = False
     wandb_project: str = "rlhf"

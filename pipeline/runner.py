@@ -55,6 +55,14 @@ class StageContext:
     seed: int
     metrics: MetricsLog
     inputs: dict[str, dict] = field(default_factory=dict)
+    config_hash: str = ""
+    stage_config: dict = field(default_factory=dict)  # resolved, for checkpoint metadata
+    resume_from: Path | None = None  # a complete checkpoint to continue from (rlhf run --resume)
+
+    def checkpoint_meta(self, step: int, extra: dict | None = None) -> dict:
+        from pipeline.checkpoint import meta
+
+        return meta(step, self.config_hash, self.stage_config, extra)
 
     @property
     def run_dir(self) -> Path:
@@ -102,7 +110,8 @@ def stage_module(kind: str):
     return importlib.import_module(STAGE_MODULES[kind])
 
 
-def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, echo=print) -> list[dict]:
+def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, resume: bool = False,
+                 echo=print) -> list[dict]:
     names = [s.name for s in cfg.stages]
     for n in only or []:
         if n not in names:
@@ -110,6 +119,7 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    first_to_run = True
     for st in cfg.stages:
         if only and st.name not in only:
             continue
@@ -125,19 +135,50 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
                 results.append(old)
                 continue
             echo(f"[{st.name}] {why}: rerunning")
-        results.append(_run_stage(cfg, st, inputs, chash, echo))
+        results.append(_run_stage(cfg, st, inputs, chash, echo, resume=resume, must_resume=resume and first_to_run))
+        first_to_run = False
     return results
 
 
-def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo) -> dict:
-    run_dir = Path(cfg.run_dir)
-    work = run_dir / f".{st.name}.partial"
+def _prepare_work_dir(work: Path, st, chash: str, resolved: dict, resume: bool, must_resume: bool, echo):
+    """The partial directory: fresh, or kept to resume from its newest complete checkpoint."""
+    from pipeline import checkpoint
+
+    ckpts = work / "checkpoints"
+    if resume and (must_resume or checkpoint.scan(ckpts, echo=lambda *_: None)):
+        path = checkpoint.latest(ckpts, st.name, echo)
+        info = checkpoint.read_meta(path)
+        checkpoint.check_resumable(info, chash, resolved, st.name, path)
+        _truncate_metrics(work / "metrics.jsonl", info["step"])
+        echo(f"[{st.name}] resuming from {path} (step {info['step']})")
+        return path
+    if checkpoint.scan(ckpts, echo=lambda *_: None):
+        echo(f"[{st.name}] discarding the checkpoints of an unfinished run in {ckpts} (--resume continues it)")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    return None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+    import json
+
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    artifacts.write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: bool = False,
+               must_resume: bool = False) -> dict:
+    run_dir = Path(cfg.run_dir)
+    work = run_dir / f".{st.name}.partial"
     resolved = {"seed": cfg.seed, "tracking": cfg.tracking.model_dump(mode="json"), **st.model_dump(mode="json")}
+    resume_from = _prepare_work_dir(work, st, chash, resolved, resume, must_resume, echo)
     artifacts.write_atomic(work / "config.yaml", dump_yaml(redact(resolved)))
     ctx = StageContext(pipeline=cfg, name=st.name, work_dir=work, seed=cfg.seed,
-                       metrics=MetricsLog(work / "metrics.jsonl"), inputs=inputs)
+                       metrics=MetricsLog(work / "metrics.jsonl"), inputs=inputs, config_hash=chash,
+                       stage_config=resolved, resume_from=resume_from)
     t0 = time.time()
     echo(f"[{st.name}] running stage '{st.stage}' -> {run_dir / st.name}")
     out = stage_module(st.stage).run(st, ctx)
@@ -152,6 +193,7 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo) -> dict:
         counts=out.get("counts"),
         extra=out.get("extra"),
     )
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
     artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
     artifacts.replace_dir(work, run_dir / st.name)
     if out.get("summary"):

@@ -272,6 +272,40 @@ def cycle_batches(items: list, batch_size: int, seed: int):
         epoch += 1
 
 
+def save_state(path, models: PPOModels, optimizer, kl_ctl, step: int, extra: dict) -> None:
+    """Everything needed to continue after `step`: weights (safetensors), optimizer, RNG, KL controller."""
+    import json
+
+    from safetensors.torch import save_model
+
+    save_model(models.policy, str(path / "policy.safetensors"))
+    if models.value_head is not None:
+        save_model(models.value_head, str(path / "value_head.safetensors"))
+    if models.critic is not None:
+        save_model(models.critic, str(path / "critic.safetensors"))
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
+    (path / "state.json").write_text(json.dumps({"step": step, "kl_controller": kl_ctl.state_dict(), **extra}))
+
+
+def load_state(path, models: PPOModels, optimizer, kl_ctl) -> dict:
+    """Restore save_state's files (torch.load only with weights_only=True)."""
+    import json
+
+    from safetensors.torch import load_model
+
+    load_model(models.policy, str(path / "policy.safetensors"))
+    if models.value_head is not None:
+        load_model(models.value_head, str(path / "value_head.safetensors"))
+    if models.critic is not None:
+        load_model(models.critic, str(path / "critic.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    state = json.loads((path / "state.json").read_text())
+    kl_ctl.load_state_dict(state["kl_controller"])
+    return state
+
+
 def kl_ceiling_message(step: int, kl: float, ceiling: float) -> str:
     return (f"PPO step {step}: KL to the reference is {kl:.3f}, above kl.ceiling {ceiling}: the policy has moved far "
             "from where it started, which usually means reward hacking or a learning rate that is too high. "

@@ -36,7 +36,11 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         logging_steps=o.logging_steps,
         eval_strategy="steps" if o.eval_steps else "no",
         eval_steps=o.eval_steps,
-        save_strategy="no",
+        # checkpoints: HF writes them, hf_callback marks them complete and rotates (one spare kept
+        # so that a kill between HF's rotation and our mark never leaves no complete checkpoint)
+        save_strategy="steps" if cfg.checkpoint.every else "no",
+        save_steps=cfg.checkpoint.every or None,
+        save_total_limit=cfg.checkpoint.keep + 1 if cfg.checkpoint.every else None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -63,3 +67,18 @@ def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
     return is_peft and not merge
+
+
+def fit(trainer, ctx, cfg):
+    """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set."""
+    from pipeline import checkpoint
+
+    stop = checkpoint.stop_after_step()
+    trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
+                                                cfg.checkpoint.keep, stop))
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if stop is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {trainer.state.global_step} "
+                                 "(RLHF_STOP_AFTER_STEP); continue with --resume")
+    return result
+

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -39,6 +39,7 @@ class DPOStageConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     max_length: int = Field(512, ge=8)
     precision: Precision = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-7))
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
     eval_rule: str | None = None
@@ -76,7 +77,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
 
     from feedback.schema import read_pairs
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
-    from pipeline.stages.common import peft_config, save_model, training_args
+    from pipeline.stages.common import fit, peft_config, save_model, training_args
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
@@ -124,9 +125,8 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     print(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
           f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
     t0 = time.time()
-    result = trainer.train()
+    fit(trainer, ctx, cfg)
     seconds = time.time() - t0
-    metrics["train/loss"] = result.training_loss
     if evals:
         ev = trainer.evaluate()
         for k in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -42,6 +42,7 @@ class GroupRLStageConfig(Strict):
     tuning: Literal["full", "lora"] = "full"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     precision: Precision = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     @model_validator(mode="after")
@@ -105,7 +106,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.runner import resolve_data_path
     from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.common import peft_config, save_model, training_args
+    from pipeline.stages.common import fit, peft_config, save_model, training_args
     from pipeline.stages.dpo import rule_eval
     from pipeline.stages.preferences import split_by_prompt
     from pipeline.tracking import trainer_callback
@@ -147,7 +148,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     print(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
           f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
     t0 = time.time()
-    result = trainer.train()
+    result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0
     if result.training_loss != result.training_loss:
         raise InvalidInput(f"[{ctx.name}] the training loss is NaN; no artifact written")
@@ -157,7 +158,6 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     if rule:
         metrics["eval/rule_reward_mean"] = rule_eval(model_out, tok, eval_prompts, rule, cfg.max_completion_length,
                                                      ctx.seed)
-    metrics["train/loss"] = result.training_loss
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
     steps = trainer.state.global_step

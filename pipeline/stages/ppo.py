@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -91,6 +91,7 @@ class PPOStageConfig(Strict):
     ppo: PPOHyperConfig = Field(default_factory=PPOHyperConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5))
     precision: Precision = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log_samples_every: int = Field(5, ge=1)
 
     @model_validator(mode="after")
@@ -124,8 +125,9 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     from feedback.judges.rule import load_callable
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.rl import functional as F
+    from pipeline import checkpoint
     from pipeline.rl.ppo import (PPOModels, RewardFunction, cycle_batches, evaluate, generate, kl_ceiling_message,
-                                 ppo_step, score_rollout)
+                                 load_state, ppo_step, save_state, score_rollout)
     from pipeline.runner import resolve_data_path
     from pipeline.stages.ai_preferences import read_prompts
     from pipeline.stages.common import peft_config, save_model
@@ -179,14 +181,22 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
 
     ro_cfg = cfg.rollout
     ev = dict(temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed)
-    before = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
-    before.pop("_samples", None)
     hp = _Hyper(cfg)
     batches = cycle_batches(train_prompts, ro_cfg.prompts_per_step, ctx.seed)
     samples_path = ctx.work_dir / "samples.jsonl"
+    ckpt_dir, stop = ctx.work_dir / "checkpoints", checkpoint.stop_after_step()
+    first = 1
+    if ctx.resume_from is not None:
+        state = load_state(ctx.resume_from, models, optimizer, kl_ctl)
+        before, first = state["before"], state["step"] + 1
+        for _ in range(state["step"]):  # the data position: the same prompts in the same order
+            next(batches)
+    else:
+        before = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
+        before.pop("_samples", None)
     t0 = time.time()
     last: dict = {}
-    for step in tqdm(range(1, cfg.steps + 1), desc="PPO", unit="step"):
+    for step in tqdm(range(first, cfg.steps + 1), desc="PPO", unit="step", initial=first - 1, total=cfg.steps):
         epoch, batch = next(batches)
         ro = generate(models, batch, ro_cfg.temperature, ro_cfg.top_p, ro_cfg.max_new_tokens)
         score_rollout(models, ro, reward_fn, ro_cfg.missing_eos_penalty, step)
@@ -202,6 +212,13 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
             if cfg.kl.on_ceiling == "stop":
                 raise InvalidInput(msg + " Stopped; no artifact written.")
             print(f"[{ctx.name}] warning: {msg}")
+        every = cfg.checkpoint.every
+        if (every and step % every == 0) or step == stop:
+            checkpoint.save_atomic(ckpt_dir, step, ctx.checkpoint_meta(step), lambda d: save_state(
+                d, models, optimizer, kl_ctl, step, {"before": before}), cfg.checkpoint.keep)
+        if step == stop and step < cfg.steps:
+            raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {step} (RLHF_STOP_AFTER_STEP); "
+                                     "continue with --resume")
     seconds = time.time() - t0
     after = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
     samples = after.pop("_samples", [])

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
+from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -40,6 +40,7 @@ class RewardStageConfig(Strict):
     center_rewards_coefficient: float | None = Field(None, ge=0, description="penalise (r_c + r_r)^2 to centre rewards")
     max_length: int = Field(512, ge=8)
     precision: Precision = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     calibration_buckets: int = Field(4, ge=1)
 
@@ -91,7 +92,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     from feedback.schema import read_pairs
     from pipeline.artifacts import write_jsonl
     from pipeline.models import count_parameters, load_tokenizer, resolve_precision
-    from pipeline.stages.common import peft_config, save_model, training_args
+    from pipeline.stages.common import fit, peft_config, save_model, training_args
     from pipeline.tracking import trainer_callback
     from reward.scoring import load_reward_model, normalization
 
@@ -133,7 +134,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)
     before, _ = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
     t0 = time.time()
-    result = trainer.train()
+    result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0
     after, rewards = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
     if not all(map(lambda v: torch.isfinite(torch.tensor(v)), rewards + [result.training_loss])):
@@ -141,7 +142,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     calibration = after.pop("calibration")
     after.pop("calibration", None)
     before.pop("calibration", None)
-    metrics = {"train/loss": result.training_loss, **after, "eval/accuracy_initial": before["eval/accuracy"],
+    metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
                "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2)}
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     norm = normalization(rewards)

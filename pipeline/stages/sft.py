@@ -16,8 +16,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import LoraConfig, OptimConfig, Precision, Strict
-from pipeline.stages.common import peft_config, save_model, training_args
+from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.stages.common import fit, peft_config, save_model, training_args
 from pipeline.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
@@ -44,6 +44,7 @@ class SFTStageConfig(Strict):
     packing: bool = False
     max_length: int = Field(512, ge=8)
     precision: Precision = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     gradient_checkpointing: bool = False
 
@@ -223,21 +224,19 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     if evals:
         metrics["eval/loss_initial"] = trainer.evaluate()["eval_loss"]
     t0 = time.time()
-    result = trainer.train()
+    result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0
-    metrics["train/loss"] = result.training_loss
     if evals:
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
-    for name, value in metrics.items():
+    for name, value in {**metrics, "train/loss": result.training_loss}.items():
         if not torch.isfinite(torch.tensor(value)):
             raise InvalidInput(f"[{ctx.name}] {name} is {value}: training diverged; no artifact written")
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
-    shutil.rmtree(ctx.work_dir / "checkpoints", ignore_errors=True)  # nothing kept yet; resume comes later
     model_dir = ctx.work_dir / "model"
     is_adapter = save_model(trainer.model, tokenizer, model_dir, merge=cfg.lora.merge)
     steps = trainer.state.global_step
-    summary = (f"{steps} steps in {seconds:.1f}s; train/loss {metrics['train/loss']:.4f}"
+    summary = (f"{steps} steps in {seconds:.1f}s; train/loss {ctx.metrics.last.get('train/loss', float('nan')):.4f}"
                + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}" if evals else "")
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
     return {

@@ -1,0 +1,114 @@
+"""Checkpoints and resume: 4 steps straight equal 2 steps, stop, resume for 2 (losses, PPO rewards and
+KL within 1e-4, across an epoch boundary); bad resumes are errors that say why; a killed run
+leaves its previous checkpoint loadable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import artifacts
+from pipeline.cli import main
+from tests.conftest import ROOT, tiny_sft_block, write_yaml
+
+# 24 training rows, batch 8: 3 steps an epoch, so steps 1-2 are epoch 0 and step 4 is epoch 1
+SFT = tiny_sft_block(data={"train": "synthetic:sft", "eval_fraction": 0.1, "max_rows": 24},
+                     optim={"lr": 5e-3, "max_steps": 4, "batch_size": 8, "logging_steps": 1},
+                     checkpoint={"every": 2, "keep": 2})
+
+
+def _cfg(tmp_path, run, blocks):
+    return write_yaml(tmp_path / f"{run}.yaml", {"run_dir": str(tmp_path / run), "seed": 0, "stages": blocks})
+
+
+def _losses(path, key="train/loss"):
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_sft_resume_matches_straight_run(tmp_path, monkeypatch, capsys):
+    straight = _cfg(tmp_path, "a", [SFT])
+    assert main(["run", str(straight)]) == 0
+    want = _losses(tmp_path / "a" / "sft" / "metrics.jsonl")
+    assert sorted(want) == [1, 2, 3, 4]
+
+    cfg = _cfg(tmp_path, "b", [SFT])
+    assert main(["run", str(cfg), "--resume"]) == 2
+    assert "has no complete checkpoint" in capsys.readouterr().err
+
+    monkeypatch.setenv("RLHF_STOP_AFTER_STEP", "2")
+    assert main(["run", str(cfg)]) == 3
+    monkeypatch.delenv("RLHF_STOP_AFTER_STEP")
+    partial = tmp_path / "b" / ".sft.partial"
+    assert (partial / "checkpoints" / "checkpoint-2" / "checkpoint.json").exists()
+    assert not (tmp_path / "b" / "sft").exists()
+
+    # a changed config is refused, naming what differs
+    assert main(["run", str(cfg), "--resume", "--set", "stages.sft.optim.lr=1e-3"]) == 2
+    assert "optim.lr: 0.005 -> 0.001" in capsys.readouterr().err
+
+    # a checkpoint the kill interrupted is ignored with a message
+    (partial / "checkpoints" / "checkpoint-3").mkdir()
+    (partial / "checkpoints" / "checkpoint-3" / "model.safetensors").write_bytes(b"half")
+    assert main(["run", str(cfg), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "ignoring incomplete checkpoint" in out and "resuming from" in out and "checkpoint-2" in out
+    got = _losses(tmp_path / "b" / "sft" / "metrics.jsonl")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
+    assert not (tmp_path / "b" / "sft" / "checkpoints").exists(), "spent checkpoints are removed"
+
+
+def test_killed_run_leaves_a_loadable_checkpoint(tmp_path):
+    block = {**SFT, "optim": {**SFT["optim"], "max_steps": 400}, "checkpoint": {"every": 1, "keep": 2}}
+    cfg = _cfg(tmp_path, "k", [block])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "k" / ".sft.partial" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(ckpts.glob("checkpoint-*/checkpoint.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from pipeline.checkpoint import scan
+
+    complete = scan(ckpts)
+    assert complete, "a complete checkpoint survives the kill"
+    step, path = complete[-1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(path)  # loadable
+    assert main(["run", str(cfg), "--resume", "--set", "stages.sft.optim.max_steps=400"]) == 0
+    assert artifacts.load_artifact(tmp_path / "k" / "sft", "policy").manifest["metrics"]["train/steps"] == 400
+
+
+def test_ppo_resume_matches_straight_run(tiny_run, tmp_path, monkeypatch):
+    # 153 training prompts, 64 a step: 2 batches an epoch, so steps 3-4 cross into epoch 1
+    ppo = {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "prompts": "synthetic:prompts",
+           "steps": 4, "precision": "fp32", "max_eval_prompts": 8,
+           "rollout": {"prompts_per_step": 64, "max_new_tokens": 12},
+           "ppo": {"epochs": 1, "minibatch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 5e-4},
+           "checkpoint": {"every": 2, "keep": 1}}
+    head = [{"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}},
+            {"stage": "preferences", "data": {"path": "synthetic:preferences"}},
+            {"stage": "reward", "model": "stage:sft", "preferences": "stage:preferences"}]
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tiny_run), "seed": 0,
+                                           "stages": head + [{**ppo, "name": "ppo_a"}, {**ppo, "name": "ppo_b"}]})
+    assert main(["run", str(cfg), "--stage", "ppo_a"]) == 0
+    monkeypatch.setenv("RLHF_STOP_AFTER_STEP", "2")
+    assert main(["run", str(cfg), "--stage", "ppo_b"]) == 3
+    monkeypatch.delenv("RLHF_STOP_AFTER_STEP")
+    assert main(["run", str(cfg), "--stage", "ppo_b", "--resume"]) == 0
+    for key in ("ppo/reward_mean", "ppo/kl", "ppo/epoch"):
+        want = _losses(tiny_run / "ppo_a" / "metrics.jsonl", key)
+        got = _losses(tiny_run / "ppo_b" / "metrics.jsonl", key)
+        assert sorted(got) == [1, 2, 3, 4]
+        for step in (3, 4):
+            assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step, got, want)
+    assert _losses(tiny_run / "ppo_b" / "metrics.jsonl", "ppo/epoch")[4] == 1
