@@ -36,7 +36,11 @@ KINDS = ("policy", "reward_model", "preferences", "eval")
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    """Write to a temporary file beside `path`, fsync, then rename over it. Only rank 0 writes."""
+    from pipeline.distributed import is_main
+
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -29,6 +29,17 @@ def _cmd_run(args) -> int:
     cfg = load_pipeline(args.config, args.set)
     if args.run_dir:
         cfg.run_dir = args.run_dir
+    if args.deepspeed:
+        from pipeline.errors import UsageError
+
+        for st in cfg.stages:
+            if args.stage and st.name not in args.stage:
+                continue
+            if "deepspeed" in type(st).model_fields:
+                st.deepspeed = args.deepspeed
+            elif st.stage == "ppo":
+                raise UsageError(f"--deepspeed: stage {st.name} (ppo) does not run under DeepSpeed yet; "
+                                 "run it on one process, or select the other stages with --stage")
     if args.check:
         print(f"{args.config}: valid ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
         return 0
@@ -302,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue the first stage to run from its newest complete checkpoint (an error if none)")
     r.add_argument("--run-dir", help="override run_dir")
+    r.add_argument("--deepspeed", metavar="ZERO.json",
+                   help="run the selected training stages under this ZeRO config (configs/deepspeed/*.json)")
     r.add_argument("--check", action="store_true", help="validate the config and exit")
     r.set_defaults(func=_cmd_run)
 

@@ -112,6 +112,11 @@ def stage_module(kind: str):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, resume: bool = False,
                  echo=print) -> list[dict]:
+    from pipeline import distributed
+
+    distributed.init()
+    if not distributed.is_main():
+        echo = lambda *a, **k: None  # noqa: E731  (one voice: rank 0 speaks for all)
     names = [s.name for s in cfg.stages]
     for n in only or []:
         if n not in names:
@@ -159,6 +164,26 @@ def _prepare_work_dir(work: Path, st, chash: str, resolved: dict, resume: bool, 
     return None
 
 
+def _forget_deepspeed() -> None:
+    """HF keeps the last stage's DeepSpeed config globally; the next stage must load its models unpartitioned."""
+    import sys
+
+    if "transformers.integrations.deepspeed" in sys.modules:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def _shared_resume_path(path: Path | None) -> Path | None:
+    """Rank 0 decides where to resume from; every rank uses the same checkpoint."""
+    import torch.distributed as dist
+
+    box = [str(path) if path else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
     import json
@@ -174,14 +199,23 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     run_dir = Path(cfg.run_dir)
     work = run_dir / f".{st.name}.partial"
     resolved = {"seed": cfg.seed, "tracking": cfg.tracking.model_dump(mode="json"), **st.model_dump(mode="json")}
-    resume_from = _prepare_work_dir(work, st, chash, resolved, resume, must_resume, echo)
+    from pipeline import distributed
+
+    resume_from = _prepare_work_dir(work, st, chash, resolved, resume, must_resume, echo) \
+        if distributed.is_main() else None
+    if distributed.world_size() > 1:
+        distributed.barrier()
+        resume_from = _shared_resume_path(resume_from)
     artifacts.write_atomic(work / "config.yaml", dump_yaml(redact(resolved)))
     ctx = StageContext(pipeline=cfg, name=st.name, work_dir=work, seed=cfg.seed,
                        metrics=MetricsLog(work / "metrics.jsonl"), inputs=inputs, config_hash=chash,
                        stage_config=resolved, resume_from=resume_from)
     t0 = time.time()
     echo(f"[{st.name}] running stage '{st.stage}' -> {run_dir / st.name}")
-    out = stage_module(st.stage).run(st, ctx)
+    try:
+        out = stage_module(st.stage).run(st, ctx)
+    finally:
+        _forget_deepspeed()
     metrics = {**ctx.metrics.last, **out.get("metrics", {}), "time/seconds": round(time.time() - t0, 2)}
     manifest = artifacts.build_manifest(
         stage=st.name,
@@ -193,9 +227,12 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
         counts=out.get("counts"),
         extra=out.get("extra"),
     )
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
+    if distributed.is_main():
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
     artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
-    artifacts.replace_dir(work, run_dir / st.name)
+    if distributed.is_main():
+        artifacts.replace_dir(work, run_dir / st.name)
+    distributed.barrier()
     if out.get("summary"):
         echo(f"[{st.name}] {out['summary']}")
     return manifest

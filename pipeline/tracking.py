@@ -46,6 +46,8 @@ class MetricsLog:
         self.last: dict[str, float] = {}
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        from pipeline.distributed import is_main
+
         row: dict[str, Any] = {} if step is None else {"step": step}
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -53,8 +55,9 @@ class MetricsLog:
                 row[name] = v
                 if math.isfinite(float(v)):
                     self.last[name] = v
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if is_main():  # every rank keeps `last`; only rank 0 writes
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def trainer_callback(metrics: MetricsLog):

@@ -14,6 +14,15 @@ def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
                           target_modules=lora.target_modules, task_type=task_type, **extra)
 
 
+def zero_config(cfg, ctx, precision: str) -> dict | None:
+    """The stage's DeepSpeed config (`deepspeed:` key or `rlhf run --deepspeed`), filled from its optim block."""
+    if not getattr(cfg, "deepspeed", None):
+        return None
+    from pipeline.distributed import load_zero_config
+
+    return load_zero_config(cfg.deepspeed, cfg.optim, precision, f"stages.{ctx.name}")
+
+
 def training_args(cls, cfg, ctx, precision: str, **extra):
     """TRL config shared by the TRL-based stages: explicit precision, seeds, our logging, no hub."""
     import torch
@@ -49,6 +58,7 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         report_to=report_to(ctx.pipeline.tracking),
         disable_tqdm=False,
         push_to_hub=False,
+        deepspeed=zero_config(cfg, ctx, precision),
         **extra,
     )
 
@@ -67,6 +77,46 @@ def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
     return is_peft and not merge
+
+
+def save_trained(trainer, tokenizer, out_dir, merge: bool) -> bool:
+    """Save a trained HF/TRL model. Under DeepSpeed every rank takes part (ZeRO-3 weights are gathered) and
+    rank 0 writes a plain safetensors model that loads without DeepSpeed. Returns True for an adapter."""
+    if trainer.is_deepspeed_enabled:
+        import os
+        import shutil
+
+        from pipeline.distributed import barrier, is_main
+
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        trainer.save_model(str(tmp))  # collective under ZeRO-3; rank 0 writes
+        is_peft = hasattr(trainer.model, "peft_config")
+        if is_main():
+            if is_peft and merge:
+                from pipeline.models import load_causal_lm
+
+                merged = load_causal_lm(str(tmp)).merge_and_unload()
+                shutil.rmtree(tmp)
+                merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, out_dir)
+        barrier()
+        return is_peft and not merge
+    return save_model(trainer.model, tokenizer, out_dir, merge)
+
+
+def logits_fingerprint(model, tokenizer, n: int = 8) -> list[float]:
+    """Logits of a fixed input (all ranks take part under ZeRO-3): a check that the saved model is the trained one."""
+    import torch
+
+    ids = torch.tensor([tokenizer("Tell me about the river.")["input_ids"]])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device))
+    return [round(float(x), 5) for x in out.logits[0].reshape(-1)[-n:].float().cpu()]
 
 
 def fit(trainer, ctx, cfg):

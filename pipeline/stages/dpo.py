@@ -40,6 +40,7 @@ class DPOStageConfig(Strict):
     max_length: int = Field(512, ge=8)
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-7))
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
     eval_rule: str | None = None
@@ -77,7 +78,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
 
     from feedback.schema import read_pairs
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
-    from pipeline.stages.common import fit, peft_config, save_model, training_args
+    from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_model, save_trained, training_args
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
@@ -134,6 +135,9 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
                 metrics[k] = ev[f"eval_{k}"]
         metrics["eval/loss"] = ev["eval_loss"]
     model_out = trainer.model
+    if rule and trainer.is_deepspeed_enabled:
+        print(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
+        rule = None
     if rule:
         eval_model = model_out.merge_and_unload() if hasattr(model_out, "peft_config") and cfg.lora.merge else model_out
         metrics["eval/rule_reward_mean"] = rule_eval(eval_model, tok, prompts, rule, cfg.eval_max_new_tokens,
@@ -142,7 +146,11 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     if any(v != v for v in metrics.values() if isinstance(v, float)):
         raise InvalidInput(f"[{ctx.name}] a metric is NaN ({metrics}); no artifact written")
     ctx.metrics.log(metrics, step=trainer.state.global_step)
-    is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
+    if trainer.is_deepspeed_enabled:
+        is_adapter = save_trained(trainer, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    else:
+        is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
                f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}"
@@ -154,5 +162,6 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
             "counts": {"train_pairs": len(train), "eval_pairs": len(evals), "ties_skipped": ties},
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
                                 "trainable": trainable, "precision": precision, "loss_type": cfg.loss_type,
-                                "beta": cfg.beta}},
+                                "beta": cfg.beta},
+                      "check": {"logits_fingerprint": fingerprint}},
             "summary": summary}

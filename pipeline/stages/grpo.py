@@ -43,6 +43,7 @@ class GroupRLStageConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     @model_validator(mode="after")
@@ -106,7 +107,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.runner import resolve_data_path
     from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.common import fit, peft_config, save_model, training_args
+    from pipeline.stages.common import fit, peft_config, save_model, save_trained, training_args
     from pipeline.stages.dpo import rule_eval
     from pipeline.stages.preferences import split_by_prompt
     from pipeline.tracking import trainer_callback
@@ -155,11 +156,17 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     model_out = trainer.model
     if hasattr(model_out, "peft_config") and cfg.lora.merge:
         model_out = model_out.merge_and_unload()
+    if rule and trainer.is_deepspeed_enabled:
+        print(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
+        rule = None
     if rule:
         metrics["eval/rule_reward_mean"] = rule_eval(model_out, tok, eval_prompts, rule, cfg.max_completion_length,
                                                      ctx.seed)
     ctx.metrics.log(metrics, step=trainer.state.global_step)
-    is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    if trainer.is_deepspeed_enabled:
+        is_adapter = save_trained(trainer, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    else:
+        is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s"
                + (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "

@@ -41,6 +41,7 @@ class RewardStageConfig(Strict):
     max_length: int = Field(512, ge=8)
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     calibration_buckets: int = Field(4, ge=1)
 
@@ -92,7 +93,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     from feedback.schema import read_pairs
     from pipeline.artifacts import write_jsonl
     from pipeline.models import count_parameters, load_tokenizer, resolve_precision
-    from pipeline.stages.common import fit, peft_config, save_model, training_args
+    from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_model, save_trained, training_args
     from pipeline.tracking import trainer_callback
     from reward.scoring import load_reward_model, normalization
 
@@ -147,7 +148,8 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     norm = normalization(rewards)
 
-    save_model(trainer.model, tokenizer, ctx.work_dir / "model", merge=True)
+    fingerprint = logits_fingerprint(trainer.model, tokenizer)
+    save_trained(trainer, tokenizer, ctx.work_dir / "model", merge=True)
     split = "eval" if eval_rows else "train (no eval split)"
     summary = (f"{trainer.state.global_step} steps in {seconds:.1f}s; {split} accuracy "
                f"{before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "
@@ -159,7 +161,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
         "counts": {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": len(train_rows),
                    "evaluated_on": len(eval_rows), "skipped": len(skipped)},
         "extra": {"normalization": {**norm, "split": split}, "calibration": calibration,
-                  "max_length": cfg.max_length,
+                  "max_length": cfg.max_length, "check": {"logits_fingerprint": fingerprint},
                   "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
                             "precision": precision}},
         "summary": summary,

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
-from pipeline.stages.common import fit, peft_config, save_model, training_args
+from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_trained, training_args
 from pipeline.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
@@ -45,6 +45,7 @@ class SFTStageConfig(Strict):
     max_length: int = Field(512, ge=8)
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     gradient_checkpointing: bool = False
 
@@ -170,6 +171,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     from pipeline import artifacts
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.runner import resolve_data_path
+    from pipeline.distributed import world_size, zero_stage
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
@@ -221,7 +223,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
           f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
 
     metrics: dict[str, float] = {}
-    if evals:
+    if evals and not trainer.is_deepspeed_enabled:  # HF evaluates under DeepSpeed only once the engine exists
         metrics["eval/loss_initial"] = trainer.evaluate()["eval_loss"]
     t0 = time.time()
     result = fit(trainer, ctx, cfg)
@@ -234,10 +236,12 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     model_dir = ctx.work_dir / "model"
-    is_adapter = save_model(trainer.model, tokenizer, model_dir, merge=cfg.lora.merge)
+    fingerprint = logits_fingerprint(trainer.model, tokenizer)
+    is_adapter = save_trained(trainer, tokenizer, model_dir, merge=cfg.lora.merge)
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; train/loss {ctx.metrics.last.get('train/loss', float('nan')):.4f}"
-               + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}" if evals else "")
+               + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}"
+                  if "eval/loss_initial" in metrics else f", eval/loss {metrics['eval/loss']:.4f}" if evals else "")
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
     return {
         "kind": "policy",
@@ -246,6 +250,8 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         "counts": {"rows_read": n_train + n_eval, "accepted": len(train) + len(evals), "rejected": len(rejected),
                    "train": len(train), "eval": len(evals)},
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
-                            "parameters": total, "trainable": trainable, "precision": precision}},
+                            "parameters": total, "trainable": trainable, "precision": precision},
+                  "check": {"logits_fingerprint": fingerprint},
+                  "distributed": {"world_size": world_size(), "zero_stage": zero_stage(args.deepspeed)}},
         "summary": summary,
     }

@@ -1,0 +1,101 @@
+"""Processes and DeepSpeed: ranks, the process group, and ZeRO configs filled from the stage config.
+
+Launch any stage on N processes (GPUs, or CPUs with the gloo backend):
+
+    deepspeed --num_gpus 2 --module pipeline run configs/tiny.yaml --stage sft --deepspeed configs/deepspeed/zero3.json
+    torchrun --nproc_per_node 2 -m pipeline run configs/tiny.yaml --stage sft --deepspeed configs/deepspeed/zero2.json
+
+Batch size, gradient accumulation, clipping and precision in a ZeRO JSON are "auto" and filled
+from the stage's `optim` and `precision`; a number there that disagrees with the stage is an
+error before launch, not a DeepSpeed assertion later. Only rank 0 writes artifacts and
+manifests; every rank takes part in training and in gathering ZeRO-3 weights for saving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.errors import UsageError
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Set up the process group when launched on several processes (gloo on CPU, nccl on GPUs)."""
+    if world_size() <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier() -> None:
+    if world_size() <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_error(message: str | None) -> str | None:
+    """Share rank 0's error (or None) with every rank, so that all ranks fail together."""
+    if world_size() <= 1:
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dict:
+    """A ZeRO JSON with its "auto" values filled from the stage; disagreements are errors."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--deepspeed {path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    want = {
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "gradient_clipping": optim.max_grad_norm,
+        "train_batch_size": optim.batch_size * optim.grad_accum * world_size(),
+    }
+    for key, value in want.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and have != value:
+            raise UsageError(f"{path}: {key} is {have} but {where} gives {value}; set it to \"auto\" or make them agree")
+        cfg[key] = value
+    for name in ("bf16", "fp16"):
+        block = cfg.setdefault(name, {})
+        enabled = block.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == name):
+            raise UsageError(f"{path}: {name}.enabled is {enabled} but {where}.precision is {precision}")
+        block["enabled"] = precision == name
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    return cfg
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
