@@ -233,6 +233,8 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     for name, value in {**metrics, "train/loss": result.training_loss}.items():
         if not torch.isfinite(torch.tensor(value)):
             raise InvalidInput(f"[{ctx.name}] {name} is {value}: training diverged; no artifact written")
+    if "train/loss" not in ctx.metrics.last:  # fewer steps than logging_steps: nothing per-step was logged
+        metrics["train/loss"] = result.training_loss
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     model_dir = ctx.work_dir / "model"

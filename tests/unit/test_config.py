@@ -9,7 +9,8 @@ from pipeline.config import apply_override, load_pipeline, load_yaml_text
 from pipeline.errors import UsageError
 from tests.conftest import ROOT, tiny_sft_block, write_yaml
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # pipeline configs; configs/judges/ has its own test
+# pipeline configs; configs/judges/ has its own test
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -17,13 +18,23 @@ def test_every_shipped_config_loads(path):
     cfg = load_pipeline(path)
     assert cfg.stages and all(s.name for s in cfg.stages)
     first = path.read_text().splitlines()[0]
-    assert "rlhf run" in first and path.name in first, "each YAML begins with the command that runs it"
+    assert " run " in first and path.name in first, "each YAML begins with the command that runs it"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_begins_with_the_command_that_uses_it(path):
     head = "".join(path.read_text().splitlines(keepends=True)[:3])
-    assert head.startswith("# ") and "rlhf " in head, path
+    assert head.startswith("# ") and ("rlhf " in head or "pipeline run" in head), path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_zero_config_loads_and_fills_from_the_stage(path):
+    from pipeline.config import OptimConfig
+    from pipeline.distributed import load_zero_config
+
+    cfg = load_zero_config(path, OptimConfig(batch_size=4, grad_accum=2, max_grad_norm=0.5), "bf16", "stages.sft")
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] in (1, 2, 3)
 
 
 def test_scientific_notation_is_a_number():
