@@ -30,13 +30,13 @@ class JudgeModel:
     def complete(self, messages: list[dict], max_tokens: int, temperature: float) -> tuple[str, int, int]:
         import torch
 
-        from pipeline.generation import chat_ids
+        from pipeline.generation import chat_ids, sampling_kwargs
 
         ids = torch.tensor([chat_ids(self.tok, messages)])
-        kw = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
         with self.lock, torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **kw)
+                                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                                      **sampling_kwargs(temperature))
         new = out[0, ids.shape[1]:]
         return self.tok.decode(new, skip_special_tokens=True), ids.shape[1], int(new.shape[0])
 

@@ -76,7 +76,8 @@ def _data_report(args):
         from pipeline.errors import UsageError
 
         raise UsageError("--max-length needs --tokenizer (the model whose tokenizer truncates)")
-    return validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length)
+    report = validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length)
+    return report, tokenizer
 
 
 def _print_problems(report, limit: int | None = None) -> None:
@@ -88,7 +89,7 @@ def _print_problems(report, limit: int | None = None) -> None:
 
 
 def _cmd_data_validate(args) -> int:
-    report = _data_report(args)
+    report, _ = _data_report(args)
     _print_problems(report)
     print(f"format: {report.format}", file=sys.stderr)
     print(report.summary())
@@ -101,7 +102,7 @@ def _cmd_data_import(args) -> int:
     from feedback.schema import write_pairs
     from pipeline.artifacts import write_jsonl
 
-    report = _data_report(args)
+    report, _ = _data_report(args)
     out = Path(args.output)
     rejected_path = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
     if report.invalid and args.on_error == "fail":
@@ -122,12 +123,7 @@ def _cmd_data_stats(args) -> int:
 
     from feedback.stats import file_stats
 
-    report = _data_report(args)
-    tokenizer = None
-    if args.tokenizer:
-        from pipeline.models import load_tokenizer, resolve
-
-        tokenizer = load_tokenizer(resolve(args.tokenizer))
+    report, tokenizer = _data_report(args)
     stats = file_stats(report, tokenizer)
     if args.json:
         print(json.dumps(stats, indent=2))

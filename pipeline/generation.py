@@ -22,6 +22,13 @@ def left_pad(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict:
+    """generate() arguments: pure sampling at temperature > 0 (no top-k), greedy at 0."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    return {"do_sample": False}
+
+
 def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
            max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0, desc: str = "sampling") -> list[list[str]]:
     """`n` responses per prompt (text, special tokens removed); greedy when temperature is 0."""
@@ -36,11 +43,9 @@ def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             chunk = prompts[i : i + batch_size]
             ids, mask = left_pad([chat_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-            kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
-                else {"do_sample": False}
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **kw)
+                                 eos_token_id=tokenizer.eos_token_id, **sampling_kwargs(temperature, top_p))
             texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
             out.extend([t.strip() for t in texts[j * n : (j + 1) * n]] for j in range(len(chunk)))
     return out

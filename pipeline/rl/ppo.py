@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.errors import InvalidInput
-from pipeline.generation import chat_ids, left_pad
+from pipeline.generation import chat_ids, left_pad, sampling_kwargs
 from pipeline.rl import functional as F
 
 
@@ -118,11 +118,10 @@ def generate(models: PPOModels, prompts: list, temperature: float, top_p: float,
     tok = models.tok
     query, qmask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
     models.policy.eval()
-    kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
-        else {"do_sample": False}
     with torch.no_grad():
         out = models.policy.generate(input_ids=query, attention_mask=qmask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                     **sampling_kwargs(temperature, top_p))
     response = out[:, query.shape[1]:]
     is_eos = response == tok.eos_token_id
     # keep everything up to and including the first EOS

@@ -115,14 +115,8 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     set_seed(ctx.seed)
     prompts = read_prompts(resolve_data_path(cfg.prompts))
 
-    class _P:
-        def __init__(self, prompt):
-            self.prompt = prompt
-
-    train_p, eval_p = split_by_prompt([_P(p) for p in prompts], cfg.eval_fraction, ctx.seed)
-    train = [{"prompt": [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else p.prompt}
-             for p in train_p]
-    eval_prompts = [p.prompt for p in eval_p]
+    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
+    train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
     path, info = ctx.model_path(cfg.policy, role="policy")
     tok = load_tokenizer(path)

@@ -139,13 +139,8 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
         print(f"[{ctx.name}] note: PPO runs in fp32 on this path; precision {precision} applies under DeepSpeed")
     prompts = read_prompts(resolve_data_path(cfg.prompts))
 
-    class _P:  # split_by_prompt works on objects with .prompt
-        def __init__(self, prompt):
-            self.prompt = prompt
-
-    train_p, eval_p = split_by_prompt([_P(p) for p in prompts], cfg.eval_fraction, ctx.seed)
-    train_prompts = [p.prompt for p in train_p]
-    eval_prompts = [p.prompt for p in eval_p][: cfg.max_eval_prompts]
+    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
+    eval_prompts = eval_prompts[: cfg.max_eval_prompts]
     if len(train_prompts) < cfg.rollout.prompts_per_step:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
@@ -160,11 +155,10 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     reward_path = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").path) if cfg.reward.model else None
     critic = None
     if cfg.value_model == "critic":
-        from pipeline.models import load_tokenizer as _lt
         from reward.scoring import load_reward_model
 
         rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
-        if _lt(rm_dir).get_vocab() != tok.get_vocab():
+        if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
         critic = load_reward_model(rm_dir)

@@ -50,15 +50,18 @@ class PreferencesStageConfig(Strict):
         return out
 
 
-def split_by_prompt(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded train/eval split over distinct prompts: every pair of a prompt lands on the same side."""
+def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lambda p: p.prompt) -> tuple[list, list]:
+    """Seeded train/eval split over distinct prompts: every item of a prompt lands on the same side.
+
+    `items` are pairs (prompt_of reads .prompt) or, with prompt_of=lambda p: p, the prompts themselves."""
     from feedback.schema import prompt_key
 
-    prompts = sorted({prompt_key(p.prompt) for p in pairs})
+    prompts = sorted({prompt_key(prompt_of(p)) for p in items})
     random.Random(seed).shuffle(prompts)
     n_eval = math.ceil(len(prompts) * eval_fraction) if eval_fraction > 0 and len(prompts) > 1 else 0
     held = set(prompts[:n_eval])
-    return [p for p in pairs if prompt_key(p.prompt) not in held], [p for p in pairs if prompt_key(p.prompt) in held]
+    train = [p for p in items if prompt_key(prompt_of(p)) not in held]
+    return train, [p for p in items if prompt_key(prompt_of(p)) in held]
 
 
 def fail_summary(report, limit: int = 10) -> str:
