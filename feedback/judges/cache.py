@@ -73,12 +73,15 @@ class CachedJudge:
         out: list[Verdict | None] = [self.cache.get(k) for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
-            fresh = self.inner.judge([items[i] for i in todo], on_result=self._store(keys, todo)) \
-                if getattr(self.inner, "streams_results", False) else self.inner.judge([items[i] for i in todo])
+            batch, store = [items[i] for i in todo], self._store(keys, todo)
+            if getattr(self.inner, "streams_results", False):
+                fresh = self.inner.judge(batch, on_result=store)  # stored as each answer arrives
+            else:
+                fresh = self.inner.judge(batch)
+                for j, v in enumerate(fresh):
+                    store(j, v)
             for i, v in zip(todo, fresh):
                 out[i] = v
-                if not getattr(self.inner, "streams_results", False) and not v.reason.startswith("transport"):
-                    self.cache.put(keys[i], v)
         return out  # type: ignore[return-value]
 
     def _store(self, keys, todo):

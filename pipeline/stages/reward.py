@@ -141,7 +141,6 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     if not all(map(lambda v: torch.isfinite(torch.tensor(v)), rewards + [result.training_loss])):
         raise InvalidInput(f"[{ctx.name}] non-finite loss or rewards: training diverged; no artifact written")
     calibration = after.pop("calibration")
-    after.pop("calibration", None)
     before.pop("calibration", None)
     metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
                "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2)}
