@@ -23,18 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.distributed import barrier, is_main, world_size
 from pipeline.errors import RLHFError, UsageError
 
 META = "checkpoint.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def scan(ckpt_dir: Path, echo=print) -> list[tuple[int, Path]]:
@@ -76,18 +69,27 @@ def rotate(ckpt_dir: Path, keep: int) -> None:
 
 
 def save_atomic(ckpt_dir: Path, step: int, info: dict, write, keep: int) -> Path:
-    """write(tmp_dir) fills a temporary directory; it is marked complete and renamed to checkpoint-STEP."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """write(tmp_dir) fills a temporary directory; it is marked complete and renamed to checkpoint-STEP.
+
+    Under several processes every one calls this: each writes its share into the same directory
+    (a shared file system across nodes), and rank 0 marks and renames it once all are done.
+    """
     final = ckpt_dir / f"checkpoint-{step}"
     tmp = ckpt_dir / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     write(tmp)
-    mark_complete(tmp, info)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    rotate(ckpt_dir, keep)
+    barrier()
+    if is_main():
+        mark_complete(tmp, info)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        rotate(ckpt_dir, keep)
+    barrier()
     return final
 
 

@@ -29,17 +29,10 @@ def _cmd_run(args) -> int:
     cfg = load_pipeline(args.config, args.set)
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    if args.deepspeed:
-        from pipeline.errors import UsageError
-
+    if args.deepspeed:  # every selected training stage (data stages have no `deepspeed` key)
         for st in cfg.stages:
-            if args.stage and st.name not in args.stage:
-                continue
-            if "deepspeed" in type(st).model_fields:
+            if (not args.stage or st.name in args.stage) and "deepspeed" in type(st).model_fields:
                 st.deepspeed = args.deepspeed
-            elif st.stage == "ppo":
-                raise UsageError(f"--deepspeed: stage {st.name} (ppo) does not run under DeepSpeed yet; "
-                                 "run it on one process, or select the other stages with --stage")
     if args.check:
         print(f"{args.config}: valid ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
         return 0

@@ -55,6 +55,51 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _active() -> bool:
+    if world_size() <= 1:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when `flag` is True on any of them (so that they stop together)."""
+    if not _active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the processes (every process passes the same keys)."""
+    if not _active():
+        return values
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def gather(t):
+    """The concatenation of a 1-D tensor of the same length from every process, in rank order."""
+    if not _active():
+        return t
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_error(message: str | None) -> str | None:
     """Share rank 0's error (or None) with every rank, so that all ranks fail together."""
     if world_size() <= 1:
@@ -99,3 +144,29 @@ def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dic
 
 def zero_stage(ds_config: dict | None) -> int:
     return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def safe_deepspeed_loading() -> None:
+    """DeepSpeed's checkpoint reader (resume) calls torch.load with weights_only=False; make it load with
+    weights_only=True, allowing only the few plain DeepSpeed types its checkpoints hold. Idempotent."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if getattr(TorchCheckpointEngine.load, "_weights_only", False):
+        return
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    load._weights_only = True
+    TorchCheckpointEngine.load = load
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The non-tensor types a ZeRO optimizer checkpoint pickles (enums and loss-scaler settings)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

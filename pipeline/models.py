@@ -245,6 +245,17 @@ def _adapter_base(path: str) -> str | None:
     return None
 
 
+def hidden_size(path: str) -> int | None:
+    """The hidden size from a model's config (an adapter directory: its base's), or None when unknown."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(_adapter_base(path) or path)
+    except (OSError, ValueError):
+        return None
+    return getattr(cfg, "hidden_size", None)
+
+
 def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool = False,
                    revision: str | None = None, trainable_adapter: bool = False):
     """Load a causal LM from a resolved path; an adapter directory loads its base and the adapter on top."""
@@ -264,8 +275,9 @@ def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool =
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 shards: the whole size)
+    total = sum(n(p) for p in model.parameters())
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 

@@ -53,7 +53,7 @@ class RewardScorer:
         self.max_length, self.mean, self.std, self.batch_size = max_length, mean, std or 1.0, batch_size
 
     @classmethod
-    def from_artifact(cls, path: str | Path, batch_size: int = 32) -> "RewardScorer":
+    def from_artifact(cls, path: str | Path, batch_size: int = 32, precision: str = "fp32") -> "RewardScorer":
         """A reward-model artifact directory (RUN_DIR/reward) or its model/ directory."""
         from pipeline.artifacts import load_artifact
         from pipeline.models import load_tokenizer
@@ -68,7 +68,7 @@ class RewardScorer:
             manifest = json.loads(parent.read_text()) if parent.exists() else {}
         norm = manifest.get("normalization", {})
         tok = load_tokenizer(str(model_dir))
-        return cls(load_reward_model(str(model_dir)), tok, manifest.get("max_length"),
+        return cls(load_reward_model(str(model_dir), precision), tok, manifest.get("max_length"),
                    norm.get("mean", 0.0), norm.get("std", 1.0), batch_size)
 
     def encode(self, prompt, response) -> list[int]:

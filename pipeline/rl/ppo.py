@@ -10,12 +10,17 @@ The models:
 - reward: a reward-model artifact (any tokenizer; scored on text through reward.scoring), or a
   rule `module:function(prompt, response) -> float`.
 
+On one process a torch optimizer trains them (LocalOptimizer); under DeepSpeed the policy and
+value head run in one engine and a critic in another (pipeline/rl/engines.py), each process
+holding its share of the rollout.
+
 Everything the rollout does not train runs under torch.no_grad() in eval mode. A non-finite
 loss, gradient norm or reward stops the loop with the step named, before anything is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -58,26 +63,77 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-class PPOModels:
-    """Policy (+ value head or critic) and the reference, with one forward that returns what PPO needs."""
+class Actor(nn.Module):
+    """The policy and (value_model: head) its value head as one module: one DeepSpeed engine trains both."""
 
-    def __init__(self, policy, tokenizer, value_model: str = "head", critic=None, lora: bool = False):
-        self.policy, self.tok, self.lora = policy, tokenizer, lora
-        self.reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
-        self.critic = critic
-        hidden = policy.config.hidden_size if hasattr(policy, "config") else policy.base_model.config.hidden_size
-        self.value_head = ValueHead(hidden) if value_model == "head" else None
+    def __init__(self, policy, value_head: ValueHead | None = None):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids, attention_mask, position_ids, start: int, values: bool = True):
+        """Logits predicting the tokens from position `start` on, and the values there (or None)."""
+        want = values and self.value_head is not None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=want)
+        h = out.hidden_states[-1][:, start - 1 : -1] if want else None
+        v = self.value_head(h.to(self.value_head.linear.weight.dtype)).float() if want else None
+        return out.logits[:, start - 1 : -1], v
+
+
+class Critic(nn.Module):
+    """A reward model read at every token (value_model: critic): its backbone and score head give a value per position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, start: int):
+        backbone = self.model.base_model if hasattr(self.model, "base_model") else self.model.model
+        h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.model.score(h[:, start - 1 : -1]).squeeze(-1).float()
+
+
+class PPOModels:
+    """Policy (+ value head or critic) and the reference, with one forward that returns what PPO needs.
+
+    `actor` and `critic` are what gets called: the modules themselves, or the DeepSpeed engines
+    wrapping them (pipeline/rl/engines.py); `generation()` hands out the policy for sampling.
+    """
+
+    def __init__(self, policy, tokenizer, value_model: str = "head", critic=None, lora: bool = False,
+                 reference=None):
+        self.tok, self.lora = tokenizer, lora
+        if lora:
+            self.reference = None
+        else:
+            self.reference = reference if reference is not None else copy.deepcopy(policy)
+            self.reference.eval().requires_grad_(False)
+        cfg = policy.config if hasattr(policy, "config") else policy.base_model.config
+        dtype = next(policy.parameters()).dtype  # one dtype per engine (DeepSpeed flattens them together)
+        head = ValueHead(cfg.hidden_size).to(dtype) if value_model == "head" else None
+        self.actor_module = Actor(policy, head)
+        self.critic_module = Critic(critic) if critic is not None else None
+        self.actor, self.critic = self.actor_module, self.critic_module
+        self.generation = lambda: contextlib.nullcontext(self.policy)  # ZeRO-3: gathers the weights
+        self.sync_generation = False  # True: sharded ZeRO-3 generation, every process steps together
+        self.engines: list = []  # DeepSpeed engines, kept alive for as long as the models are used
+
+    @property
+    def policy(self):
+        return self.actor_module.policy
+
+    @property
+    def value_head(self):
+        return self.actor_module.value_head
 
     def trainable_parameters(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.value_head is not None:
-            params += list(self.value_head.parameters())
-        if self.critic is not None:
-            params += [p for p in self.critic.parameters() if p.requires_grad]
+        params = [p for p in self.actor_module.parameters() if p.requires_grad]
+        if self.critic_module is not None:
+            params += [p for p in self.critic_module.parameters() if p.requires_grad]
         return params
 
     def train(self, mode: bool = True) -> None:
-        for m in (self.policy, self.value_head, self.critic):
+        for m in (self.actor_module, self.critic_module):
             if m is not None:
                 m.train(mode)
 
@@ -93,35 +149,67 @@ class PPOModels:
         if reference:
             if self.lora:
                 with self.policy.disable_adapter():
-                    out = self.policy(input_ids=ids, attention_mask=att, position_ids=pos)
+                    logits, _ = self.actor(ids, att, pos, P, values=False)
             else:
-                out = self.reference(input_ids=ids, attention_mask=att, position_ids=pos)
-            logits = out.logits[:, P - 1 : -1]
+                logits = self.reference(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, P - 1 : -1]
             return F.logprobs_from_logits(logits, r), None, None
-        out = self.policy(input_ids=ids, attention_mask=att, position_ids=pos,
-                          output_hidden_states=with_values and self.value_head is not None)
-        logits = out.logits[:, P - 1 : -1]
+        logits, values = self.actor(ids, att, pos, P, values=with_values)
         logp = F.logprobs_from_logits(logits, r)
         ent = F.entropy_from_logits(logits)
-        values = None
-        if with_values:
-            if self.value_head is not None:
-                values = self.value_head(out.hidden_states[-1][:, P - 1 : -1].float())
-            else:
-                backbone = self.critic.base_model if hasattr(self.critic, "base_model") else self.critic.model
-                h = backbone(input_ids=ids, attention_mask=att, position_ids=pos).last_hidden_state
-                values = self.critic.score(h[:, P - 1 : -1]).squeeze(-1).float()
+        if with_values and self.critic is not None:
+            values = self.critic(ids, att, pos, P)
         return logp, ent, values
+
+
+class LocalOptimizer:
+    """One process: a torch optimizer over every trainable parameter, gradients clipped together."""
+
+    def __init__(self, models: PPOModels, optimizer, max_grad_norm: float):
+        self.models, self.optimizer, self.max_grad_norm = models, optimizer, max_grad_norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, weight: float) -> None:
+        ((policy_loss + value_loss) * weight).backward()
+
+    def step(self, check) -> float:
+        gn = torch.nn.utils.clip_grad_norm_(self.models.trainable_parameters(), self.max_grad_norm)
+        check(grad_norm=gn)  # before the update: a non-finite gradient never reaches the weights
+        self.optimizer.step()
+        return gn.item()
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_model
+
+        m = self.models
+        save_model(m.policy, str(path / "policy.safetensors"))
+        if m.value_head is not None:
+            save_model(m.value_head, str(path / "value_head.safetensors"))
+        if m.critic_module is not None:
+            save_model(m.critic_module.model, str(path / "critic.safetensors"))
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    def load(self, path) -> None:
+        from safetensors.torch import load_model
+
+        m = self.models
+        load_model(m.policy, str(path / "policy.safetensors"))
+        if m.value_head is not None:
+            load_model(m.value_head, str(path / "value_head.safetensors"))
+        if m.critic_module is not None:
+            load_model(m.critic_module.model, str(path / "critic.safetensors"))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
 
 
 def generate(models: PPOModels, prompts: list, temperature: float, top_p: float, max_new_tokens: int) -> Rollout:
     tok = models.tok
     query, qmask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
-    models.policy.eval()
-    with torch.no_grad():
-        out = models.policy.generate(input_ids=query, attention_mask=qmask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                     **sampling_kwargs(temperature, top_p))
+    models.train(False)
+    with torch.no_grad(), models.generation() as policy:
+        out = policy.generate(input_ids=query, attention_mask=qmask, max_new_tokens=max_new_tokens,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              synced_gpus=models.sync_generation, **sampling_kwargs(temperature, top_p))
     response = out[:, query.shape[1]:]
     is_eos = response == tok.eos_token_id
     # keep everything up to and including the first EOS
@@ -138,14 +226,15 @@ def generate(models: PPOModels, prompts: list, temperature: float, top_p: float,
 class RewardFunction:
     """Sequence scores for (prompt, response text): a reward-model artifact and/or a rule."""
 
-    def __init__(self, model_path: str | None = None, rule: str | None = None, normalize: bool = True):
+    def __init__(self, model_path: str | None = None, rule: str | None = None, normalize: bool = True,
+                 precision: str = "fp32"):
         from feedback.judges.rule import load_callable
 
         self.scorer = None
         if model_path:
             from reward.scoring import RewardScorer
 
-            self.scorer = RewardScorer.from_artifact(model_path)
+            self.scorer = RewardScorer.from_artifact(model_path, precision=precision)
         self.rule = load_callable(rule) if rule else None
         self.normalize = normalize
 
@@ -160,16 +249,30 @@ class RewardFunction:
 
 
 def check_finite(step: int, **values) -> None:
+    """Stop on a non-finite value; under several processes all of them stop together (one flag, reduced)."""
+    from pipeline import distributed
+
+    bad = None
     for name, v in values.items():
         t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
         if not torch.isfinite(t).all():
-            raise InvalidInput(f"PPO step {step}: {name} is not finite ({t.flatten()[:4].tolist()}); stopping "
-                               "before anything is saved. Check the reward function, lower optim.lr, or enable "
-                               "reward clipping.")
+            bad = f"{name} is not finite ({t.detach().flatten()[:4].tolist()})"
+            break
+    if distributed.any_rank(bad is not None) and bad is None:
+        bad = "not finite on another process"
+    if bad:
+        raise InvalidInput(f"PPO step {step}: {bad}; stopping before anything is saved. Check the reward "
+                           "function, lower optim.lr, or enable reward clipping.")
 
 
-def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int, max_grad_norm: float) -> dict:
-    """One PPO update on a scored rollout: KL-shaped rewards, GAE, then epochs of clipped updates."""
+def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -> dict:
+    """One PPO update on a scored rollout: KL-shaped rewards, GAE, then epochs of clipped updates.
+
+    `optimizer` is a LocalOptimizer or (DeepSpeed) an EngineOptimizer. Under several processes
+    each holds its share of the rollout; the metrics returned are means over all of them.
+    """
+    from pipeline import distributed
+
     with torch.no_grad():
         kl = F.kl_estimate(ro.logp, ro.ref_logp, hp.kl_estimator) * ro.mask
         rewards = F.shape_rewards(ro.scores, kl, ro.mask, kl_ctl.value, clip=hp.reward_clip)
@@ -180,11 +283,12 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int, m
     stats: dict[str, list[float]] = {}
     models.train(True)
     g = torch.Generator().manual_seed(step)
+    check = lambda **v: check_finite(step, **v)  # noqa: E731
     for _ in range(hp.epochs):
         order = torch.randperm(B, generator=g)
         for start in range(0, B, hp.minibatch_size):
             mb = order[start : start + hp.minibatch_size]
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             micro = [mb[i : i + hp.micro_batch_size] for i in range(0, len(mb), hp.micro_batch_size)]
             for idx in micro:
                 logp, ent, values = models.forward(ro, idx)
@@ -192,23 +296,16 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int, m
                 pg, pst = F.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip)
                 vl, vst = F.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip)
                 entropy = F.masked_mean(ent, m)
-                loss = pg + hp.vf_coef * vl - hp.entropy_coef * entropy
-                check_finite(step, loss=loss)
-                (loss * len(idx) / len(mb)).backward()
+                check(loss=pg + hp.vf_coef * vl - hp.entropy_coef * entropy)
+                optimizer.backward(pg - hp.entropy_coef * entropy, hp.vf_coef * vl, len(idx) / len(mb))
                 for k, v in {"policy_loss": pg.item(), "value_loss": vl.item(), "entropy": entropy.item(),
                              **pst, **vst}.items():
                     stats.setdefault(k, []).append(v)
-            gn = torch.nn.utils.clip_grad_norm_(models.trainable_parameters(), max_grad_norm)
-            check_finite(step, grad_norm=gn)
-            stats.setdefault("grad_norm", []).append(gn.item())
-            optimizer.step()
+            stats.setdefault("grad_norm", []).append(optimizer.step(check))
     models.train(False)
-    seq_kl = kl.sum(1)
     out = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}
     out.update({
-        "ppo/reward_mean": ro.scores.mean().item(),
-        "ppo/reward_std": ro.scores.std().item() if B > 1 else 0.0,
-        "ppo/kl": seq_kl.mean().item(),
+        "ppo/kl": kl.sum(1).mean().item(),
         "ppo/kl_coef": kl_ctl.value,
         "ppo/response_length": ro.mask.sum(1).mean().item(),
         "ppo/eos_rate": ro.eos.float().mean().item(),
@@ -216,7 +313,11 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int, m
         "ppo/advantage_mean": F.masked_mean(adv, ro.mask).item(),
         "ppo/return_mean": F.masked_mean(returns, ro.mask).item(),
     })
-    kl_ctl.update(out["ppo/kl"], B)
+    out = distributed.mean_over_ranks(out)  # every process holds the same share: means of means are means
+    scores = distributed.gather(ro.scores)
+    out["ppo/reward_mean"] = scores.mean().item()
+    out["ppo/reward_std"] = scores.std().item() if len(scores) > 1 else 0.0
+    kl_ctl.update(out["ppo/kl"], len(scores))
     return out
 
 
@@ -272,34 +373,29 @@ def cycle_batches(items: list, batch_size: int, seed: int):
 
 
 def save_state(path, models: PPOModels, optimizer, kl_ctl, step: int, extra: dict) -> None:
-    """Everything needed to continue after `step`: weights (safetensors), optimizer, RNG, KL controller."""
+    """Everything needed to continue after `step`: weights and optimizer (optimizer.save), the RNG state of
+    every process, the KL controller and the data position. Every process calls it."""
     import json
 
-    from safetensors.torch import save_model
+    from pipeline import distributed
 
-    save_model(models.policy, str(path / "policy.safetensors"))
-    if models.value_head is not None:
-        save_model(models.value_head, str(path / "value_head.safetensors"))
-    if models.critic is not None:
-        save_model(models.critic, str(path / "critic.safetensors"))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
-    (path / "state.json").write_text(json.dumps({"step": step, "kl_controller": kl_ctl.state_dict(), **extra}))
+    optimizer.save(path)
+    torch.save({"torch": torch.get_rng_state()}, path / f"rng-{distributed.rank()}.pt")
+    if distributed.is_main():
+        (path / "state.json").write_text(json.dumps({"step": step, "kl_controller": kl_ctl.state_dict(), **extra}))
 
 
 def load_state(path, models: PPOModels, optimizer, kl_ctl) -> dict:
     """Restore save_state's files (torch.load only with weights_only=True)."""
     import json
 
-    from safetensors.torch import load_model
+    from pipeline import distributed
 
-    load_model(models.policy, str(path / "policy.safetensors"))
-    if models.value_head is not None:
-        load_model(models.value_head, str(path / "value_head.safetensors"))
-    if models.critic is not None:
-        load_model(models.critic, str(path / "critic.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    optimizer.load(path)
+    rng = path / f"rng-{distributed.rank()}.pt"
+    if not rng.exists():
+        raise InvalidInput(f"{path}: no {rng.name}; the checkpoint was written by another number of processes")
+    torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
     state = json.loads((path / "state.json").read_text())
     kl_ctl.load_state_dict(state["kl_controller"])
     return state

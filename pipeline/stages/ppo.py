@@ -46,6 +46,8 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score without EOS")
+    gather_zero3: bool = Field(True, description="ZeRO-3: gather the policy's shards on every process to sample "
+                               "(fast); false samples on the shards, all processes stepping together (less memory)")
 
 
 class KLConfig(Strict):
@@ -73,6 +75,14 @@ class PPOHyperConfig(Strict):
     reward_clip: float | None = Field(10.0, gt=0)
 
 
+class FrozenConfig(Strict):
+    """Where the frozen models (reference, reward model) live under DeepSpeed."""
+
+    zero3: bool = Field(True, description="under ZeRO-3, shard them too (inference-only ZeRO-3 engines); "
+                        "false: a whole copy on every process")
+    offload: bool = Field(False, description="keep their ZeRO-3 shards in CPU memory (needs ZeRO-3 and zero3: true)")
+
+
 class PPOStageConfig(Strict):
     stage: Literal["ppo"]
     name: str | None = None
@@ -92,6 +102,8 @@ class PPOStageConfig(Strict):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5))
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
+    frozen: FrozenConfig = Field(default_factory=FrozenConfig)
     log_samples_every: int = Field(5, ge=1)
 
     @model_validator(mode="after")
@@ -110,11 +122,65 @@ class PPOStageConfig(Strict):
 
 
 class _Hyper:
-    """The knobs ppo_step reads, gathered from the stage config's blocks."""
+    """The knobs ppo_step reads, gathered from the stage config's blocks (minibatch: this process's share)."""
 
-    def __init__(self, cfg: PPOStageConfig):
+    def __init__(self, cfg: PPOStageConfig, minibatch_size: int):
         self.__dict__.update(cfg.ppo.model_dump())
+        self.minibatch_size = minibatch_size
         self.kl_estimator = cfg.kl.estimator
+
+
+def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
+    """(PPOModels, RewardFunction, tokenizer, policy path, model info); under ZeRO-3 built sharded (engines.py)."""
+    from pipeline.distributed import zero_stage
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.rl import engines
+    from pipeline.rl.ppo import PPOModels, RewardFunction
+    from pipeline.stages.common import peft_config
+
+    policy_path, info = ctx.model_path(cfg.policy, role="policy")
+    tok = load_tokenizer(policy_path)
+    reward_path = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").path) if cfg.reward.model else None
+    rm_dir = None
+    if cfg.value_model == "critic":
+        rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
+        if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
+            raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
+                               "use value_model: head")
+    zero3 = zero_stage(ds) == 3
+    shard_frozen = zero3 and cfg.frozen.zero3
+    if cfg.frozen.offload and not shard_frozen:
+        raise InvalidInput(f"stages.{ctx.name}.frozen.offload: needs a ZeRO-3 config (--deepspeed "
+                           "configs/deepspeed/zero3.json) and frozen.zero3: true")
+    lora = cfg.tuning == "lora"
+    needs_reference = ds is not None and not lora  # one process: a copy of the policy, made below
+    reward_fn = reference = None
+    if not shard_frozen:  # whole copies on every process, loaded before sharded loading starts
+        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
+        reference = load_causal_lm(policy_path, precision) if needs_reference and zero3 else None
+    sharded = engines.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
+    policy = load_causal_lm(policy_path, precision)
+    if lora:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config(cfg.lora))
+    critic = None
+    if rm_dir:
+        from reward.scoring import load_reward_model
+
+        critic = load_reward_model(rm_dir, precision)
+    if shard_frozen:
+        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision)
+        reference = load_causal_lm(policy_path, precision) if needs_reference else None
+    del sharded
+    models = PPOModels(policy, tok, cfg.value_model, critic, lora=lora, reference=reference)
+    if shard_frozen:
+        inference = engines.inference_config(ds, cfg.frozen.offload)
+        if models.reference is not None:
+            models.reference = engines.frozen_engine(models.reference, inference, models.engines)
+        if reward_fn.scorer is not None:
+            reward_fn.scorer.model = engines.frozen_engine(reward_fn.scorer.model, inference, models.engines)
+    return models, reward_fn, tok, policy_path, info
 
 
 def run(cfg: PPOStageConfig, ctx) -> dict:
@@ -123,20 +189,32 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     from transformers import set_seed
 
     from feedback.judges.rule import load_callable
-    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
+    from pipeline import checkpoint, distributed
+    from pipeline.models import count_parameters, hidden_size, resolve_precision
     from pipeline.rl import functional as F
-    from pipeline import checkpoint
-    from pipeline.rl.ppo import (PPOModels, RewardFunction, cycle_batches, evaluate, generate, kl_ceiling_message,
-                                 load_state, ppo_step, save_state, score_rollout)
+    from pipeline.rl.ppo import (LocalOptimizer, cycle_batches, evaluate, generate, kl_ceiling_message, load_state,
+                                 ppo_step, save_state, score_rollout)
     from pipeline.runner import resolve_data_path
     from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.common import peft_config, save_model
+    from pipeline.stages.common import logits_fingerprint
     from pipeline.stages.preferences import split_by_prompt
 
     set_seed(ctx.seed)
+    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    say = print if main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision)
-    if precision != "fp32":
-        print(f"[{ctx.name}] note: PPO runs in fp32 on this path; precision {precision} applies under DeepSpeed")
+    ds = None
+    if cfg.deepspeed:
+        from pipeline.rl import engines
+
+        ds = engines.ds_config(cfg, precision, hidden_size(ctx.model_path(cfg.policy, role="policy")[0]))
+        distributed.safe_deepspeed_loading()
+    else:
+        if precision != "fp32":
+            say(f"[{ctx.name}] note: PPO runs in fp32 on one process; precision {precision} applies under DeepSpeed")
+        precision = "fp32"
+    per_rank, minibatch = (engines.local_sizes(cfg, world) if ds else
+                           (cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size))
     prompts = read_prompts(resolve_data_path(cfg.prompts))
 
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
@@ -145,37 +223,24 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
 
-    policy_path, info = ctx.model_path(cfg.policy, role="policy")
-    tok = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, "fp32")
-    if cfg.tuning == "lora":
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, peft_config(cfg.lora))
-    reward_path = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").path) if cfg.reward.model else None
-    critic = None
-    if cfg.value_model == "critic":
-        from reward.scoring import load_reward_model
-
-        rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
-        if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
-            raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
-                               "use value_model: head")
-        critic = load_reward_model(rm_dir)
-    models = PPOModels(policy, tok, cfg.value_model, critic, lora=cfg.tuning == "lora")
-    reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
+    models, reward_fn, tok, policy_path, info = _load_models(cfg, ctx, precision, ds)
     eval_rule = load_callable(cfg.eval_rule) if cfg.eval_rule else None
-    optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
+    if ds:
+        optimizer = engines.build(models, cfg, precision, ds)
+    else:
+        optimizer = LocalOptimizer(models, torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr,
+                                                             weight_decay=cfg.optim.weight_decay),
+                                   cfg.optim.max_grad_norm)
     kl_ctl = (F.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else F.FixedKLController(cfg.kl.coef))
-    total, trainable = count_parameters(policy)
-    print(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
-          f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}")
+    total, trainable = count_parameters(models.policy)
+    say(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
+        f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}"
+        + (f"; {world} processes, ZeRO-{distributed.zero_stage(ds)}, {per_rank} prompts each per step" if ds else ""))
 
     ro_cfg = cfg.rollout
     ev = dict(temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed)
-    hp = _Hyper(cfg)
+    hp = _Hyper(cfg, minibatch)
     batches = cycle_batches(train_prompts, ro_cfg.prompts_per_step, ctx.seed)
     samples_path = ctx.work_dir / "samples.jsonl"
     ckpt_dir, stop = ctx.work_dir / "checkpoints", checkpoint.stop_after_step()
@@ -186,18 +251,21 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
         for _ in range(state["step"]):  # the data position: the same prompts in the same order
             next(batches)
     else:
+        # every process evaluates every held-out prompt (same seed, same samples): the numbers do
+        # not depend on the number of processes
         before = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
         before.pop("_samples", None)
     t0 = time.time()
     last: dict = {}
-    for step in tqdm(range(first, cfg.steps + 1), desc="PPO", unit="step", initial=first - 1, total=cfg.steps):
+    for step in tqdm(range(first, cfg.steps + 1), desc="PPO", unit="step", initial=first - 1, total=cfg.steps,
+                     disable=not main):
         epoch, batch = next(batches)
-        ro = generate(models, batch, ro_cfg.temperature, ro_cfg.top_p, ro_cfg.max_new_tokens)
+        ro = generate(models, batch[rank::world], ro_cfg.temperature, ro_cfg.top_p, ro_cfg.max_new_tokens)
         score_rollout(models, ro, reward_fn, ro_cfg.missing_eos_penalty, step)
-        last = ppo_step(models, optimizer, ro, hp, kl_ctl, step, cfg.optim.max_grad_norm)
+        last = ppo_step(models, optimizer, ro, hp, kl_ctl, step)
         last["ppo/epoch"] = epoch
         ctx.metrics.log(last, step=step)
-        if step % cfg.log_samples_every == 0 or step == 1:
+        if main and (step % cfg.log_samples_every == 0 or step == 1):
             with open(samples_path, "a", encoding="utf-8") as f:
                 for p, r, s in list(zip(ro.prompts, ro.responses, ro.scores.tolist()))[:2]:
                     f.write(json.dumps({"step": step, "prompt": p, "response": r, "score": s}) + "\n")
@@ -205,7 +273,7 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
             msg = kl_ceiling_message(step, last["ppo/kl"], cfg.kl.ceiling)
             if cfg.kl.on_ceiling == "stop":
                 raise InvalidInput(msg + " Stopped; no artifact written.")
-            print(f"[{ctx.name}] warning: {msg}")
+            say(f"[{ctx.name}] warning: {msg}")
         every = cfg.checkpoint.every
         if (every and step % every == 0) or step == stop:
             checkpoint.save_atomic(ckpt_dir, step, ctx.checkpoint_meta(step), lambda d: save_state(
@@ -216,20 +284,14 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     seconds = time.time() - t0
     after = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
     samples = after.pop("_samples", [])
-    with open(samples_path, "a", encoding="utf-8") as f:
-        for p, r in samples:
-            f.write(json.dumps({"step": "final-eval", "prompt": p, "response": r}) + "\n")
+    if main:
+        with open(samples_path, "a", encoding="utf-8") as f:
+            for p, r in samples:
+                f.write(json.dumps({"step": "final-eval", "prompt": p, "response": r}) + "\n")
 
-    save_model(models.policy, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    fingerprint = logits_fingerprint(models.policy, tok)  # every process takes part under ZeRO-3
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
-    if models.value_head is not None:
-        from safetensors.torch import save_file
-
-        save_file(models.value_head.state_dict(), str(ctx.work_dir / "value_head.safetensors"))
-        outputs["value_head"] = "value_head.safetensors"
-    else:
-        models.critic.save_pretrained(ctx.work_dir / "critic", safe_serialization=True)
-        outputs["critic"] = "critic"
+    outputs.update(_save(models, cfg, ctx, tok, policy_path, under_deepspeed=ds is not None))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2)}
     key = "eval/rule_reward_mean" if eval_rule else "eval/reward_mean"
@@ -241,5 +303,53 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
                        "rollouts": cfg.steps * ro_cfg.prompts_per_step},
             "extra": {"ppo_state": {"kl_coef": kl_ctl.value, "kl": kl_ctl.state_dict()},
                       "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
-                                "adapter": cfg.tuning == "lora" and not cfg.lora.merge}},
+                                "adapter": cfg.tuning == "lora" and not cfg.lora.merge},
+                      "check": {"logits_fingerprint": fingerprint},
+                      "distributed": {"world_size": world, "zero_stage": distributed.zero_stage(ds)}},
             "summary": summary}
+
+
+def _save(models, cfg: PPOStageConfig, ctx, tok, policy_path: str, under_deepspeed: bool) -> dict:
+    """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process
+    takes part (ZeRO-3 shards are gathered) and rank 0 rebuilds plain models from the gathered weights
+    and writes them: they load without DeepSpeed."""
+    from safetensors.torch import save_file
+
+    from pipeline.distributed import is_main
+    from pipeline.stages.common import save_model
+
+    out_dir = ctx.work_dir
+    if not under_deepspeed:
+        save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
+        if models.value_head is not None:
+            save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
+            return {"value_head": "value_head.safetensors"}
+        models.critic_module.model.save_pretrained(out_dir / "critic", safe_serialization=True)
+        return {"critic": "critic"}
+
+    from pipeline.models import load_causal_lm
+    from pipeline.rl.engines import full_state_dict
+
+    policy_sd = full_state_dict(models.policy)
+    head_sd = full_state_dict(models.value_head) if models.value_head is not None else None
+    critic_sd = full_state_dict(models.critic_module.model) if models.critic_module is not None else None
+    if is_main():
+        policy = load_causal_lm(policy_path)
+        if cfg.tuning == "lora":
+            from peft import get_peft_model
+
+            from pipeline.stages.common import peft_config
+
+            policy = get_peft_model(policy, peft_config(cfg.lora))
+        policy.load_state_dict(policy_sd)
+        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge)
+        if head_sd is not None:
+            save_file(head_sd, str(out_dir / "value_head.safetensors"))
+        if critic_sd is not None:
+            from reward.scoring import load_reward_model
+
+            rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
+            critic = load_reward_model(rm_dir)
+            critic.load_state_dict(critic_sd)
+            critic.save_pretrained(out_dir / "critic", safe_serialization=True)
+    return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}

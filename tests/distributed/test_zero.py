@@ -1,6 +1,7 @@
-"""SFT, reward and DPO on 2 CPU processes (gloo) under ZeRO-2 and ZeRO-3 through the `deepspeed`
+"""SFT, reward, DPO and PPO on 2 CPU processes (gloo) under ZeRO-2 and ZeRO-3 through the `deepspeed`
 launcher: each trains, saves, and the saved model reloads without DeepSpeed and gives the same
-logits on a fixed input as the in-memory model did."""
+logits on a fixed input as the in-memory model did. Then SFT and PPO stop after step 2 and
+resume from their DeepSpeed checkpoints: the later steps match the straight run."""
 
 import json
 import os
@@ -25,7 +26,14 @@ STAGES = [
      "precision": "fp32", "optim": {"lr": 2e-3, "max_steps": 4, "batch_size": 8, "logging_steps": 1}},
     {"stage": "dpo", "policy": "stage:sft", "preferences": "stage:preferences", "max_length": 64,
      "precision": "fp32", "optim": {"lr": 5e-4, "max_steps": 4, "batch_size": 8, "logging_steps": 1}},
+    # 8 prompts a step, 4 on each process; minibatch 8 = 2 processes x 2 micro-batches of 2
+    {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "prompts": "synthetic:prompts",
+     "max_eval_prompts": 8, "steps": 3, "rollout": {"prompts_per_step": 8, "max_new_tokens": 8},
+     "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 2}, "optim": {"lr": 1e-4}, "precision": "fp32",
+     "checkpoint": {"every": 2, "keep": 1}},
 ]
+# the same SFT and PPO with checkpoints, to stop after step 2 and resume
+RESUMED = [{**STAGES[0], "name": "sft_b", "checkpoint": {"every": 2, "keep": 1}}, {**STAGES[4], "name": "ppo_b"}]
 
 
 def _launcher() -> str:
@@ -35,20 +43,33 @@ def _launcher() -> str:
     return str(exe) if exe.exists() else shutil.which("deepspeed")
 
 
+def _launch(cfg, zero: str, *args, env=None, code: int = 0):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **(env or {})}
+    cmd = [_launcher(), "--num_gpus", "2", "--no_local_rank", "--master_port", str(random.randint(29600, 29999)),
+           "--module", "pipeline", "run", str(cfg), "--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{zero}.json"),
+           *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == code, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _metric(run, stage, key):
+    rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_stages_under_zero_save_models_that_reload(tmp_path, zero):
+def test_stages_under_zero_save_models_that_reload_and_resume(tmp_path, zero):
     from pipeline import artifacts
     from pipeline.models import load_causal_lm, load_tokenizer
     from reward.scoring import load_reward_model
 
-    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "seed": 0, "stages": STAGES})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    cmd = [_launcher(), "--num_gpus", "2", "--no_local_rank", "--master_port", str(random.randint(29600, 29999)),
-           "--module", "pipeline", "run", str(cfg), "--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{zero}.json")]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for name, loader in (("sft", load_causal_lm), ("reward", load_reward_model), ("dpo", load_causal_lm)):
-        art = artifacts.load_artifact(tmp_path / "run" / name, ("policy", "reward_model"))
+    run = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": STAGES + RESUMED})
+    _launch(cfg, zero, *[a for s in STAGES for a in ("--stage", s.get("name", s["stage"]))])
+    for name, loader in (("sft", load_causal_lm), ("reward", load_reward_model), ("dpo", load_causal_lm),
+                         ("ppo", load_causal_lm)):
+        art = artifacts.load_artifact(run / name, ("policy", "reward_model"))
         model_dir = str(art.output("model"))
         assert not list(Path(model_dir).glob("*.pt")) and list(Path(model_dir).glob("*.safetensors"))
         tok, model = load_tokenizer(model_dir), loader(model_dir).eval()
@@ -57,11 +78,26 @@ def test_stages_under_zero_save_models_that_reload(tmp_path, zero):
             logits = model(input_ids=ids).logits[0].reshape(-1)[-8:].tolist()
         want = art.manifest["check"]["logits_fingerprint"]
         assert logits == pytest.approx(want, abs=1e-4), (name, zero)
-    sft = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())
+    sft = json.loads((run / "sft" / "manifest.json").read_text())
     assert sft["distributed"] == {"world_size": 2, "zero_stage": int(zero[-1])}
     # one writer: a single metrics row per logged step
-    steps = [json.loads(x).get("step") for x in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x).get("step") for x in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1
+    ppo = json.loads((run / "ppo" / "manifest.json").read_text())
+    assert ppo["distributed"] == {"world_size": 2, "zero_stage": int(zero[-1])}
+    assert ppo["counts"]["rollouts"] == 24 and (run / "ppo" / "value_head.safetensors").exists()
+
+    # stop after step 2 (as if killed), then resume from the DeepSpeed checkpoints of both processes
+    for stage in ("sft_b", "ppo_b"):
+        _launch(cfg, zero, "--stage", stage, env={"RLHF_STOP_AFTER_STEP": "2"}, code=3)
+        assert (run / f".{stage}.partial" / "checkpoints" / "checkpoint-2" / "checkpoint.json").exists()
+    res = _launch(cfg, zero, "--stage", "sft_b", "--stage", "ppo_b", "--resume")
+    assert res.stdout.count("resuming from") == 2, res.stdout[-2000:]
+    for a, b, key, steps in (("sft", "sft_b", "train/loss", (3, 4)), ("ppo", "ppo_b", "ppo/reward_mean", (3,)),
+                             ("ppo", "ppo_b", "ppo/kl", (3,)), ("ppo", "ppo_b", "ppo/policy_loss", (3,))):
+        want, got = _metric(run, a, key), _metric(run, b, key)
+        for step in steps:
+            assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step, got, want)
 
 
 def test_zero_config_disagreement_is_an_error_before_launch(tmp_path):

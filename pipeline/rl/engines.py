@@ -1,0 +1,218 @@
+"""PPO under DeepSpeed: engines for the trained models, inference copies for the frozen ones.
+
+    deepspeed --num_gpus 8 --module pipeline run CONFIG --stage ppo --deepspeed configs/deepspeed/zero3.json
+
+- policy (+ value head): one DeepSpeed engine, so its optimizer state and gradients are
+  partitioned (ZeRO-1/2) and, under ZeRO-3, its weights too;
+- critic (value_model: critic): a second engine with its own optimizer (same lr);
+- reference: the disabled LoRA adapter when LoRA is on (no copy at all); otherwise a frozen copy:
+  under ZeRO-3 an inference-only ZeRO-3 engine (sharded, `frozen.offload` keeps its shards in CPU
+  memory), under ZeRO-1/2 a plain copy on each process;
+- reward model: the same choice as the reference.
+
+Under ZeRO-3 the models are built sharded from the start (transformers' zero.Init through
+HfDeepSpeedConfig), so no process ever holds a whole model except while generating: the policy's
+shards are gathered for sampling (`rollout.gather_zero3`, TRL's approach), or with
+`gather_zero3: false` generation runs on the shards with every process stepping together
+(slow, for policies that do not fit on one device).
+
+Each process takes its share of the step's prompts (rank r takes every r-th), so the data
+order is the one-process order. The ZeRO config's batch fields come from the PPO block:
+train_micro_batch_size_per_gpu = ppo.micro_batch_size, gradient_accumulation_steps =
+ppo.minibatch_size / (processes x micro_batch_size); gradient_clipping = optim.max_grad_norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from types import SimpleNamespace
+
+import torch
+
+from pipeline import distributed
+from pipeline.errors import UsageError
+
+
+def local_sizes(cfg, world: int) -> tuple[int, int]:
+    """(prompts per process per step, minibatch per process); uneven shares are refused."""
+    pps, mb, micro = cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size
+    where = f"stages.{cfg.name or 'ppo'}"
+    if pps % world or mb % world:
+        raise UsageError(f"{where}: rollout.prompts_per_step ({pps}) and ppo.minibatch_size ({mb}) must divide "
+                         f"by the number of processes ({world})")
+    if (pps // world) % (mb // world) or (mb // world) % micro:
+        raise UsageError(f"{where}: under DeepSpeed every process runs the same number of equal micro-batches: "
+                         f"need prompts_per_step/processes ({pps // world}) divisible by minibatch_size/processes "
+                         f"({mb // world}), and that by ppo.micro_batch_size ({micro})")
+    return pps // world, mb // world
+
+
+def ds_config(cfg, precision: str, hidden: int | None) -> dict:
+    """The stage's ZeRO JSON with its "auto" values filled from the PPO block (disagreements are errors)."""
+    world = distributed.world_size()
+    _, mb = local_sizes(cfg, world)
+    micro = cfg.ppo.micro_batch_size
+    batch = SimpleNamespace(batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm)
+    ds = distributed.load_zero_config(cfg.deepspeed, batch, precision,
+                                      f"stages.{cfg.name or 'ppo'} (ppo.micro_batch_size, ppo.minibatch_size)")
+    return fill_buckets(ds, hidden)
+
+
+def fill_buckets(ds: dict, hidden: int | None) -> dict:
+    """Bucket sizes left "auto" in a ZeRO config: from the hidden size (transformers' rule), else DeepSpeed's."""
+    zero = ds.setdefault("zero_optimization", {})
+    sizes = {} if hidden is None else {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            if key in sizes:
+                zero[key] = sizes[key]
+            else:
+                del zero[key]
+    return ds
+
+
+def inference_config(train: dict, offload: bool) -> dict:
+    """An engine config for a frozen model: no optimizer; ZeRO-3 sharding kept, parameters in CPU with offload."""
+    ds = copy.deepcopy(train)
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    zero = ds.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return ds
+
+
+def zero3_loading(ds: dict):
+    """While the returned object lives, transformers builds models sharded (zero.Init) for this ZeRO-3 config."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds)
+
+
+def frozen_engine(model, ds_inference: dict, keep: list):
+    """A frozen model as an inference-only ZeRO-3 engine; returns the module (its hooks gather the shards)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_inference)
+    engine.eval()
+    keep.append(engine)
+    return engine.module
+
+
+def _optimizer_factory(ds: dict, lr: float, weight_decay: float):
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return lambda params: DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class EngineOptimizer:
+    """The PPO update through DeepSpeed engines: engine.backward + engine.step per micro-batch (the engine
+    applies the update at the accumulation boundary, clipping by the config's gradient_clipping)."""
+
+    def __init__(self, models, actor, critic=None):
+        self.models, self.actor, self.critic = models, actor, critic
+
+    def zero_grad(self) -> None:  # the engines zero their gradients after each update
+        pass
+
+    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, weight: float) -> None:
+        # the engine divides by gradient_accumulation_steps itself (equal micro-batches: weight == 1/steps)
+        if self.critic is None:
+            self.actor.backward(policy_loss + value_loss)
+            self.actor.step()
+            return
+        self.actor.backward(policy_loss)
+        self.actor.step()
+        self.critic.backward(value_loss)
+        self.critic.step()
+
+    def step(self, check) -> float:
+        norms = [e.get_global_grad_norm() for e in (self.actor, self.critic) if e is not None]
+        norms = [float(n) for n in norms if n is not None]
+        gn = sum(n * n for n in norms) ** 0.5 if norms else 0.0
+        check(grad_norm=gn)
+        return gn
+
+    def save(self, path) -> None:
+        """Each engine's checkpoint (ZeRO shards of weights and optimizer from every process)."""
+        self.actor.save_checkpoint(str(path / "actor"), tag="state")
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(path / "critic"), tag="state")
+
+    def load(self, path) -> None:
+        distributed.safe_deepspeed_loading()  # DeepSpeed's reader, with torch.load(weights_only=True)
+        for name, engine in (("actor", self.actor), ("critic", self.critic)):
+            if engine is None:
+                continue
+            loaded, _ = engine.load_checkpoint(str(path / name), tag="state")
+            if loaded is None:
+                raise UsageError(f"--resume: {path / name} holds no DeepSpeed checkpoint for this run")
+
+
+def build(models, cfg, precision: str, ds: dict):
+    """Wrap the trained models of `models` (PPOModels) in DeepSpeed engines; returns an EngineOptimizer."""
+    import deepspeed
+
+    zero3 = distributed.zero_stage(ds) == 3
+    opt = cfg.optim
+    make_opt = _optimizer_factory(ds, opt.lr, opt.weight_decay)
+    actor, *_ = deepspeed.initialize(model=models.actor_module, optimizer=make_opt,
+                                     model_parameters=[p for p in models.actor_module.parameters() if p.requires_grad],
+                                     config=ds)
+    models.actor = actor
+    models.engines.append(actor)
+    critic = None
+    if models.critic_module is not None:
+        critic, *_ = deepspeed.initialize(model=models.critic_module, optimizer=make_opt,
+                                          model_parameters=[p for p in models.critic_module.parameters()
+                                                            if p.requires_grad], config=ds)
+        models.critic = critic
+        models.engines.append(critic)
+    if zero3:
+        if cfg.rollout.gather_zero3:
+            models.generation = lambda: gathered_for_generation(actor)
+        else:
+            models.sync_generation = distributed.world_size() > 1
+    return EngineOptimizer(models, actor, critic)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine):
+    """The whole policy on every process while sampling: ZeRO-3 shards gathered, the engine's hooks removed
+    (so that generate's many small forwards do not gather again), put back afterwards."""
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        remove_hooks(engine)
+        try:
+            yield engine.module.policy
+        finally:
+            add_hooks(engine)
+
+
+def full_state_dict(module) -> dict | None:
+    """Every process calls this; rank 0 gets a CPU copy of the module's whole state dict (ZeRO-3 shards
+    gathered one submodule at a time, so no process ever holds more than one layer extra); others get None."""
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        params = list(sub.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+            if distributed.is_main():
+                buffers = [(n, b) for n, b in sub.named_buffers(recurse=False)
+                           if n not in sub._non_persistent_buffers_set]
+                for name, t in list(sub.named_parameters(recurse=False)) + buffers:
+                    key = f"{prefix}.{name}" if prefix else name
+                    out[key] = t.detach().to("cpu", copy=True)
+    return out if distributed.is_main() else None
