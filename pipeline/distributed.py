@@ -32,6 +32,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def say(*args, **kwargs) -> None:
+    """print() from rank 0 only: one voice for all processes."""
+    if is_main():
+        print(*args, **kwargs)
+
+
 def init() -> None:
     """Set up the process group when launched on several processes (gloo on CPU, nccl on GPUs)."""
     if world_size() <= 1:

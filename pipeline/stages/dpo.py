@@ -77,6 +77,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from feedback.schema import read_pairs
+    from pipeline.distributed import say
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_model, save_trained, training_args
     from pipeline.tracking import trainer_callback
@@ -89,7 +90,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     evals = [to_dpo_row(p) for p in eval_pairs if not p.tie]
     ties = len(train_pairs) + len(eval_pairs) - len(train) - len(evals)
     if ties:
-        print(f"[{ctx.name}] {ties} tie pairs not used (DPO needs a preferred response)")
+        say(f"[{ctx.name}] {ties} tie pairs not used (DPO needs a preferred response)")
     if not train:
         raise InvalidInput(f"{prefs.output('train')}: no non-tie pairs to train on")
     precision = resolve_precision(cfg.precision)
@@ -123,7 +124,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
         callbacks=[trainer_callback(ctx.metrics)],
     )
     total, trainable = count_parameters(trainer.model)
-    print(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
+    say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
           f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
     t0 = time.time()
     fit(trainer, ctx, cfg)
@@ -136,7 +137,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
         metrics["eval/loss"] = ev["eval_loss"]
     model_out = trainer.model
     if rule and trainer.is_deepspeed_enabled:
-        print(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
+        say(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
         rule = None
     if rule:
         eval_model = model_out.merge_and_unload() if hasattr(model_out, "peft_config") and cfg.lora.merge else model_out

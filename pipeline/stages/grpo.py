@@ -104,6 +104,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+    from pipeline.distributed import say
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.runner import resolve_data_path
     from pipeline.stages.ai_preferences import read_prompts
@@ -140,7 +141,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
                          peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
                          callbacks=[trainer_callback(ctx.metrics)])
     total, trainable = count_parameters(trainer.model)
-    print(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
+    say(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
           f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
     t0 = time.time()
     result = fit(trainer, ctx, cfg)
@@ -151,7 +152,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     if hasattr(model_out, "peft_config") and cfg.lora.merge:
         model_out = model_out.merge_and_unload()
     if rule and trainer.is_deepspeed_enabled:
-        print(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
+        say(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
         rule = None
     if rule:
         metrics["eval/rule_reward_mean"] = rule_eval(model_out, tok, eval_prompts, rule, cfg.max_completion_length,

@@ -180,6 +180,13 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
             models.reference = engines.frozen_engine(models.reference, inference, models.engines)
         if reward_fn.scorer is not None:
             reward_fn.scorer.model = engines.frozen_engine(reward_fn.scorer.model, inference, models.engines)
+    frozen = ("ZeRO-3 shards" + (" in CPU memory" if cfg.frozen.offload else "") if shard_frozen
+              else "a whole copy" + (" on every process" if ds else ""))
+    info = {**info, "placement": {
+        "policy": f"DeepSpeed engine, ZeRO-{zero_stage(ds)}" if ds else "one process",
+        "values": cfg.value_model + (" (own engine)" if ds and rm_dir else ""),
+        "reference": "the policy with its adapter disabled" if lora else frozen,
+        "reward_model": frozen if reward_path else "none (rule)"}}
     return models, reward_fn, tok, policy_path, info
 
 
@@ -201,7 +208,7 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
 
     set_seed(ctx.seed)
     main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
-    say = print if main else (lambda *a, **k: None)
+    say = distributed.say
     precision = resolve_precision(cfg.precision)
     ds = None
     if cfg.deepspeed:
@@ -237,6 +244,7 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     say(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
         f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}"
         + (f"; {world} processes, ZeRO-{distributed.zero_stage(ds)}, {per_rank} prompts each per step" if ds else ""))
+    say(f"[{ctx.name}] models: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info["placement"].items()))
 
     ro_cfg = cfg.rollout
     ev = dict(temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed)

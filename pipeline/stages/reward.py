@@ -92,6 +92,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
 
     from feedback.schema import read_pairs
     from pipeline.artifacts import write_jsonl
+    from pipeline.distributed import say
     from pipeline.models import count_parameters, load_tokenizer, resolve_precision
     from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_model, save_trained, training_args
     from pipeline.tracking import trainer_callback
@@ -113,7 +114,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     skipped = [{**s, "split": "train"} for s in skipped] + [{**s, "split": "eval"} for s in eval_skipped]
     if skipped:
         write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
-        print(f"[{ctx.name}] {len(skipped)} pairs not used (ties or truncation); reasons in skipped.jsonl")
+        say(f"[{ctx.name}] {len(skipped)} pairs not used (ties or truncation); reasons in skipped.jsonl")
     if not train_rows:
         raise InvalidInput(f"{prefs.output('train')}: no trainable pairs (all ties or truncated)")
 
@@ -129,7 +130,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
         callbacks=[trainer_callback(ctx.metrics)],
     )
     total, trainable = count_parameters(trainer.model)
-    print(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
+    say(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
           f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
     # Held-out metrics come from the same scoring code that users and PPO call.
     score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)

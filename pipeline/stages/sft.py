@@ -171,7 +171,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     from pipeline import artifacts
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.runner import resolve_data_path
-    from pipeline.distributed import world_size, zero_stage
+    from pipeline.distributed import say, world_size, zero_stage
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
@@ -191,7 +191,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         train = train[: cfg.data.max_rows]
     if rejected:
         artifacts.write_jsonl(ctx.work_dir / "rejected.jsonl", rejected)
-        print(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
+        say(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
 
     precision = resolve_precision(cfg.precision)
     path, model_info = ctx.model_path(cfg.model)
@@ -219,7 +219,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         callbacks=[trainer_callback(ctx.metrics)],
     )
     total, trainable = count_parameters(trainer.model)
-    print(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
+    say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
           f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
 
     metrics: dict[str, float] = {}
