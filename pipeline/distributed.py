@@ -69,6 +69,16 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _comm_device():
+    """Where collective tensors must live: the current GPU under NCCL, else the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every process when `flag` is True on any of them (so that they stop together)."""
     if not _active():
@@ -76,7 +86,7 @@ def any_rank(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -89,21 +99,22 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     import torch.distributed as dist
 
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return {k: v / world_size() for k, v in zip(keys, t.tolist())}
 
 
 def gather(t):
-    """The concatenation of a 1-D tensor of the same length from every process, in rank order."""
+    """The concatenation of a 1-D tensor of the same length from every process, in rank order (on t's device)."""
     if not _active():
         return t
     import torch
     import torch.distributed as dist
 
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    local = t.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
 
 
 def broadcast_error(message: str | None) -> str | None:

@@ -168,7 +168,7 @@ def build(models, cfg, precision: str, ds: dict):
     actor, *_ = deepspeed.initialize(model=models.actor_module, optimizer=make_opt,
                                      model_parameters=[p for p in models.actor_module.parameters() if p.requires_grad],
                                      config=ds)
-    models.actor = actor
+    models.actor, models.device = actor, actor.device
     models.engines.append(actor)
     critic = None
     if models.critic_module is not None:

@@ -117,6 +117,7 @@ class PPOModels:
         self.generation = lambda: contextlib.nullcontext(self.policy)  # ZeRO-3: gathers the weights
         self.sync_generation = False  # True: sharded ZeRO-3 generation, every process steps together
         self.engines: list = []  # DeepSpeed engines, kept alive for as long as the models are used
+        self.device = next(policy.parameters()).device  # where rollouts live (the trained models' device)
 
     @property
     def policy(self):
@@ -205,6 +206,7 @@ class LocalOptimizer:
 def generate(models: PPOModels, prompts: list, temperature: float, top_p: float, max_new_tokens: int) -> Rollout:
     tok = models.tok
     query, qmask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
+    query, qmask = query.to(models.device), qmask.to(models.device)
     models.train(False)
     with torch.no_grad(), models.generation() as policy:
         out = policy.generate(input_ids=query, attention_mask=qmask, max_new_tokens=max_new_tokens,
@@ -324,7 +326,7 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
 def score_rollout(models: PPOModels, ro: Rollout, reward_fn: RewardFunction, missing_eos_penalty: float | None,
                   step: int) -> None:
     """Fill in scores, old log-probs, reference log-probs and values (no gradients, eval mode)."""
-    scores = reward_fn(ro.prompts, ro.responses)
+    scores = reward_fn(ro.prompts, ro.responses).to(models.device)
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~ro.eos).float()
     check_finite(step, reward=scores)
@@ -338,21 +340,22 @@ def score_rollout(models: PPOModels, ro: Rollout, reward_fn: RewardFunction, mis
 def evaluate(models: PPOModels, prompts: list, reward_fn: RewardFunction | None, rule=None, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 32, seed: int = 0, batch_size: int = 64) -> dict:
     """Mean reward (and rule reward) of samples on held-out prompts, and the KL to the reference."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
     rewards, rules, kls, samples = [], [], [], []
-    for i in range(0, len(prompts), batch_size):
-        ro = generate(models, prompts[i : i + batch_size], temperature, top_p, max_new_tokens)
-        with torch.no_grad():
-            logp, _, _ = models.forward(ro, with_values=False)
-            ref, _, _ = models.forward(ro, reference=True)
-        kls += (F.kl_estimate(logp, ref, "k1") * ro.mask).sum(1).tolist()
-        if reward_fn is not None:
-            rewards += reward_fn(ro.prompts, ro.responses).tolist()
-        if rule is not None:
-            rules += [float(rule(p, r)) for p, r in zip(ro.prompts, ro.responses)]
-        samples += list(zip(ro.prompts, ro.responses))[:2]
-    torch.set_rng_state(state)
+    dev = models.device
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):  # a fixed seed here; training's RNG stream is left as it was
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            ro = generate(models, prompts[i : i + batch_size], temperature, top_p, max_new_tokens)
+            with torch.no_grad():
+                logp, _, _ = models.forward(ro, with_values=False)
+                ref, _, _ = models.forward(ro, reference=True)
+            kls += (F.kl_estimate(logp, ref, "k1") * ro.mask).sum(1).tolist()
+            if reward_fn is not None:
+                rewards += reward_fn(ro.prompts, ro.responses).tolist()
+            if rule is not None:
+                rules += [float(rule(p, r)) for p, r in zip(ro.prompts, ro.responses)]
+            samples += list(zip(ro.prompts, ro.responses))[:2]
     out = {"eval/kl": sum(kls) / len(kls)}
     if rewards:
         out["eval/reward_mean"] = sum(rewards) / len(rewards)
@@ -380,7 +383,10 @@ def save_state(path, models: PPOModels, optimizer, kl_ctl, step: int, extra: dic
     from pipeline import distributed
 
     optimizer.save(path)
-    torch.save({"torch": torch.get_rng_state()}, path / f"rng-{distributed.rank()}.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, path / f"rng-{distributed.rank()}.pt")
     if distributed.is_main():
         (path / "state.json").write_text(json.dumps({"step": step, "kl_controller": kl_ctl.state_dict(), **extra}))
 
@@ -395,7 +401,10 @@ def load_state(path, models: PPOModels, optimizer, kl_ctl) -> dict:
     rng = path / f"rng-{distributed.rank()}.pt"
     if not rng.exists():
         raise InvalidInput(f"{path}: no {rng.name}; the checkpoint was written by another number of processes")
-    torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+    states = torch.load(rng, weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
     state = json.loads((path / "state.json").read_text())
     kl_ctl.load_state_dict(state["kl_controller"])
     return state

@@ -131,7 +131,8 @@ class _Hyper:
 
 
 def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
-    """(PPOModels, RewardFunction, tokenizer, policy path, model info); under ZeRO-3 built sharded (engines.py)."""
+    """(PPOModels, RewardFunction, tokenizer, policy path, model info, frozen models sharded?); under ZeRO-3
+    the models are built sharded (engines.py)."""
     from pipeline.distributed import zero_stage
     from pipeline.models import load_causal_lm, load_tokenizer
     from pipeline.rl import engines
@@ -187,7 +188,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
         "values": cfg.value_model + (" (own engine)" if ds and rm_dir else ""),
         "reference": "the policy with its adapter disabled" if lora else frozen,
         "reward_model": frozen if reward_path else "none (rule)"}}
-    return models, reward_fn, tok, policy_path, info
+    return models, reward_fn, tok, policy_path, info, shard_frozen
 
 
 def run(cfg: PPOStageConfig, ctx) -> dict:
@@ -230,14 +231,23 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
 
-    models, reward_fn, tok, policy_path, info = _load_models(cfg, ctx, precision, ds)
+    models, reward_fn, tok, policy_path, info, shard_frozen = _load_models(cfg, ctx, precision, ds)
     eval_rule = load_callable(cfg.eval_rule) if cfg.eval_rule else None
     if ds:
-        optimizer = engines.build(models, cfg, precision, ds)
+        optimizer = engines.build(models, cfg, precision, ds)  # the engines put the models on their device
     else:
+        models.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for m in (models.actor_module, models.critic_module):
+            if m is not None:
+                m.to(models.device)
         optimizer = LocalOptimizer(models, torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr,
                                                              weight_decay=cfg.optim.weight_decay),
                                    cfg.optim.max_grad_norm)
+    if not shard_frozen:  # whole frozen copies join the trained models on their device
+        if models.reference is not None:
+            models.reference.to(models.device)
+        if reward_fn.scorer is not None:
+            reward_fn.scorer.model.to(models.device)
     kl_ctl = (F.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else F.FixedKLController(cfg.kl.coef))
     total, trainable = count_parameters(models.policy)
@@ -298,10 +308,11 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
                 f.write(json.dumps({"step": "final-eval", "prompt": p, "response": r}) + "\n")
 
     fingerprint = logits_fingerprint(models.policy, tok)  # every process takes part under ZeRO-3
+    memory = _peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
     outputs.update(_save(models, cfg, ctx, tok, policy_path, under_deepspeed=ds is not None))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
-               "train/seconds": round(seconds, 2)}
+               "train/seconds": round(seconds, 2), **{f"memory/{k}": max(v) for k, v in memory.items()}}
     key = "eval/rule_reward_mean" if eval_rule else "eval/reward_mean"
     summary = (f"{cfg.steps} steps in {seconds:.1f}s; held-out {key.split('/')[1]} "
                f"{before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
@@ -313,8 +324,24 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
                       "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
                                 "adapter": cfg.tuning == "lora" and not cfg.lora.merge},
                       "check": {"logits_fingerprint": fingerprint},
-                      "distributed": {"world_size": world, "zero_stage": distributed.zero_stage(ds)}},
+                      "distributed": {"world_size": world, "zero_stage": distributed.zero_stage(ds),
+                                      "memory_per_process": memory}},
             "summary": summary}
+
+
+def _peak_memory() -> dict[str, list[float]]:
+    """Peak resident memory (and GPU memory) of each process so far, in MiB, in rank order."""
+    import resource
+
+    import torch
+
+    from pipeline.distributed import gather
+
+    # ru_maxrss is in KiB on Linux
+    out = {"peak_rss_mib": gather(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]))}
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = gather(torch.tensor([torch.cuda.max_memory_allocated() / 2**20]))
+    return {k: [round(x, 1) for x in v.tolist()] for k, v in out.items()}
 
 
 def _save(models, cfg: PPOStageConfig, ctx, tok, policy_path: str, under_deepspeed: bool) -> dict:
