@@ -30,6 +30,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/reward_hh.py
+	$(PY) bench/ppo_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -180,26 +180,24 @@ class LocalOptimizer:
         self.optimizer.step()
         return gn.item()
 
+    def _weights(self):
+        m = self.models
+        critic = m.critic_module.model if m.critic_module is not None else None
+        return [(mod, f"{name}.safetensors") for mod, name in ((m.policy, "policy"), (m.value_head, "value_head"),
+                                                             (critic, "critic")) if mod is not None]
+
     def save(self, path) -> None:
         from safetensors.torch import save_model
 
-        m = self.models
-        save_model(m.policy, str(path / "policy.safetensors"))
-        if m.value_head is not None:
-            save_model(m.value_head, str(path / "value_head.safetensors"))
-        if m.critic_module is not None:
-            save_model(m.critic_module.model, str(path / "critic.safetensors"))
+        for module, name in self._weights():
+            save_model(module, str(path / name))
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
 
     def load(self, path) -> None:
         from safetensors.torch import load_model
 
-        m = self.models
-        load_model(m.policy, str(path / "policy.safetensors"))
-        if m.value_head is not None:
-            load_model(m.value_head, str(path / "value_head.safetensors"))
-        if m.critic_module is not None:
-            load_model(m.critic_module.model, str(path / "critic.safetensors"))
+        for module, name in self._weights():
+            load_model(module, str(path / name))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
 
 
