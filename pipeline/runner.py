@@ -135,6 +135,8 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
         if old is not None and not force and old.get("status") == "complete":
             why = "config changed" if old.get("config_hash") != chash else artifacts.inputs_unchanged(
                 old.get("inputs", {}), inputs)
+            if why is None and resume and _has_checkpoints(run_dir / f".{st.name}.partial"):
+                why = "an unfinished rerun has checkpoints (--resume)"  # e.g. a --force rerun that was killed
             if why is None:
                 echo(f"[{st.name}] up to date, skipped (--force reruns it)")
                 results.append(old)
@@ -145,19 +147,25 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
     return results
 
 
+def _has_checkpoints(work: Path) -> bool:
+    from pipeline import checkpoint
+
+    return bool(checkpoint.scan(work / "checkpoints", echo=lambda *_: None))
+
+
 def _prepare_work_dir(work: Path, st, chash: str, resolved: dict, resume: bool, must_resume: bool, echo):
     """The partial directory: fresh, or kept to resume from its newest complete checkpoint."""
     from pipeline import checkpoint
 
     ckpts = work / "checkpoints"
-    if resume and (must_resume or checkpoint.scan(ckpts, echo=lambda *_: None)):
+    if resume and (must_resume or _has_checkpoints(work)):
         path = checkpoint.latest(ckpts, st.name, echo)
         info = checkpoint.read_meta(path)
         checkpoint.check_resumable(info, chash, resolved, st.name, path)
         _truncate_metrics(work / "metrics.jsonl", info["step"])
         echo(f"[{st.name}] resuming from {path} (step {info['step']})")
         return path
-    if checkpoint.scan(ckpts, echo=lambda *_: None):
+    if _has_checkpoints(work):
         echo(f"[{st.name}] discarding the checkpoints of an unfinished run in {ckpts} (--resume continues it)")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -63,6 +63,20 @@ def test_sft_resume_matches_straight_run(tmp_path, monkeypatch, capsys):
         assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
     assert not (tmp_path / "b" / "sft" / "checkpoints").exists(), "spent checkpoints are removed"
 
+    # a --force rerun killed after step 2 keeps the previous artifact; --resume finishes the rerun
+    before = (tmp_path / "a" / "sft" / "manifest.json").read_text()
+    monkeypatch.setenv("RLHF_STOP_AFTER_STEP", "2")
+    assert main(["run", str(straight), "--force"]) == 3
+    monkeypatch.delenv("RLHF_STOP_AFTER_STEP")
+    assert (tmp_path / "a" / "sft" / "manifest.json").read_text() == before
+    capsys.readouterr()
+    assert main(["run", str(straight), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "unfinished rerun has checkpoints" in out and "resuming from" in out, out
+    assert (tmp_path / "a" / "sft" / "manifest.json").read_text() != before
+    again = _losses(tmp_path / "a" / "sft" / "metrics.jsonl")
+    assert again == pytest.approx(want, abs=1e-4)
+
 
 def test_killed_run_leaves_a_loadable_checkpoint(tmp_path):
     block = {**SFT, "optim": {**SFT["optim"], "max_steps": 400}, "checkpoint": {"every": 1, "keep": 2}}
