@@ -125,7 +125,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     )
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
-          f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
+        f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
     t0 = time.time()
     fit(trainer, ctx, cfg)
     seconds = time.time() - t0

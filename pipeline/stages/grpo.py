@@ -142,7 +142,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
                          callbacks=[trainer_callback(ctx.metrics)])
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
-          f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
+        f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
     t0 = time.time()
     result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0

@@ -131,7 +131,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     )
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
-          f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
+        f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
     # Held-out metrics come from the same scoring code that users and PPO call.
     score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)
     before, _ = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)

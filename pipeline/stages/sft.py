@@ -220,7 +220,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     )
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
-          f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
+        f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
 
     metrics: dict[str, float] = {}
     if evals and not trainer.is_deepspeed_enabled:  # HF evaluates under DeepSpeed only once the engine exists
