@@ -129,7 +129,11 @@ def broadcast_error(message: str | None) -> str | None:
 
 
 def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dict:
-    """A ZeRO JSON with its "auto" values filled from the stage; disagreements are errors."""
+    """A ZeRO JSON with its "auto" values filled from the stage; disagreements are errors.
+
+    Every stage run under DeepSpeed comes through here, so this is also where DeepSpeed's checkpoint
+    reader is switched to torch.load(weights_only=True) (safe_deepspeed_loading) before any resume."""
+    safe_deepspeed_loading()
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -118,8 +118,8 @@ class EngineOptimizer:
     """The PPO update through DeepSpeed engines: engine.backward + engine.step per micro-batch (the engine
     applies the update at the accumulation boundary, clipping by the config's gradient_clipping)."""
 
-    def __init__(self, models, actor, critic=None):
-        self.models, self.actor, self.critic = models, actor, critic
+    def __init__(self, actor, critic=None):
+        self.actor, self.critic = actor, critic
 
     def zero_grad(self) -> None:  # the engines zero their gradients after each update
         pass
@@ -149,7 +149,7 @@ class EngineOptimizer:
             self.critic.save_checkpoint(str(path / "critic"), tag="state")
 
     def load(self, path) -> None:
-        distributed.safe_deepspeed_loading()  # DeepSpeed's reader, with torch.load(weights_only=True)
+        # DeepSpeed's reader, made to use torch.load(weights_only=True) by load_zero_config
         for name, engine in (("actor", self.actor), ("critic", self.critic)):
             if engine is None:
                 continue
@@ -162,27 +162,25 @@ def build(models, cfg, precision: str, ds: dict):
     """Wrap the trained models of `models` (PPOModels) in DeepSpeed engines; returns an EngineOptimizer."""
     import deepspeed
 
-    zero3 = distributed.zero_stage(ds) == 3
-    opt = cfg.optim
-    make_opt = _optimizer_factory(ds, opt.lr, opt.weight_decay)
-    actor, *_ = deepspeed.initialize(model=models.actor_module, optimizer=make_opt,
-                                     model_parameters=[p for p in models.actor_module.parameters() if p.requires_grad],
-                                     config=ds)
+    make_opt = _optimizer_factory(ds, cfg.optim.lr, cfg.optim.weight_decay)
+
+    def engine(module):
+        e, *_ = deepspeed.initialize(model=module, optimizer=make_opt, config=ds,
+                                     model_parameters=[p for p in module.parameters() if p.requires_grad])
+        models.engines.append(e)
+        return e
+
+    actor = engine(models.actor_module)
     models.actor, models.device = actor, actor.device
-    models.engines.append(actor)
-    critic = None
-    if models.critic_module is not None:
-        critic, *_ = deepspeed.initialize(model=models.critic_module, optimizer=make_opt,
-                                          model_parameters=[p for p in models.critic_module.parameters()
-                                                            if p.requires_grad], config=ds)
+    critic = engine(models.critic_module) if models.critic_module is not None else None
+    if critic is not None:
         models.critic = critic
-        models.engines.append(critic)
-    if zero3:
+    if distributed.zero_stage(ds) == 3:
         if cfg.rollout.gather_zero3:
             models.generation = lambda: gathered_for_generation(actor)
         else:
             models.sync_generation = distributed.world_size() > 1
-    return EngineOptimizer(models, actor, critic)
+    return EngineOptimizer(actor, critic)
 
 
 @contextlib.contextmanager

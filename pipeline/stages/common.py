@@ -18,9 +18,8 @@ def zero_config(cfg, ctx, precision: str) -> dict | None:
     """The stage's DeepSpeed config (`deepspeed:` key or `rlhf run --deepspeed`), filled from its optim block."""
     if not getattr(cfg, "deepspeed", None):
         return None
-    from pipeline.distributed import load_zero_config, safe_deepspeed_loading
+    from pipeline.distributed import load_zero_config
 
-    safe_deepspeed_loading()  # resume reads DeepSpeed checkpoints with torch.load(weights_only=True)
     return load_zero_config(cfg.deepspeed, cfg.optim, precision, f"stages.{ctx.name}")
 
 

@@ -130,8 +130,8 @@ class _Hyper:
         self.kl_estimator = cfg.kl.estimator
 
 
-def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
-    """(PPOModels, RewardFunction, tokenizer, policy path, model info, frozen models sharded?); under ZeRO-3
+def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, policy_path: str, reward_art):
+    """(PPOModels, RewardFunction, tokenizer, where each model lives, frozen models sharded?); under ZeRO-3
     the models are built sharded (engines.py)."""
     from pipeline.distributed import zero_stage
     from pipeline.models import load_causal_lm, load_tokenizer
@@ -139,12 +139,11 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
     from pipeline.rl.ppo import PPOModels, RewardFunction
     from pipeline.stages.common import peft_config
 
-    policy_path, info = ctx.model_path(cfg.policy, role="policy")
     tok = load_tokenizer(policy_path)
-    reward_path = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").path) if cfg.reward.model else None
+    reward_path = str(reward_art.path) if reward_art else None
     rm_dir = None
     if cfg.value_model == "critic":
-        rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
+        rm_dir = str(reward_art.output("model"))
         if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
@@ -183,12 +182,12 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None):
             reward_fn.scorer.model = engines.frozen_engine(reward_fn.scorer.model, inference, models.engines)
     frozen = ("ZeRO-3 shards" + (" in CPU memory" if cfg.frozen.offload else "") if shard_frozen
               else "a whole copy" + (" on every process" if ds else ""))
-    info = {**info, "placement": {
+    placement = {
         "policy": f"DeepSpeed engine, ZeRO-{zero_stage(ds)}" if ds else "one process",
         "values": cfg.value_model + (" (own engine)" if ds and rm_dir else ""),
         "reference": "the policy with its adapter disabled" if lora else frozen,
-        "reward_model": frozen if reward_path else "none (rule)"}}
-    return models, reward_fn, tok, policy_path, info, shard_frozen
+        "reward_model": frozen if reward_path else "none (rule)"}
+    return models, reward_fn, tok, placement, shard_frozen
 
 
 def run(cfg: PPOStageConfig, ctx) -> dict:
@@ -211,12 +210,13 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
     say = distributed.say
     precision = resolve_precision(cfg.precision)
+    policy_path, info = ctx.model_path(cfg.policy, role="policy")
+    reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
     ds = None
     if cfg.deepspeed:
         from pipeline.rl import engines
 
-        ds = engines.ds_config(cfg, precision, hidden_size(ctx.model_path(cfg.policy, role="policy")[0]))
-        distributed.safe_deepspeed_loading()
+        ds = engines.ds_config(cfg, precision, hidden_size(policy_path))
     else:
         if precision != "fp32":
             say(f"[{ctx.name}] note: PPO runs in fp32 on one process; precision {precision} applies under DeepSpeed")
@@ -231,7 +231,8 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
 
-    models, reward_fn, tok, policy_path, info, shard_frozen = _load_models(cfg, ctx, precision, ds)
+    models, reward_fn, tok, placement, shard_frozen = _load_models(cfg, ctx, precision, ds, policy_path, reward_art)
+    info = {**info, "placement": placement}
     eval_rule = load_callable(cfg.eval_rule) if cfg.eval_rule else None
     if ds:
         optimizer = engines.build(models, cfg, precision, ds)  # the engines put the models on their device
@@ -310,7 +311,7 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     fingerprint = logits_fingerprint(models.policy, tok)  # every process takes part under ZeRO-3
     memory = _peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
-    outputs.update(_save(models, cfg, ctx, tok, policy_path, under_deepspeed=ds is not None))
+    outputs.update(_save(models, cfg, tok, ctx.work_dir, policy_path, reward_art, under_deepspeed=ds is not None))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **{f"memory/{k}": max(v) for k, v in memory.items()}}
     key = "eval/rule_reward_mean" if eval_rule else "eval/reward_mean"
@@ -344,7 +345,7 @@ def _peak_memory() -> dict[str, list[float]]:
     return {k: [round(x, 1) for x in v.tolist()] for k, v in out.items()}
 
 
-def _save(models, cfg: PPOStageConfig, ctx, tok, policy_path: str, under_deepspeed: bool) -> dict:
+def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool) -> dict:
     """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process
     takes part (ZeRO-3 shards are gathered) and rank 0 rebuilds plain models from the gathered weights
     and writes them: they load without DeepSpeed."""
@@ -353,7 +354,6 @@ def _save(models, cfg: PPOStageConfig, ctx, tok, policy_path: str, under_deepspe
     from pipeline.distributed import is_main
     from pipeline.stages.common import save_model
 
-    out_dir = ctx.work_dir
     if not under_deepspeed:
         save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
         if models.value_head is not None:
@@ -383,8 +383,7 @@ def _save(models, cfg: PPOStageConfig, ctx, tok, policy_path: str, under_deepspe
         if critic_sd is not None:
             from reward.scoring import load_reward_model
 
-            rm_dir = str(ctx.artifact(cfg.reward.model, "reward_model", "reward.model").output("model"))
-            critic = load_reward_model(rm_dir)
+            critic = load_reward_model(str(reward_art.output("model")))
             critic.load_state_dict(critic_sd)
             critic.save_pretrained(out_dir / "critic", safe_serialization=True)
     return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}

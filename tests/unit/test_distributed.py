@@ -88,3 +88,13 @@ def test_reductions_are_identities_on_one_process():
     assert distributed.mean_over_ranks({"a": 1.5}) == {"a": 1.5}
     t = torch.tensor([1.0, 2.0])
     assert distributed.gather(t) is t
+
+
+def test_every_deepspeed_config_switches_on_the_weights_only_reader(monkeypatch):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from pipeline.config import OptimConfig
+
+    monkeypatch.setattr(TorchCheckpointEngine, "load", lambda self, path, map_location=None: None)  # DeepSpeed's own
+    distributed.load_zero_config(ROOT / "configs" / "deepspeed" / "zero2.json", OptimConfig(), "fp32", "stages.sft")
+    assert getattr(TorchCheckpointEngine.load, "_weights_only", False)
