@@ -82,18 +82,24 @@ def test_killed_run_leaves_a_loadable_checkpoint(tmp_path):
     block = {**SFT, "optim": {**SFT["optim"], "max_steps": 400}, "checkpoint": {"every": 1, "keep": 2}}
     cfg = _cfg(tmp_path, "k", [block])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     ckpts = tmp_path / "k" / ".sft.partial" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(ckpts.glob("checkpoint-*/checkpoint.json"))) < 3:
+    t0, seen = time.time(), 0
+    while time.time() < t0 + 240 and proc.poll() is None and seen < 3:
+        seen = len(list(ckpts.glob("checkpoint-*/checkpoint.json")))
         time.sleep(0.05)
+    why = (f"{seen} marked checkpoints seen after {time.time() - t0:.0f} s, run exit code {proc.poll()}; "
+           f"its output ends:\n{log.read_text()[-3000:]}")
+    assert proc.poll() is None and seen >= 3, "the run must still be training when it is killed: " + why
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     from pipeline.checkpoint import scan
 
     complete = scan(ckpts)
-    assert complete, "a complete checkpoint survives the kill"
+    assert complete, "a complete checkpoint survives the kill: " + why
     step, path = complete[-1]
     from transformers import AutoModelForCausalLM
 
