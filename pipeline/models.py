@@ -50,23 +50,141 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
 
 
-def _build_atomically(target: Path, build) -> Path:
-    """Build into a temporary directory and rename, so concurrent or interrupted builds never leave half a model."""
-    if (target / "config.json").exists():
-        return target
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+# --------------------------------------------------------------------------- the cache, safe under concurrency
+#
+# Several processes may ask for the same entry at once (two launchers on one machine, the ranks of a
+# `deepspeed` launch). One builds at a time behind a file lock; the others wait on the lock and then
+# load what it built. A build runs outside any process group and DeepSpeed context (in a fresh
+# interpreter when this one is inside either): transformers' save_pretrained writes on rank 0 only
+# once torch.distributed is up, and zero.Init would shard the weights being built. A directory is
+# promoted into place only once it is checked complete; an entry that exists but is incomplete (an
+# older, broken cache) is rebuilt.
+
+
+def missing_parts(d: Path) -> list[str]:
+    """What a saved model directory lacks: config, weights (every shard of an index), tokenizer. [] if complete."""
+    missing = []
     try:
-        build(tmp)
+        json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        missing.append("config.json")
+    index = d / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+    except (OSError, ValueError, KeyError):
+        shards = [index.name]
+    for name in shards:
+        if not _readable_safetensors(d / name):
+            missing.append(name)
+    if not (d / "tokenizer_config.json").exists() or not any((d / f).exists() for f in
+                                                             ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        missing.append("tokenizer")
+    return missing
+
+
+def _readable_safetensors(path: Path) -> bool:
+    """The file exists and its header parses (a truncated write fails here)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return True
+    except Exception:  # noqa: BLE001  (safetensors raises its own error types for broken files)
+        return False
+
+
+def _inside_distributed_context() -> bool:
+    """True when building here could be partial: a process group is up, or a DeepSpeed ZeRO-3 config is live."""
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return True
+    ds = sys.modules.get("transformers.integrations.deepspeed")
+    return bool(ds is not None and ds.is_deepspeed_zero3_enabled())
+
+
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "CROSS_RANK", "CROSS_SIZE")
+
+
+def _build_in_fresh_process(ref: str, out: Path) -> None:
+    """`python -m pipeline.models --build REF OUT` with no launcher variables: a plain single process."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    res = subprocess.run([sys.executable, "-m", "pipeline.models", "--build", ref, str(out)], env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"building '{ref}' in {out} failed:\n{res.stderr[-3000:]}")
+
+
+def _cached(ref: str, name: str) -> Path:
+    """The complete cache entry `name` for the built-in `ref`, built (once, by one process) if needed."""
+    from filelock import FileLock
+
+    from pipeline.errors import InvalidInput
+
+    target = cache_dir() / "models" / name
+    if not missing_parts(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target.parent / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        print(f"[models] waiting for another process to finish building {target}", flush=True)
+        lock.acquire()
+    try:
+        missing = missing_parts(target)
+        if not missing:
+            return target  # another process built it while we waited
+        if target.exists():
+            print(f"[models] {target} is incomplete (missing {', '.join(missing)}): rebuilding it", flush=True)
+            _remove(target)
+        tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+        _remove(tmp)
+        tmp.mkdir(parents=True)
         try:
+            if _inside_distributed_context():
+                _build_in_fresh_process(ref, tmp)
+            else:
+                BUILDERS[ref](tmp)
+            missing = missing_parts(tmp)
+            if missing:
+                raise InvalidInput(f"building '{ref}' left {tmp} without {', '.join(missing)}")
+            _fsync_tree(tmp)
             os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
+        finally:
+            _remove(tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     return target
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p)
+
+
+def _fsync_tree(d: Path) -> None:
+    """Flush a built directory's files and the directory itself to disk before it is promoted."""
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # A different tokenizer and layout from `tiny`, for reward models scoring another model's text.
@@ -186,16 +304,16 @@ def _build_smollm2(out: Path) -> None:
 
 # --------------------------------------------------------------------------- resolution
 
+BUILDERS = {"tiny": _build_tiny, "tiny-alt": lambda out: _build_tiny(out, alt=True), SMOLLM2: _build_smollm2}
+CACHE_NAMES = {"tiny": TINY_VERSION, "tiny-alt": TINY_ALT_VERSION, SMOLLM2: SMOLLM2}
+
 
 def resolve(ref: str) -> str:
     """A model reference -> a local directory (built or converted into the cache if needed) or a hub id."""
-    if ref == "tiny":
-        return str(_build_atomically(cache_dir() / "models" / TINY_VERSION, _build_tiny))
-    if ref == "tiny-alt":
-        return str(_build_atomically(cache_dir() / "models" / TINY_ALT_VERSION, lambda out: _build_tiny(out, alt=True)))
-    if ref == SMOLLM2:
-        smollm2_gguf()  # a clear error before any work if the package is missing
-        return str(_build_atomically(cache_dir() / "models" / SMOLLM2, _build_smollm2))
+    if ref in BUILDERS:
+        if ref == SMOLLM2:
+            smollm2_gguf()  # a clear error before any work if the package is missing
+        return str(_cached(ref, CACHE_NAMES[ref]))
     p = Path(ref).expanduser()
     if p.exists():
         if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
@@ -227,10 +345,11 @@ def resolve_precision(precision: str) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    src = _adapter_base(path) or path
+    base = _adapter_base(path)
+    if base is not None and not Path(path, "tokenizer_config.json").exists():
+        path, revision = base  # an adapter saved without a tokenizer: its base's, at the base's revision
     try:
-        tok = AutoTokenizer.from_pretrained(path if Path(path, "tokenizer_config.json").exists() else src,
-                                            trust_remote_code=trust_remote_code, revision=revision)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as exc:
         raise UsageError(f"cannot load the tokenizer of '{path}': {exc}") from None
     if tok.pad_token is None:
@@ -238,10 +357,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
-def _adapter_base(path: str) -> str | None:
+def _adapter_base(path: str) -> tuple[str, str | None] | None:
+    """(base model, its revision) for a peft adapter directory; None for anything else."""
     cfg = Path(path) / "adapter_config.json"
     if cfg.exists():
-        return json.loads(cfg.read_text())["base_model_name_or_path"]
+        data = json.loads(cfg.read_text())
+        return data["base_model_name_or_path"], data.get("revision")
     return None
 
 
@@ -249,16 +370,20 @@ def hidden_size(path: str) -> int | None:
     """The hidden size from a model's config (an adapter directory: its base's), or None when unknown."""
     from transformers import AutoConfig
 
+    base = _adapter_base(path)
     try:
-        cfg = AutoConfig.from_pretrained(_adapter_base(path) or path)
+        cfg = AutoConfig.from_pretrained(base[0] if base else path, revision=base[1] if base else None)
     except (OSError, ValueError):
         return None
     return getattr(cfg, "hidden_size", None)
 
 
 def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool = False,
-                   revision: str | None = None, trainable_adapter: bool = False):
-    """Load a causal LM from a resolved path; an adapter directory loads its base and the adapter on top."""
+                   revision: str | None = None, adapter: str = "merge"):
+    """Load a causal LM from a resolved path. An adapter directory loads its base (at the base's revision)
+    with the adapter on top, merged into the weights (`adapter="merge"`: what training on top of an adapter
+    artifact needs, so that a new adapter or a reference starts from the adapted policy, not the base) or
+    kept as a frozen peft model (`adapter="keep"`)."""
     from transformers import AutoModelForCausalLM
 
     kw = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code}
@@ -267,8 +392,12 @@ def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool =
         if base is not None:
             from peft import PeftModel
 
-            model = AutoModelForCausalLM.from_pretrained(base, **kw)
-            return PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
+            model = AutoModelForCausalLM.from_pretrained(base[0], revision=base[1], **kw)
+            model = PeftModel.from_pretrained(model, path, is_trainable=False)
+            if adapter != "merge":
+                return model
+            # peft froze the weights it loaded; the merged model is a plain model again, trainable as any
+            return model.merge_and_unload().requires_grad_(True)
         return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kw)
     except OSError as exc:
         raise UsageError(f"cannot load model '{path}': {exc}") from None
@@ -284,5 +413,8 @@ def count_parameters(model) -> tuple[int, int]:
 if __name__ == "__main__":
     import sys
 
-    for name in sys.argv[1:] or ["tiny"]:
-        print(resolve(name))
+    if sys.argv[1:2] == ["--build"]:  # internal: _build_in_fresh_process
+        BUILDERS[sys.argv[2]](Path(sys.argv[3]))
+    else:
+        for name in sys.argv[1:] or ["tiny"]:
+            print(resolve(name))

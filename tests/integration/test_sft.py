@@ -106,7 +106,7 @@ def test_lora_adapter_trains_only_the_adapter(tmp_path, tiny_path):
     assert all(("q_proj" in k or "v_proj" in k) for k in adapter)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "lora_B starts at zero"
     # the adapter loads on its base; the base weights are untouched
-    model = load_causal_lm(str(model_dir))
+    model = load_causal_lm(str(model_dir), adapter="keep")
     assert hasattr(model, "peft_config")
     base = _weights(tiny_path)
     merged = {k.replace("base_model.model.", "").replace(".base_layer", ""): v

@@ -1,6 +1,7 @@
 """Model references: the tiny model is real (BPE tokenizer, ChatML with generation markers); clear errors."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,32 @@ def test_missing_smollm2_package_message(monkeypatch):
 def test_directory_without_model_is_refused(tmp_path):
     with pytest.raises(UsageError, match="is not a saved model"):
         models.resolve(str(tmp_path))
+
+
+def test_incomplete_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    """An entry that lost its weights (a killed build, a broken older cache) is rebuilt, not trusted."""
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
+    path = Path(models.resolve("tiny"))
+    assert models.missing_parts(path) == []
+    (path / "model.safetensors").unlink()
+    assert models.missing_parts(path) == ["model.safetensors"]
+    assert Path(models.resolve("tiny")) == path
+    assert models.missing_parts(path) == []
+    (path / "model.safetensors").write_bytes(b"\x00" * 10)  # truncated weights are as bad as none
+    assert models.missing_parts(path) == ["model.safetensors"]
+    models.resolve("tiny")
+    models.load_causal_lm(str(path))
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_build_inside_a_process_group_runs_in_a_fresh_process(tmp_path, monkeypatch):
+    """Under a launcher (WORLD_SIZE > 1) this process may be rank 1, where save_pretrained writes nothing:
+    the entry is built by a plain child process and is complete."""
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    calls = []
+    real = models._build_in_fresh_process
+    monkeypatch.setattr(models, "_build_in_fresh_process", lambda ref, out: (calls.append(ref), real(ref, out)))
+    path = Path(models.resolve("tiny"))
+    assert calls == ["tiny"] and models.missing_parts(path) == []
