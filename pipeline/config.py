@@ -74,6 +74,17 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def changed(self, *names: str) -> list[str]:
+        """Those of `names` whose value differs from the field's default (a setting the user made)."""
+        fields = type(self).model_fields
+        return [n for n in names if getattr(self, n) != fields[n].get_default(call_default_factory=True)]
+
+    def refuse_unused(self, names: tuple[str, ...], unless: bool, why: str) -> None:
+        """A setting that does nothing is an error, not silently ignored: raise when any of `names` was
+        changed from its default while `unless` is false."""
+        if not unless and (set_ := self.changed(*names)):
+            raise ValueError(f"{', '.join(set_)} {'has' if len(set_) == 1 else 'have'} no effect {why}")
+
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -1,6 +1,15 @@
-"""Batched sampling from a causal LM with its chat template; shared by feedback labelling, PPO and eval."""
+"""Batched sampling from a causal LM with its chat template; shared by feedback labelling, PPO and eval.
+
+What is sampled depends on the settings given here and nothing else. transformers fills every
+setting a GenerationConfig leaves unset from the model's own generation_config.json (a
+`repetition_penalty: 1.3` or `top_k: 20` shipped with a checkpoint would otherwise change the
+sampling distribution, and PPO's importance ratio with it), so `generate` samples with an explicit
+config while the model's own one is set aside.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 
 def chat_ids(tokenizer, prompt) -> list[int]:
@@ -22,11 +31,37 @@ def left_pad(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict:
-    """generate() arguments: pure sampling at temperature > 0 (no top-k), greedy at 0."""
-    if temperature > 0:
-        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    return {"do_sample": False}
+def generation_config(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, **extra):
+    """A complete GenerationConfig: pure sampling at `temperature` > 0 (top-k off, top-p as given, no
+    repetition penalty), greedy at 0. `extra` adds output options (output_scores, ...)."""
+    from transformers import GenerationConfig
+
+    neutral = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, top_k=0,
+                   typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, renormalize_logits=False)
+    mode = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
+            else {"do_sample": False, "temperature": 1.0, "top_p": 1.0})
+    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, **neutral, **mode, **extra)
+
+
+@contextlib.contextmanager
+def own_settings_only(model):
+    """While sampling, the model's generation_config is an empty one, so that nothing from its
+    generation_config.json fills in settings (transformers does that for any field left unset)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield model
+    finally:
+        model.generation_config = saved
+
+
+def generate(model, config, input_ids, attention_mask, **kwargs):
+    """model.generate with exactly `config` (see own_settings_only)."""
+    with own_settings_only(model):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
 
 
 def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
@@ -39,13 +74,12 @@ def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0
     model.eval()
     out: list[list[str]] = []
     device = next(model.parameters()).device
+    config = generation_config(tokenizer, max_new_tokens, temperature, top_p, num_return_sequences=n)
     with torch.no_grad():
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             chunk = prompts[i : i + batch_size]
             ids, mask = left_pad([chat_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling_kwargs(temperature, top_p))
+            gen = generate(model, config, ids.to(device), mask.to(device))
             texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
             out.extend([t.strip() for t in texts[j * n : (j + 1) * n]] for j in range(len(chunk)))
     return out

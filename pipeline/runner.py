@@ -8,6 +8,7 @@ writes a new manifest, whose hash then differs, so everything downstream reruns 
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -74,19 +75,46 @@ class StageContext:
             raise UsageError(f"{self.name}.{role}: expected 'stage:NAME', got '{ref}'")
         return artifacts.load_artifact(self.run_dir / ref[6:], kinds, role=f"{self.name}.{role}")
 
-    def model_path(self, ref: str, role: str = "model") -> tuple[str, dict]:
+    def model_path(self, ref: str, role: str = "model", merged: bool = False) -> tuple[str, dict]:
         """A stage's model value -> (resolved path or hub id, model info for the manifest).
 
         Accepts a key of `models`, `stage:NAME` (a policy or reward-model artifact), or a reference.
+        merged: an adapter (a LoRA policy saved with lora.merge: false) is merged into its base and written
+        once under the stage's work directory, and that path is returned, so that everything loading the
+        model by path (a reward model's head, TRL rebuilding a reference from the policy's path) gets the
+        adapted policy, never the bare base.
         """
         from pipeline.models import resolve
 
         if ref.startswith("stage:"):
             art = self.artifact(ref, ("policy", "reward_model"), role)
-            return str(art.output("model")), {"ref": ref, "trust_remote_code": False}
-        spec = self.pipeline.model_spec(ref)
-        return resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
-                                   "revision": spec.revision}
+            path, info = str(art.output("model")), {"ref": ref, "trust_remote_code": False}
+        else:
+            spec = self.pipeline.model_spec(ref)
+            path, info = resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
+                                             "revision": spec.revision}
+        if merged and (Path(path) / "adapter_config.json").exists():
+            path = self._merge_adapter(path, role, info)
+            info = {**info, "merged_adapter": True}
+        return path, info
+
+    def _merge_adapter(self, path: str, role: str, info: dict) -> str:
+        """The adapter at `path` merged into its base, saved as a plain model in WORK/.inputs/ROLE (rank 0 writes;
+        the runner removes .inputs/ before the artifact is promoted)."""
+        from pipeline import distributed
+        from pipeline.models import load_causal_lm, load_tokenizer, missing_parts
+
+        out = self.work_dir / ".inputs" / role
+        if distributed.is_main() and missing_parts(out):
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            trust = info.get("trust_remote_code", False)
+            load_causal_lm(path, "fp32", trust).save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(path, trust).save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        distributed.barrier()
+        return str(out)
 
 
 def _input_entry(cfg: PipelineConfig, ref: str, kind: str) -> dict:
@@ -237,6 +265,7 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     )
     if distributed.is_main():
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
+        shutil.rmtree(work / ".inputs", ignore_errors=True)  # merged copies of adapter inputs
     artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
     if distributed.is_main():
         artifacts.replace_dir(work, run_dir / st.name)

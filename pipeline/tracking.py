@@ -38,12 +38,14 @@ def redact(obj: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per call to metrics.jsonl and keeps the last value of each metric."""
+    """Appends one JSON object per call to metrics.jsonl and keeps the last value of each metric; with a
+    wandb run attached (stages that run their own loop, see wandb_run) logs the same rows there."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.last: dict[str, float] = {}
+        self.wandb = None
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         from pipeline.distributed import is_main
@@ -58,6 +60,8 @@ class MetricsLog:
         if is_main():  # every rank keeps `last`; only rank 0 writes
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
 
 def trainer_callback(metrics: MetricsLog):
@@ -79,3 +83,18 @@ def report_to(tracking) -> list[str]:
     os.environ.setdefault("WANDB_MODE", tracking.wandb_mode)
     os.environ.setdefault("WANDB_PROJECT", tracking.wandb_project)
     return ["wandb"]
+
+
+def wandb_run(tracking, name: str, config: dict, work_dir: str | Path):
+    """A wandb run for a stage that runs its own training loop (PPO; the TRL-based stages report through
+    `report_to`), with the stage's resolved config (secrets redacted); its files go under the stage's
+    directory. None when tracking is off or on processes other than rank 0. The caller finishes it."""
+    from pipeline.distributed import is_main
+
+    if not tracking.wandb or not is_main():
+        return None
+    report_to(tracking)
+    import wandb
+
+    return wandb.init(project=tracking.wandb_project, name=name, config=redact(config), dir=str(work_dir),
+                      mode=tracking.wandb_mode)

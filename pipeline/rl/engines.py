@@ -115,11 +115,22 @@ def _optimizer_factory(ds: dict, lr: float, weight_decay: float):
 
 
 class EngineOptimizer:
-    """The PPO update through DeepSpeed engines: engine.backward + engine.step per micro-batch (the engine
-    applies the update at the accumulation boundary, clipping by the config's gradient_clipping)."""
+    """The PPO update through DeepSpeed engines. Every micro-batch runs engine.backward; the engines step
+    between micro-batches (no update: DeepSpeed accumulates) but not after the last one, where the gradients
+    are reduced and about to be applied: step() first checks that every gradient is finite on every process
+    (as the one-process path does with the clipped norm), then lets the engines apply the update (clipping
+    by the config's gradient_clipping, stepping the learning-rate schedule)."""
 
     def __init__(self, actor, critic=None):
         self.actor, self.critic = actor, critic
+
+    @property
+    def engines(self) -> list:
+        return [e for e in (self.actor, self.critic) if e is not None]
+
+    @property
+    def lr(self) -> float:
+        return float(self.actor.get_lr()[0])
 
     def zero_grad(self) -> None:  # the engines zero their gradients after each update
         pass
@@ -127,20 +138,19 @@ class EngineOptimizer:
     def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, weight: float) -> None:
         # the engine divides by gradient_accumulation_steps itself (equal micro-batches: weight == 1/steps)
         if self.critic is None:
-            self.actor.backward(policy_loss + value_loss)
-            self.actor.step()
-            return
-        self.actor.backward(policy_loss)
-        self.actor.step()
-        self.critic.backward(value_loss)
-        self.critic.step()
+            _micro_step(self.actor, policy_loss + value_loss)
+        else:
+            _micro_step(self.actor, policy_loss)
+            _micro_step(self.critic, value_loss)
 
     def step(self, check) -> float:
-        norms = [e.get_global_grad_norm() for e in (self.actor, self.critic) if e is not None]
+        bad = [nonfinite_gradients(e) for e in self.engines]  # every engine on every process: collectives
+        check(grad_norm=float("inf") if any(bad) else 0.0)  # raises before any engine applies the update
+        for e in self.engines:
+            e.step()
+        norms = [e.get_global_grad_norm() for e in self.engines]
         norms = [float(n) for n in norms if n is not None]
-        gn = sum(n * n for n in norms) ** 0.5 if norms else 0.0
-        check(grad_norm=gn)
-        return gn
+        return sum(n * n for n in norms) ** 0.5 if norms else 0.0
 
     def save(self, path) -> None:
         """Each engine's checkpoint (ZeRO shards of weights and optimizer from every process)."""
@@ -158,14 +168,36 @@ class EngineOptimizer:
                 raise UsageError(f"--resume: {path / name} holds no DeepSpeed checkpoint for this run")
 
 
-def build(models, cfg, precision: str, ds: dict):
-    """Wrap the trained models of `models` (PPOModels) in DeepSpeed engines; returns an EngineOptimizer."""
+def _micro_step(engine, loss: torch.Tensor) -> None:
+    """Backward for one micro-batch; step the engine unless this micro-batch ends the accumulation (then the
+    reduced gradients wait for EngineOptimizer.step's check)."""
+    engine.backward(loss)
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()
+
+
+def nonfinite_gradients(engine) -> bool:
+    """True on every process when any gradient the engine is about to apply is inf or NaN. Call after the
+    backward that ends the accumulation, before engine.step(): the ZeRO optimizers hold the reduced gradient
+    partitions then, and their own overflow check reduces the answer over the processes."""
+    stage = engine.zero_optimization_stage()
+    if stage >= 1:
+        return bool(engine.optimizer.has_overflow(partition_gradients=stage >= 2))
+    local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in engine.module.parameters())
+    return distributed.any_rank(local)
+
+
+def build(models, cfg, precision: str, ds: dict, scheduler=None):
+    """Wrap the trained models of `models` (PPOModels) in DeepSpeed engines; returns an EngineOptimizer.
+    `scheduler` (optimizer -> LR scheduler) gives each engine its learning-rate schedule."""
     import deepspeed
 
     make_opt = _optimizer_factory(ds, cfg.optim.lr, cfg.optim.weight_decay)
 
     def engine(module):
-        e, *_ = deepspeed.initialize(model=module, optimizer=make_opt, config=ds,
+        # scheduler: a callable optimizer -> LR scheduler; the engine steps it with each applied update and
+        # keeps its state in its checkpoints
+        e, *_ = deepspeed.initialize(model=module, optimizer=make_opt, config=ds, lr_scheduler=scheduler,
                                      model_parameters=[p for p in module.parameters() if p.requires_grad])
         models.engines.append(e)
         return e

@@ -14,8 +14,15 @@ On one process a torch optimizer trains them (LocalOptimizer); under DeepSpeed t
 value head run in one engine and a critic in another (pipeline/rl/engines.py), each process
 holding its share of the rollout.
 
+The training forward scores exactly the distribution the rollout was sampled from: logits are
+divided by the sampling temperature everywhere log-probabilities are taken (old, new, reference,
+KL, held-out KL), sampling uses an explicit GenerationConfig (nothing from the model's
+generation_config.json), and dropout is off in every model for the whole stage, so that before
+the first update the importance ratio is exactly 1 (TRL's and OpenRLHF's PPO do the same).
+
 Everything the rollout does not train runs under torch.no_grad() in eval mode. A non-finite
-loss, gradient norm or reward stops the loop with the step named, before anything is saved.
+loss, gradient norm or reward stops the loop with the step named, before the update is applied
+and before anything is saved.
 """
 
 from __future__ import annotations
@@ -29,8 +36,20 @@ import torch
 import torch.nn as nn
 
 from pipeline.errors import InvalidInput
-from pipeline.generation import chat_ids, left_pad, sampling_kwargs
+from pipeline.generation import chat_ids, generation_config, left_pad
+from pipeline.generation import generate as generate_with
 from pipeline.rl import functional as F
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off for good (not only in eval mode): every nn.Dropout (LoRA's lora_dropout included) and the
+    float dropout rates attention modules read in training mode (e.g. Llama's attention_dropout)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name, value in vars(m).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
 
 
 class ValueHead(nn.Module):
@@ -53,6 +72,7 @@ class Rollout:
     response: torch.Tensor  # [B, R] right-padded, EOS kept, after it pad
     mask: torch.Tensor  # [B, R] 1 on response tokens (EOS included)
     eos: torch.Tensor  # [B] bool: the response ended with EOS
+    sampler_logp: torch.Tensor | None = None  # [B, R] the sampler's own log-probs (generate(keep_scores=True))
     scores: torch.Tensor | None = None
     logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -81,16 +101,18 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """A reward model read at every token (value_model: critic): its backbone and score head give a value per position."""
+    """A reward model read at every token (value_model: critic): its backbone and score head give a value per
+    position. With the reward model's normalisation statistics (`mean`, `std`), values are on the scale of the
+    normalised rewards they are trained to predict (OpenRLHF's critic does the same)."""
 
-    def __init__(self, model):
+    def __init__(self, model, mean: float = 0.0, std: float = 1.0):
         super().__init__()
-        self.model = model
+        self.model, self.mean, self.std = model, mean, std
 
     def forward(self, input_ids, attention_mask, position_ids, start: int):
         backbone = self.model.base_model if hasattr(self.model, "base_model") else self.model.model
         h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.model.score(h[:, start - 1 : -1]).squeeze(-1).float()
+        return (self.model.score(h[:, start - 1 : -1]).squeeze(-1).float() - self.mean) / self.std
 
 
 class PPOModels:
@@ -101,8 +123,13 @@ class PPOModels:
     """
 
     def __init__(self, policy, tokenizer, value_model: str = "head", critic=None, lora: bool = False,
-                 reference=None):
-        self.tok, self.lora = tokenizer, lora
+                 reference=None, temperature: float = 1.0, critic_scale: tuple[float, float] = (0.0, 1.0)):
+        if not temperature > 0:
+            raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probabilities)")
+        self.tok, self.lora, self.temperature = tokenizer, lora, temperature
+        for m in (policy, critic, reference):
+            if m is not None:
+                disable_dropout(m)
         if lora:
             self.reference = None
         else:
@@ -112,7 +139,7 @@ class PPOModels:
         dtype = next(policy.parameters()).dtype  # one dtype per engine (DeepSpeed flattens them together)
         head = ValueHead(cfg.hidden_size).to(dtype) if value_model == "head" else None
         self.actor_module = Actor(policy, head)
-        self.critic_module = Critic(critic) if critic is not None else None
+        self.critic_module = Critic(critic, *critic_scale) if critic is not None else None
         self.actor, self.critic = self.actor_module, self.critic_module
         self.generation = lambda: contextlib.nullcontext(self.policy)  # ZeRO-3: gathers the weights
         self.sync_generation = False  # True: sharded ZeRO-3 generation, every process steps together
@@ -139,7 +166,8 @@ class PPOModels:
                 m.train(mode)
 
     def forward(self, ro: Rollout, idx=None, with_values: bool = True, reference: bool = False):
-        """Log-probs of the response tokens [B, R], entropies [B, R], values [B, R] (or None)."""
+        """Log-probs of the response tokens [B, R] under the sampling distribution (logits / temperature),
+        entropies of that distribution [B, R], values [B, R] (or None)."""
         q, qm, r, m = ro.query, ro.query_mask, ro.response, ro.mask
         if idx is not None:
             q, qm, r, m = q[idx], qm[idx], r[idx], m[idx]
@@ -153,8 +181,9 @@ class PPOModels:
                     logits, _ = self.actor(ids, att, pos, P, values=False)
             else:
                 logits = self.reference(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, P - 1 : -1]
-            return F.logprobs_from_logits(logits, r), None, None
+            return F.logprobs_from_logits(logits.float() / self.temperature, r), None, None
         logits, values = self.actor(ids, att, pos, P, values=with_values)
+        logits = logits.float() / self.temperature
         logp = F.logprobs_from_logits(logits, r)
         ent = F.entropy_from_logits(logits)
         if with_values and self.critic is not None:
@@ -163,10 +192,15 @@ class PPOModels:
 
 
 class LocalOptimizer:
-    """One process: a torch optimizer over every trainable parameter, gradients clipped together."""
+    """One process: a torch optimizer over every trainable parameter, gradients clipped together, and the
+    learning-rate schedule stepped once per optimizer step."""
 
-    def __init__(self, models: PPOModels, optimizer, max_grad_norm: float):
-        self.models, self.optimizer, self.max_grad_norm = models, optimizer, max_grad_norm
+    def __init__(self, models: PPOModels, optimizer, max_grad_norm: float, scheduler=None):
+        self.models, self.optimizer, self.max_grad_norm, self.scheduler = models, optimizer, max_grad_norm, scheduler
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,6 +212,8 @@ class LocalOptimizer:
         gn = torch.nn.utils.clip_grad_norm_(self.models.trainable_parameters(), self.max_grad_norm)
         check(grad_norm=gn)  # before the update: a non-finite gradient never reaches the weights
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return gn.item()
 
     def _weights(self):
@@ -192,6 +228,8 @@ class LocalOptimizer:
         for module, name in self._weights():
             save_model(module, str(path / name))
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        if self.scheduler is not None:
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
     def load(self, path) -> None:
         from safetensors.torch import load_model
@@ -199,18 +237,24 @@ class LocalOptimizer:
         for module, name in self._weights():
             load_model(module, str(path / name))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if self.scheduler is not None:
+            if not (path / "scheduler.pt").exists():
+                raise InvalidInput(f"{path}: no scheduler.pt; the checkpoint was written without a schedule")
+            self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
 
-def generate(models: PPOModels, prompts: list, temperature: float, top_p: float, max_new_tokens: int) -> Rollout:
+def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores: bool = False) -> Rollout:
+    """Sample one response per prompt at the models' temperature (pure sampling: no top-k, top-p or penalties,
+    whatever the model's generation_config.json says). keep_scores: also keep the sampler's own log-probs."""
     tok = models.tok
     query, qmask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
     query, qmask = query.to(models.device), qmask.to(models.device)
+    config = generation_config(tok, max_new_tokens, models.temperature, 1.0, return_dict_in_generate=True,
+                               output_scores=keep_scores)
     models.train(False)
     with torch.no_grad(), models.generation() as policy:
-        out = policy.generate(input_ids=query, attention_mask=qmask, max_new_tokens=max_new_tokens,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              synced_gpus=models.sync_generation, **sampling_kwargs(temperature, top_p))
-    response = out[:, query.shape[1]:]
+        out = generate_with(policy, config, query, qmask, synced_gpus=models.sync_generation)
+    response = out.sequences[:, query.shape[1]:]
     is_eos = response == tok.eos_token_id
     # keep everything up to and including the first EOS
     after = (is_eos.cumsum(1) - is_eos.long()) > 0
@@ -220,7 +264,11 @@ def generate(models: PPOModels, prompts: list, temperature: float, top_p: float,
     response = response.masked_fill(after, tok.pad_token_id)
     eos = is_eos.any(1)
     texts = tok.batch_decode(response, skip_special_tokens=True)
-    return Rollout(prompts, [t.strip() for t in texts], query, qmask, response, mask, eos)
+    ro = Rollout(prompts, [t.strip() for t in texts], query, qmask, response, mask, eos)
+    if keep_scores:
+        scores = torch.stack(out.scores, 1).float()  # [B, R, V]: the processed logits the sampler drew from
+        ro.sampler_logp = F.logprobs_from_logits(scores, response) * mask
+    return ro
 
 
 class RewardFunction:
@@ -235,6 +283,7 @@ class RewardFunction:
             from reward.scoring import RewardScorer
 
             self.scorer = RewardScorer.from_artifact(model_path, precision=precision)
+            disable_dropout(self.scorer.model)
         self.rule = load_callable(rule) if rule else None
         self.normalize = normalize
 
@@ -281,27 +330,32 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
             adv = F.masked_whiten(adv, ro.mask)
     B = ro.response.shape[0]
     stats: dict[str, list[float]] = {}
-    models.train(True)
+    models.train(True)  # dropout is off in every model (disable_dropout): train mode changes nothing numerically
     g = torch.Generator().manual_seed(step)
-    check = lambda **v: check_finite(step, **v)  # noqa: E731
     for _ in range(hp.epochs):
         order = torch.randperm(B, generator=g)
         for start in range(0, B, hp.minibatch_size):
             mb = order[start : start + hp.minibatch_size]
             optimizer.zero_grad()
             micro = [mb[i : i + hp.micro_batch_size] for i in range(0, len(mb), hp.micro_batch_size)]
+            bad_loss = None
             for idx in micro:
                 logp, ent, values = models.forward(ro, idx)
                 m = ro.mask[idx]
                 pg, pst = F.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip)
                 vl, vst = F.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip)
                 entropy = F.masked_mean(ent, m)
-                check(loss=pg + hp.vf_coef * vl - hp.entropy_coef * entropy)
+                loss = pg + hp.vf_coef * vl - hp.entropy_coef * entropy
+                if bad_loss is None and not torch.isfinite(loss):
+                    bad_loss = loss.detach()
                 optimizer.backward(pg - hp.entropy_coef * entropy, hp.vf_coef * vl, len(idx) / len(mb))
                 for k, v in {"policy_loss": pg.item(), "value_loss": vl.item(), "entropy": entropy.item(),
                              **pst, **vst}.items():
                     stats.setdefault(k, []).append(v)
-            stats.setdefault("grad_norm", []).append(optimizer.step(check))
+            stats.setdefault("lr", []).append(optimizer.lr)
+            # one check per minibatch, before its update: the losses of its micro-batches and the gradient norm
+            loss_check = {"loss": bad_loss if bad_loss is not None else torch.tensor(0.0)}
+            stats.setdefault("grad_norm", []).append(optimizer.step(lambda **v: check_finite(step, **loss_check, **v)))
     models.train(False)
     out = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}
     out.update({
@@ -335,16 +389,17 @@ def score_rollout(models: PPOModels, ro: Rollout, reward_fn: RewardFunction, mis
     ro.scores = scores
 
 
-def evaluate(models: PPOModels, prompts: list, reward_fn: RewardFunction | None, rule=None, temperature: float = 1.0,
-             top_p: float = 1.0, max_new_tokens: int = 32, seed: int = 0, batch_size: int = 64) -> dict:
-    """Mean reward (and rule reward) of samples on held-out prompts, and the KL to the reference."""
+def evaluate(models: PPOModels, prompts: list, reward_fn: RewardFunction | None, rule=None, max_new_tokens: int = 32,
+             seed: int = 0, batch_size: int = 64) -> dict:
+    """Mean reward (and rule reward) of samples on held-out prompts (at the rollout temperature), and the KL to
+    the reference of the distribution they were sampled from."""
     rewards, rules, kls, samples = [], [], [], []
     dev = models.device
     gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus):  # a fixed seed here; training's RNG stream is left as it was
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
-            ro = generate(models, prompts[i : i + batch_size], temperature, top_p, max_new_tokens)
+            ro = generate(models, prompts[i : i + batch_size], max_new_tokens)
             with torch.no_grad():
                 logp, _, _ = models.forward(ro, with_values=False)
                 ref, _, _ = models.forward(ro, reference=True)

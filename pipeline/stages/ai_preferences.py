@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import Strict
 from pipeline.errors import InvalidInput
@@ -32,6 +32,11 @@ class CandidatesConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _used(self):
+        self.refuse_unused(("top_p",), self.temperature > 0, "at temperature 0 (greedy decoding)")
+        return self
 
 
 class AIPreferencesStageConfig(Strict):

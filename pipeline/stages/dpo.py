@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
@@ -45,6 +45,14 @@ class DPOStageConfig(Strict):
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
     eval_rule: str | None = None
     eval_max_new_tokens: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _used(self):
+        if bool(self.eval_rule) != bool(self.eval_prompts):
+            raise ValueError("eval_rule and eval_prompts work together (the rule scores samples on those prompts): "
+                             "set both or neither")
+        self.refuse_unused(("eval_max_new_tokens",), bool(self.eval_rule), "without eval_rule")
+        return self
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         out = {"policy": (self.policy, "model"), "preferences": (self.preferences, "artifact")}
@@ -94,7 +102,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     if not train:
         raise InvalidInput(f"{prefs.output('train')}: no non-tie pairs to train on")
     precision = resolve_precision(cfg.precision)
-    path, info = ctx.model_path(cfg.policy, role="policy")
+    path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
     tok = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
     model = load_causal_lm(path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
 

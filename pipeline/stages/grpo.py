@@ -50,6 +50,8 @@ class GroupRLStageConfig(Strict):
     def _check(self):
         if not self.reward_model and not self.rule:
             raise ValueError("reward_model: give a reward model (stage:NAME), a rule (module:function), or both")
+        if self.eval_rule and self.eval_fraction == 0:
+            raise ValueError("eval_rule has no effect with eval_fraction: 0 (no held-out prompts to sample)")
         if (self.optim.batch_size * self.optim.grad_accum) % self.num_generations:
             raise ValueError(f"optim.batch_size: batch_size x grad_accum must be a multiple of num_generations "
                              f"({self.num_generations})")
@@ -119,7 +121,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
     train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
-    path, info = ctx.model_path(cfg.policy, role="policy")
+    path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
     tok = load_tokenizer(path)
     model = load_causal_lm(path, "fp32")
     reward_path = str(ctx.artifact(cfg.reward_model, "reward_model", "reward_model").path) if cfg.reward_model else None

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.config import CheckpointConfig, LoraConfig, Precision, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -42,12 +43,24 @@ class RewardSourceConfig(Strict):
 
 class RolloutConfig(Strict):
     prompts_per_step: int = Field(32, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (> 0); log-probs use logits / T")
+    top_p: float = Field(1.0, gt=0, le=1, description="must stay 1: PPO samples the full distribution")
     max_new_tokens: int = Field(32, ge=1)
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score without EOS")
     gather_zero3: bool = Field(True, description="ZeRO-3: gather the policy's shards on every process to sample "
                                "(fast); false samples on the shards, all processes stepping together (less memory)")
+
+    @model_validator(mode="after")
+    def _full_distribution(self):
+        # PPO's importance ratio compares the probability of each sampled token under the sampler and under the
+        # trained policy; truncated or greedy sampling has no such probability for the policy to match.
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 for PPO: 0 is greedy decoding, which has no sampling "
+                             "probabilities for the importance ratio; use e.g. 1.0")
+        if self.top_p < 1:
+            raise ValueError("top_p must be 1 for PPO: the importance ratio is undefined for truncated (top-p) "
+                             "sampling; lower rollout.temperature instead")
+        return self
 
 
 class KLConfig(Strict):
@@ -58,6 +71,12 @@ class KLConfig(Strict):
     horizon: int = Field(10000, ge=1)
     ceiling: float | None = Field(None, gt=0, description="stop (or warn) when the mean KL exceeds this")
     on_ceiling: Literal["stop", "warn"] = "stop"
+
+    @model_validator(mode="after")
+    def _used(self):
+        self.refuse_unused(("target", "horizon"), self.adaptive, "without adaptive: true")
+        self.refuse_unused(("on_ceiling",), self.ceiling is not None, "without a ceiling")
+        return self
 
 
 class PPOHyperConfig(Strict):
@@ -83,6 +102,25 @@ class FrozenConfig(Strict):
     offload: bool = Field(False, description="keep their ZeRO-3 shards in CPU memory (needs ZeRO-3 and zero3: true)")
 
 
+class PPOOptimConfig(Strict):
+    """PPO's optimiser: AdamW on every trained model, one schedule step per optimizer step (there are
+    steps x ppo.epochs x (prompts_per_step / minibatch_size) of them). Epochs, batch sizes and logging live
+    in `steps`, `rollout` and `ppo`."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the optimizer steps spent warming up")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "constant"
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_needs_a_schedule(self):
+        if self.warmup_ratio and self.scheduler == "constant":
+            raise ValueError("warmup_ratio needs a schedule with a warm-up: 'constant' has none; use scheduler: "
+                             "constant_with_warmup (or linear, cosine)")
+        return self
+
+
 class PPOStageConfig(Strict):
     stage: Literal["ppo"]
     name: str | None = None
@@ -99,7 +137,7 @@ class PPOStageConfig(Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
     ppo: PPOHyperConfig = Field(default_factory=PPOHyperConfig)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5))
+    optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
@@ -173,7 +211,10 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
         reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision)
         reference = load_causal_lm(policy_path, precision) if needs_reference else None
     del sharded
-    models = PPOModels(policy, tok, cfg.value_model, critic, lora=lora, reference=reference)
+    norm = (reward_art.manifest.get("normalization") or {}) if rm_dir and cfg.reward.normalize else {}
+    models = PPOModels(policy, tok, cfg.value_model, critic, lora=lora, reference=reference,
+                       temperature=cfg.rollout.temperature,
+                       critic_scale=(norm.get("mean", 0.0), norm.get("std", 1.0)))
     if shard_frozen:
         inference = engines.inference_config(ds, cfg.frozen.offload)
         if models.reference is not None:
@@ -190,27 +231,58 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     return models, reward_fn, tok, placement, shard_frozen
 
 
+@dataclass
+class _Setup:
+    """What the PPO loop works with, built by _setup."""
+
+    models: object  # PPOModels
+    optimizer: object  # LocalOptimizer or (DeepSpeed) EngineOptimizer
+    reward_fn: object  # RewardFunction
+    kl_ctl: object
+    tok: object
+    eval_rule: object
+    train_prompts: list
+    eval_prompts: list
+    info: dict
+    policy_path: str
+    reward_art: object
+    ds: dict | None
+    per_rank: int
+    minibatch: int
+
+
 def run(cfg: PPOStageConfig, ctx) -> dict:
-    import torch
-    from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from feedback.judges.rule import load_callable
-    from pipeline import checkpoint, distributed
-    from pipeline.models import count_parameters, hidden_size, resolve_precision
-    from pipeline.rl import functional as F
-    from pipeline.rl.ppo import (LocalOptimizer, cycle_batches, evaluate, generate, kl_ceiling_message, load_state,
-                                 ppo_step, save_state, score_rollout)
-    from pipeline.runner import resolve_data_path
-    from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.common import logits_fingerprint
-    from pipeline.stages.preferences import split_by_prompt
+    from pipeline.tracking import wandb_run
 
     set_seed(ctx.seed)
-    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
-    say = distributed.say
+    s = _setup(cfg, ctx)
+    ctx.metrics.wandb = wandb_run(ctx.pipeline.tracking, ctx.name, ctx.stage_config, ctx.work_dir)
+    try:
+        before, after, last, seconds = _loop(cfg, ctx, s)
+    finally:
+        if ctx.metrics.wandb is not None:
+            ctx.metrics.wandb.finish()
+    return _finish(cfg, ctx, s, before, after, last, seconds)
+
+
+def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
+    """Prompts split by prompt, the four models placed (one process or DeepSpeed), optimizer and schedule."""
+    import torch
+
+    from feedback.judges.rule import load_callable
+    from pipeline import distributed
+    from pipeline.models import count_parameters, hidden_size, resolve_precision
+    from pipeline.rl import functional as F
+    from pipeline.rl.ppo import LocalOptimizer
+    from pipeline.runner import resolve_data_path
+    from pipeline.stages.ai_preferences import read_prompts
+    from pipeline.stages.preferences import split_by_prompt
+
+    world, say = distributed.world_size(), distributed.say
     precision = resolve_precision(cfg.precision)
-    policy_path, info = ctx.model_path(cfg.policy, role="policy")
+    policy_path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
     reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
     ds = None
     if cfg.deepspeed:
@@ -224,7 +296,6 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     per_rank, minibatch = (engines.local_sizes(cfg, world) if ds else
                            (cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size))
     prompts = read_prompts(resolve_data_path(cfg.prompts))
-
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
     eval_prompts = eval_prompts[: cfg.max_eval_prompts]
     if len(train_prompts) < cfg.rollout.prompts_per_step:
@@ -232,18 +303,16 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
 
     models, reward_fn, tok, placement, shard_frozen = _load_models(cfg, ctx, precision, ds, policy_path, reward_art)
-    info = {**info, "placement": placement}
-    eval_rule = load_callable(cfg.eval_rule) if cfg.eval_rule else None
+    schedule = _scheduler_factory(cfg, minibatch, per_rank)
     if ds:
-        optimizer = engines.build(models, cfg, precision, ds)  # the engines put the models on their device
+        optimizer = engines.build(models, cfg, precision, ds, schedule)  # the engines put the models on their device
     else:
         models.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for m in (models.actor_module, models.critic_module):
             if m is not None:
                 m.to(models.device)
-        optimizer = LocalOptimizer(models, torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr,
-                                                             weight_decay=cfg.optim.weight_decay),
-                                   cfg.optim.max_grad_norm)
+        adamw = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        optimizer = LocalOptimizer(models, adamw, cfg.optim.max_grad_norm, schedule(adamw))
     if not shard_frozen:  # whole frozen copies join the trained models on their device
         if models.reference is not None:
             models.reference.to(models.device)
@@ -252,82 +321,128 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
     kl_ctl = (F.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else F.FixedKLController(cfg.kl.coef))
     total, trainable = count_parameters(models.policy)
+    info = {**info, "placement": placement, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
+            "adapter": cfg.tuning == "lora" and not cfg.lora.merge}
     say(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
         f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}"
         + (f"; {world} processes, ZeRO-{distributed.zero_stage(ds)}, {per_rank} prompts each per step" if ds else ""))
-    say(f"[{ctx.name}] models: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info["placement"].items()))
+    say(f"[{ctx.name}] models: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in placement.items()))
+    return _Setup(models, optimizer, reward_fn, kl_ctl, tok, load_callable(cfg.eval_rule) if cfg.eval_rule else None,
+                  train_prompts, eval_prompts, info, policy_path, reward_art, ds, per_rank, minibatch)
 
-    ro_cfg = cfg.rollout
-    ev = dict(temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed)
-    hp = _Hyper(cfg, minibatch)
-    batches = cycle_batches(train_prompts, ro_cfg.prompts_per_step, ctx.seed)
+
+def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]:
+    """Held-out evaluation, `steps` PPO steps (rollout, scoring, update) with checkpoints, evaluation again.
+    Returns (eval before, eval after, the last step's metrics, training seconds)."""
+    from tqdm.auto import tqdm
+
+    from pipeline import checkpoint, distributed
+    from pipeline.rl.ppo import cycle_batches, evaluate, generate, load_state, ppo_step, save_state, score_rollout
+
+    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    ro_cfg, models = cfg.rollout, s.models
+    hp = _Hyper(cfg, s.minibatch)
+    batches = cycle_batches(s.train_prompts, ro_cfg.prompts_per_step, ctx.seed)
     samples_path = ctx.work_dir / "samples.jsonl"
     ckpt_dir, stop = ctx.work_dir / "checkpoints", checkpoint.stop_after_step()
+    held_out = lambda: (evaluate(models, s.eval_prompts, s.reward_fn, s.eval_rule,  # noqa: E731
+                                 max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed) if s.eval_prompts else {})
     first = 1
     if ctx.resume_from is not None:
-        state = load_state(ctx.resume_from, models, optimizer, kl_ctl)
+        state = load_state(ctx.resume_from, models, s.optimizer, s.kl_ctl)
         before, first = state["before"], state["step"] + 1
         for _ in range(state["step"]):  # the data position: the same prompts in the same order
             next(batches)
     else:
         # every process evaluates every held-out prompt (same seed, same samples): the numbers do
         # not depend on the number of processes
-        before = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
+        before = held_out()
         before.pop("_samples", None)
     t0 = time.time()
     last: dict = {}
     for step in tqdm(range(first, cfg.steps + 1), desc="PPO", unit="step", initial=first - 1, total=cfg.steps,
                      disable=not main):
         epoch, batch = next(batches)
-        ro = generate(models, batch[rank::world], ro_cfg.temperature, ro_cfg.top_p, ro_cfg.max_new_tokens)
-        score_rollout(models, ro, reward_fn, ro_cfg.missing_eos_penalty, step)
-        last = ppo_step(models, optimizer, ro, hp, kl_ctl, step)
+        ro = generate(models, batch[rank::world], ro_cfg.max_new_tokens)
+        score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step)
+        last = ppo_step(models, s.optimizer, ro, hp, s.kl_ctl, step)
         last["ppo/epoch"] = epoch
         ctx.metrics.log(last, step=step)
         if main and (step % cfg.log_samples_every == 0 or step == 1):
-            with open(samples_path, "a", encoding="utf-8") as f:
-                for p, r, s in list(zip(ro.prompts, ro.responses, ro.scores.tolist()))[:2]:
-                    f.write(json.dumps({"step": step, "prompt": p, "response": r, "score": s}) + "\n")
-        if cfg.kl.ceiling is not None and last["ppo/kl"] > cfg.kl.ceiling:
-            msg = kl_ceiling_message(step, last["ppo/kl"], cfg.kl.ceiling)
-            if cfg.kl.on_ceiling == "stop":
-                raise InvalidInput(msg + " Stopped; no artifact written.")
-            say(f"[{ctx.name}] warning: {msg}")
+            _write_samples(samples_path, [{"step": step, "prompt": p, "response": r, "score": sc} for p, r, sc in
+                                          list(zip(ro.prompts, ro.responses, ro.scores.tolist()))[:2]])
+        _check_kl_ceiling(cfg, ctx, step, last["ppo/kl"])
         every = cfg.checkpoint.every
         if (every and step % every == 0) or step == stop:
             checkpoint.save_atomic(ckpt_dir, step, ctx.checkpoint_meta(step), lambda d: save_state(
-                d, models, optimizer, kl_ctl, step, {"before": before}), cfg.checkpoint.keep)
+                d, models, s.optimizer, s.kl_ctl, step, {"before": before}), cfg.checkpoint.keep)
         if step == stop and step < cfg.steps:
             raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {step} (RLHF_STOP_AFTER_STEP); "
                                      "continue with --resume")
     seconds = time.time() - t0
-    after = evaluate(models, eval_prompts, reward_fn, eval_rule, **ev) if eval_prompts else {}
-    samples = after.pop("_samples", [])
+    after = held_out()
     if main:
-        with open(samples_path, "a", encoding="utf-8") as f:
-            for p, r in samples:
-                f.write(json.dumps({"step": "final-eval", "prompt": p, "response": r}) + "\n")
+        _write_samples(samples_path, [{"step": "final-eval", "prompt": p, "response": r}
+                                      for p, r in after.get("_samples", [])])
+    after.pop("_samples", None)
+    return before, after, last, seconds
 
-    fingerprint = logits_fingerprint(models.policy, tok)  # every process takes part under ZeRO-3
+
+def _write_samples(path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _check_kl_ceiling(cfg: PPOStageConfig, ctx, step: int, kl: float) -> None:
+    from pipeline.distributed import say
+    from pipeline.rl.ppo import kl_ceiling_message
+
+    if cfg.kl.ceiling is not None and kl > cfg.kl.ceiling:
+        msg = kl_ceiling_message(step, kl, cfg.kl.ceiling)
+        if cfg.kl.on_ceiling == "stop":
+            raise InvalidInput(msg + " Stopped; no artifact written.")
+        say(f"[{ctx.name}] warning: {msg}")
+
+
+def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last: dict, seconds: float) -> dict:
+    """Save the policy (and value head or critic), and the stage's result for the manifest."""
+    from pipeline import distributed
+    from pipeline.stages.common import logits_fingerprint
+
+    fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
     memory = _peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
-    outputs.update(_save(models, cfg, tok, ctx.work_dir, policy_path, reward_art, under_deepspeed=ds is not None))
+    outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
+                         under_deepspeed=s.ds is not None))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **{f"memory/{k}": max(v) for k, v in memory.items()}}
-    key = "eval/rule_reward_mean" if eval_rule else "eval/reward_mean"
+    key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
     summary = (f"{cfg.steps} steps in {seconds:.1f}s; held-out {key.split('/')[1]} "
                f"{before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
                f"KL {after.get('eval/kl', float('nan')):.3f}; artifact: {ctx.run_dir / ctx.name / 'model'}")
     return {"kind": "policy", "outputs": outputs, "metrics": metrics,
-            "counts": {"train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
-                       "rollouts": cfg.steps * ro_cfg.prompts_per_step},
-            "extra": {"ppo_state": {"kl_coef": kl_ctl.value, "kl": kl_ctl.state_dict()},
-                      "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
-                                "adapter": cfg.tuning == "lora" and not cfg.lora.merge},
+            "counts": {"train_prompts": len(s.train_prompts), "eval_prompts": len(s.eval_prompts),
+                       "rollouts": cfg.steps * cfg.rollout.prompts_per_step},
+            "extra": {"ppo_state": {"kl_coef": s.kl_ctl.value, "kl": s.kl_ctl.state_dict()},
+                      "model": s.info,
                       "check": {"logits_fingerprint": fingerprint},
-                      "distributed": {"world_size": world, "zero_stage": distributed.zero_stage(ds),
+                      "distributed": {"world_size": distributed.world_size(), "zero_stage": distributed.zero_stage(s.ds),
                                       "memory_per_process": memory}},
             "summary": summary}
+
+
+def _scheduler_factory(cfg: PPOStageConfig, minibatch: int, per_rank: int):
+    """optimizer -> the learning-rate schedule of `optim`, over every optimizer step of the stage (each process
+    runs per_rank / minibatch updates per epoch of each step)."""
+    import math
+
+    from transformers import get_scheduler
+
+    total = cfg.steps * cfg.ppo.epochs * math.ceil(per_rank / minibatch)
+    warmup = math.ceil(cfg.optim.warmup_ratio * total)
+    return lambda optimizer: get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=warmup,
+                                           num_training_steps=total)
 
 
 def _peak_memory() -> dict[str, list[float]]:

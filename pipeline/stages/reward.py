@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
@@ -44,6 +44,13 @@ class RewardStageConfig(Strict):
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     calibration_buckets: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _used(self):
+        if not self.lora.merge:
+            raise ValueError("lora.merge: false has no effect here: a reward model is always saved merged (its "
+                             "score head and the adapter in one model); leave lora.merge at true")
+        return self
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         out = {"model": (self.model, "model"), "preferences": (self.preferences, "artifact")}
@@ -104,7 +111,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     eval_art = ctx.artifact(cfg.eval_preferences, "preferences", "eval_preferences") if cfg.eval_preferences else prefs
     eval_pairs = list(read_pairs(eval_art.output("eval")))
     precision = resolve_precision(cfg.precision)
-    path, info = ctx.model_path(cfg.model)
+    path, info = ctx.model_path(cfg.model, merged=True)
     tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
     model = load_reward_model(path, "fp32", info.get("trust_remote_code", False))
     model.config.pad_token_id = tokenizer.pad_token_id

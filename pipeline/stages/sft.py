@@ -31,6 +31,11 @@ class SFTDataConfig(Strict):
     on_error: Literal["fail", "skip"] = "fail"
     max_rows: int | None = Field(None, ge=1, description="use only the first N valid training rows")
 
+    @model_validator(mode="after")
+    def _used(self):
+        self.refuse_unused(("eval_fraction",), self.eval is None, "with an eval file (data.eval)")
+        return self
+
 
 class SFTStageConfig(Strict):
     stage: Literal["sft"]
@@ -53,6 +58,7 @@ class SFTStageConfig(Strict):
     def _check(self):
         if self.tuning == "freeze" and self.freeze_layers == 0:
             raise ValueError("freeze_layers: tuning 'freeze' needs freeze_layers >= 1")
+        self.refuse_unused(("freeze_layers",), self.tuning == "freeze", "without tuning: freeze")
         return self
 
     def inputs(self) -> dict[str, tuple[str, str]]:

@@ -29,7 +29,8 @@ STAGES = [
     # 8 prompts a step, 4 on each process; minibatch 8 = 2 processes x 2 micro-batches of 2
     {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "prompts": "synthetic:prompts",
      "max_eval_prompts": 8, "steps": 3, "rollout": {"prompts_per_step": 8, "max_new_tokens": 8},
-     "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 2}, "optim": {"lr": 1e-4}, "precision": "fp32",
+     "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 2},
+     "optim": {"lr": 1e-4, "scheduler": "cosine", "warmup_ratio": 0.3}, "precision": "fp32",
      "checkpoint": {"every": 2, "keep": 1}},
 ]
 # the same SFT and PPO with checkpoints, to stop after step 2 and resume
@@ -96,7 +97,8 @@ def test_stages_under_zero_save_models_that_reload_and_resume(tmp_path, zero):
     res = _launch(cfg, zero, "--stage", "sft_b", "--stage", "ppo_b", "--resume")
     assert res.stdout.count("resuming from") == 2, res.stdout[-2000:]
     for a, b, key, steps in (("sft", "sft_b", "train/loss", (3, 4)), ("ppo", "ppo_b", "ppo/reward_mean", (3,)),
-                             ("ppo", "ppo_b", "ppo/kl", (3,)), ("ppo", "ppo_b", "ppo/policy_loss", (3,))):
+                             ("ppo", "ppo_b", "ppo/kl", (3,)), ("ppo", "ppo_b", "ppo/policy_loss", (3,)),
+                             ("ppo", "ppo_b", "ppo/lr", (3,))):
         want, got = _metric(run, a, key), _metric(run, b, key)
         for step in steps:
             assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step, got, want)
@@ -118,3 +120,37 @@ def test_zero_config_disagreement_is_an_error_before_launch(tmp_path):
                               "stages.sft")
     assert filled["train_micro_batch_size_per_gpu"] == 8 and filled["gradient_accumulation_steps"] == 2
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+
+
+def test_first_launch_on_a_fresh_model_cache(tmp_path):
+    """Two ZeRO-3 processes start on an empty cache: one builds the model (outside DeepSpeed), the other
+    waits, both train and exit 0, and the cache holds a complete model that loads on one process."""
+    from pipeline import models
+
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    sft = {**STAGES[0], "optim": {**STAGES[0]["optim"], "max_steps": 1}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [sft]})
+    _launch(cfg, "zero3", env={"RLHF_CACHE": str(cache)})
+    entry = cache / "models" / models.TINY_VERSION
+    assert models.missing_parts(entry) == []
+    models.load_causal_lm(str(entry))
+    assert (run / "sft" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_nonfinite_gradient_is_refused_before_the_update_on_every_process(stage, tmp_path):
+    """PPO's DeepSpeed path checks every gradient of a minibatch once, after the last micro-batch's backward and
+    before the engine applies the update, on every process at once (an inf on one process stops both)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(random.randint(29600, 29999)),
+                          "-m", "tests.distributed.nonfinite_worker", str(stage), str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank-*.json"))]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["refused"] and "PPO step 2: grad_norm is not finite" in r["refused"], r
+    main = next(r for r in results if r["rank"] == 0)
+    assert main["good_update_applied"] and not main["bad_update_applied"], main

@@ -94,7 +94,7 @@ def test_ppo_lora_reference_is_the_disabled_adapter(tiny_run, tmp_path):
                 p.add_(0.5)  # make the adapter non-trivial
     models = PPOModels(peft, tok, "head", lora=True)
     assert models.reference is None
-    ro = generate(models, ["Tell me about the river."], 1.0, 1.0, 8)
+    ro = generate(models, ["Tell me about the river."], 8)
     with torch.no_grad():
         ref, _, _ = models.forward(ro, reference=True)
         pol, _, _ = models.forward(ro, with_values=False)

@@ -113,7 +113,8 @@ def test_ppo_resume_matches_straight_run(tiny_run, tmp_path, monkeypatch):
     ppo = {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "prompts": "synthetic:prompts",
            "steps": 4, "precision": "fp32", "max_eval_prompts": 8,
            "rollout": {"prompts_per_step": 64, "max_new_tokens": 12},
-           "ppo": {"epochs": 1, "minibatch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 5e-4},
+           "ppo": {"epochs": 1, "minibatch_size": 32, "micro_batch_size": 32},
+           "optim": {"lr": 5e-4, "scheduler": "linear", "warmup_ratio": 0.2},
            "checkpoint": {"every": 2, "keep": 1}}
     head = [{"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}},
             {"stage": "preferences", "data": {"path": "synthetic:preferences"}},
@@ -125,7 +126,7 @@ def test_ppo_resume_matches_straight_run(tiny_run, tmp_path, monkeypatch):
     assert main(["run", str(cfg), "--stage", "ppo_b"]) == 3
     monkeypatch.delenv("RLHF_STOP_AFTER_STEP")
     assert main(["run", str(cfg), "--stage", "ppo_b", "--resume"]) == 0
-    for key in ("ppo/reward_mean", "ppo/kl", "ppo/epoch"):
+    for key in ("ppo/reward_mean", "ppo/kl", "ppo/epoch", "ppo/lr"):  # the schedule resumes where it stopped
         want = _losses(tiny_run / "ppo_a" / "metrics.jsonl", key)
         got = _losses(tiny_run / "ppo_b" / "metrics.jsonl", key)
         assert sorted(got) == [1, 2, 3, 4]

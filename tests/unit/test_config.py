@@ -108,3 +108,35 @@ def test_cli_help_describes_every_command(capsys):
         assert exc.value.code == 0
         out = capsys.readouterr().out
         assert "usage: rlhf" in out and len(out.splitlines()) > 3
+
+
+def test_settings_that_do_nothing_are_refused(tmp_path, capsys):
+    """The audit of every stage field: keys no code reads are gone (PPO's optim block takes only what PPO uses),
+    and settings that have no effect in the config they sit in are errors, not silently ignored."""
+    from pipeline.cli import main
+    from tests.conftest import tiny_sft_block, write_yaml
+
+    ppo = {"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"},
+           "prompts": "synthetic:prompts"}
+    dpo = {"stage": "dpo", "policy": "tiny", "preferences": "stage:preferences"}
+    prefs = {"stage": "preferences", "data": {"path": "synthetic:preferences"}}
+    cases = [
+        ([{**ppo, "optim": {"epochs": 2}}], "stages[0].optim.epochs: unknown key"),
+        ([{**ppo, "kl": {"target": 3.0}}], "stages[0].kl: target has no effect without adaptive: true"),
+        ([{**ppo, "kl": {"on_ceiling": "warn"}}], "on_ceiling has no effect without a ceiling"),
+        ([prefs, {**dpo, "eval_rule": "feedback.synthetic:rule_score"}], "eval_rule and eval_prompts work together"),
+        ([prefs, {**dpo, "eval_max_new_tokens": 8}], "eval_max_new_tokens has no effect without eval_rule"),
+        ([tiny_sft_block(freeze_layers=2)], "freeze_layers has no effect without tuning: freeze"),
+        ([tiny_sft_block(data={"train": "synthetic:sft", "eval": "synthetic:sft", "eval_fraction": 0.3})],
+         "eval_fraction has no effect with an eval file"),
+        ([prefs, {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "lora": {"merge": False}}],
+         "lora.merge: false has no effect here"),
+        ([{"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+           "eval_rule": "feedback.synthetic:rule_score", "eval_fraction": 0}], "eval_rule has no effect with eval_fraction: 0"),
+        ([{"stage": "ai_preferences", "policy": "tiny", "prompts": "synthetic:prompts", "judge": "j.yaml",
+           "candidates": {"temperature": 0, "top_p": 0.9}}], "top_p has no effect at temperature 0"),
+    ]
+    for stages, message in cases:
+        cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": stages})
+        assert main(["run", str(cfg), "--check"]) == 2, message
+        assert message in capsys.readouterr().err, message
