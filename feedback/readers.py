@@ -99,13 +99,6 @@ def _distinct(chosen: Any, rejected: Any) -> None:
         raise Bad("identical", "chosen and rejected are identical")
 
 
-def _reply(messages: list) -> Any:
-    """A reply given as one assistant message collapses to its text."""
-    if len(messages) == 1 and messages[0].get("role") == "assistant":
-        return messages[0]["content"]
-    return messages
-
-
 def split_dialogues(chosen: list[dict], rejected: list[dict], what: str = "conversations") -> tuple:
     """Two full dialogues -> (shared prompt turns, chosen reply, rejected reply)."""
     for name, conv in (("chosen", chosen), ("rejected", rejected)):
@@ -156,8 +149,6 @@ def read_messages_row(row: dict, keys=None, source="human") -> list[PreferencePa
     chosen, rejected = _checked(row[kc], "chosen"), _checked(row[kr], "rejected")
     if kp is not None:
         prompt = _checked(row[kp], "prompt")
-        chosen = _reply(chosen) if isinstance(chosen, list) else chosen
-        rejected = _reply(rejected) if isinstance(rejected, list) else rejected
     else:
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise Bad("wrong_type", "without a 'prompt', 'chosen' and 'rejected' must be full conversations (message lists)")

@@ -35,20 +35,21 @@ def file_format(path: Path) -> str:
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
+    """Every row of a data file, in order. A file with no rows at all (empty, only blank lines, an empty
+    array or table) is an error, `FILE: no rows`, never an empty success."""
+    from pipeline.errors import InvalidInput
+
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: file not found")
     fmt = file_format(path)
-    if fmt == "jsonl":
-        yield from _jsonl(path)
-    elif fmt == "json":
-        yield from _json_array(path)
-    elif fmt == "csv":
-        yield from _csv(path)
-    elif fmt == "parquet":
-        yield from _parquet(path)
-    else:
-        yield from _dataset_dir(path)
+    reader = {"jsonl": _jsonl, "json": _json_array, "csv": _csv, "parquet": _parquet}.get(fmt, _dataset_dir)
+    n = 0
+    for rec in reader(path):
+        n += 1
+        yield rec
+    if n == 0:
+        raise InvalidInput(f"{path}: no rows")
 
 
 def _jsonl(path: Path) -> Iterator[Record]:

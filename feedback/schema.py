@@ -1,11 +1,17 @@
 """The canonical preference row, and reading/writing it as JSONL.
 
     {"id": str, "prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages],
-     "source": "human" | "ai", "tie": bool, "margin": float | null, "annotator": str | null,
-     "judge": object | null}
+     "source": "human" | "ai", "tie": bool, "margin": float, "annotator": str, "judge": object}
+
+`margin`, `annotator` and `judge` are optional: written only when they hold a value (null is read
+as absent).
 
 `prompt` holds the shared context (a string, or the dialogue so far as {"role", "content"}
-messages); `chosen` and `rejected` hold only the final responses.
+messages); `chosen` and `rejected` hold only the final responses. A row is TRL's preference format
+as it is: all strings (standard), or all message lists (conversational: with a message prompt,
+`chosen` and `rejected` are lists of assistant messages, a reply given as a string becoming one
+assistant message), so that any file written here loads with `datasets.load_dataset("json", ...)`
+straight into TRL's DPOTrainer and RewardTrainer. Readers accept both shapes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Iterable, Iterator
 Text = str | list  # a string or a list of {"role", "content"} messages
 
 FIELDS = ("id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge")
+NULLABLE = ("margin", "annotator", "judge")  # written only when they hold a value
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -37,12 +44,24 @@ class PreferencePair:
     def __post_init__(self):
         self.source = self.source or "human"
         self.tie = bool(self.tie)
+        self.prompt, self.chosen, self.rejected = conform(self.prompt, self.chosen, self.rejected)
         if not self.id:
             self.id = pair_id(self.prompt, self.chosen, self.rejected)
 
     def to_dict(self) -> dict:
+        """The row as written: optional fields without a value (margin, annotator, judge) are left out, so
+        that TRL's RewardTrainer, which reads a `margin` column whenever there is one, loads the file as it is."""
         d = asdict(self)
-        return {k: d[k] for k in FIELDS}
+        return {k: d[k] for k in FIELDS if not (k in NULLABLE and d[k] is None)}
+
+
+def conform(prompt: Text, chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """One shape for the three fields: all strings, or (when any of them is a message list) all message lists,
+    a string prompt becoming a user turn and string replies assistant turns (TRL's conversational format)."""
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        return prompt, chosen, rejected
+    as_turn = lambda x, role: [{"role": role, "content": x}] if isinstance(x, str) else x  # noqa: E731
+    return as_turn(prompt, "user"), as_turn(chosen, "assistant"), as_turn(rejected, "assistant")
 
 
 def canonical(obj: Any) -> str:
@@ -58,6 +77,13 @@ def text_of(x: Text) -> str:
     if isinstance(x, str):
         return x
     return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in x)
+
+
+def reply_text(x: Text) -> str:
+    """The text of a reply: a string, or the content of a list of assistant messages."""
+    if isinstance(x, str):
+        return x
+    return "\n".join(m.get("content", "") for m in x if m.get("role") == "assistant") or text_of(x)
 
 
 def prompt_key(prompt: Text) -> str:

@@ -59,8 +59,12 @@ def load_principles(path: str | Path) -> list[str]:
 
 
 def render_text(x) -> str:
+    """A response or prompt as the judge reads it: a string, a single assistant reply as its text, a
+    dialogue as [role] lines."""
     if isinstance(x, str):
         return x
+    if len(x) == 1 and x[0].get("role") == "assistant":
+        return x[0]["content"]
     return "\n".join(f"[{m['role']}] {m['content']}" for m in x)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 from feedback.judges import Judge, JudgeItem, Verdict
+from feedback.schema import reply_text
 from pipeline.errors import UsageError
 
 
@@ -38,7 +39,9 @@ class RuleJudge(Judge):
     def judge(self, items: list[JudgeItem]) -> list[Verdict]:
         out = []
         for it in items:
-            sa, sb = float(self.fn(it.prompt, it.response_a)), float(self.fn(it.prompt, it.response_b))
+            # a rule scores reply text (a conversational reply is a list of one assistant message)
+            sa = float(self.fn(it.prompt, reply_text(it.response_a)))
+            sb = float(self.fn(it.prompt, reply_text(it.response_b)))
             choice = "tie" if abs(sa - sb) <= self.eps else ("a" if sa > sb else "b")
             out.append(Verdict(choice, {"a": 1.0, "b": 0.0, "tie": 0.5}[choice], raw=f"{sa:.6g} vs {sb:.6g}",
                                reason=f"rule scores A={sa:.6g}, B={sb:.6g}"))

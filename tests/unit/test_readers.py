@@ -48,7 +48,9 @@ def test_messages_format_both_shapes(tmp_path):
     ])
     got = pairs_of(p)
     assert got[0] == got[1] and got[0]["prompt"] == PROMPT_MSGS
-    assert (got[0]["chosen"], got[0]["rejected"]) == ("Fine.", "Go away.")
+    # TRL's conversational format: a message prompt goes with replies as lists of one assistant message
+    assert (got[0]["chosen"], got[0]["rejected"]) == ([{"role": "assistant", "content": "Fine."}],
+                                                      [{"role": "assistant", "content": "Go away."}])
 
 
 def test_hh_multi_turn_split(tmp_path):
@@ -58,7 +60,8 @@ def test_hh_multi_turn_split(tmp_path):
     rows = list(read_rows(p, detected=(det := [])))
     assert det == ["hh"]
     pair = rows[0].pairs[0]
-    assert pair.prompt == PROMPT_MSGS and (pair.chosen, pair.rejected) == ("Fine.", "Go away.")
+    assert pair.prompt == PROMPT_MSGS and (pair.chosen, pair.rejected) == (
+        [{"role": "assistant", "content": "Fine."}], [{"role": "assistant", "content": "Go away."}])
 
 
 def test_ranked_expansion(tmp_path):
@@ -66,7 +69,7 @@ def test_ranked_expansion(tmp_path):
         {"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [2, 1, 2]},
         {"prompt": "P", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 2.0}]},
     ])
-    got = [(g["prompt"], g["chosen"], g["rejected"], g["tie"], g["margin"]) for g in pairs_of(p)]
+    got = [(g["prompt"], g["chosen"], g["rejected"], g["tie"], g.get("margin")) for g in pairs_of(p)]
     assert got == [("Q", "b", "a", False, None), ("Q", "b", "c", False, None), ("Q", "a", "c", True, None),
                    ("P", "y", "x", False, 1.5)]
     best = [(g["chosen"], g["rejected"], g["tie"]) for g in pairs_of(p, ranked="best_vs_rest")]
@@ -139,7 +142,9 @@ def test_import_skip_accounts_for_every_row(tmp_path, capsys):
     assert len(accepted) + len(rejected) == 14
     assert all(r["reason"] and r["where"].startswith(f"{p}:") and "row" in r for r in rejected)
     canon = json.loads(accepted[0])
-    assert set(canon) == {"id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge"}
+    # required keys always; margin, annotator and judge only when they hold a value
+    assert {"id", "prompt", "chosen", "rejected", "source", "tie"} <= set(canon) <= {
+        "id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge"}
     assert main(["data", "validate", str(tmp_path / "nope.jsonl")]) == 2
 
 
@@ -211,5 +216,7 @@ def test_real_hh_sample(capsys, tmp_path):
     assert len(rows) == 1194 and len(rejected) == 6
     first = json.loads(src.read_text().splitlines()[0])
     assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["prompt"][-1]["role"] == "user"
-    assert first["chosen"].endswith(rows[0]["chosen"]) and first["rejected"].endswith(rows[0]["rejected"])
-    assert all(isinstance(r["prompt"], list) and isinstance(r["chosen"], str) for r in rows)
+    assert rows[0]["chosen"][0]["role"] == rows[0]["rejected"][0]["role"] == "assistant"
+    assert first["chosen"].endswith(rows[0]["chosen"][0]["content"])
+    assert first["rejected"].endswith(rows[0]["rejected"][0]["content"])
+    assert all(isinstance(r["prompt"], list) and isinstance(r["chosen"], list) for r in rows)
