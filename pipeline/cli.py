@@ -247,16 +247,15 @@ def _cmd_feedback_agree(args) -> int:
 
 
 def _cmd_serve_judge(args) -> int:
-    from feedback.server import make_server
+    from pipeline.serve import ServeOptions, serve_judge
 
-    server = make_server(args.model, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"serving {args.model} at http://{host}:{port}/v1 (chat completions); Ctrl-C stops", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return 0
+    return serve_judge(args.model, ServeOptions.from_args(args))
+
+
+def _cmd_serve_policy(args) -> int:
+    from pipeline.serve import ServeOptions, serve_policy
+
+    return serve_policy(args.policy, ServeOptions.from_args(args))
 
 
 def _cmd_models_prepare(args) -> int:
@@ -387,15 +386,41 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("-o", "--output", metavar="REPORT.json", help="default: agreement.json")
     fa.set_defaults(func=_cmd_feedback_agree)
 
-    sv = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible judge endpoint")
+    sv = sub.add_parser("serve", help="serve a judge or a policy as an OpenAI-compatible endpoint",
+                        description="One OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, "
+                        "GET /health) for a judge model or a trained policy. Prints 'serving NAME at "
+                        "http://HOST:PORT/v1 ...' when ready.")
     ssub = sv.add_subparsers(dest="serve_command", metavar="WHAT")
-    sj = ssub.add_parser("judge", help="chat-completions server backed by a local model",
-                         description="A small OpenAI-compatible chat-completions server (POST /v1/chat/completions, "
-                         "GET /v1/models) backed by a local model, for `type: http` judge configs.")
+
+    def serve_options(q):
+        q.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1); any other needs --api-key-env")
+        q.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (printed)")
+        q.add_argument("--api-key-env", metavar="NAME",
+                       help="environment variable holding the bearer token clients must send")
+        q.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="largest request body (default 1 MiB)")
+        q.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: the model's context - 1)")
+        q.add_argument("--max-tokens", type=int, default=512,
+                       help="cap on a request's max_tokens, and its default (default 512)")
+        q.add_argument("--concurrency", type=int, default=2, help="requests generating at once (default 2)")
+        q.add_argument("--queue", type=int, default=8,
+                       help="requests waiting for a generation slot; beyond that 503 (default 8)")
+        q.add_argument("--timeout", type=float, default=30.0,
+                       help="seconds a client has to send its request headers and body (default 30)")
+        q.add_argument("--served-model-name", metavar="NAME", help="the model name shown in /v1/models")
+
+    sj = ssub.add_parser("judge", help="serve a model (e.g. a judge) by reference",
+                         description="Serve a model reference (tiny, smollm2-135m-instruct, a saved model "
+                         "directory, a hub id) for `type: http` judge configs and any OpenAI client.")
     sj.add_argument("--model", required=True, help="model reference (tiny, smollm2-135m-instruct, a path)")
-    sj.add_argument("--host", default="127.0.0.1")
-    sj.add_argument("--port", type=int, default=8000)
+    serve_options(sj)
     sj.set_defaults(func=_cmd_serve_judge)
+    sp = ssub.add_parser("policy", help="serve a trained policy artifact",
+                         description="Serve a policy artifact (RUN_DIR/STAGE, e.g. runs/tiny/ppo) or its model/ "
+                         "directory; an adapter is merged into its base.")
+    sp.add_argument("policy", metavar="RUN_DIR/STAGE", help="policy artifact directory (or its model/)")
+    serve_options(sp)
+    sp.set_defaults(func=_cmd_serve_policy)
 
     m = sub.add_parser("models", help="list or prepare model references",
                        description="Model references: tiny, smollm2-135m-instruct, a local directory, or a hub id.")

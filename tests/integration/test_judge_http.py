@@ -171,16 +171,14 @@ def test_key_is_sent_but_never_written_and_responses_are_fenced(fault_server, tm
     assert secret not in capsys.readouterr().out
 
 
-def test_http_judge_against_rlhf_serve_judge(tmp_path):
-    from feedback.server import make_server
+def test_http_judge_against_rlhf_serve_judge(tmp_path, tiny_path):
+    from tests.integration.test_serve import Server
 
-    server = make_server("tiny", "127.0.0.1", 0, log=lambda *_: None)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = Server(["judge", "--model", "tiny", "--port", "0"])
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         cfg = write_yaml(tmp_path / "judge.yaml", {
             "type": "http", "template": str(ROOT / "configs/judges/pairwise.yaml"), "constitution": None,
-            "cache": "none", "http": {"base_url": url, "model": "tiny", "max_tokens": 4, "timeout": 60}})
+            "cache": "none", "http": {"base_url": server.url, "model": "tiny", "max_tokens": 4, "timeout": 60}})
         judge, jcfg, _ = build_judge(cfg)
         results = judge_both_orders(judge, [ITEM, JudgeItem("Hi", "Hello!", "Go away.")])
         assert all(r.choice in CHOICES for r in results)
@@ -188,5 +186,4 @@ def test_http_judge_against_rlhf_serve_judge(tmp_path):
         assert stats["requests"] == 4 and stats["prompt_tokens"] > 100 and stats["completion_tokens"] > 0
         assert stats["gave_up"] == 0
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()

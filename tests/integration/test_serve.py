@@ -1,0 +1,483 @@
+"""`rlhf serve judge` / `rlhf serve policy` (pipeline/serve.py) as a real subprocess on the tiny model,
+driven by the official `openai` client and by raw sockets for what a client library would never send.
+
+    pytest -q tests/integration/test_serve.py      # about 25 s on 2 cores
+
+Three servers, each shared by the module: `server` (`serve judge --model tiny --timeout 3
+--max-prompt-tokens 300`, concurrency 2), `policy_server` (`serve policy` of a fake policy artifact
+whose generation_config.json is poisoned, with a bearer token, concurrency 1 and no queue) and
+`eos_server` (a model directory whose tokenizer ends turns at a token the tiny model reaches).
+Each test checks something the old `http.server` judge server got wrong.
+"""
+
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import ROOT
+
+try:
+    import openai
+except ImportError:  # a dev dependency (pip install -e '.[dev]'); Server itself works without it
+    openai = None
+pytestmark = pytest.mark.skipif(openai is None, reason="needs the openai client: pip install -e '.[dev]'")
+
+KEY_ENV = "RLHF_TEST_SERVE_KEY"
+KEY = "test-token-7f3a"
+HI = [{"role": "user", "content": "Hi"}]
+# ~90 prompt tokens: 90 + 400 new tokens stay inside the tiny model's 512 positions, and the
+# tiny model's greedy answer to it never produces EOS, so it really runs 400 steps.
+LONG = [{"role": "user", "content": "Tell me about the river. " * 12}]
+
+
+class Server:
+    """A `python -m pipeline serve ...` subprocess; its stdout+stderr collected line by line."""
+
+    def __init__(self, args, env=None, wait=True):
+        full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args], cwd=ROOT, env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.port = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            deadline = time.time() + 90
+            while not self.ready.wait(0.1):
+                assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.log()}"
+                assert time.time() < deadline, f"server not ready:\n{self.log()}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.match(r"serving \S+ at http://127\.0\.0\.1:(\d+)/v1", line)
+            if m:
+                self.port = int(m.group(1))
+                self.ready.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url, api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw)
+
+    def rss_mb(self) -> float:
+        status = open(f"/proc/{self.proc.pid}/status").read()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, headers, parsed JSON or raw bytes) over a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            raw = resp.read()
+            try:
+                return resp.status, dict(resp.getheaders()), json.loads(raw)
+            except ValueError:
+                return resp.status, dict(resp.getheaders()), raw
+        finally:
+            conn.close()
+
+    def raw(self, data: bytes, timeout=15) -> bytes:
+        """Send bytes on a new socket and read until the server closes or answers in full."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(data)
+            return _read_response(s)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _read_response(s: socket.socket) -> bytes:
+    buf = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            return buf
+        if not chunk:
+            return buf
+        buf += chunk
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        m = re.search(rb"content-length: (\d+)", head, re.I)
+        if sep and m and len(body) >= int(m.group(1)):
+            return buf
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else -1
+
+
+def assert_openai_error(status, body, expected):
+    assert status == expected, (status, body)
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"] and body["error"]["type"], body
+
+
+def chat(srv_client, messages=HI, **kw):
+    return srv_client.chat.completions.create(model="any", messages=messages, **{"temperature": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    srv = Server(["judge", "--model", "tiny", "--port", "0", "--timeout", "3", "--max-prompt-tokens", "300"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def policy_artifact(tiny_path, tmp_path_factory):
+    """RUN_DIR/sft holding the tiny model as a policy, with a generation_config.json that would
+    change every greedy answer if it leaked into sampling (no token may repeat, huge penalties)."""
+    stage = tmp_path_factory.mktemp("run") / "sft"
+    shutil.copytree(tiny_path, stage / "model")
+    gc_path = stage / "model" / "generation_config.json"
+    gc = json.loads(gc_path.read_text())
+    gc.update({"no_repeat_ngram_size": 1, "repetition_penalty": 50.0, "do_sample": True, "temperature": 30.0,
+               "top_k": 1, "max_new_tokens": 2})
+    gc_path.write_text(json.dumps(gc))
+    (stage / "manifest.json").write_text(json.dumps({
+        "schema_version": 1, "stage": "sft", "kind": "policy", "status": "complete", "outputs": {"model": "model"}}))
+    return stage
+
+
+@pytest.fixture(scope="module")
+def policy_server(policy_artifact):
+    srv = Server(["policy", str(policy_artifact), "--port", "0", "--api-key-env", KEY_ENV, "--concurrency", "1",
+                  "--queue", "0"], env={KEY_ENV: KEY})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def eos_server(tiny_path, tmp_path_factory):
+    """`serve judge` of a directory: the tiny model with a tokenizer whose end-of-turn token is
+    ' school', which the tiny model's greedy answer to HI reaches after a few newlines."""
+    model = tmp_path_factory.mktemp("models") / "tiny-school"
+    shutil.copytree(tiny_path, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "\u0120school"  # byte-level BPE spells " school" as "Ġschool"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    srv = Server(["judge", "--model", str(model), "--port", "0"])
+    yield srv
+    srv.stop()
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+def test_completion_usage_and_finish_reason(server, tiny_path):
+    from pipeline.generation import chat_ids
+    from pipeline.models import load_tokenizer
+
+    client = server.client()
+    # (fields this server does not know are ignored, as OpenAI does)
+    r = chat(client, max_tokens=8, extra_body={"frequency_penalty": 0, "user": "u1", "not_an_openai_field": {}})
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.role == "assistant"
+    n_prompt = len(chat_ids(load_tokenizer(tiny_path), HI))
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.completion_tokens == 8 and r.usage.total_tokens == n_prompt + 8
+    assert r.choices[0].finish_reason == "length", "max_tokens was hit, so not 'stop'"
+    assert chat(client, max_tokens=8).choices[0].message.content == r.choices[0].message.content, "greedy is greedy"
+    status, _, body = server.request("GET", "/health")
+    assert status == 200 and body == {"status": "ok"}
+    # the bare-path aliases
+    status, _, body = server.request("POST", "/chat/completions", {"messages": HI, "max_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    assert server.request("GET", "/models")[2]["data"][0]["id"] == "tiny"
+
+
+def test_finish_reason_stop_on_eos(server, eos_server):
+    ref = chat(server.client(), max_tokens=16, logprobs=True)
+    tokens = [e.token for e in ref.choices[0].logprobs.content]
+    assert " school" in tokens, "precondition: the greedy answer reaches ' school'"
+    k = tokens.index(" school")
+    r = chat(eos_server.client(), max_tokens=16)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == k + 1, "EOS is counted"
+    assert r.choices[0].message.content == "".join(tokens[:k]), "the EOS token itself is not in the text"
+    chunks = list(chat(eos_server.client(), max_tokens=16, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert [m.id for m in eos_server.client().models.list().data] == ["tiny-school"], "a directory's basename"
+
+
+def test_models_shows_a_name_never_a_path(server, policy_server, policy_artifact, tiny_path):
+    assert [m.id for m in server.client().models.list().data] == ["tiny"]
+    listed = policy_server.client(api_key=KEY).models.list()
+    assert [m.id for m in listed.data] == ["sft"], "a policy artifact is shown by its stage name"
+    for srv, headers in ((server, {}), (policy_server, {"Authorization": f"Bearer {KEY}"})):
+        raw = json.dumps(srv.request("GET", "/v1/models", headers=headers)[2])
+        assert str(tiny_path) not in raw and str(policy_artifact) not in raw and "/" not in raw
+
+
+def test_streaming_joins_to_the_greedy_answer(server):
+    client = server.client()
+    whole = chat(client, max_tokens=24)
+    chunks = list(chat(client, max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3, "streamed token by token, not in one piece"
+    assert "".join(pieces) == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # on the wire: SSE lines ending with [DONE]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": HI, "max_tokens": 4, "stream": True}))
+    resp = conn.getresponse()
+    assert resp.getheader("content-type").startswith("text/event-stream")
+    events = [line for line in resp.read().decode().split("\n\n") if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_logprobs(server):
+    client = server.client()
+    r = chat(client, max_tokens=12, logprobs=True, top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 12
+    for entry in content:
+        assert entry.logprob <= 0
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True) and all(t <= 0 for t in tops)
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == tops[0], "greedy takes the top token"
+    assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
+    # sampling: log-probabilities of the sampling distribution (temperature and top_p applied)
+    s = chat(client, max_tokens=12, logprobs=True, top_logprobs=20, temperature=0.5, top_p=0.05, seed=3)
+    for entry in s.choices[0].logprobs.content:
+        kept = [(t.token, t.logprob) for t in entry.top_logprobs if t.logprob > -9999]
+        assert len(kept) < 20, "top_p 0.05 keeps a few tokens of the tiny model's flat distribution"
+        assert abs(sum(math.exp(lp) for _, lp in kept) - 1) < 1e-3, "renormalised over what top_p kept"
+        assert (entry.token, entry.logprob) in kept and entry.logprob <= 0, "the sampled token is one of those kept"
+    # the same entries arrive in streamed chunks
+    streamed = [e for c in chat(client, max_tokens=12, logprobs=True, top_logprobs=5, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+
+
+def test_seed_makes_sampling_reproducible(server):
+    client = server.client()
+    with ThreadPoolExecutor(4) as pool:  # seeded requests race with an unseeded sampling one
+        futures = [pool.submit(chat, client, max_tokens=16, temperature=1.0, seed=s) for s in (1234, 1234, None, 99)]
+        a, b, _, c = [f.result().choices[0].message.content for f in futures]
+    assert a == b and a != c
+
+
+def test_generation_config_json_of_the_model_is_ignored(server, policy_server):
+    """The policy is the tiny model with a poisoned generation_config.json; greedy must not notice."""
+    ref = chat(server.client(), max_tokens=16, logprobs=True)
+    tokens = [e.token for e in ref.choices[0].logprobs.content]
+    assert len(set(tokens)) < len(tokens), "precondition: the answer repeats a token, which the poison forbids"
+    got = chat(policy_server.client(api_key=KEY), max_tokens=16)
+    assert got.choices[0].message.content == ref.choices[0].message.content
+    assert got.usage.completion_tokens == 16
+
+
+# --------------------------------------------------------------------------- bad requests
+
+
+def test_every_bad_request_gets_an_openai_error(server):
+    over = 1024 * 1024 + 1
+    cases = [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (b'"just a string"', 400),
+        ({"messages": []}, 422),
+        ({"messages": HI, "max_tokens": -1}, 422),
+        ({"messages": [{"role": "user"}]}, 422),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 422),
+        ({"messages": HI, "temperature": "hot"}, 422),
+        ({"messages": HI, "top_logprobs": 21, "logprobs": True}, 422),
+        ({"messages": HI, "n": 2}, 400),
+        ({"messages": HI, "stop": ["\n"]}, 400),
+        ({"messages": [{"role": "user", "content": "river " * 400}]}, 400),  # > --max-prompt-tokens 300
+    ]
+    for body, expected in cases:
+        status, _, got = server.request("POST", "/v1/chat/completions", body)
+        assert_openai_error(status, got, expected)
+    status, _, got = server.request("POST", "/v1/chat/completions",
+                                    {"messages": [{"role": "user", "content": "river " * 400}]})
+    assert "300" in got["error"]["message"] and got["error"]["code"] == "context_length_exceeded"
+    status, _, got = server.request("POST", "/v1/chat/completions", {"messages": [], "max_tokens": 0})
+    assert got["error"]["param"] in ("messages", "max_tokens") and "detail" not in got  # not FastAPI's shape
+
+    # 413 from Content-Length, before the body is read (only 100 bytes are ever sent)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {over}\r\n\r\n").encode()
+    response = server.raw(head + b"{" * 100)
+    assert _status(response) == 413 and b'"request_too_large"' in response
+    # 413 while reading a chunked body (no Content-Length to check)
+    response = _send_chunked(server.port, over + 50_000)
+    assert _status(response) == 413 and b'"error"' in response
+
+    for method, path, expected in (("GET", "/v1/nowhere", 404), ("POST", "/v2/chat/completions", 404),
+                                   ("GET", "/v1/chat/completions", 405)):
+        status, _, got = server.request(method, path)
+        assert_openai_error(status, got, expected)
+
+    r = chat(server.client(), max_tokens=3)  # still serving
+    assert r.usage.completion_tokens == 3
+    assert "Traceback" not in server.log()
+
+
+def _send_chunked(port: int, total: int, chunk: int = 65536) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        try:
+            while sent < total:
+                n = min(chunk, total - sent)
+                s.sendall(b"%x\r\n" % n + b" " * n + b"\r\n")
+                sent += n
+            s.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return _read_response(s)
+
+
+# --------------------------------------------------------------------------- sharing safely
+
+
+def test_bearer_token(policy_server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, _, body = policy_server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2},
+                                                headers)
+        assert_openai_error(status, body, 401)
+    status, _, body = policy_server.request("GET", "/v1/models")
+    assert_openai_error(status, body, 401)
+    with pytest.raises(openai.AuthenticationError):
+        policy_server.client(api_key="wrong").models.list()
+    r = chat(policy_server.client(api_key=KEY), max_tokens=2)
+    assert r.usage.completion_tokens == 2
+    assert policy_server.request("GET", "/health")[0] == 200, "health checks need no token"
+    assert KEY not in policy_server.log()
+
+
+def test_refuses_to_start_exposed_without_a_token(tiny_path):
+    for extra, env, says in ((["--host", "0.0.0.0"], {}, "--api-key-env"),
+                             (["--api-key-env", "RLHF_TEST_UNSET_VAR"], {"RLHF_TEST_UNSET_VAR": ""}, "not set")):
+        srv = Server(["judge", "--model", "tiny", "--port", "0", *extra], env=env, wait=False)
+        try:
+            assert srv.proc.wait(60) == 2
+        finally:
+            srv.stop()
+        time.sleep(0.2)
+        assert says in srv.log() and "Traceback" not in srv.log()
+
+
+def test_busy_server_answers_503_with_retry_after(policy_server):
+    client = policy_server.client(api_key=KEY)
+    stream = chat(client, messages=LONG, max_tokens=400, stream=True)
+    next(iter(stream))  # the only generation slot is now taken (concurrency 1, queue 0)
+    status, headers, body = policy_server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2},
+                                                  {"Authorization": f"Bearer {KEY}"})
+    assert_openai_error(status, body, 503)
+    assert int(headers["retry-after"]) >= 1
+    stream.close()  # hanging up stops the generation and frees the slot
+    deadline = time.time() + 10
+    while True:
+        status, _, body = policy_server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2},
+                                                {"Authorization": f"Bearer {KEY}"})
+        if status == 200 or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == 200, body
+
+
+def test_short_request_is_not_stuck_behind_a_long_one(server):
+    client = server.client()
+    long_done = {}
+
+    def long_request():
+        chunks = list(chat(client, messages=LONG, max_tokens=400, stream=True))
+        long_done["at"] = time.time()
+        long_done["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.3)  # the long one is generating
+    t0 = time.time()
+    short = chat(client, max_tokens=4)
+    short_at = time.time()
+    t.join(120)
+    assert short.usage.completion_tokens == 4
+    assert long_done["finish"] == "length", "precondition: the long request ran its 400 steps"
+    assert short_at < long_done["at"], "the short request finished while the long one was still generating"
+    assert short_at - t0 < 5
+
+
+def test_flood_of_slow_and_oversized_requests(server):
+    rss_before = server.rss_mb()
+    slow = []
+    for i in range(30):  # headers and part of a body, then silence
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n" + b'{"messages": [' + b" " * 200)
+        slow.append(s)
+    for i in range(5):  # half the headers, then silence
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        slow.append(s)
+    over = 1024 * 1024 + 1
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {over}\r\n\r\n").encode()
+    with ThreadPoolExecutor(8) as pool:
+        big = [pool.submit(server.raw, head + b" " * 65536) for _ in range(10)]
+        big += [pool.submit(_send_chunked, server.port, over + 10_000) for _ in range(10)]
+        t0 = time.time()
+        r = chat(server.client(), max_tokens=4)  # answered while all of that is going on
+        assert r.usage.completion_tokens == 4 and time.time() - t0 < 10
+        assert [_status(f.result()) for f in big] == [413] * 20
+    assert server.rss_mb() < rss_before + 300
+    # the stalled clients are dropped after --timeout (3 s): a 408 or a closed connection
+    deadline = time.time() + 12
+    for s in slow:
+        s.settimeout(max(0.1, deadline - time.time()))
+        answer = _read_response(s)
+        assert answer == b"" or _status(answer) == 408, answer[:200]
+        s.close()
+    assert time.time() < deadline
+    assert chat(server.client(), max_tokens=2).usage.completion_tokens == 2
+    assert "Traceback" not in server.log()
+
+
+def test_control_characters_are_escaped_in_the_log(server):
+    from pipeline.serve import _escape
+
+    assert _escape(b"/a\r\nFAKE 200\x1b[31m\x7f") == "/a\\r\\nFAKE 200\\x1b[31m\\x7f"
+    response = server.raw(b"GET /v1/\x1b[31mred\rFAKE LINE HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _status(response) == 400
+    status, _, body = server.request("GET", "/v1/models%0d%0aFAKE%20LINE%1b[0m", headers={"X-Secret": "hdr-7731"})
+    assert status == 404
+    assert chat(server.client(), max_tokens=1).usage.completion_tokens == 1
+    time.sleep(0.2)
+    log = server.log()
+    assert "\x1b" not in log and "\r" not in log
+    assert not any(line.startswith("FAKE") for line in log.splitlines())
+    assert "/v1/models%0d%0aFAKE%20LINE%1b[0m" in log
+    assert "hdr-7731" not in log and "content-type" not in log.lower(), "headers are never logged"
+    assert_openai_error(status, body, 404)
