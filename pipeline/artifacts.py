@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -42,6 +43,8 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     if not is_main():
         return
     path = Path(path)
+    if path.is_dir():  # an output path (-o) that names a directory: never replace what we did not write
+        raise UsageError(f"{path} is a directory; give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     mode = "wb" if isinstance(data, bytes) else "w"
@@ -50,6 +53,28 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable once its directory is flushed
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and every directory, to disk: done before a manifest is written, so that a
+    power loss cannot leave a complete manifest over weights still in the page cache. Links are not followed."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -66,16 +91,63 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory `src` to `dst`, keeping the old `dst` until the new one is in place."""
+OWNED = ".rlhf"  # marks a directory this pipeline created (a stage's work directory, then its artifact)
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def inside(path: Path, root: Path) -> Path:
+    """`path` if it lies inside `root` (its parent's real location, the last part not followed: a link there is
+    the link itself); otherwise a usage error. Every directory the runner writes or removes passes here."""
+    real = Path(os.path.realpath(path.parent)) / path.name
+    base = Path(os.path.realpath(root))
+    if real == base or base not in real.parents:
+        raise UsageError(f"{path} is not inside the run directory {root}; refusing to write or remove it")
+    return path
+
+
+def owned(path: Path) -> bool:
+    """A directory this pipeline created: an artifact (manifest.json) or a work directory (the .rlhf mark)."""
+    return path.is_dir() and not path.is_symlink() and ((path / MANIFEST).is_file() or (path / OWNED).is_file())
+
+
+def remove(path: Path) -> None:
+    """Delete a file or directory this pipeline made, never following links: a symlink is unlinked and its
+    target left alone (shutil.rmtree does not follow the links inside a tree either)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def make_work_dir(work: Path, root: Path) -> None:
+    """A fresh, empty work directory marked as ours; an existing one is removed only if it is ours."""
+    inside(work, root)
+    if work.is_symlink() or work.exists():
+        if not (work.is_symlink() or owned(work)):
+            raise UsageError(f"{work} exists and was not made by rlhf (no {OWNED} mark); move it away")
+        remove(work)
+    work.mkdir(parents=True)
+    (work / OWNED).write_text("made by rlhf: a stage's work directory, then its artifact\n")
+
+
+def replace_dir(src: Path, dst: Path, root: Path) -> None:
+    """Move the finished directory `src` to `dst`, keeping the old `dst` until the new one is in place.
+
+    Both must lie inside `root` (the run directory). An existing `dst` is replaced only if this pipeline
+    made it (an artifact with a manifest) or it is a symlink, which is unlinked: its target is never touched.
+    """
+    inside(src, root)
+    inside(dst, root)
     old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
+    for p in (dst, old):
+        if (p.is_symlink() or p.exists()) and not (p.is_symlink() or owned(p)):
+            raise UsageError(f"{p} exists and is not an artifact of this pipeline (no {MANIFEST}); refusing to "
+                             "replace it: move it away, or choose another run_dir or stage name")
+    remove(old)
+    if dst.is_symlink() or dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
+    remove(old)
 
 
 # --------------------------------------------------------------------------- hashes and versions
@@ -225,7 +297,8 @@ def inputs_unchanged(recorded: dict[str, dict], current: dict[str, dict]) -> str
         return f"inputs changed ({sorted(recorded)} -> {sorted(current)})"
     for name, cur in current.items():
         rec = recorded[name]
-        for key in ("manifest_hash", "sha256", "ref"):
-            if cur.get(key) != rec.get(key):
+        for key in ("manifest_hash", "sha256", "ref", "revision", "trust_remote_code"):
+            default = False if key == "trust_remote_code" else None  # manifests from before these were recorded
+            if cur.get(key, default) != rec.get(key, default):
                 return f"input '{name}' changed"
     return None

@@ -150,7 +150,18 @@ StageConfig = _stage_union()
 class ModelSpec(Strict):
     ref: str = Field(description="tiny | smollm2-135m-instruct | a local directory | a hub id")
     trust_remote_code: bool = False
-    revision: str | None = None
+    revision: str | None = Field(None, description="a hub id's branch, tag or commit (pins what is downloaded)")
+
+    @model_validator(mode="after")
+    def _revision_for_hub_ids(self):
+        from pathlib import Path
+
+        from pipeline.models import BUILTIN
+
+        if self.revision is not None and (self.ref in BUILTIN or Path(self.ref).expanduser().exists()):
+            raise ValueError(f"revision has no effect for '{self.ref}' (a built-in model or a local directory): it "
+                             "pins a hub id's branch, tag or commit")
+        return self
 
 
 class PipelineConfig(Strict):
@@ -158,6 +169,8 @@ class PipelineConfig(Strict):
     seed: int = 0
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    trusted_modules: list[str] = Field(default_factory=list, description="modules whose functions rules may "
+                                       "name (module:function): rules are code; `feedback` is always trusted")
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -172,9 +185,14 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _check_references(self) -> "PipelineConfig":
         seen: dict[str, str] = {}
+        from pipeline.artifacts import STAGE_NAME
+
         for i, st in enumerate(self.stages):
             if st.name is None:
                 st.name = st.stage
+            if not STAGE_NAME.match(st.name):
+                raise ValueError(f"stages[{i}].name: {st.name!r} is not a safe directory name: use letters, digits, "
+                                 "'_' and '-' (it names RUN_DIR/<name>)")
             if st.name in seen:
                 raise ValueError(f"stages[{i}].name: '{st.name}' is used twice; give each stage a distinct name")
             for key, (ref, _kind) in st.inputs().items():

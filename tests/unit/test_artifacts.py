@@ -19,9 +19,9 @@ def test_write_atomic_leaves_no_temporary(tmp_path):
 
 def test_replace_dir_swaps_in_the_new_version(tmp_path):
     old, new = tmp_path / "sft", tmp_path / ".sft.partial"
-    old.mkdir(); (old / "v").write_text("old")
+    old.mkdir(); (old / "v").write_text("old"); (old / "manifest.json").write_text("{}")
     new.mkdir(); (new / "v").write_text("new")
-    artifacts.replace_dir(new, old)
+    artifacts.replace_dir(new, old, tmp_path)
     assert (old / "v").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["sft"]
 
