@@ -29,7 +29,7 @@ class PositionConfig(Strict):
 
 
 class HTTPConfig(Strict):
-    base_url: str
+    base_url: str = Field(description="http(s)://host[:port]/path: no credentials, query or fragment")
     model: str
     api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
     timeout: float = Field(30.0, gt=0)
@@ -41,6 +41,23 @@ class HTTPConfig(Strict):
     temperature: float = Field(0.0, ge=0)
     price_per_1k_prompt: float = Field(0.0, ge=0)
     price_per_1k_completion: float = Field(0.0, ge=0)
+    max_response_bytes: int = Field(1 << 20, ge=1024, description="a longer response body is malformed")
+
+    @model_validator(mode="after")
+    def _plain_url(self):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.base_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("base_url must be an http:// or https:// URL with a host")
+        # a URL is written into judge identities, verdict records and manifests: it must hold no secret
+        if u.username or u.password:
+            raise ValueError("base_url must not hold credentials (user:password@); put the key in an environment "
+                             "variable and name it with api_key_env")
+        if u.query or u.fragment:
+            raise ValueError("base_url must not have a query string or fragment (keys in URLs end up in logs and "
+                             "manifests); use api_key_env")
+        return self
 
 
 class JudgeConfig(Strict):

@@ -27,6 +27,42 @@ from pipeline.errors import UsageError
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused: urllib's default handler re-sends the Authorization header to whatever host or
+    scheme a 301/302/303/307/308 names, which would hand the API key to a third party."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+class _Malformed(ValueError):
+    """A response that arrived but is not a chat completion we can read (retried, then abstain)."""
+
+
+def _read_answer(payload: bytes) -> tuple[str, int, int]:
+    """(content, prompt_tokens, completion_tokens) of a chat-completions body, or _Malformed."""
+    try:
+        data = json.loads(payload)
+        content = data["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise _Malformed(f"malformed response body: {payload[:80]!r}") from None
+    if not isinstance(content, str):
+        raise _Malformed(f"malformed response: content is {type(content).__name__}, not text")
+    usage = data.get("usage") or {}
+    if not isinstance(usage, dict):
+        raise _Malformed(f"malformed response: usage is {type(usage).__name__}")
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        v = usage.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _Malformed(f"malformed response: usage.{key} is {v!r}")
+        counts.append(v)
+    return content, counts[0], counts[1]
+
+
 class HTTPJudge(Judge):
     name = "http"
     streams_results = True  # CachedJudge stores each verdict as it arrives
@@ -35,7 +71,8 @@ class HTTPJudge(Judge):
                  principle_mode: str = "all", n_principles: int = 2, api_key_env: str | None = None,
                  timeout: float = 30.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  concurrency: int = 4, max_tokens: int = 8, temperature: float = 0.0,
-                 price_per_1k_prompt: float = 0.0, price_per_1k_completion: float = 0.0, sleep=time.sleep):
+                 price_per_1k_prompt: float = 0.0, price_per_1k_completion: float = 0.0,
+                 max_response_bytes: int = 1 << 20, sleep=time.sleep):
         if api_key_env and not os.environ.get(api_key_env):
             raise UsageError(f"the HTTP judge reads its API key from ${api_key_env}, which is not set")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -44,6 +81,7 @@ class HTTPJudge(Judge):
         self.timeout, self.max_retries, self.backoff_base, self.backoff_max = timeout, max_retries, backoff_base, backoff_max
         self.concurrency, self.max_tokens, self.temperature = concurrency, max_tokens, temperature
         self.prices = (price_per_1k_prompt, price_per_1k_completion)
+        self.max_response_bytes = max_response_bytes
         self._sleep = sleep
         self._lock = threading.Lock()
         self.counters = {"requests": 0, "retries": 0, "gave_up": 0, "unparseable": 0,
@@ -90,25 +128,27 @@ class HTTPJudge(Judge):
             retry_after = None
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    payload = resp.read()
-                try:
-                    data = json.loads(payload)
-                    content = data["choices"][0]["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    last = f"malformed response body: {payload[:80]!r}"
-                else:
-                    usage = data.get("usage") or {}
-                    pt, ct = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-                    self._count(prompt_tokens=pt, completion_tokens=ct)
-                    choice = parse_choice(content, self.template.choices)
-                    if choice == "abstain":
-                        self._count(unparseable=1)
-                    return Verdict(choice, {"a": 1.0, "b": 0.0, "tie": 0.5}.get(choice), raw=content,
-                                   reason="unparseable answer" if choice == "abstain" else "parsed answer",
-                                   attempts=attempt + 1, usage={"prompt_tokens": pt, "completion_tokens": ct})
+                with _OPENER.open(req, timeout=self.timeout) as resp:
+                    payload = resp.read(self.max_response_bytes + 1)
+                if len(payload) > self.max_response_bytes:
+                    raise _Malformed(f"response body over {self.max_response_bytes} bytes")
+                content, pt, ct = _read_answer(payload)
+                self._count(prompt_tokens=pt, completion_tokens=ct)
+                choice = parse_choice(content, self.template.choices)
+                if choice == "abstain":
+                    self._count(unparseable=1)
+                return Verdict(choice, {"a": 1.0, "b": 0.0, "tie": 0.5}.get(choice), raw=content,
+                               reason="unparseable answer" if choice == "abstain" else "parsed answer",
+                               attempts=attempt + 1, usage={"prompt_tokens": pt, "completion_tokens": ct})
+            except _Malformed as exc:
+                last = str(exc)
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}"
+                if 300 <= exc.code < 400:
+                    self._count(gave_up=1)
+                    target = exc.headers.get("Location", "?") if exc.headers else "?"
+                    return Verdict("abstain", reason=f"transport: HTTP {exc.code} redirect to {target} refused "
+                                   "(the key is never sent on; not retried)", attempts=attempt + 1)
                 if exc.code not in RETRYABLE_STATUS:
                     self._count(gave_up=1)
                     return Verdict("abstain", reason=f"transport: {last} (not retried)", attempts=attempt + 1)
