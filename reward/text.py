@@ -8,14 +8,23 @@ when the policy that wrote the response uses another tokenizer.
 from __future__ import annotations
 
 
-def as_messages(prompt, response) -> list[dict]:
+def as_messages(prompt, response, tokenizer=None) -> list[dict]:
+    """prompt + response as chat messages; with `tokenizer`, special tokens in their text are neutralised
+    (pipeline.generation), so a response cannot open a turn of its own."""
     p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     r = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-    return p + r
+    if tokenizer is None:
+        return p + r
+    from pipeline.generation import safe_messages
+
+    return safe_messages(tokenizer, p + r)
 
 
-def _flat(x) -> str:
-    return x if isinstance(x, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in x)
+def _flat(x, tokenizer) -> str:
+    from pipeline.generation import neutralise_special_tokens
+
+    text = x if isinstance(x, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in x)
+    return neutralise_special_tokens(tokenizer, text)
 
 
 def encode(tokenizer, prompt, response, max_length: int | None = None) -> tuple[list[int], int]:
@@ -25,16 +34,16 @@ def encode(tokenizer, prompt, response, max_length: int | None = None) -> tuple[
     without one, as plain text followed by the EOS token.
     """
     if getattr(tokenizer, "chat_template", None):
-        msgs = as_messages(prompt, response)
+        msgs = as_messages(prompt, response, tokenizer)
         n_resp = 1 if isinstance(response, str) else len(response)
         ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
         prompt_ids = tokenizer.apply_chat_template(msgs[:-n_resp], tokenize=True, add_generation_prompt=True,
                                                    return_dict=True)["input_ids"]
         n_prompt = len(prompt_ids)
     else:
-        prompt_text = _flat(prompt) + "\n\n"
+        prompt_text = _flat(prompt, tokenizer) + "\n\n"
         n_prompt = len(tokenizer(prompt_text)["input_ids"])
-        ids = tokenizer(prompt_text + _flat(response))["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(prompt_text + _flat(response, tokenizer))["input_ids"] + [tokenizer.eos_token_id]
     if max_length is not None:
         ids = ids[:max_length]
     return list(ids), n_prompt

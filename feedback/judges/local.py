@@ -38,8 +38,10 @@ class LocalJudge(Judge):
 
     def prompt_ids(self, it: JudgeItem) -> list[int]:
         principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))
+        from pipeline.generation import chat_ids
+
         msgs = build_messages(self.template, it.prompt, it.response_a, it.response_b, principles)
-        return self.tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+        return chat_ids(self.tok, msgs)  # special tokens in the (untrusted) prompt and responses stay text
 
     def judge(self, items: list[JudgeItem]) -> list[Verdict]:
         from tqdm.auto import tqdm

@@ -68,15 +68,23 @@ def render_text(x) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in x)
 
 
+# Every line break a reader (a model, or a tokenizer's pre-splitting) may treat as one: \r\n, \r, vertical
+# tab, form feed, NEL (U+0085), and the Unicode line and paragraph separators.
+_LINE_BREAKS = re.compile(r"\r\n|[\r\v\f\x85\u2028\u2029]")
+
+
 def neutralise(text: str) -> str:
-    """Break anything that looks like a fence line so it cannot end the block it sits in."""
+    """Break anything that looks like a fence line so it cannot end the block it sits in; every kind of line
+    break becomes \\n first, so a fence after a \\r or U+2028 is caught as well."""
+    text = _LINE_BREAKS.sub("\n", text)
     return _FENCE_LIKE.sub(lambda m: m.group(1) + "\u200b" + m.group(2), text)
 
 
 def fence(label: str, text: str, tag: str) -> str:
     body = neutralise(text)
     open_, close = f"<<<{label} {tag}>>>", f"<<<END {label} {tag}>>>"
-    assert open_ not in body and close not in body
+    for marker in (open_, close):  # the exact fence mid-line (not caught as a fence line): escape it too
+        body = body.replace(marker, "<\u200b" + marker[1:])
     return f"{open_}\n{body}\n{close}"
 
 
