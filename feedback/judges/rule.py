@@ -3,27 +3,54 @@
 For verifiable tasks, such as the shipped synthetic task (`feedback.synthetic:rule_score`).
 A rule sees each response on its own, so it cannot be swayed by position or by text that
 addresses the judge.
+
+A rule is code: `module:function` imports the module and calls the function on data rows. So a
+config names only functions defined in the project's `feedback` package or in modules the user
+trusts explicitly, in the pipeline config (`trusted_modules: [mypkg.rules]`) or the environment
+(`RLHF_TRUSTED_MODULES=mypkg.rules,other`); anything else (`shutil:rmtree`, `os:system`) is refused.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.schema import reply_text
 from pipeline.errors import UsageError
 
 
+TRUSTED_ENV = "RLHF_TRUSTED_MODULES"
+_trusted: tuple[str, ...] = ()  # from the pipeline config's trusted_modules (set by the runner)
+
+
+def trust_modules(modules) -> None:
+    """The pipeline config's `trusted_modules`: modules (and their submodules) whose functions rules may name."""
+    global _trusted
+    _trusted = tuple(modules or ())
+
+
+def trusted_modules() -> tuple[str, ...]:
+    env = tuple(m.strip() for m in os.environ.get(TRUSTED_ENV, "").split(",") if m.strip())
+    return ("feedback",) + _trusted + env
+
+
 def load_callable(spec: str):
     module, _, func = spec.partition(":")
-    if not module or not func:
-        raise UsageError(f"rule '{spec}': expected 'module:function'")
+    if not module or not func or not func.isidentifier() or func.startswith("_"):
+        raise UsageError(f"rule '{spec}': expected 'module:function' naming a public function")
+    trusted = trusted_modules()
+    if not any(module == m or module.startswith(m + ".") for m in trusted):
+        raise UsageError(f"rule '{spec}': module '{module}' is not trusted. A rule is code that runs on your data; "
+                         f"rules may name functions of {', '.join(trusted)}. Trust a module of yours with "
+                         f"`trusted_modules: [{module}]` in the pipeline config or {TRUSTED_ENV}={module}")
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"rule '{spec}': cannot import: {exc}") from None
-    if not callable(fn):
-        raise UsageError(f"rule '{spec}' is not callable")
+    # defined in that module, not imported into it (feedback.x:rmtree after `from shutil import rmtree`)
+    if not callable(fn) or getattr(fn, "__module__", None) != module:
+        raise UsageError(f"rule '{spec}' is not a function defined in {module}")
     return fn
 
 

@@ -47,7 +47,7 @@ def _ppo_block(**over):
 
 def _run_extra(tiny_run, tmp_path, block, name):
     # the earlier stages are named so that stage: references validate; only `name` runs, on tiny_run's artifacts
-    cfg = {"run_dir": str(tiny_run), "seed": 0, "stages": [
+    cfg = {"run_dir": str(tiny_run), "seed": 0, "trusted_modules": ["tests.helpers"], "stages": [
         {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}},
         {"stage": "preferences", "data": {"path": "synthetic:preferences"}},
         {"stage": "reward", "model": "stage:sft", "preferences": "stage:preferences"},
@@ -113,7 +113,8 @@ def test_dpo_raises_held_out_rule_reward(tmp_path):
     # LoRA with the reference given by the disabled adapter, IPO loss: runs and writes a merged policy
     assert main(["run", str(ROOT / "configs" / "tiny-dpo.yaml"), "--run-dir", str(run), "--stage", "dpo",
                  "--set", "stages.dpo.tuning=lora", "--set", "stages.dpo.loss_type=ipo",
-                 "--set", "stages.dpo.optim.max_steps=3", "--set", "stages.dpo.eval_rule=null"]) == 0
+                 "--set", "stages.dpo.optim.max_steps=3", "--set", "stages.dpo.eval_rule=null",
+                 "--set", "stages.dpo.eval_prompts=null", "--set", "stages.dpo.eval_max_new_tokens=32"]) == 0
     lora = artifacts.load_artifact(run / "dpo", "policy").manifest
     assert lora["model"]["tuning"] == "lora" and lora["model"]["loss_type"] == "ipo"
     assert (run / "dpo" / "model" / "model.safetensors").exists()

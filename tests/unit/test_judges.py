@@ -114,4 +114,4 @@ def test_judge_configs_load_and_refuse_keys(tmp_path):
     with pytest.raises(UsageError, match="rule: a 'rule' judge needs 'rule'"):
         load_judge_config(write_yaml(tmp_path / "r.yaml", {"type": "rule"}))
     with pytest.raises(UsageError, match="cannot import"):
-        build_judge(write_yaml(tmp_path / "r.yaml", {"type": "rule", "rule": "nope.mod:f", "cache": "none"}))
+        build_judge(write_yaml(tmp_path / "r.yaml", {"type": "rule", "rule": "feedback.nope:f", "cache": "none"}))
