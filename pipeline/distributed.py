@@ -160,7 +160,28 @@ def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dic
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UsageError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    _refuse_unsafe_checkpointing(cfg, path)
     return cfg
+
+
+def _refuse_unsafe_checkpointing(cfg: dict, path) -> None:
+    """Resume reads checkpoints only through DeepSpeed's torch engine, switched to weights_only loading
+    (safe_deepspeed_loading). Universal checkpoints and the other checkpoint engines load through paths that
+    call torch.load(weights_only=False), which runs any pickle a checkpoint holds: refused."""
+    ckpt = cfg.get("checkpoint") or {}
+    unsafe = []
+    if ckpt.get("load_universal"):
+        unsafe.append("checkpoint.load_universal")
+    if ckpt.get("writer") is not None:
+        unsafe.append("checkpoint.writer (the fast/decoupled checkpoint engines)")
+    if (cfg.get("datastates") or {}).get("enabled"):
+        unsafe.append("datastates")
+    if "nebula" in cfg:
+        unsafe.append("nebula")
+    if unsafe:
+        raise UsageError(f"{path}: {', '.join(unsafe)}: not supported here; these load checkpoints with "
+                         "torch.load(weights_only=False), which can run code from a checkpoint file. Remove the key: "
+                         "checkpoints are written and read by DeepSpeed's torch engine with weights-only loading")
 
 
 def zero_stage(ds_config: dict | None) -> int:

@@ -128,6 +128,7 @@ def _cached(ref: str, name: str) -> Path:
     """The complete cache entry `name` for the built-in `ref`, built (once, by one process) if needed."""
     from filelock import FileLock
 
+    from pipeline.artifacts import fsync_tree
     from pipeline.errors import InvalidInput
 
     target = cache_dir() / "models" / name
@@ -158,7 +159,7 @@ def _cached(ref: str, name: str) -> Path:
             missing = missing_parts(tmp)
             if missing:
                 raise InvalidInput(f"building '{ref}' left {tmp} without {', '.join(missing)}")
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.replace(tmp, target)
         finally:
             _remove(tmp)
@@ -172,19 +173,6 @@ def _remove(p: Path) -> None:
         p.unlink()
     elif p.exists():
         shutil.rmtree(p)
-
-
-def _fsync_tree(d: Path) -> None:
-    """Flush a built directory's files and the directory itself to disk before it is promoted."""
-    for f in d.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # A different tokenizer and layout from `tiny`, for reward models scoring another model's text.

@@ -88,7 +88,10 @@ class StageContext:
 
         if ref.startswith("stage:"):
             art = self.artifact(ref, ("policy", "reward_model"), role)
-            path, info = str(art.output("model")), {"ref": ref, "trust_remote_code": False}
+            # a model trained from a custom-code base needs that code again: the flag travels with the artifact
+            upstream = art.manifest.get("model") or {}
+            path, info = str(art.output("model")), {"ref": ref, "trust_remote_code": bool(
+                upstream.get("trust_remote_code", False)), "revision": None}
         else:
             spec = self.pipeline.model_spec(ref)
             path, info = resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
@@ -131,7 +134,12 @@ def _input_entry(cfg: PipelineConfig, ref: str, kind: str) -> dict:
             return {"path": str(p), "sha256": artifacts.hashlib.sha256("".join(h).encode()).hexdigest()}
         return artifacts.file_input(p)
     spec = cfg.model_spec(ref)
-    return {"ref": spec.ref}
+    entry = {"ref": spec.ref}  # plus what else picks the weights and code, when it is not the default
+    if spec.revision is not None:
+        entry["revision"] = spec.revision
+    if spec.trust_remote_code:
+        entry["trust_remote_code"] = True
+    return entry
 
 
 def stage_module(kind: str):
@@ -140,8 +148,10 @@ def stage_module(kind: str):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, resume: bool = False,
                  echo=print) -> list[dict]:
+    from feedback.judges.rule import trust_modules
     from pipeline import distributed
 
+    trust_modules(cfg.trusted_modules)
     distributed.init()
     if not distributed.is_main():
         echo = lambda *a, **k: None  # noqa: E731  (one voice: rank 0 speaks for all)
@@ -195,8 +205,7 @@ def _prepare_work_dir(work: Path, st, chash: str, resolved: dict, resume: bool, 
         return path
     if _has_checkpoints(work):
         echo(f"[{st.name}] discarding the checkpoints of an unfinished run in {ckpts} (--resume continues it)")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    artifacts.make_work_dir(work, work.parent)
     return None
 
 
@@ -248,10 +257,17 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
                        stage_config=resolved, resume_from=resume_from)
     t0 = time.time()
     echo(f"[{st.name}] running stage '{st.stage}' -> {run_dir / st.name}")
+    from pipeline.generation import NEUTRALISED
+
+    NEUTRALISED.clear()
     try:
         out = stage_module(st.stage).run(st, ctx)
     finally:
         _forget_deepspeed()
+    if NEUTRALISED:  # special tokens found in untrusted text (data, responses) and kept as text
+        out.setdefault("counts", {})["special_tokens_neutralised"] = dict(NEUTRALISED)
+        echo(f"[{st.name}] neutralised {sum(NEUTRALISED.values())} special-token strings found in prompts or "
+             f"responses ({', '.join(sorted(NEUTRALISED))}): they were read as text, not as control tokens")
     metrics = {**ctx.metrics.last, **out.get("metrics", {}), "time/seconds": round(time.time() - t0, 2)}
     manifest = artifacts.build_manifest(
         stage=st.name,
@@ -266,9 +282,10 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     if distributed.is_main():
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
         shutil.rmtree(work / ".inputs", ignore_errors=True)  # merged copies of adapter inputs
+        artifacts.fsync_tree(work)  # weights on disk before the manifest that vouches for them
     artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
     if distributed.is_main():
-        artifacts.replace_dir(work, run_dir / st.name)
+        artifacts.replace_dir(work, run_dir / st.name, run_dir)
     distributed.barrier()
     if out.get("summary"):
         echo(f"[{st.name}] {out['summary']}")

@@ -14,7 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-_SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
+# Whole key names that hold secrets: api_key, openai_api_key, token, hf_token, access_token, secret,
+# client_secret, password, authorization, bearer. Not settings that merely contain such a word
+# (max_new_tokens, max_tokens, tokenizer, api_key_env: the *name* of a variable, not its value).
+_SECRET_KEYS = re.compile(r"^(?:(?:\w+_)?(?:api[_-]?key|token|secret|password|passwd|credentials?)|authorization|"
+                          r"bearer|private[_-]?key)$", re.I)
 
 
 def metric_name(key: str) -> str:
@@ -30,8 +34,7 @@ def metric_name(key: str) -> str:
 def redact(obj: Any) -> Any:
     """Drop values under keys that look like secrets (for configs and metrics sent anywhere)."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEYS.search(str(k)) and not str(k).endswith("_env") else redact(v))
-                for k, v in obj.items()}
+        return {k: ("<redacted>" if _SECRET_KEYS.match(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

@@ -67,8 +67,10 @@ class RewardScorer:
             parent = path.parent / "manifest.json"
             manifest = json.loads(parent.read_text()) if parent.exists() else {}
         norm = manifest.get("normalization", {})
-        tok = load_tokenizer(str(model_dir))
-        return cls(load_reward_model(str(model_dir), precision), tok, manifest.get("max_length"),
+        # a reward model trained from a custom-code base needs that code again (recorded in its manifest)
+        trust = bool((manifest.get("model") or {}).get("trust_remote_code", False))
+        tok = load_tokenizer(str(model_dir), trust)
+        return cls(load_reward_model(str(model_dir), precision, trust), tok, manifest.get("max_length"),
                    norm.get("mean", 0.0), norm.get("std", 1.0), batch_size)
 
     def encode(self, prompt, response) -> list[int]:
@@ -80,7 +82,8 @@ class RewardScorer:
         return raw, [(r - self.mean) / self.std for r in raw]
 
 
-def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: bool = False):
+def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: bool = False,
+                      revision: str | None = None):
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.errors import UsageError
@@ -88,7 +91,7 @@ def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: boo
 
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code)
+            path, num_labels=1, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code, revision=revision)
     except OSError as exc:
         raise UsageError(f"cannot load reward model '{path}': {exc}") from None
 

@@ -77,7 +77,7 @@ def read_prompts(path, limit: int | None = None) -> list:
 
 
 def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: CandidatesConfig, pairing: str,
-                      seed: int):
+                      seed: int, trust_remote_code: bool = False, revision: str | None = None):
     """Sample candidates, judge them; returns (pairs, unlabelled, stats, judge identity)."""
     from feedback.judges.config import build_judge
     from feedback.label import label
@@ -85,7 +85,8 @@ def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: 
     from pipeline.models import load_causal_lm, load_tokenizer
 
     judge, jcfg, _ = build_judge(judge_config)  # before sampling: a bad judge config fails fast
-    tok, model = load_tokenizer(policy_path), load_causal_lm(policy_path)
+    tok = load_tokenizer(policy_path, trust_remote_code, revision)
+    model = load_causal_lm(policy_path, "fp32", trust_remote_code, revision)
     candidates = sample(model, tok, prompts, n=cand.k, temperature=cand.temperature, top_p=cand.top_p,
                         max_new_tokens=cand.max_new_tokens, batch_size=cand.batch_size, seed=seed,
                         desc="sampling candidates")
@@ -101,9 +102,10 @@ def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
     from pipeline.stages.preferences import split_by_prompt
 
     prompts = read_prompts(resolve_data_path(cfg.prompts), cfg.max_prompts)
-    policy_path, _ = ctx.model_path(cfg.policy, role="policy")
+    policy_path, info = ctx.model_path(cfg.policy, role="policy")
     pairs, unlabelled, stats, judge_id = label_with_policy(policy_path, prompts, cfg.judge, cfg.candidates,
-                                                           cfg.pairing, ctx.seed)
+                                                           cfg.pairing, ctx.seed, info.get("trust_remote_code", False),
+                                                           info.get("revision"))
     if not pairs:
         raise InvalidInput(f"[{ctx.name}] the judge labelled no pairs ({stats})")
     train, evals = split_by_prompt(pairs, cfg.eval_fraction, ctx.seed)

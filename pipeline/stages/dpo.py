@@ -14,6 +14,7 @@ the rule reward of samples on held-out prompts before and after).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Literal
 
@@ -124,9 +125,13 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
 
     args = training_args(DPOConfig, cfg, ctx, precision, loss_type=[cfg.loss_type], beta=cfg.beta,
                          label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
-                         precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataset_num_proc=None)
+                         precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataset_num_proc=None,
+                         trust_remote_code=info.get("trust_remote_code", False))
+    # Full tuning: the reference is a frozen copy of the policy as loaded (TRL would reload it from the policy's
+    # path without its revision); LoRA: the disabled adapter; precomputed: no reference kept.
+    reference = copy.deepcopy(model) if cfg.tuning == "full" and not cfg.precompute_ref_log_probs else None
     trainer = DPOTrainer(
-        model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(train),
+        model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
         callbacks=[trainer_callback(ctx.metrics)],

@@ -122,8 +122,9 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
     path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path, "fp32")
+    trust, revision = info.get("trust_remote_code", False), info.get("revision")
+    tok = load_tokenizer(path, trust, revision)
+    model = load_causal_lm(path, "fp32", trust, revision)
     reward_path = str(ctx.artifact(cfg.reward_model, "reward_model", "reward_model").path) if cfg.reward_model else None
     funcs = reward_functions(cfg, reward_path)
     rule = None
@@ -137,7 +138,9 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     ConfigCls, TrainerCls = (GRPOConfig, GRPOTrainer) if cfg.stage == "grpo" else (RLOOConfig, RLOOTrainer)
     args = training_args(ConfigCls, cfg, ctx, precision, num_generations=cfg.num_generations,
                          max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                         top_p=cfg.top_p, beta=cfg.beta, use_vllm=False)
+                         top_p=cfg.top_p, beta=cfg.beta, use_vllm=False,
+                         # TRL rebuilds the reference (beta > 0, full tuning) from the policy's path with these
+                         trust_remote_code=trust, **({"model_init_kwargs": {"revision": revision}} if revision else {}))
     trainer = TrainerCls(model=model, reward_funcs=funcs if len(funcs) > 1 else funcs[0], args=args,
                          train_dataset=Dataset.from_list(train), processing_class=tok,
                          peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,

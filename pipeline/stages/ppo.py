@@ -168,7 +168,7 @@ class _Hyper:
         self.kl_estimator = cfg.kl.estimator
 
 
-def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, policy_path: str, reward_art):
+def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, policy_path: str, reward_art, info: dict):
     """(PPOModels, RewardFunction, tokenizer, where each model lives, frozen models sharded?); under ZeRO-3
     the models are built sharded (engines.py)."""
     from pipeline.distributed import zero_stage
@@ -177,7 +177,8 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     from pipeline.rl.ppo import PPOModels, RewardFunction
     from pipeline.stages.common import peft_config
 
-    tok = load_tokenizer(policy_path)
+    trust, revision = info.get("trust_remote_code", False), info.get("revision")
+    tok = load_tokenizer(policy_path, trust, revision)
     reward_path = str(reward_art.path) if reward_art else None
     rm_dir = None
     if cfg.value_model == "critic":
@@ -195,9 +196,9 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     reward_fn = reference = None
     if not shard_frozen:  # whole copies on every process, loaded before sharded loading starts
         reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
-        reference = load_causal_lm(policy_path, precision) if needs_reference and zero3 else None
+        reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference and zero3 else None
     sharded = engines.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
-    policy = load_causal_lm(policy_path, precision)
+    policy = load_causal_lm(policy_path, precision, trust, revision)
     if lora:
         from peft import get_peft_model
 
@@ -209,7 +210,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
         critic = load_reward_model(rm_dir, precision)
     if shard_frozen:
         reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision)
-        reference = load_causal_lm(policy_path, precision) if needs_reference else None
+        reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference else None
     del sharded
     norm = (reward_art.manifest.get("normalization") or {}) if rm_dir and cfg.reward.normalize else {}
     models = PPOModels(policy, tok, cfg.value_model, critic, lora=lora, reference=reference,
@@ -302,7 +303,8 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
 
-    models, reward_fn, tok, placement, shard_frozen = _load_models(cfg, ctx, precision, ds, policy_path, reward_art)
+    models, reward_fn, tok, placement, shard_frozen = _load_models(cfg, ctx, precision, ds, policy_path, reward_art,
+                                                                   info)
     schedule = _scheduler_factory(cfg, minibatch, per_rank)
     if ds:
         optimizer = engines.build(models, cfg, precision, ds, schedule)  # the engines put the models on their device
@@ -414,7 +416,7 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     memory = _peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
     outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
-                         under_deepspeed=s.ds is not None))
+                         under_deepspeed=s.ds is not None, info=s.info))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **{f"memory/{k}": max(v) for k, v in memory.items()}}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
@@ -460,7 +462,8 @@ def _peak_memory() -> dict[str, list[float]]:
     return {k: [round(x, 1) for x in v.tolist()] for k, v in out.items()}
 
 
-def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool) -> dict:
+def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool,
+          info: dict) -> dict:
     """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process
     takes part (ZeRO-3 shards are gathered) and rank 0 rebuilds plain models from the gathered weights
     and writes them: they load without DeepSpeed."""
@@ -484,7 +487,7 @@ def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_ar
     head_sd = full_state_dict(models.value_head) if models.value_head is not None else None
     critic_sd = full_state_dict(models.critic_module.model) if models.critic_module is not None else None
     if is_main():
-        policy = load_causal_lm(policy_path)
+        policy = load_causal_lm(policy_path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
         if cfg.tuning == "lora":
             from peft import get_peft_model
 

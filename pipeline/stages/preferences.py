@@ -81,7 +81,7 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
         from pipeline.models import load_tokenizer
 
         path, info = ctx.model_path(cfg.tokenizer, role="tokenizer")
-        tokenizer = load_tokenizer(path, info.get("trust_remote_code", False))
+        tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
     d = cfg.data
     report = validate_file(resolve_data_path(d.path), d.format, d.keys or None, d.source, d.ranked,
                            tokenizer, cfg.max_length)

@@ -113,7 +113,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     precision = resolve_precision(cfg.precision)
     path, info = ctx.model_path(cfg.model, merged=True)
     tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
-    model = load_reward_model(path, "fp32", info.get("trust_remote_code", False))
+    model = load_reward_model(path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
     model.config.pad_token_id = tokenizer.pad_token_id
 
     train_rows, train_kept, skipped = encode_pairs(train_pairs, tokenizer, cfg.max_length, cfg.use_margin)
