@@ -6,22 +6,29 @@ Formats (detected from the first row, or given with `--format`):
 - `messages`: {"role", "content"} lists: a `prompt` of shared turns with chosen/rejected replies,
   or two full conversations that share every turn but the last assistant one.
 - `hh`: Anthropic HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."), split into the
-  shared dialogue (messages) and the two final assistant replies.
+  shared dialogue (messages) and the two final assistant replies. Line endings are normalised
+  (\\r\\n and \\r to \\n) first; two turns of the same role in a row are an error (usually a
+  "Human:" or "Assistant:" inside a turn's text). Transcripts are detected even beside a `prompt`
+  column, which is then ignored (with a note): the transcripts hold the whole dialogue.
 - `ranked`: a prompt with several responses and ranks (1 = best) or scores (higher = better),
-  expanded into all pairs or best-versus-rest; equal ranks become ties.
+  expanded into all pairs or best-versus-rest; equal ranks become ties. A row mixing ranks and
+  scores is refused; so are non-finite values (NaN, Infinity), which would rank first or last.
 
-Each row yields a `Row`: its location, the pairs it expands to, or an error `(code, reason)`.
+Texts are compared (chosen vs rejected, identical responses) on `schema.text_key`: Unicode NFC,
+whitespace collapsed. Each row yields a `Row`: its location, the pairs it expands to, or an error
+`(code, reason)`; validate.py may later set aside single pairs of a row (`dropped`).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from feedback.records import iter_records
-from feedback.schema import PreferencePair, check_text
+from feedback.schema import PreferencePair, check_text, text_key
 
 FORMATS = ("auto", "pairs", "messages", "hh", "ranked")
 RANKED_MODES = ("all_pairs", "best_vs_rest")
@@ -32,6 +39,7 @@ ALIASES = {
 }
 OPTIONAL = ("id", "source", "tie", "margin", "annotator", "judge")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Row:
     pairs: list[PreferencePair] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (code, reason)
     raw: str | None = None
+    dropped: list[tuple[PreferencePair, str, str]] = field(default_factory=list)  # (pair, code, reason)
 
 
 class Bad(Exception):
@@ -86,6 +95,8 @@ def _optional(row: dict) -> dict:
             raise Bad("wrong_type", f"'tie' must be true or false, got {v!r}")
         if k == "margin" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise Bad("wrong_type", f"'margin' must be a number, got {v!r}")
+        if k == "margin" and not math.isfinite(v):
+            raise Bad("not_finite", f"'margin' must be a finite number, got {v!r}")
         if k == "source" and v not in ("human", "ai"):
             raise Bad("wrong_type", f"'source' must be 'human' or 'ai', got {v!r}")
         if k in ("id", "annotator") and not isinstance(v, (str, int)):
@@ -97,6 +108,8 @@ def _optional(row: dict) -> dict:
 def _distinct(chosen: Any, rejected: Any) -> None:
     if chosen == rejected:
         raise Bad("identical", "chosen and rejected are identical")
+    if text_key(chosen) == text_key(rejected):
+        raise Bad("identical", "chosen and rejected are identical once Unicode (NFC) and whitespace are normalised")
 
 
 def split_dialogues(chosen: list[dict], rejected: list[dict], what: str = "conversations") -> tuple:
@@ -123,14 +136,37 @@ def split_dialogues(chosen: list[dict], rejected: list[dict], what: str = "conve
     return prompt, c, r
 
 
+def hh_text(transcript: str) -> str:
+    """A transcript with \\r\\n and \\r line endings made \\n (files edited on Windows), and a first turn written
+    "Human: ..." without the leading blank line given one, so that every turn starts with "\\n\\nHuman:"."""
+    text = transcript.replace("\r\n", "\n").replace("\r", "\n")
+    return "\n\n" + text if text.startswith("Human:") else text
+
+
+def looks_hh(text: Any) -> bool:
+    """A transcript: a "\\n\\nHuman:" turn followed by a "\\n\\nAssistant:" turn (after hh_text)."""
+    if not isinstance(text, str):
+        return False
+    text = hh_text(text)
+    human = text.find("\n\nHuman:")
+    return human >= 0 and text.find("\n\nAssistant:", human) > human
+
+
 def parse_hh(transcript: str, name: str) -> list[dict]:
+    """A transcript -> messages. Turns must alternate: two of the same role in a row are an error naming the turn
+    (a "Human:" inside a turn's text would otherwise re-split the dialogue silently)."""
     if not isinstance(transcript, str):
         raise Bad("wrong_type", f"'{name}' must be a transcript string, got {type(transcript).__name__}")
-    parts = _HH_TURN.split(transcript)
+    parts = _HH_TURN.split(hh_text(transcript))
     if parts[0].strip():
         raise Bad("wrong_type", f"the {name} transcript does not start with a 'Human:' turn")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    speakers = parts[1::2]
+    for i in range(1, len(speakers)):
+        if speakers[i] == speakers[i - 1]:
+            who = speakers[i]
+            raise Bad("hh_turns", f"the {name} transcript has two {who} turns in a row at turn {i + 1}: "
+                                  f"{'an' if who == 'Assistant' else 'a'} '{who}:' inside a turn's text?")
+    return [{"role": _HH_ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
 
 
 # --------------------------------------------------------------------------- per-format row readers
@@ -165,41 +201,65 @@ def read_hh_row(row: dict, keys=None, source="human") -> list[PreferencePair]:
     return [PreferencePair(prompt=prompt, chosen=c, rejected=r, **{"source": source, **_optional(row)})]
 
 
+def _ranked_items(row: dict, rkey: str) -> tuple[list, list | None, str | None]:
+    """The responses of a ranked row, with the ranks or scores given inside the items (if any) and their kind."""
+    items = row[rkey]
+    if not isinstance(items, list) or len(items) < 2:
+        raise Bad("wrong_type", f"'{rkey}' must be a list of at least 2 responses")
+    texts, values, kinds = [], [], set()
+    for j, it in enumerate(items):
+        if not isinstance(it, dict):
+            texts.append(_checked(it, f"{rkey}[{j}]"))
+            continue
+        tk = next((k for k in ("text", "response", "content") if k in it), None)
+        if tk is None:
+            raise Bad("missing_key", f"{rkey}[{j}] needs 'text' (found keys: {sorted(it)})")
+        texts.append(_checked(it[tk], f"{rkey}[{j}]"))
+        found = [k for k in ("rank", "score") if k in it]
+        kinds.update(found)
+        if found:
+            values.append(it[found[0]])
+    if len(kinds) > 1:
+        raise Bad("mixed_rank_score", f"'{rkey}' mixes 'rank' and 'score'; give one of them for every response")
+    return texts, values or None, kinds.pop() + "s" if kinds else None
+
+
+def _ranked_values(row: dict, texts: list, values: list | None, kind: str | None) -> tuple[list, bool]:
+    """The ranks or scores (one per response, finite numbers) and whether higher is better (scores)."""
+    listed = [k for k in ("ranks", "scores") if k in row]
+    if len(listed) > 1:
+        raise Bad("mixed_rank_score", "the row has both 'ranks' and 'scores'; give one of them")
+    if listed and kind:
+        raise Bad("mixed_rank_score",
+                  f"the responses carry {kind} and the row also has '{listed[0]}'; give one of them")
+    if kind is None:
+        if not listed:
+            raise Bad("missing_key", f"missing 'ranks' or 'scores' for the responses (found keys: {sorted(row)})")
+        kind, values = listed[0], row[listed[0]]
+    if not isinstance(values, list) or len(values) != len(texts):
+        raise Bad("wrong_type", f"{len(texts)} responses but {len(values) if isinstance(values, list) else 0} ranks/scores")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise Bad("wrong_type", "ranks and scores must be numbers")
+    bad = [j + 1 for j, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise Bad("not_finite", f"{kind} must be finite numbers; response {bad[0]} has {values[bad[0] - 1]!r}")
+    return values, kind == "scores"
+
+
 def read_ranked_row(row: dict, keys=None, source="human", mode="all_pairs") -> list[PreferencePair]:
     kp = _find_key(row, "prompt", keys)
     prompt = _checked(row[kp], "prompt")
     rkey = next((k for k in ("responses", "completions") if k in row), None)
     if rkey is None:
         raise Bad("missing_key", f"missing key 'responses' (found keys: {sorted(row)})")
-    items = row[rkey]
-    if not isinstance(items, list) or len(items) < 2:
-        raise Bad("wrong_type", f"'{rkey}' must be a list of at least 2 responses")
-    texts, values, higher_better = [], [], None
-    for j, it in enumerate(items):
-        if isinstance(it, dict):
-            tk = next((k for k in ("text", "response", "content") if k in it), None)
-            if tk is None:
-                raise Bad("missing_key", f"{rkey}[{j}] needs 'text' (found keys: {sorted(it)})")
-            texts.append(_checked(it[tk], f"{rkey}[{j}]"))
-            vk = next((k for k in ("rank", "score") if k in it), None)
-            if vk:
-                values.append(it[vk])
-                higher_better = vk == "score"
-        else:
-            texts.append(_checked(it, f"{rkey}[{j}]"))
-    if not values:
-        vk = next((k for k in ("ranks", "scores") if k in row), None)
-        if vk is None:
-            raise Bad("missing_key", f"missing 'ranks' or 'scores' for the responses (found keys: {sorted(row)})")
-        values, higher_better = row[vk], vk == "scores"
-    if not isinstance(values, list) or len(values) != len(texts):
-        raise Bad("wrong_type", f"{len(texts)} responses but {len(values) if isinstance(values, list) else 0} ranks/scores")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-        raise Bad("wrong_type", "ranks and scores must be numbers")
+    texts, values, kind = _ranked_items(row, rkey)
+    values, higher_better = _ranked_values(row, texts, values, kind)
+    norm = [text_key(t) for t in texts]
     for a in range(len(texts)):
         for b in range(a + 1, len(texts)):
-            if texts[a] == texts[b]:
-                raise Bad("identical", f"responses {a + 1} and {b + 1} are identical")
+            if norm[a] == norm[b]:
+                raise Bad("identical", f"responses {a + 1} and {b + 1} are identical"
+                          + ("" if texts[a] == texts[b] else " once Unicode (NFC) and whitespace are normalised"))
     goodness = [v if higher_better else -v for v in values]
     extra = {"source": source, **{k: v for k, v in _optional(row).items() if k not in ("id", "tie", "margin")}}
     out = []
@@ -219,32 +279,41 @@ READERS = {"pairs": read_pairs_row, "messages": read_messages_row, "hh": read_hh
 
 
 def detect_format(row: Any, keys=None) -> str | None:
+    """The format of a row: ranked (responses), messages (lists), hh (both replies are transcripts, even beside a
+    prompt column; without one, a chosen transcript is enough), or pairs."""
     if not isinstance(row, dict):
         return None
     if "responses" in row or "completions" in row:
         return "ranked"
     try:
         kc = _find_key(row, "chosen", keys)
-        _find_key(row, "rejected", keys)
+        kr = _find_key(row, "rejected", keys)
     except Bad:
         return None
     chosen = row[kc]
     if isinstance(chosen, list):
         return "messages"
+    if looks_hh(chosen) and looks_hh(row[kr]):
+        return "hh"
     has_prompt = _find_key(row, "prompt", keys, required=False) is not None
-    if isinstance(chosen, str) and not has_prompt and ("\n\nAssistant:" in chosen or chosen.startswith("\n\nHuman:")):
+    if isinstance(chosen, str) and not has_prompt and ("\n\nAssistant:" in hh_text(chosen)
+                                                       or hh_text(chosen).startswith("\n\nHuman:")):
         return "hh"
     return "pairs"
 
 
 def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, source: str = "human",
-              ranked: str = "all_pairs", detected: list | None = None) -> Iterator[Row]:
-    """Every row of `path` as a Row; `detected` (a list) receives the format used."""
+              ranked: str = "all_pairs", detected: list | None = None, split: str | None = None,
+              notes: list | None = None) -> Iterator[Row]:
+    """Every row of `path` as a Row; `detected` (a list) receives the format used, `notes` (a list) what the user
+    should know about how the file was read (dataset splits read and skipped, a prompt column ignored)."""
+    notes = [] if notes is None else notes
     chosen_fmt = None if fmt == "auto" else fmt
-    for rec in iter_records(path):
+    columns = [n for names in ALIASES.values() for n in names] + list((keys or {}).values())
+    noted = False  # hh: the note about a prompt column is given once, from the first row
+    for rec in iter_records(path, split=split, notes=notes, message_columns=columns):
         if rec.error:
-            code = "not_utf8" if "UTF-8" in rec.error else "invalid_json"
-            yield Row(rec.where, rec.line, error=(code, rec.error), raw=rec.raw)
+            yield Row(rec.where, rec.line, error=(rec.code or "unreadable", rec.error), raw=rec.raw)
             continue
         if not isinstance(rec.value, dict):
             yield Row(rec.where, rec.line, error=("not_object", f"row is a {type(rec.value).__name__}, not an object"),
@@ -259,11 +328,26 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
                 continue
             if detected is not None:
                 detected.append(chosen_fmt)
-        try:
-            if chosen_fmt == "ranked":
-                pairs = read_ranked_row(rec.value, keys, source, ranked)
-            else:
-                pairs = READERS[chosen_fmt](rec.value, keys, source)
-            yield Row(rec.where, rec.line, pairs=pairs, raw=rec.raw)
-        except Bad as bad:
-            yield Row(rec.where, rec.line, error=(bad.code, bad.reason), raw=rec.raw)
+        if chosen_fmt == "hh" and not noted:
+            noted = _note_ignored_prompt(path, rec.value, keys, notes)
+        yield _read_row(rec, chosen_fmt, keys, source, ranked)
+
+
+def _note_ignored_prompt(path, row: dict, keys, notes: list) -> bool:
+    """HH rows beside a prompt column: the transcripts hold the whole dialogue, so the column is not read; say so."""
+    kp = _find_key(row, "prompt", keys, required=False)
+    if kp is not None:
+        notes.append(f"{path}: the '{kp}' column is ignored: the hh transcripts in chosen/rejected hold the "
+                     "whole dialogue")
+    return True
+
+
+def _read_row(rec, fmt: str, keys, source: str, ranked: str) -> Row:
+    try:
+        if fmt == "ranked":
+            pairs = read_ranked_row(rec.value, keys, source, ranked)
+        else:
+            pairs = READERS[fmt](rec.value, keys, source)
+        return Row(rec.where, rec.line, pairs=pairs, raw=rec.raw)
+    except Bad as bad:
+        return Row(rec.where, rec.line, error=(bad.code, bad.reason), raw=rec.raw)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -86,8 +88,23 @@ def reply_text(x: Text) -> str:
     return "\n".join(m.get("content", "") for m in x if m.get("role") == "assistant") or text_of(x)
 
 
+def norm_text(s: str) -> str:
+    """The form in which two texts are compared: Unicode NFC, whitespace runs collapsed to one space, ends
+    stripped; so that an NFD copy or a trailing space does not make a different prompt or response."""
+    return " ".join(unicodedata.normalize("NFC", s).split())
+
+
+def text_key(x: Text) -> str:
+    """The comparison key of a string or a message list (roles kept, each content normalised with norm_text).
+    Used for chosen-vs-rejected identity, duplicates, conflicts and the train/eval split by prompt."""
+    if isinstance(x, str):
+        return canonical(norm_text(x))
+    return canonical([{"role": m.get("role"), "content": norm_text(m["content"])} if isinstance(m, dict)
+                      and isinstance(m.get("content"), str) else m for m in x])
+
+
 def prompt_key(prompt: Text) -> str:
-    return canonical(prompt)
+    return text_key(prompt)
 
 
 def check_text(value: Any, name: str) -> str | None:
@@ -124,8 +141,9 @@ def from_dict(d: dict) -> tuple[PreferencePair | None, str | None]:
     if not isinstance(d.get("tie", False), bool):
         return None, f"'tie' must be true or false, got {d.get('tie')!r}"
     margin = d.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        return None, f"'margin' must be a number or null, got {margin!r}"
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        return None, f"'margin' must be a finite number or null, got {margin!r}"
     unknown = set(d) - set(FIELDS)
     if unknown:
         return None, f"unknown keys {sorted(unknown)} in a canonical row"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import statistics
-from collections import Counter, defaultdict
+from collections import Counter
 
-from feedback.schema import canonical, text_of
+from feedback.schema import prompt_key, text_of
 from feedback.validate import Report
 
 
@@ -18,25 +18,9 @@ def _dist(values: list[int]) -> dict:
 
 
 def annotator_agreement(report: Report) -> dict:
-    """Over pairs labelled more than once (same prompt and responses): the share of label pairs that agree."""
-    labels: dict[str, list[str]] = defaultdict(list)
-    for row in report.rows:
-        if row.error is not None and row.error[0] not in ("duplicate", "conflict"):
-            continue  # unreadable rows carry no label
-        for p in row.pairs:
-            key = canonical([p.prompt, sorted([canonical(p.chosen), canonical(p.rejected)])])
-            labels[key].append("tie" if p.tie else canonical(p.chosen))
-    agree = total = groups = 0
-    for ls in labels.values():
-        if len(ls) < 2:
-            continue
-        groups += 1
-        for i in range(len(ls)):
-            for j in range(i + 1, len(ls)):
-                total += 1
-                agree += ls[i] == ls[j]
-    return {"pairs_labelled_more_than_once": groups, "label_pairs": total,
-            "agreement": round(agree / total, 4) if total else None}
+    """Over pairs labelled more than once (same prompt and responses once Unicode and whitespace are normalised):
+    the share of label pairs that agree. Measured by validate_file before repeated pairs are resolved."""
+    return report.agreement or {"pairs_labelled_more_than_once": 0, "label_pairs": 0, "agreement": None}
 
 
 def file_stats(report: Report, tokenizer=None) -> dict:
@@ -57,6 +41,7 @@ def file_stats(report: Report, tokenizer=None) -> dict:
         "with_margin": sum(p.margin is not None for p in pairs),
         "sources": dict(Counter(p.source for p in pairs)),
         "annotators": dict(Counter(p.annotator or "(none)" for p in pairs).most_common(20)),
-        "distinct_prompts": len({canonical(p.prompt) for p in pairs}),
+        "distinct_prompts": len({prompt_key(p.prompt) for p in pairs}),
         "agreement": annotator_agreement(report),
+        "notes": report.notes,
     }

@@ -1,19 +1,28 @@
 """Check every row of a preference file and account for each one.
 
-Row checks come from the readers (JSON, UTF-8, keys, types, empty text, chosen == rejected,
-HH structure, ranked rows). This module adds the checks that need the whole file: exact
-duplicate pairs, conflicting duplicates (same prompt and responses, opposite preference), and,
-given the stage's tokenizer and max_length, pairs that become empty or identical when truncated.
-Nothing is dropped silently: `Report` counts every row read as valid or invalid, with reasons.
+Row checks come from the readers (JSON, UTF-8, CSV quoting, keys, types, finite numbers, empty
+text, chosen == rejected, HH structure, ranked rows). This module adds the checks that need the
+whole file, on normalised text (`schema.text_key`: Unicode NFC, whitespace collapsed):
+- repeated pairs (same prompt and responses), resolved by `duplicates`:
+  `fail` (default): later copies with the same label are duplicates, and when the labels differ
+  every copy is a conflict; `first`: the first copy is kept, the others rejected; `majority`: the
+  label most copies give is kept once, the others outvoted, a tie of votes rejects them all;
+- explicit ids used twice (the later row is rejected, naming the first);
+- given the stage's tokenizer and max_length, pairs that become empty or identical when truncated.
+A row that expands to several pairs (ranked) loses only the pairs concerned (`Row.dropped`).
+Nothing is dropped silently: `Report` counts every row read as valid or invalid, with reasons,
+and how often repeated pairs agree.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from feedback.readers import Row, read_rows
-from feedback.schema import PreferencePair, canonical
+from feedback.schema import PreferencePair, canonical, text_key
+
+DUPLICATES = ("fail", "first", "majority")
 
 
 @dataclass
@@ -21,6 +30,8 @@ class Report:
     path: str
     format: str | None
     rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the file was read (splits, ignored columns)
+    agreement: dict = field(default_factory=dict)  # over pairs labelled more than once
 
     @property
     def valid(self) -> list[Row]:
@@ -31,55 +42,200 @@ class Report:
         return [r for r in self.rows if r.error is not None]
 
     @property
+    def dropped(self) -> list[tuple[Row, PreferencePair, str, str]]:
+        """Pairs set aside from rows that are otherwise valid (a ranked row with one duplicated pair)."""
+        return [(r, *d) for r in self.valid for d in r.dropped]
+
+    @property
+    def ok(self) -> bool:
+        return not self.invalid and not self.dropped
+
+    @property
     def pairs(self) -> list[PreferencePair]:
         return [p for r in self.valid for p in r.pairs]
 
     def problems(self) -> list[str]:
-        return [f"{r.where}: {r.error[1]}" for r in self.invalid]
+        out = []
+        for r in self.rows:
+            if r.error is not None:
+                out.append(f"{r.where}: {r.error[1]}")
+            else:
+                out += [f"{r.where}: {_pair_name(p)}: {reason}" for p, _, reason in r.dropped]
+        return out
 
     def summary(self) -> str:
-        return f"{len(self.rows)} rows: {len(self.valid)} valid, {len(self.invalid)} invalid"
+        n = len(self.dropped)
+        return (f"{len(self.rows)} rows: {len(self.valid)} valid, {len(self.invalid)} invalid"
+                + (f"; {n} pair{'s' * (n != 1)} of valid rows rejected" if n else ""))
 
     def counts(self) -> dict:
+        reasons = Counter(r.error[0] for r in self.invalid) + Counter(code for _, _, code, _ in self.dropped)
         return {
             "rows_read": len(self.rows),
             "accepted": len(self.valid),
             "rejected": len(self.invalid),
             "pairs": len(self.pairs),
-            "rejected_by_reason": dict(Counter(r.error[0] for r in self.invalid)),
+            "pairs_rejected": len(self.dropped),
+            "rejected_by_reason": dict(reasons),
         }
 
     def rejected_rows(self) -> list[dict]:
-        return [{"where": r.where, "line": r.line, "code": r.error[0], "reason": r.error[1], "row": r.raw}
-                for r in self.invalid]
+        out = []
+        for r in self.rows:
+            if r.error is not None:
+                out.append({"where": r.where, "line": r.line, "code": r.error[0], "reason": r.error[1], "row": r.raw})
+                continue
+            out += [{"where": r.where, "line": r.line, "code": code, "reason": reason, "row": r.raw,
+                     "pair": p.to_dict()} for p, code, reason in r.dropped]
+        return out
 
 
-def _check_duplicates(rows: list[Row]) -> None:
-    exact: dict[str, Row] = {}
-    unordered: dict[str, tuple[Row, str]] = {}
+def _pair_name(p: PreferencePair, width: int = 30) -> str:
+    def short(x) -> str:
+        t = x if isinstance(x, str) else " ".join(m.get("content", "") for m in x)
+        return repr(t if len(t) <= width else t[: width - 1] + "…")
+
+    return f"the pair {short(p.chosen)} over {short(p.rejected)}"
+
+
+# --------------------------------------------------------------------------- repeated pairs
+
+Copy = tuple[Row, int]  # one copy of a repeated pair: its row and the pair's index in row.pairs
+Rejection = tuple[Row, int, str, str]  # (row, pair index, code, reason)
+
+
+def _label(p: PreferencePair) -> str:
+    return "tie" if p.tie else text_key(p.chosen)
+
+
+def _repeat_key(p: PreferencePair) -> str:
+    """The same prompt and the same two responses, in either order, on normalised text."""
+    return canonical([text_key(p.prompt), sorted([text_key(p.chosen), text_key(p.rejected)])])
+
+
+def _repeat_groups(rows: list[Row]) -> list[list[Copy]]:
+    """The pairs of valid rows labelled more than once, grouped by _repeat_key, in file order."""
+    groups: dict[str, list[Copy]] = defaultdict(list)
     for row in rows:
-        if row.error:
+        if row.error is None:
+            for i, p in enumerate(row.pairs):
+                groups[_repeat_key(p)].append((row, i))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _agreement(groups: list[list[Copy]]) -> dict:
+    """Over pairs labelled more than once: the share of label pairs (two copies) that agree."""
+    agree = total = 0
+    for g in groups:
+        labels = [_label(row.pairs[i]) for row, i in g]
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                total += 1
+                agree += labels[a] == labels[b]
+    return {"pairs_labelled_more_than_once": len(groups), "label_pairs": total,
+            "agreement": round(agree / total, 4) if total else None}
+
+
+def _where(row: Row, path: str) -> str:
+    """How a message names another row: "line 12" in text files, "row 3" or "train:row 3" otherwise."""
+    loc = row.where[len(path) + 1:] if row.where.startswith(path + ":") else row.where
+    return f"line {loc}" if loc.isdigit() else loc
+
+
+def _same_text(a: PreferencePair, b: PreferencePair) -> bool:
+    return canonical([a.prompt, a.chosen, a.rejected]) == canonical([b.prompt, b.chosen, b.rejected])
+
+
+def _pair(m: Copy) -> PreferencePair:
+    return m[0].pairs[m[1]]
+
+
+def _resolve(group: list[Copy], mode: str, path: str) -> list[Rejection]:
+    """The copies of one repeated pair to reject. `fail`: every copy when the labels differ, else the later copies;
+    `first`: the later copies; `majority`: all but the first copy of the winning label (every copy on a tie)."""
+    labels = [_label(_pair(m)) for m in group]
+    if mode == "first":
+        kept = _where(group[0][0], path)
+        return [(*m, "duplicate", f"{'duplicate' if lab == labels[0] else 'repeat with a different label'} of "
+                 f"{kept}, which is kept (--duplicates first)") for m, lab in zip(group[1:], labels[1:])]
+    if mode == "fail" and len(set(labels)) > 1:
+        return [(*m, "conflict", f"conflicting duplicate of {_where(_first_other(group, labels, lab)[0], path)} "
+                 "(same prompt and responses, different preference)") for m, lab in zip(group, labels)]
+    return _resolve_votes(group, labels, path)
+
+
+def _first_other(group: list[Copy], labels: list[str], label: str) -> Copy:
+    """The first copy whose label differs from `label`."""
+    return next(m for m, lab in zip(group, labels) if lab != label)
+
+
+def _resolve_votes(group: list[Copy], labels: list[str], path: str) -> list[Rejection]:
+    """Keep the first copy of the label most copies give: the other agreeing copies are duplicates, the rest
+    outvoted; when two labels have as many votes, no copy is kept."""
+    votes = Counter(labels).most_common()
+    winner, top = votes[0]
+    if len(votes) > 1 and votes[1][1] == top:
+        split = "-".join(str(n) for _, n in votes)
+        where = ", ".join(_where(m[0], path) for m in group)
+        return [(*m, "conflict", f"conflicting duplicate with no majority (votes {split} across {where})")
+                for m in group]
+    kept = group[labels.index(winner)]
+    out = []
+    for m, lab in zip(group, labels):
+        if m is kept:
+            continue
+        if lab != winner:
+            out.append((*m, "outvoted", f"outvoted ({top} of {len(group)} {_winner_says(winner, lab)})"))
+        elif _same_text(_pair(m), _pair(kept)):
+            out.append((*m, "duplicate", f"exact duplicate of {_where(kept[0], path)}"))
+        else:
+            out.append((*m, "duplicate", f"duplicate of {_where(kept[0], path)} (same prompt, responses and label "
+                                         "once Unicode and whitespace are normalised)"))
+    return out
+
+
+def _winner_says(winner: str, loser: str) -> str:
+    if winner == "tie":
+        return "called it a tie"
+    return "preferred one of the responses" if loser == "tie" else "preferred the other response"
+
+
+def _reject_pairs(rejections: list[Rejection]) -> None:
+    """Apply pair rejections: a row losing all its pairs is rejected (first reason); otherwise only those pairs go."""
+    by_row: dict[int, list] = defaultdict(list)
+    rows = {}
+    for row, i, code, reason in rejections:
+        by_row[id(row)].append((i, code, reason))
+        rows[id(row)] = row
+    for key, items in by_row.items():
+        row, gone = rows[key], {i for i, _, _ in items}
+        if len(gone) == len(row.pairs):
+            i, code, reason = min(items)
+            row.error = (code, reason)
+        else:
+            row.dropped += [(row.pairs[i], code, reason) for i, code, reason in sorted(items)]
+            row.pairs = [p for i, p in enumerate(row.pairs) if i not in gone]
+
+
+def _check_repeats(rows: list[Row], mode: str, path: str) -> dict:
+    """Resolve repeated pairs per `mode`; returns the agreement over them (measured before resolving)."""
+    groups = _repeat_groups(rows)
+    agreement = _agreement(groups)
+    _reject_pairs([r for g in groups for r in _resolve(g, mode, path)])
+    return agreement
+
+
+def _check_ids(rows: list[Row], path: str) -> None:
+    """An id used by two kept rows: the later one is rejected, naming the first."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        if row.error is not None:
             continue
         for p in row.pairs:
-            key = canonical([p.prompt, p.chosen, p.rejected])
-            if key in exact:
-                row.error = ("duplicate", f"exact duplicate of line {exact[key].line}")
+            if p.id in seen and seen[p.id] is not row:
+                row.error = ("duplicate_id", f"duplicate id {p.id!r}: {_where(seen[p.id], path)} has it too")
                 break
-            exact[key] = row
-            if p.tie:
-                continue
-            ukey = canonical([p.prompt, sorted([canonical(p.chosen), canonical(p.rejected)])])
-            if ukey in unordered:
-                other, winner = unordered[ukey]
-                if winner != canonical(p.chosen):
-                    row.error = ("conflict", f"conflicting duplicate of line {other.line} "
-                                             "(same prompt and responses, opposite preference)")
-                    if other.error is None:
-                        other.error = ("conflict", f"conflicting duplicate of line {row.line} "
-                                                   "(same prompt and responses, opposite preference)")
-                    break
-            else:
-                unordered[ukey] = (row, canonical(p.chosen))
+            seen.setdefault(p.id, row)
 
 
 def _check_truncation(rows: list[Row], tokenizer, max_length: int) -> None:
@@ -102,10 +258,17 @@ def _check_truncation(rows: list[Row], tokenizer, max_length: int) -> None:
 
 
 def validate_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "human",
-                  ranked: str = "all_pairs", tokenizer=None, max_length: int | None = None) -> Report:
+                  ranked: str = "all_pairs", tokenizer=None, max_length: int | None = None,
+                  split: str | None = None, duplicates: str = "fail") -> Report:
+    """Read and check every row of `path`. `split` reads one split of a dataset directory (default: all);
+    `duplicates` (fail | first | majority) says how repeated pairs are resolved."""
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
     detected: list[str] = []
-    rows = list(read_rows(path, fmt, keys, source, ranked, detected))
-    _check_duplicates(rows)
+    notes: list[str] = []
+    rows = list(read_rows(path, fmt, keys, source, ranked, detected, split=split, notes=notes))
+    agreement = _check_repeats(rows, duplicates, str(path))
+    _check_ids(rows, str(path))
     if tokenizer is not None and max_length:
         _check_truncation(rows, tokenizer, max_length)
-    return Report(str(path), fmt if fmt != "auto" else (detected[0] if detected else None), rows)
+    return Report(str(path), fmt if fmt != "auto" else (detected[0] if detected else None), rows, notes, agreement)

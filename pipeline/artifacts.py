@@ -82,10 +82,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """One JSON object per line, written atomically. NaN and Infinity are refused (they are not JSON, and other
+    readers fail on them): an error naming the row, and nothing written."""
     n = 0
     lines = []
     for row in rows:
-        lines.append(json.dumps(row, ensure_ascii=False))
+        try:
+            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False))
+        except ValueError as exc:
+            raise InvalidInput(f"{path}: row {n + 1} cannot be written as JSON: {exc} (NaN and Infinity are "
+                               "not JSON); nothing written") from None
         n += 1
     write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
     return n

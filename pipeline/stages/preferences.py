@@ -33,6 +33,10 @@ class PreferenceDataConfig(Strict):
     ranked: Literal["all_pairs", "best_vs_rest"] = "all_pairs"
     source: Literal["human", "ai"] = "human"
     on_error: Literal["fail", "skip"] = "fail"
+    duplicates: Literal["fail", "first", "majority"] = Field(
+        "fail", description="repeated pairs: fail (conflicts are rejected), first (keep the first), majority (keep "
+        "the label most annotators gave)")
+    split: str | None = Field(None, description="a dataset directory's split to read (default: all of them)")
 
 
 class PreferencesStageConfig(Strict):
@@ -51,7 +55,8 @@ class PreferencesStageConfig(Strict):
 
 
 def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lambda p: p.prompt) -> tuple[list, list]:
-    """Seeded train/eval split over distinct prompts: every item of a prompt lands on the same side.
+    """Seeded train/eval split over distinct prompts: every item of a prompt lands on the same side. Prompts are
+    compared on `prompt_key` (Unicode NFC, whitespace collapsed), so near-identical copies cannot straddle the split.
 
     `items` are pairs (prompt_of reads .prompt) or, with prompt_of=lambda p: p, the prompts themselves."""
     from feedback.schema import prompt_key
@@ -74,6 +79,7 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
     from feedback.schema import write_pairs
     from feedback.validate import validate_file
     from pipeline.artifacts import write_jsonl
+    from pipeline.distributed import say
     from pipeline.runner import resolve_data_path
 
     tokenizer = None
@@ -84,8 +90,10 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
         tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
     d = cfg.data
     report = validate_file(resolve_data_path(d.path), d.format, d.keys or None, d.source, d.ranked,
-                           tokenizer, cfg.max_length)
-    if report.invalid and d.on_error == "fail":
+                           tokenizer, cfg.max_length, split=d.split, duplicates=d.duplicates)
+    for note in report.notes:  # how the file was read: dataset splits, ignored columns
+        say(f"[{ctx.name}] {note}")
+    if not report.ok and d.on_error == "fail":
         raise InvalidInput(fail_summary(report))
     if not report.pairs:
         raise InvalidInput(f"{report.path}: no valid pairs ({report.summary()})")
@@ -93,14 +101,14 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
     write_pairs(ctx.work_dir / "preferences.jsonl", train)
     write_pairs(ctx.work_dir / "eval.jsonl", evals)
     outputs = {"train": "preferences.jsonl", "eval": "eval.jsonl"}
-    if report.invalid:
+    if not report.ok:  # rejected rows, and pairs rejected from otherwise valid rows (ranked, outvoted)
         write_jsonl(ctx.work_dir / "rejected.jsonl", report.rejected_rows())
         outputs["rejected"] = "rejected.jsonl"
     counts = {**report.counts(), "train": len(train), "eval": len(evals),
               "ties": sum(p.tie for p in report.pairs)}
     summary = (f"{report.summary()} ({report.format}); {len(train)} train / {len(evals)} eval pairs"
-               + (f"; rejected rows in {ctx.run_dir / ctx.name / 'rejected.jsonl'}" if report.invalid else ""))
+               + (f"; rejected rows in {ctx.run_dir / ctx.name / 'rejected.jsonl'}" if not report.ok else ""))
     return {"kind": "preferences", "outputs": outputs, "counts": counts,
-            "extra": {"format": report.format, "split": {"by": "prompt", "seed": ctx.seed,
-                                                         "eval_fraction": cfg.eval_fraction}},
+            "extra": {"format": report.format, "notes": report.notes, "agreement": report.agreement,
+                      "split": {"by": "prompt", "seed": ctx.seed, "eval_fraction": cfg.eval_fraction}},
             "summary": summary}

@@ -204,16 +204,16 @@ def test_real_hh_sample(capsys, tmp_path):
     cap = capsys.readouterr()
     lines = cap.out.splitlines()
     assert "format: hh" in cap.err
-    assert lines[-1] == "1200 rows: 1194 valid, 6 invalid"
+    assert lines[-1] == "1200 rows: 1193 valid, 7 invalid"
     bad = {int(line.split(":")[1]): line.split(": ", 1)[1] for line in lines[:-1]}
-    assert sorted(bad) == [221, 317, 335, 827, 939, 1013]
+    assert sorted(bad) == [221, 317, 335, 763, 827, 939, 1013]
     assert bad[335] == bad[1013] == "empty chosen reply"
-    assert all("differ before the last assistant turn" in bad[i] for i in (221, 317, 827, 939))
+    assert all("two Assistant turns in a row" in bad[i] for i in (221, 317, 763, 827, 939))
     out = tmp_path / "hh.jsonl"
     assert main(["data", "import", str(src), "-o", str(out), "--on-error", "skip"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     rejected = [json.loads(x) for x in (tmp_path / "hh.rejected.jsonl").read_text().splitlines()]
-    assert len(rows) == 1194 and len(rejected) == 6
+    assert len(rows) == 1193 and len(rejected) == 7
     first = json.loads(src.read_text().splitlines()[0])
     assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["prompt"][-1]["role"] == "user"
     assert rows[0]["chosen"][0]["role"] == rows[0]["rejected"][0]["role"] == "assistant"

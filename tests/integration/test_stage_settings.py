@@ -1,0 +1,78 @@
+"""Stage settings end to end: DPO counts and lists the pairs TRL would drop, GRPO holds prompts back only for
+an evaluation that uses them, PPO's gradient checkpointing trains."""
+
+import json
+
+from pipeline import artifacts
+from pipeline.cli import main
+from tests.conftest import write_yaml
+
+
+def test_dpo_lists_pairs_whose_prompt_fills_max_length(tmp_path):
+    rows = [{"prompt": f"Tell me about the {t}.", "chosen": f"The {t} is calm and lovely.", "rejected": f"The {t} is dull."}
+            for t in ("river", "sea", "forest", "mountain", "lake", "meadow")]
+    long = " ".join(["Please describe it in great detail, with every little thing you notice"] * 4)
+    rows += [{"prompt": f"{long} about the {t}.", "chosen": "It is calm.", "rejected": "It is dull."}
+             for t in ("river", "sea")]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
+        {"stage": "preferences", "data": {"path": str(data)}, "eval_fraction": 0},
+        {"stage": "dpo", "policy": "tiny", "preferences": "stage:preferences", "max_length": 32, "precision": "fp32",
+         "optim": {"lr": 1e-4, "max_steps": 1, "batch_size": 2, "logging_steps": 1}}]})
+    assert main(["run", str(cfg)]) == 0
+    m = artifacts.load_artifact(run / "dpo", "policy").manifest
+    skipped = [json.loads(x) for x in (run / "dpo" / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 2 and all("the prompt alone is" in s["reason"] and "max_length 32" in s["reason"]
+                                     for s in skipped)
+    assert m["counts"]["train_pairs"] == 6 and m["counts"]["skipped"] == 2 and "dropped_by_trl" not in m["counts"]
+    assert m["outputs"]["skipped"] == "skipped.jsonl"
+
+
+def test_grpo_holds_prompts_back_only_for_an_evaluation(tmp_path):
+    run = tmp_path / "run"
+    grpo = {"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+            "num_generations": 4, "max_completion_length": 8, "precision": "fp32",
+            "optim": {"lr": 1e-5, "max_steps": 1, "batch_size": 4, "logging_steps": 1}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
+        grpo, {**grpo, "name": "grpo_eval", "eval_rule": "feedback.synthetic:rule_score"}]})
+    assert main(["run", str(cfg)]) == 0
+    plain = artifacts.load_artifact(run / "grpo", "policy").manifest["counts"]
+    evaluated = artifacts.load_artifact(run / "grpo_eval", "policy").manifest["counts"]
+    assert plain["eval_prompts"] == 0 and plain["train_prompts"] == 192
+    assert evaluated["eval_prompts"] > 0 and evaluated["train_prompts"] + evaluated["eval_prompts"] == 192
+
+
+def test_ppo_with_gradient_checkpointing_trains(tiny_run, tmp_path):
+    ppo = {"stage": "ppo", "name": "ppo_gc", "policy": "stage:sft", "reward": {"rule": "feedback.synthetic:rule_score"},
+           "prompts": "synthetic:prompts", "steps": 1, "precision": "fp32", "max_eval_prompts": 4,
+           "gradient_checkpointing": True, "rollout": {"prompts_per_step": 8, "max_new_tokens": 8},
+           "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 4}, "optim": {"lr": 1e-3}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tiny_run), "seed": 0, "stages": [
+        {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}}, ppo]})
+    assert main(["run", str(cfg), "--stage", "ppo_gc"]) == 0
+    m = artifacts.load_artifact(tiny_run / "ppo_gc", "policy").manifest
+    assert m["metrics"]["ppo/grad_norm"] > 0
+
+
+def test_preferences_stage_resolves_repeated_pairs_by_majority_and_accounts_for_every_pair(tmp_path, capsys):
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    data = ROOT / "tests" / "data"
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
+        {"stage": "preferences", "name": "votes", "eval_fraction": 0,
+         "data": {"path": str(data / "edge-dup-votes.jsonl"), "duplicates": "majority", "on_error": "skip"}},
+        {"stage": "preferences", "name": "ranked", "data": {"path": str(data / "edge-dup-ranked.jsonl")}}]})
+    assert main(["run", str(cfg), "--stage", "votes"]) == 0
+    m = artifacts.load_artifact(run / "votes", "preferences").manifest
+    kept = [json.loads(x) for x in (run / "votes" / "preferences.jsonl").read_text().splitlines()]
+    assert [(k["prompt"], k["chosen"]) for k in kept] == [("Q", "a"), ("S", "e")]
+    rejected = [json.loads(x) for x in (run / "votes" / "rejected.jsonl").read_text().splitlines()]
+    assert {r["code"] for r in rejected} == {"duplicate", "outvoted", "conflict"} and len(rejected) == 4
+    assert m["agreement"]["pairs_labelled_more_than_once"] == 2
+    # a ranked row that loses one pair to a duplicate: with on_error fail the stage stops and says why
+    assert main(["run", str(cfg), "--stage", "ranked"]) == 1
+    assert "2 rows: 2 valid, 0 invalid; 1 pair of valid rows rejected" in capsys.readouterr().err
+    assert not (run / "ranked").exists()
