@@ -34,7 +34,14 @@ def _cmd_run(args) -> int:
             if (not args.stage or st.name in args.stage) and "deepspeed" in type(st).model_fields:
                 st.deepspeed = args.deepspeed
     if args.check:
+        from pipeline.config import optim_changes
+
         print(f"{args.config}: valid ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
+        for st in cfg.stages:  # each method's own defaults, and the user's settings, as they resolved
+            changes = optim_changes(st.optim) if hasattr(st, "optim") else {}
+            if changes:
+                print(f"  stages.{st.name}.optim: " + ", ".join(f"{k} {v} (shared default {d})"
+                                                               for k, (v, d) in changes.items()))
         return 0
     from pipeline.runner import run_pipeline
 
@@ -69,7 +76,10 @@ def _data_report(args):
         from pipeline.errors import UsageError
 
         raise UsageError("--max-length needs --tokenizer (the model whose tokenizer truncates)")
-    report = validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length)
+    report = validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length,
+                           split=args.split, duplicates=args.duplicates)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     return report, tokenizer
 
 
@@ -85,8 +95,12 @@ def _cmd_data_validate(args) -> int:
     report, _ = _data_report(args)
     _print_problems(report)
     print(f"format: {report.format}", file=sys.stderr)
+    a = report.agreement
+    if a.get("pairs_labelled_more_than_once"):
+        print(f"repeated pairs: {a['pairs_labelled_more_than_once']} labelled more than once; agreement "
+              f"{a['agreement']} over {a['label_pairs']} label pairs (--duplicates {args.duplicates})", file=sys.stderr)
     print(report.summary())
-    return 1 if report.invalid else 0
+    return 0 if report.ok else 1
 
 
 def _cmd_data_import(args) -> int:
@@ -98,16 +112,17 @@ def _cmd_data_import(args) -> int:
     report, _ = _data_report(args)
     out = Path(args.output)
     rejected_path = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
-    if report.invalid and args.on_error == "fail":
+    if not report.ok and args.on_error == "fail":
         _print_problems(report, 20)
         print(f"{report.summary()}; nothing written (--on-error skip writes the valid rows)")
         return 1
     n = write_pairs(out, report.pairs)
-    if report.invalid:
-        write_jsonl(rejected_path, report.rejected_rows())
+    rejected = report.rejected_rows()
+    if rejected:
+        write_jsonl(rejected_path, rejected)
     print(f"format: {report.format}; {report.summary()}")
-    print(f"wrote {n} pairs to {out}" + (f"; {len(report.invalid)} rejected rows with reasons to {rejected_path}"
-                                          if report.invalid else ""))
+    print(f"wrote {n} pairs to {out}" + (f"; {len(rejected)} rejected rows and pairs with reasons to {rejected_path}"
+                                          if rejected else ""))
     return 0
 
 
@@ -319,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--ranked", default="all_pairs", choices=["all_pairs", "best_vs_rest"],
                        help="how ranked rows expand into pairs")
         q.add_argument("--source", default="human", choices=["human", "ai"], help="source recorded on each pair")
+        q.add_argument("--split", metavar="NAME",
+                       help="dataset directories: read only this split (default: every split, each one named)")
+        q.add_argument("--duplicates", default="fail", choices=["fail", "first", "majority"],
+                       help="pairs labelled more than once (same prompt and responses, normalised): fail (default) "
+                       "rejects later copies, and every copy when labels differ; first keeps the first copy; "
+                       "majority keeps the label most copies give, the others outvoted (a tie of votes: all rejected)")
         if tokenizer:
             q.add_argument("--tokenizer", metavar="MODEL", help="model whose tokenizer checks truncation")
             q.add_argument("--max-length", type=int, help="flag pairs that become empty or identical when truncated")

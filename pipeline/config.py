@@ -90,7 +90,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class OptimConfig(Strict):
-    """Optimiser and schedule, shared by every training stage."""
+    """Optimiser and schedule of the TRL-based training stages. Each method subclasses it with its own
+    defaults (DPO's lr 5e-7, GRPO's 1e-6, ...), so a block that sets only some keys keeps the method's
+    defaults for the others."""
 
     lr: float = Field(2e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -98,11 +100,26 @@ class OptimConfig(Strict):
     batch_size: int = Field(8, ge=1, description="per device")
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the optimizer steps spent warming up")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="None: evaluate at the end only")
+
+    @model_validator(mode="after")
+    def _warmup_needs_a_schedule(self):
+        if self.warmup_ratio and self.scheduler == "constant":
+            raise ValueError("warmup_ratio needs a schedule with a warm-up: 'constant' has none; use scheduler: "
+                             "constant_with_warmup (or linear, cosine)")
+        return self
+
+
+def optim_changes(optim: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """{field: (resolved value, shared default)} for the fields of a stage's optim block that differ from
+    OptimConfig's defaults (the method's own defaults and the user's settings); shown by `rlhf run --check`."""
+    shared = OptimConfig()
+    return {k: (getattr(optim, k), getattr(shared, k)) for k in type(optim).model_fields
+            if k in OptimConfig.model_fields and getattr(optim, k) != getattr(shared, k)}
 
 
 class LoraConfig(Strict):

@@ -59,6 +59,8 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         disable_tqdm=False,
         push_to_hub=False,
         deepspeed=zero_config(cfg, ctx, precision),
+        # TRL's configs default to gradient checkpointing on; ours is off unless the stage turns it on
+        activation_checkpointing=cfg.gradient_checkpointing,
         **extra,
     )
 
@@ -106,6 +108,11 @@ def save_trained(trainer, tokenizer, out_dir, merge: bool) -> bool:
         barrier()
         return is_peft and not merge
     return save_model(trainer.model, tokenizer, out_dir, merge)
+
+
+def weights_dtype(model) -> str:
+    """The dtype the weights are held in ("float32" under mixed precision: bf16/fp16 is the compute dtype)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def logits_fingerprint(model, tokenizer, n: int = 8) -> list[float]:

@@ -27,6 +27,14 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
+class DPOOptimConfig(OptimConfig):
+    lr: float = Field(5e-7, gt=0)
+
+
+# Losses whose formula reads label_smoothing (TRL's dpo_trainer): elsewhere it would be ignored.
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
 class DPOStageConfig(Strict):
     stage: Literal["dpo"]
     name: str | None = None
@@ -42,13 +50,20 @@ class DPOStageConfig(Strict):
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-7))
+    optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass "
+                                         "(less memory, about 20% slower)")
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
     eval_rule: str | None = None
     eval_max_new_tokens: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _used(self):
+        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSSES:
+            raise ValueError(f"label_smoothing has no effect with loss_type '{self.loss_type}'; TRL uses it only for "
+                             f"{', '.join(SMOOTHED_LOSSES)}")
+        if self.loss_type == "exo_pair" and not self.label_smoothing:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (e.g. 1e-3)")
         if bool(self.eval_rule) != bool(self.eval_prompts):
             raise ValueError("eval_rule and eval_prompts work together (the rule scores samples on those prompts): "
                              "set both or neither")
@@ -72,6 +87,52 @@ def to_dpo_row(p) -> dict:
     return {"prompt": prompt, "chosen": reply(p.chosen), "rejected": reply(p.rejected)}
 
 
+def prompt_tokens(tok, row: dict) -> int:
+    """How many tokens of a DPO row TRL counts as its prompt (its tokenisation: the prompt rendered with the
+    generation prompt, cut where it stops being a prefix of prompt + chosen or prompt + rejected)."""
+    def ids(msgs, **kw):
+        return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+    def common(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    prompt = ids(row["prompt"], add_generation_prompt=True)
+    return min(common(prompt, ids(row["prompt"] + row["chosen"])), common(prompt, ids(row["prompt"] + row["rejected"])))
+
+
+def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: list) -> tuple[list, list, dict]:
+    """The pairs DPO trains and evaluates on, as TRL rows. Pairs it cannot use are listed with reasons in
+    skipped.jsonl and counted, never dropped silently: ties (no preferred response), and pairs whose prompt
+    alone reaches max_length (TRL drops them: no response token would be left)."""
+    from pipeline.artifacts import write_jsonl
+    from pipeline.distributed import say
+
+    kept: dict[str, list] = {"train": [], "eval": []}
+    skipped = []
+    for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+        for p in pairs:
+            if p.tie:
+                skipped.append({"id": p.id, "split": split, "reason": "tie: DPO needs a preferred response"})
+                continue
+            row = to_dpo_row(p)
+            n = prompt_tokens(tok, row)
+            if n >= cfg.max_length:
+                skipped.append({"id": p.id, "split": split, "reason": f"the prompt alone is {n} tokens, max_length "
+                                f"{cfg.max_length}: no response token would be trained on"})
+                continue
+            kept[split].append(row)
+    if skipped:
+        write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
+        say(f"[{ctx.name}] {len(skipped)} pairs not used (ties or prompts over max_length); reasons in skipped.jsonl")
+    if not kept["train"]:
+        raise InvalidInput(f"{prefs.output('train')}: no pairs to train on ({len(skipped)} skipped: see skipped.jsonl)")
+    if cfg.optim.eval_steps is not None and not kept["eval"]:
+        raise InvalidInput(f"optim.eval_steps: {prefs.output('eval')} holds no usable eval pairs to evaluate on")
+    counts = {"train_pairs": len(kept["train"]), "eval_pairs": len(kept["eval"]), "skipped": len(skipped),
+              "ties_skipped": sum(s["reason"].startswith("tie") for s in skipped)}
+    return kept["train"], kept["eval"], counts
+
+
 def rule_eval(model, tok, prompts: list, rule, max_new_tokens: int, seed: int) -> float:
     from pipeline.generation import sample
 
@@ -88,24 +149,18 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     from feedback.schema import read_pairs
     from pipeline.distributed import say
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
-    from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_model, save_trained, training_args
+    from pipeline.stages.common import (fit, logits_fingerprint, peft_config, save_model, save_trained, training_args,
+                                        weights_dtype)
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
-    train_pairs = list(read_pairs(prefs.output("train")))
     eval_pairs = list(read_pairs(prefs.output("eval")))
-    train = [to_dpo_row(p) for p in train_pairs if not p.tie]
-    evals = [to_dpo_row(p) for p in eval_pairs if not p.tie]
-    ties = len(train_pairs) + len(eval_pairs) - len(train) - len(evals)
-    if ties:
-        say(f"[{ctx.name}] {ties} tie pairs not used (DPO needs a preferred response)")
-    if not train:
-        raise InvalidInput(f"{prefs.output('train')}: no non-tie pairs to train on")
     precision = resolve_precision(cfg.precision)
     path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
     tok = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
     model = load_causal_lm(path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
+    train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"))), eval_pairs)
 
     rule = prompts = None
     if cfg.eval_rule and cfg.eval_prompts:
@@ -136,6 +191,10 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
         callbacks=[trainer_callback(ctx.metrics)],
     )
+    dropped = len(train) - len(trainer.train_dataset)
+    if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was trained
+        data_counts["dropped_by_trl"] = dropped
+        say(f"[{ctx.name}] warning: TRL dropped {dropped} more training pairs than predicted")
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
         f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
@@ -171,11 +230,15 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
                + (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
                   f"{metrics['eval/rule_reward_mean']:.3f}" if rule else "")
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
-    return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+    outputs = {"model": "model", "metrics": "metrics.jsonl"}
+    if (ctx.work_dir / "skipped.jsonl").exists():
+        outputs["skipped"] = "skipped.jsonl"
+    return {"kind": "policy", "outputs": outputs,
             "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
-            "counts": {"train_pairs": len(train), "eval_pairs": len(evals), "ties_skipped": ties},
+            "counts": data_counts,
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
-                                "trainable": trainable, "precision": precision, "loss_type": cfg.loss_type,
+                                "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),
+                                "loss_type": cfg.loss_type,
                                 "beta": cfg.beta},
                       "check": {"logits_fingerprint": fingerprint}},
             "summary": summary}

@@ -24,6 +24,10 @@ from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision
 from pipeline.errors import InvalidInput
 
 
+class GroupRLOptimConfig(OptimConfig):
+    lr: float = Field(1e-6, gt=0)
+
+
 class GroupRLStageConfig(Strict):
     stage: Literal["grpo", "rloo"]
     name: str | None = None
@@ -44,7 +48,8 @@ class GroupRLStageConfig(Strict):
     precision: Precision = "auto"
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-6))
+    optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
 
     @model_validator(mode="after")
     def _check(self):
@@ -52,6 +57,11 @@ class GroupRLStageConfig(Strict):
             raise ValueError("reward_model: give a reward model (stage:NAME), a rule (module:function), or both")
         if self.eval_rule and self.eval_fraction == 0:
             raise ValueError("eval_rule has no effect with eval_fraction: 0 (no held-out prompts to sample)")
+        self.refuse_unused(("eval_fraction",), bool(self.eval_rule), "without eval_rule (prompts are held out only "
+                           "for the rule to sample)")
+        if self.optim.eval_steps is not None:
+            raise ValueError("optim.eval_steps: GRPO and RLOO have no eval split to evaluate on (held-out prompts "
+                             "are sampled before and after training with eval_rule)")
         if (self.optim.batch_size * self.optim.grad_accum) % self.num_generations:
             raise ValueError(f"optim.batch_size: batch_size x grad_accum must be a multiple of num_generations "
                              f"({self.num_generations})")
@@ -110,7 +120,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
     from pipeline.runner import resolve_data_path
     from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.common import fit, peft_config, save_model, save_trained, training_args
+    from pipeline.stages.common import fit, peft_config, save_model, save_trained, training_args, weights_dtype
     from pipeline.stages.dpo import rule_eval
     from pipeline.stages.preferences import split_by_prompt
     from pipeline.tracking import trainer_callback
@@ -118,7 +128,9 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     set_seed(ctx.seed)
     prompts = read_prompts(resolve_data_path(cfg.prompts))
 
-    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
+    # prompts are held out only for the evaluation that samples them (eval_rule); otherwise all are trained on
+    held = cfg.eval_fraction if cfg.eval_rule else 0.0
+    train_prompts, eval_prompts = split_by_prompt(prompts, held, ctx.seed, prompt_of=lambda p: p)
     train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
     path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
@@ -176,5 +188,6 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
             "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
             "counts": {"train_prompts": len(train), "eval_prompts": len(eval_prompts)},
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
-                                "trainable": trainable, "precision": precision, "method": cfg.stage}},
+                                "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),
+                                "method": cfg.stage}},
             "summary": summary}

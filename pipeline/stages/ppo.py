@@ -143,6 +143,8 @@ class PPOStageConfig(Strict):
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     frozen: FrozenConfig = Field(default_factory=FrozenConfig)
     log_samples_every: int = Field(5, ge=1)
+    gradient_checkpointing: bool = Field(False, description="recompute the policy's and critic's activations in "
+                                         "the backward pass (less memory, slower)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -208,6 +210,10 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
         from reward.scoring import load_reward_model
 
         critic = load_reward_model(rm_dir, precision)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under ZeRO-3
+        for m in (policy, critic):
+            if m is not None:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard_frozen:
         reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision)
         reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference else None

@@ -43,6 +43,7 @@ class RewardStageConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     calibration_buckets: int = Field(4, ge=1)
 
     @model_validator(mode="after")
@@ -101,7 +102,8 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     from pipeline.artifacts import write_jsonl
     from pipeline.distributed import say
     from pipeline.models import count_parameters, load_tokenizer, resolve_precision
-    from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_model, save_trained, training_args
+    from pipeline.stages.common import (fit, logits_fingerprint, peft_config, save_model, save_trained, training_args,
+                                        weights_dtype)
     from pipeline.tracking import trainer_callback
     from reward.scoring import load_reward_model, normalization
 
@@ -170,6 +172,6 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
         "extra": {"normalization": {**norm, "split": split}, "calibration": calibration,
                   "max_length": cfg.max_length, "check": {"logits_fingerprint": fingerprint},
                   "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
-                            "precision": precision}},
+                            "precision": precision, "weights_dtype": weights_dtype(model)}},
         "summary": summary,
     }

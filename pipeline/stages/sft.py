@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
-from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_trained, training_args
+from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_trained, training_args, weights_dtype
 from pipeline.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
@@ -59,6 +59,8 @@ class SFTStageConfig(Strict):
         if self.tuning == "freeze" and self.freeze_layers == 0:
             raise ValueError("freeze_layers: tuning 'freeze' needs freeze_layers >= 1")
         self.refuse_unused(("freeze_layers",), self.tuning == "freeze", "without tuning: freeze")
+        if self.optim.eval_steps is not None and self.data.eval is None and self.data.eval_fraction == 0:
+            raise ValueError("optim.eval_steps: there is no eval split (no data.eval and data.eval_fraction: 0)")
         return self
 
     def inputs(self) -> dict[str, tuple[str, str]]:
@@ -137,6 +139,16 @@ def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[
     return examples, n
 
 
+def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random `fraction` of the rows held out (at least one when fraction > 0); both
+    keep the file's order, so that `data.max_rows` takes the first N training rows."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    k = max(1, int(round(len(rows) * fraction))) if fraction > 0 else 0
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
 # --------------------------------------------------------------------------- model set-up
 
 
@@ -187,14 +199,9 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         evals, n_eval = read_examples(resolve_data_path(cfg.data.eval), cfg.data.format, cfg.data.on_error, rejected)
     else:
         n_eval = 0
-        rng = random.Random(ctx.seed)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        k = max(1, int(round(len(train) * cfg.data.eval_fraction))) if cfg.data.eval_fraction > 0 else 0
-        evals = [train[i] for i in order[:k]]
-        train = [train[i] for i in order[k:]]
+        train, evals = hold_out(train, cfg.data.eval_fraction, ctx.seed)
     if cfg.data.max_rows:
-        train = train[: cfg.data.max_rows]
+        train = train[: cfg.data.max_rows]  # the first N training rows, in file order
     if rejected:
         artifacts.write_jsonl(ctx.work_dir / "rejected.jsonl", rejected)
         say(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
@@ -202,8 +209,9 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     precision = resolve_precision(cfg.precision)
     path, model_info = ctx.model_path(cfg.model)
     tokenizer = load_tokenizer(path, model_info.get("trust_remote_code", False), model_info.get("revision"))
-    model = load_causal_lm(path, "fp32" if precision != "fp32" else precision,
-                           model_info.get("trust_remote_code", False), model_info.get("revision"))
+    # fp32 weights whatever `precision` says: bf16/fp16 train as mixed precision (autocast) over fp32 master
+    # weights, as the HF Trainer and DeepSpeed expect; the manifest records both
+    model = load_causal_lm(path, "fp32", model_info.get("trust_remote_code", False), model_info.get("revision"))
     if cfg.tuning == "freeze":
         freeze_lower(model, cfg.freeze_layers)
 
@@ -212,7 +220,6 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         max_length=cfg.max_length,
         packing=cfg.packing,
         assistant_only_loss=cfg.assistant_only_loss,
-        activation_checkpointing=cfg.gradient_checkpointing,
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(
@@ -258,7 +265,8 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         "counts": {"rows_read": n_train + n_eval, "accepted": len(train) + len(evals), "rejected": len(rejected),
                    "train": len(train), "eval": len(evals)},
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
-                            "parameters": total, "trainable": trainable, "precision": precision},
+                            "parameters": total, "trainable": trainable, "precision": precision,
+                            "weights_dtype": weights_dtype(model)},
                   "check": {"logits_fingerprint": fingerprint},
                   "distributed": {"world_size": world_size(), "zero_stage": zero_stage(args.deepspeed)}},
         "summary": summary,

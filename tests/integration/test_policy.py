@@ -19,7 +19,7 @@ def test_ppo_raises_held_out_rule_reward_within_kl_ceiling(tiny_run):
     art = artifacts.load_artifact(tiny_run / "ppo", "policy")
     m = art.manifest["metrics"]
     before, after = m["eval/rule_reward_mean_initial"], m["eval/rule_reward_mean"]
-    # stated margin: +0.2 mean rule reward on held-out prompts (measured: about 0.27 -> 0.8)
+    # stated margin: +0.2 mean rule reward on held-out prompts (measured: about 0.29 -> 0.74)
     assert after >= before + 0.2, (before, after)
     assert m["eval/reward_mean"] > m["eval/reward_mean_initial"]
     assert m["eval/kl"] < 20, "under configs/tiny.yaml's kl.ceiling"
