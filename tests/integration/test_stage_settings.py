@@ -76,3 +76,37 @@ def test_preferences_stage_resolves_repeated_pairs_by_majority_and_accounts_for_
     assert main(["run", str(cfg), "--stage", "ranked"]) == 1
     assert "2 rows: 2 valid, 0 invalid; 1 pair of valid rows rejected" in capsys.readouterr().err
     assert not (run / "ranked").exists()
+
+
+def test_the_model_spec_reaches_the_models_trl_builds(tmp_path, monkeypatch):
+    """TRL rebuilds GRPO's reference from the policy's path with its own settings: our trust_remote_code (and a
+    hub id's revision) go into those settings; DPO's reference is a copy of the policy as we loaded it."""
+    import trl
+
+    import pipeline.stages.common as common
+
+    seen = {}
+    real_args = common.training_args
+    monkeypatch.setattr(common, "training_args", lambda cls, cfg, ctx, precision, **kw: (
+        seen.setdefault(cls.__name__, kw), real_args(cls, cfg, ctx, precision, **kw))[1])
+    real_dpo = trl.DPOTrainer.__init__
+
+    def dpo_init(self, *a, ref_model=None, **kw):
+        seen["dpo_ref"] = ref_model
+        return real_dpo(self, *a, ref_model=ref_model, **kw)
+
+    monkeypatch.setattr(trl.DPOTrainer, "__init__", dpo_init)
+    run = tmp_path / "run"
+    step = {"precision": "fp32", "optim": {"lr": 1e-5, "max_steps": 1, "batch_size": 4, "logging_steps": 1}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0,
+                                           "models": {"base": {"ref": "tiny", "trust_remote_code": True}},
+                                           "stages": [
+        {"stage": "preferences", "data": {"path": "synthetic:preferences"}},
+        {"stage": "dpo", "policy": "base", "preferences": "stage:preferences", "max_length": 64, **step},
+        {"stage": "grpo", "policy": "base", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+         "beta": 0.1, "num_generations": 4, "max_completion_length": 8, **step}]})
+    assert main(["run", str(cfg)]) == 0
+    assert seen["GRPOConfig"]["trust_remote_code"] is True and seen["DPOConfig"]["trust_remote_code"] is True
+    assert seen["dpo_ref"] is not None  # full tuning: a frozen copy, not TRL reloading the path
+    for name in ("dpo", "grpo"):
+        assert artifacts.load_artifact(run / name, "policy").manifest["model"]["trust_remote_code"] is True
