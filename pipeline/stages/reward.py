@@ -126,6 +126,8 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
         say(f"[{ctx.name}] {len(skipped)} pairs not used (ties or truncation); reasons in skipped.jsonl")
     if not train_rows:
         raise InvalidInput(f"{prefs.output('train')}: no trainable pairs (all ties or truncated)")
+    if cfg.optim.eval_steps is not None and not eval_rows:
+        raise InvalidInput(f"optim.eval_steps: {eval_art.output('eval')} holds no usable eval pairs to evaluate on")
 
     args = training_args(RewardConfig, cfg, ctx, precision, max_length=None,
                          center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None)

@@ -110,3 +110,16 @@ def test_the_model_spec_reaches_the_models_trl_builds(tmp_path, monkeypatch):
     assert seen["dpo_ref"] is not None  # full tuning: a frozen copy, not TRL reloading the path
     for name in ("dpo", "grpo"):
         assert artifacts.load_artifact(run / name, "policy").manifest["model"]["trust_remote_code"] is True
+
+
+def test_eval_steps_without_eval_pairs_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    step = {"precision": "fp32", "optim": {"lr": 1e-5, "max_steps": 1, "batch_size": 4, "eval_steps": 1}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
+        {"stage": "preferences", "data": {"path": "synthetic:preferences"}, "eval_fraction": 0},
+        {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "max_length": 64, **step},
+        {"stage": "dpo", "policy": "tiny", "preferences": "stage:preferences", "max_length": 64, **step}]})
+    for stage in ("reward", "dpo"):
+        assert main(["run", str(cfg), "--stage", "preferences", "--stage", stage]) == 1
+        err = capsys.readouterr().err
+        assert "optim.eval_steps:" in err and "holds no usable eval pairs" in err, err
