@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from feedback.records import iter_records
-from feedback.schema import PreferencePair, check_text, text_key
+from feedback.files import iter_records
+from feedback.schema import SOURCES, PreferencePair, check_text, text_key
 
 FORMATS = ("auto", "pairs", "messages", "hh", "ranked")
 RANKED_MODES = ("all_pairs", "best_vs_rest")
@@ -97,7 +97,7 @@ def _optional(row: dict) -> dict:
             raise Bad("wrong_type", f"'margin' must be a number, got {v!r}")
         if k == "margin" and not math.isfinite(v):
             raise Bad("not_finite", f"'margin' must be a finite number, got {v!r}")
-        if k == "source" and v not in ("human", "ai"):
+        if k == "source" and v not in SOURCES:
             raise Bad("wrong_type", f"'source' must be 'human' or 'ai', got {v!r}")
         if k in ("id", "annotator") and not isinstance(v, (str, int)):
             raise Bad("wrong_type", f"'{k}' must be a string, got {type(v).__name__}")

@@ -28,6 +28,7 @@ Text = str | list  # a string or a list of {"role", "content"} messages
 
 FIELDS = ("id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge")
 NULLABLE = ("margin", "annotator", "judge")  # written only when they hold a value
+SOURCES = ("human", "ai")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -136,7 +137,7 @@ def from_dict(d: dict) -> tuple[PreferencePair | None, str | None]:
         err = check_text(d[k], k)
         if err:
             return None, err
-    if d.get("source", "human") not in ("human", "ai"):
+    if d.get("source", "human") not in SOURCES:
         return None, f"'source' must be 'human' or 'ai', got {d.get('source')!r}"
     if not isinstance(d.get("tie", False), bool):
         return None, f"'tie' must be true or false, got {d.get('tie')!r}"

@@ -30,7 +30,7 @@ from pipeline.errors import InvalidInput, UsageError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("policy", "reward_model", "preferences", "eval")
+KINDS = ("policy", "reward_model", "preferences")
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -291,10 +291,6 @@ def file_input(path: str | Path) -> dict:
     """Manifest entry for a data file input: its path and content hash."""
     p = Path(path)
     return {"path": str(p), "sha256": file_sha256(p)}
-
-
-def artifact_input(art: Artifact) -> dict:
-    return {"path": str(art.path), "manifest_hash": manifest_hash(art.path)}
 
 
 def inputs_unchanged(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:

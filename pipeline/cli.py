@@ -34,7 +34,7 @@ def _cmd_run(args) -> int:
             if (not args.stage or st.name in args.stage) and "deepspeed" in type(st).model_fields:
                 st.deepspeed = args.deepspeed
     if args.check:
-        from pipeline.config import optim_changes
+        from pipeline.blocks import optim_changes
 
         print(f"{args.config}: valid ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
         for st in cfg.stages:  # each method's own defaults, and the user's settings, as they resolved
@@ -144,7 +144,7 @@ def _cmd_data_stats(args) -> int:
     print(f"lengths ({stats['length_unit']}):")
     for k, d in stats["lengths"].items():
         print(f"  {k:9s} " + "  ".join(f"{n} {v}" for n, v in d.items()))
-    print(f"  prompt turns  " + "  ".join(f"{n} {v}" for n, v in stats["prompt_turns"].items()))
+    print("  prompt turns  " + "  ".join(f"{n} {v}" for n, v in stats["prompt_turns"].items()))
     a = stats["agreement"]
     print(f"annotator agreement: {a['agreement'] if a['agreement'] is not None else 'n/a'} over "
           f"{a['pairs_labelled_more_than_once']} pairs labelled more than once")
@@ -154,7 +154,7 @@ def _cmd_data_stats(args) -> int:
 def _cmd_reward_score(args) -> int:
     import json
 
-    from feedback.records import iter_records
+    from feedback.files import iter_records
     from pipeline.artifacts import write_jsonl
     from pipeline.errors import InvalidInput
     from reward.scoring import RewardScorer
@@ -209,12 +209,14 @@ def _policy_path(ref: str) -> str:
 def _cmd_feedback_label(args) -> int:
     from feedback.schema import write_pairs
     from pipeline.artifacts import write_json, write_jsonl
-    from pipeline.runner import resolve_data_path
-    from pipeline.stages.ai_preferences import CandidatesConfig, label_with_policy, read_prompts
+    from pipeline.data import read_prompts, resolve_data_path
+    from pipeline.stages.ai_preferences import CandidatesConfig, label_with_policy
 
     prompts = read_prompts(resolve_data_path(args.prompts), args.max_prompts)
-    cand = CandidatesConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    from pipeline.blocks import validate
+
+    cand = validate(CandidatesConfig, {name: getattr(args, name) for name in CandidatesConfig.model_fields},
+                    "feedback label")
     pairs, unlabelled, stats, judge_id = label_with_policy(_policy_path(args.policy), prompts, args.judge, cand,
                                                            args.pairing, args.seed)
     out = args.output
@@ -228,13 +230,12 @@ def _cmd_feedback_label(args) -> int:
 
 
 def _cmd_feedback_agree(args) -> int:
-    import json
 
     from feedback.agree import agreement
     from feedback.judges.config import build_judge
     from feedback.validate import validate_file
     from pipeline.artifacts import write_json
-    from pipeline.runner import resolve_data_path
+    from pipeline.data import resolve_data_path
 
     judge, jcfg, _ = build_judge(args.judge)
     report = validate_file(resolve_data_path(args.human), args.format, _keys(args.keys))
@@ -303,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     # the rank is read from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_run, _add_data, _add_reward, _add_feedback, _add_serve, _add_models):
+        add(sub)
+    return p
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run the stages of a pipeline config in order",
                        description="Run the stages of a pipeline config in order. A stage whose complete manifest "
                        "matches the current config and inputs is skipped; a changed one reruns with everything "
@@ -318,49 +324,57 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="override run_dir")
     r.add_argument("--deepspeed", metavar="ZERO.json",
                    help="run the selected training stages under this ZeRO config (configs/deepspeed/*.json)")
-    r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.add_argument("--check", action="store_true", help="validate the config, print the resolved optimiser "
+                   "settings that differ from the shared defaults, and exit")
     r.set_defaults(func=_cmd_run)
 
+
+def _data_options(q, tokenizer: bool = True) -> None:
+    """The options every command reading a preference file takes (their choices come from feedback/)."""
+    from feedback.readers import FORMATS, RANKED_MODES
+    from feedback.schema import SOURCES
+    from feedback.validate import DUPLICATES
+
+    q.add_argument("file", help="the preference file or dataset directory")
+    q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected from the first row)")
+    q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
+    q.add_argument("--ranked", default=RANKED_MODES[0], choices=RANKED_MODES, help="how ranked rows expand into pairs")
+    q.add_argument("--source", default=SOURCES[0], choices=SOURCES, help="source recorded on each pair")
+    q.add_argument("--split", metavar="NAME",
+                   help="dataset directories: read only this split (default: every split, each one named)")
+    q.add_argument("--duplicates", default=DUPLICATES[0], choices=DUPLICATES,
+                   help="pairs labelled more than once (same prompt and responses, normalised): fail (default) "
+                   "rejects later copies, and every copy when labels differ; first keeps the first copy; "
+                   "majority keeps the label most copies give, the others outvoted (a tie of votes: all rejected)")
+    if tokenizer:
+        q.add_argument("--tokenizer", metavar="MODEL", help="model whose tokenizer checks truncation")
+        q.add_argument("--max-length", type=int, help="flag pairs that become empty or identical when truncated")
+
+
+def _add_data(sub) -> None:
     d = sub.add_parser("data", help="validate, import and describe preference files",
                        description="Preference files: JSONL, JSON arrays, CSV, Parquet or a local dataset directory, "
                        "in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
-
-    def data_options(q, tokenizer=True):
-        q.add_argument("file", help="the preference file or dataset directory")
-        q.add_argument("--format", default="auto", choices=["auto", "pairs", "messages", "hh", "ranked"],
-                       help="row format (default: detected from the first row)")
-        q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
-        q.add_argument("--ranked", default="all_pairs", choices=["all_pairs", "best_vs_rest"],
-                       help="how ranked rows expand into pairs")
-        q.add_argument("--source", default="human", choices=["human", "ai"], help="source recorded on each pair")
-        q.add_argument("--split", metavar="NAME",
-                       help="dataset directories: read only this split (default: every split, each one named)")
-        q.add_argument("--duplicates", default="fail", choices=["fail", "first", "majority"],
-                       help="pairs labelled more than once (same prompt and responses, normalised): fail (default) "
-                       "rejects later copies, and every copy when labels differ; first keeps the first copy; "
-                       "majority keeps the label most copies give, the others outvoted (a tie of votes: all rejected)")
-        if tokenizer:
-            q.add_argument("--tokenizer", metavar="MODEL", help="model whose tokenizer checks truncation")
-            q.add_argument("--max-length", type=int, help="flag pairs that become empty or identical when truncated")
-
     dv = dsub.add_parser("validate", help="check every row; print FILE:LINE: reason and a summary line",
                          description="Check every row of a preference file. Prints each problem as FILE:LINE: reason "
                          "and ends with 'N rows: V valid, I invalid'. Exit 1 if any row is invalid.")
-    data_options(dv)
+    _data_options(dv)
     dv.set_defaults(func=_cmd_data_validate)
     di = dsub.add_parser("import", help="write the canonical schema (JSONL)",
                          description="Convert a preference file to canonical JSONL. With --on-error skip, rejected "
                          "rows go to OUT.rejected.jsonl with their reasons.")
-    data_options(di)
+    _data_options(di)
     di.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     di.add_argument("--on-error", default="fail", choices=["fail", "skip"])
     di.set_defaults(func=_cmd_data_import)
     ds = dsub.add_parser("stats", help="rows, formats, lengths, ties, sources, annotators and their agreement")
-    data_options(ds)
+    _data_options(ds)
     ds.add_argument("--json", action="store_true", help="print JSON")
     ds.set_defaults(func=_cmd_data_stats)
 
+
+def _add_reward(sub) -> None:
     rw = sub.add_parser("reward", help="use a trained reward model",
                         description="Reward models trained by the reward stage.")
     rsub = rw.add_subparsers(dest="reward_command", metavar="ACTION")
@@ -374,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--batch-size", type=int, default=32)
     rs.set_defaults(func=_cmd_reward_score)
 
+
+def _add_feedback(sub) -> None:
+    import typing
+
+    from feedback.readers import FORMATS
+    from pipeline.stages.ai_preferences import AIPreferencesStageConfig, CandidatesConfig
+
     fb = sub.add_parser("feedback", help="AI-judge labels (RLAIF) and agreement with human labels",
                         description="Label policy samples with an AI judge, or measure a judge against humans.")
     fsub = fb.add_subparsers(dest="feedback_command", metavar="ACTION")
@@ -385,12 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
     fl.add_argument("--judge", required=True, help="judge config, e.g. configs/judges/rule.yaml")
     fl.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
-    fl.add_argument("--k", type=int, default=4, help="responses per prompt")
-    fl.add_argument("--temperature", type=float, default=1.0)
-    fl.add_argument("--top-p", type=float, default=1.0)
-    fl.add_argument("--max-new-tokens", type=int, default=32)
-    fl.add_argument("--batch-size", type=int, default=16)
-    fl.add_argument("--pairing", default="round_robin", choices=["round_robin", "random"])
+    # the same candidates, with the same defaults, as the ai_preferences stage's `candidates:` block
+    for name, field in CandidatesConfig.model_fields.items():
+        fl.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default,
+                        help=field.description or f"candidates.{name} (default {field.default})")
+    pairing = AIPreferencesStageConfig.model_fields["pairing"]
+    fl.add_argument("--pairing", default=pairing.default, choices=typing.get_args(pairing.annotation))
     fl.add_argument("--max-prompts", type=int)
     fl.add_argument("--seed", type=int, default=0)
     fl.set_defaults(func=_cmd_feedback_label)
@@ -400,49 +421,49 @@ def build_parser() -> argparse.ArgumentParser:
                          "in a JSON file.")
     fa.add_argument("--human", required=True, help="human preference file (any format rlhf data reads)")
     fa.add_argument("--judge", required=True, help="judge config")
-    fa.add_argument("--format", default="auto", choices=["auto", "pairs", "messages", "hh", "ranked"])
+    fa.add_argument("--format", default="auto", choices=FORMATS)
     fa.add_argument("--keys", metavar="ROLE=NAME,...")
     fa.add_argument("--limit", type=int, help="judge only the first N pairs")
     fa.add_argument("--seed", type=int, default=0, help="which side the human-preferred response is shown on")
     fa.add_argument("-o", "--output", metavar="REPORT.json", help="default: agreement.json")
     fa.set_defaults(func=_cmd_feedback_agree)
 
+
+def _serve_options(q) -> None:
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); any other needs --api-key-env")
+    q.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (printed)")
+    q.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the bearer token clients must send")
+    q.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="largest request body (default 1 MiB)")
+    q.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: the model's context - 1)")
+    q.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens, and its default (512)")
+    q.add_argument("--concurrency", type=int, default=2, help="requests generating at once (default 2)")
+    q.add_argument("--queue", type=int, default=8, help="requests waiting for a generation slot; beyond that 503 (8)")
+    q.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a client has to send its request headers and body (default 30)")
+    q.add_argument("--served-model-name", metavar="NAME", help="the model name shown in /v1/models")
+
+
+def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="serve a judge or a policy as an OpenAI-compatible endpoint",
                         description="One OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, "
                         "GET /health) for a judge model or a trained policy. Prints 'serving NAME at "
                         "http://HOST:PORT/v1 ...' when ready.")
     ssub = sv.add_subparsers(dest="serve_command", metavar="WHAT")
-
-    def serve_options(q):
-        q.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default 127.0.0.1); any other needs --api-key-env")
-        q.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (printed)")
-        q.add_argument("--api-key-env", metavar="NAME",
-                       help="environment variable holding the bearer token clients must send")
-        q.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="largest request body (default 1 MiB)")
-        q.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: the model's context - 1)")
-        q.add_argument("--max-tokens", type=int, default=512,
-                       help="cap on a request's max_tokens, and its default (default 512)")
-        q.add_argument("--concurrency", type=int, default=2, help="requests generating at once (default 2)")
-        q.add_argument("--queue", type=int, default=8,
-                       help="requests waiting for a generation slot; beyond that 503 (default 8)")
-        q.add_argument("--timeout", type=float, default=30.0,
-                       help="seconds a client has to send its request headers and body (default 30)")
-        q.add_argument("--served-model-name", metavar="NAME", help="the model name shown in /v1/models")
-
     sj = ssub.add_parser("judge", help="serve a model (e.g. a judge) by reference",
                          description="Serve a model reference (tiny, smollm2-135m-instruct, a saved model "
                          "directory, a hub id) for `type: http` judge configs and any OpenAI client.")
     sj.add_argument("--model", required=True, help="model reference (tiny, smollm2-135m-instruct, a path)")
-    serve_options(sj)
+    _serve_options(sj)
     sj.set_defaults(func=_cmd_serve_judge)
     sp = ssub.add_parser("policy", help="serve a trained policy artifact",
                          description="Serve a policy artifact (RUN_DIR/STAGE, e.g. runs/tiny/ppo) or its model/ "
                          "directory; an adapter is merged into its base.")
     sp.add_argument("policy", metavar="RUN_DIR/STAGE", help="policy artifact directory (or its model/)")
-    serve_options(sp)
+    _serve_options(sp)
     sp.set_defaults(func=_cmd_serve_policy)
 
+
+def _add_models(sub) -> None:
     m = sub.add_parser("models", help="list or prepare model references",
                        description="Model references: tiny, smollm2-135m-instruct, a local directory, or a hub id.")
     msub = m.add_subparsers(dest="models_command", metavar="ACTION")
@@ -451,7 +472,6 @@ def build_parser() -> argparse.ArgumentParser:
     mp = msub.add_parser("prepare", help="build or convert references into the cache ahead of time")
     mp.add_argument("refs", nargs="+", metavar="REF")
     mp.set_defaults(func=_cmd_models_prepare)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

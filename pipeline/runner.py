@@ -7,7 +7,6 @@ writes a new manifest, whose hash then differs, so everything downstream reruns 
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import time
@@ -15,36 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts
-from pipeline.config import PipelineConfig, config_hash, dump_yaml
+from pipeline.blocks import config_hash, dump_yaml
+from pipeline.config import PipelineConfig
+from pipeline.data import resolve_data_path
 from pipeline.errors import UsageError
 from pipeline.tracking import MetricsLog, redact
-
-STAGE_MODULES = {
-    "sft": "pipeline.stages.sft",
-    "preferences": "pipeline.stages.preferences",
-    "ai_preferences": "pipeline.stages.ai_preferences",
-    "reward": "pipeline.stages.reward",
-    "ppo": "pipeline.stages.ppo",
-    "dpo": "pipeline.stages.dpo",
-    "grpo": "pipeline.stages.grpo",
-    "rloo": "pipeline.stages.grpo",
-}
-
-
-def resolve_data_path(ref: str) -> Path:
-    """`synthetic:NAME` -> the shipped file; anything else is a path (a file or a local dataset directory)."""
-    if ref.startswith("synthetic:"):
-        from feedback import synthetic
-
-        try:
-            return synthetic.path(ref.split(":", 1)[1])
-        except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
-    p = Path(ref).expanduser()
-    if not p.exists():
-        raise UsageError(f"data file {ref} not found")
-    return p
-
 
 @dataclass
 class StageContext:
@@ -142,8 +116,11 @@ def _input_entry(cfg: PipelineConfig, ref: str, kind: str) -> dict:
     return entry
 
 
-def stage_module(kind: str):
-    return importlib.import_module(STAGE_MODULES[kind])
+def stage_module(method: str):
+    """The module that runs a stage method (the registry in pipeline/stages)."""
+    from pipeline.stages import REGISTRY
+
+    return REGISTRY[method]
 
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, resume: bool = False,
@@ -209,16 +186,6 @@ def _prepare_work_dir(work: Path, st, chash: str, resolved: dict, resume: bool, 
     return None
 
 
-def _forget_deepspeed() -> None:
-    """HF keeps the last stage's DeepSpeed config globally; the next stage must load its models unpartitioned."""
-    import sys
-
-    if "transformers.integrations.deepspeed" in sys.modules:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-
-
 def _shared_resume_path(path: Path | None) -> Path | None:
     """Rank 0 decides where to resume from; every rank uses the same checkpoint."""
     import torch.distributed as dist
@@ -263,7 +230,9 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     try:
         out = stage_module(st.stage).run(st, ctx)
     finally:
-        _forget_deepspeed()
+        from pipeline.deepspeed import forget
+
+        forget()  # HF keeps a stage's DeepSpeed config globally: the next stage loads its models whole
     if NEUTRALISED:  # special tokens found in untrusted text (data, responses) and kept as text
         out.setdefault("counts", {})["special_tokens_neutralised"] = dict(NEUTRALISED)
         echo(f"[{st.name}] neutralised {sum(NEUTRALISED.values())} special-token strings found in prompts or "

@@ -11,7 +11,6 @@ tokenizer are passed as text and re-tokenised here.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from reward.text import encode
@@ -94,34 +93,3 @@ def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: boo
             path, num_labels=1, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code, revision=revision)
     except OSError as exc:
         raise UsageError(f"cannot load reward model '{path}': {exc}") from None
-
-
-def pairwise_metrics(chosen: list[float], rejected: list[float], sources: list[str], buckets: int = 4) -> dict:
-    """Accuracy (overall and by source), mean margin, and calibration: accuracy by |margin| quantile bucket."""
-    n = len(chosen)
-    if n == 0:
-        return {}
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    correct = [m > 0 for m in margins]
-    out = {"eval/accuracy": sum(correct) / n, "eval/margin_mean": sum(margins) / n, "eval/pairs": n}
-    for src in sorted(set(sources)):
-        idx = [i for i, s in enumerate(sources) if s == src]
-        out[f"eval/accuracy_{src}"] = sum(correct[i] for i in idx) / len(idx)
-    order = sorted(range(n), key=lambda i: abs(margins[i]))
-    calib = []
-    for b in range(min(buckets, n)):
-        part = order[b * n // buckets : (b + 1) * n // buckets] if buckets <= n else order[b : b + 1]
-        if not part:
-            continue
-        calib.append({"abs_margin_min": round(abs(margins[part[0]]), 4),
-                      "abs_margin_max": round(abs(margins[part[-1]]), 4),
-                      "pairs": len(part), "accuracy": round(sum(correct[i] for i in part) / len(part), 4)})
-    out["calibration"] = calib
-    return out
-
-
-def normalization(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
-    return {"mean": mean, "std": std if std > 1e-8 else 1.0, "n": n}

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict, load_yaml, validate
+from pipeline.blocks import Strict, load_yaml, validate
 from pipeline.errors import UsageError
 
 

@@ -31,7 +31,7 @@ class Template:
 
 
 def load_template(path: str | Path) -> Template:
-    from pipeline.config import load_yaml
+    from pipeline.blocks import load_yaml
     from pipeline.errors import UsageError
 
     data = load_yaml(path)
@@ -48,7 +48,7 @@ def load_template(path: str | Path) -> Template:
 
 
 def load_principles(path: str | Path) -> list[str]:
-    from pipeline.config import load_yaml
+    from pipeline.blocks import load_yaml
     from pipeline.errors import UsageError
 
     data = load_yaml(path)

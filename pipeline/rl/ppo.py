@@ -11,7 +11,7 @@ The models:
   rule `module:function(prompt, response) -> float`.
 
 On one process a torch optimizer trains them (LocalOptimizer); under DeepSpeed the policy and
-value head run in one engine and a critic in another (pipeline/rl/engines.py), each process
+value head run in one engine and a critic in another (pipeline/deepspeed.py), each process
 holding its share of the rollout.
 
 The training forward scores exactly the distribution the rollout was sampled from: logits are
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn as nn
 from pipeline.errors import InvalidInput
 from pipeline.generation import chat_ids, generation_config, left_pad
 from pipeline.generation import generate as generate_with
-from pipeline.rl import functional as F
+from pipeline.rl import losses
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -119,7 +118,7 @@ class PPOModels:
     """Policy (+ value head or critic) and the reference, with one forward that returns what PPO needs.
 
     `actor` and `critic` are what gets called: the modules themselves, or the DeepSpeed engines
-    wrapping them (pipeline/rl/engines.py); `generation()` hands out the policy for sampling.
+    wrapping them (pipeline/deepspeed.py); `generation()` hands out the policy for sampling.
     """
 
     def __init__(self, policy, tokenizer, value_model: str = "head", critic=None, lora: bool = False,
@@ -181,11 +180,11 @@ class PPOModels:
                     logits, _ = self.actor(ids, att, pos, P, values=False)
             else:
                 logits = self.reference(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, P - 1 : -1]
-            return F.logprobs_from_logits(logits.float() / self.temperature, r), None, None
+            return losses.logprobs_from_logits(logits.float() / self.temperature, r), None, None
         logits, values = self.actor(ids, att, pos, P, values=with_values)
         logits = logits.float() / self.temperature
-        logp = F.logprobs_from_logits(logits, r)
-        ent = F.entropy_from_logits(logits)
+        logp = losses.logprobs_from_logits(logits, r)
+        ent = losses.entropy_from_logits(logits)
         if with_values and self.critic is not None:
             values = self.critic(ids, att, pos, P)
         return logp, ent, values
@@ -267,7 +266,7 @@ def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores:
     ro = Rollout(prompts, [t.strip() for t in texts], query, qmask, response, mask, eos)
     if keep_scores:
         scores = torch.stack(out.scores, 1).float()  # [B, R, V]: the processed logits the sampler drew from
-        ro.sampler_logp = F.logprobs_from_logits(scores, response) * mask
+        ro.sampler_logp = losses.logprobs_from_logits(scores, response) * mask
     return ro
 
 
@@ -323,11 +322,11 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
     from pipeline import distributed
 
     with torch.no_grad():
-        kl = F.kl_estimate(ro.logp, ro.ref_logp, hp.kl_estimator) * ro.mask
-        rewards = F.shape_rewards(ro.scores, kl, ro.mask, kl_ctl.value, clip=hp.reward_clip)
-        adv, returns = F.gae(rewards, ro.values, ro.mask, hp.gamma, hp.lam)
+        kl = losses.kl_estimate(ro.logp, ro.ref_logp, hp.kl_estimator) * ro.mask
+        rewards = losses.shape_rewards(ro.scores, kl, ro.mask, kl_ctl.value, clip=hp.reward_clip)
+        adv, returns = losses.gae(rewards, ro.values, ro.mask, hp.gamma, hp.lam)
         if hp.whiten_advantages:
-            adv = F.masked_whiten(adv, ro.mask)
+            adv = losses.masked_whiten(adv, ro.mask)
     B = ro.response.shape[0]
     stats: dict[str, list[float]] = {}
     models.train(True)  # dropout is off in every model (disable_dropout): train mode changes nothing numerically
@@ -342,9 +341,9 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
             for idx in micro:
                 logp, ent, values = models.forward(ro, idx)
                 m = ro.mask[idx]
-                pg, pst = F.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip)
-                vl, vst = F.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip)
-                entropy = F.masked_mean(ent, m)
+                pg, pst = losses.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip)
+                vl, vst = losses.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip)
+                entropy = losses.masked_mean(ent, m)
                 loss = pg + hp.vf_coef * vl - hp.entropy_coef * entropy
                 if bad_loss is None and not torch.isfinite(loss):
                     bad_loss = loss.detach()
@@ -363,9 +362,9 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
         "ppo/kl_coef": kl_ctl.value,
         "ppo/response_length": ro.mask.sum(1).mean().item(),
         "ppo/eos_rate": ro.eos.float().mean().item(),
-        "ppo/explained_variance": F.explained_variance(ro.values, returns, ro.mask),
-        "ppo/advantage_mean": F.masked_mean(adv, ro.mask).item(),
-        "ppo/return_mean": F.masked_mean(returns, ro.mask).item(),
+        "ppo/explained_variance": losses.explained_variance(ro.values, returns, ro.mask),
+        "ppo/advantage_mean": losses.masked_mean(adv, ro.mask).item(),
+        "ppo/return_mean": losses.masked_mean(returns, ro.mask).item(),
     })
     out = distributed.mean_over_ranks(out)  # every process holds the same share: means of means are means
     scores = distributed.gather(ro.scores)
@@ -403,7 +402,7 @@ def evaluate(models: PPOModels, prompts: list, reward_fn: RewardFunction | None,
             with torch.no_grad():
                 logp, _, _ = models.forward(ro, with_values=False)
                 ref, _, _ = models.forward(ro, reference=True)
-            kls += (F.kl_estimate(logp, ref, "k1") * ro.mask).sum(1).tolist()
+            kls += (losses.kl_estimate(logp, ref, "k1") * ro.mask).sum(1).tolist()
             if reward_fn is not None:
                 rewards += reward_fn(ro.prompts, ro.responses).tolist()
             if rule is not None:
@@ -467,7 +466,3 @@ def kl_ceiling_message(step: int, kl: float, ceiling: float) -> str:
     return (f"PPO step {step}: KL to the reference is {kl:.3f}, above kl.ceiling {ceiling}: the policy has moved far "
             "from where it started, which usually means reward hacking or a learning rate that is too high. "
             "Lower optim.lr, raise kl.coef, or enable kl.adaptive.")
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
+from pipeline.blocks import Strict
 from pipeline.errors import InvalidInput
 
 
@@ -54,26 +54,7 @@ class AIPreferencesStageConfig(Strict):
         return {"policy": (self.policy, "model"), "prompts": (self.prompts, "data"), "judge": (self.judge, "data")}
 
 
-def read_prompts(path, limit: int | None = None) -> list:
-    from feedback.records import iter_records
-    from feedback.schema import check_text
-
-    prompts, problems = [], []
-    for rec in iter_records(path):
-        row = rec.value
-        err = rec.error or (None if isinstance(row, dict) and "prompt" in row
-                            else f"expected an object with 'prompt'; found {type(row).__name__}"
-                            + (f" keys {sorted(row)}" if isinstance(row, dict) else ""))
-        err = err or check_text(row["prompt"], "prompt")
-        if err:
-            problems.append(f"{rec.where}: {err}")
-        else:
-            prompts.append(row["prompt"])
-    if problems:
-        raise InvalidInput("\n".join(problems[:10]) + f"\n{path}: {len(problems)} invalid prompt rows")
-    if not prompts:
-        raise InvalidInput(f"{path}: no prompts")
-    return prompts[:limit] if limit else prompts
+Config = AIPreferencesStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
 def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: CandidatesConfig, pairing: str,
@@ -98,8 +79,7 @@ def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: 
 def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
     from feedback.schema import write_pairs
     from pipeline.artifacts import write_jsonl
-    from pipeline.runner import resolve_data_path
-    from pipeline.stages.preferences import split_by_prompt
+    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
     prompts = read_prompts(resolve_data_path(cfg.prompts), cfg.max_prompts)
     policy_path, info = ctx.model_path(cfg.policy, role="policy")

@@ -1,8 +1,32 @@
-"""Helpers shared by the TRL-based stages: training arguments, LoRA config, saving a model."""
+"""The steps every training stage shares, written once: load a policy with its model spec, a TRL config with
+our precision / DeepSpeed / checkpoint / tracking settings, train with our checkpoint marks, check that what
+was trained is finite, save a policy (merged or an adapter, gathered under ZeRO-3), and the checks the
+manifest records.
+
+    path, info, tok, model = load_policy(ctx, cfg.policy)        # trust_remote_code and revision every time
+    args = training_args(DPOConfig, cfg, ctx, precision, beta=cfg.beta, ...)
+    fit(trainer, ctx, cfg)
+    check_finite(ctx, {"train/loss": loss, "eval/loss": ...})
+    is_adapter = save_policy(trainer, model, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+"""
 
 from __future__ import annotations
 
-from pipeline.config import LoraConfig
+import math
+
+from pipeline.blocks import LoraConfig
+from pipeline.errors import InvalidInput
+
+
+def load_policy(ctx, ref: str, role: str = "policy", merged: bool = True, precision: str = "fp32"):
+    """(path, model info for the manifest, tokenizer, causal LM) for a stage's `policy:`/`model:` value, loaded
+    with its trust_remote_code and revision; an adapter artifact is merged into its base first (merged=True,
+    see StageContext.model_path). Weights are fp32 unless asked: bf16/fp16 train as mixed precision."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    path, info = ctx.model_path(ref, role=role, merged=merged)
+    trust, revision = info.get("trust_remote_code", False), info.get("revision")
+    return path, info, load_tokenizer(path, trust, revision), load_causal_lm(path, precision, trust, revision)
 
 
 def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
@@ -14,19 +38,11 @@ def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
                           target_modules=lora.target_modules, task_type=task_type, **extra)
 
 
-def zero_config(cfg, ctx, precision: str) -> dict | None:
-    """The stage's DeepSpeed config (`deepspeed:` key or `rlhf run --deepspeed`), filled from its optim block."""
-    if not getattr(cfg, "deepspeed", None):
-        return None
-    from pipeline.distributed import load_zero_config
-
-    return load_zero_config(cfg.deepspeed, cfg.optim, precision, f"stages.{ctx.name}")
-
-
 def training_args(cls, cfg, ctx, precision: str, **extra):
     """TRL config shared by the TRL-based stages: explicit precision, seeds, our logging, no hub."""
     import torch
 
+    from pipeline.deepspeed import zero_config
     from pipeline.tracking import report_to
 
     o = cfg.optim
@@ -65,6 +81,29 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     )
 
 
+def fit(trainer, ctx, cfg):
+    """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set."""
+    from pipeline import checkpoint
+
+    stop = checkpoint.stop_after_step()
+    trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
+                                                cfg.checkpoint.keep, stop))
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if stop is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {trainer.state.global_step} "
+                                 "(RLHF_STOP_AFTER_STEP); continue with --resume")
+    return result
+
+
+def check_finite(ctx, values: dict) -> None:
+    """Stop before anything is saved when a loss, metric or reward is NaN or infinite (numbers or lists)."""
+    for name, value in values.items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(not math.isfinite(float(v)) for v in numbers):
+            shown = value if not isinstance(value, (list, tuple)) else "not finite"
+            raise InvalidInput(f"[{ctx.name}] {name} is {shown}: training diverged; no artifact written")
+
+
 def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
     """Save a model as safetensors + tokenizer; a peft model is merged or saved as an adapter. Returns is_adapter."""
     import os
@@ -81,33 +120,15 @@ def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
     return is_peft and not merge
 
 
-def save_trained(trainer, tokenizer, out_dir, merge: bool) -> bool:
-    """Save a trained HF/TRL model. Under DeepSpeed every rank takes part (ZeRO-3 weights are gathered) and
-    rank 0 writes a plain safetensors model that loads without DeepSpeed. Returns True for an adapter."""
-    if trainer.is_deepspeed_enabled:
-        import os
-        import shutil
+def save_policy(trainer, model, tokenizer, out_dir, merge: bool) -> bool:
+    """The trained policy (or reward model) as safetensors + tokenizer in `out_dir`: under DeepSpeed gathered
+    from the trainer's engine (pipeline/deepspeed.py), otherwise `model` (the trainer's, or a merged copy).
+    An adapter is merged into its base unless `merge` is false. Returns True when an adapter was saved."""
+    if trainer is not None and trainer.is_deepspeed_enabled:
+        from pipeline.deepspeed import save_trainer_model
 
-        from pipeline.distributed import barrier, is_main
-
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        if is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        trainer.save_model(str(tmp))  # collective under ZeRO-3; rank 0 writes
-        is_peft = hasattr(trainer.model, "peft_config")
-        if is_main():
-            if is_peft and merge:
-                from pipeline.models import load_causal_lm
-
-                merged = load_causal_lm(str(tmp)).merge_and_unload()
-                shutil.rmtree(tmp)
-                merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, out_dir)
-        barrier()
-        return is_peft and not merge
-    return save_model(trainer.model, tokenizer, out_dir, merge)
+        return save_trainer_model(trainer, tokenizer, out_dir, merge)
+    return save_model(model, tokenizer, out_dir, merge)
 
 
 def weights_dtype(model) -> str:
@@ -126,16 +147,45 @@ def logits_fingerprint(model, tokenizer, n: int = 8) -> list[float]:
     return [round(float(x), 5) for x in out.logits[0].reshape(-1)[-n:].float().cpu()]
 
 
-def fit(trainer, ctx, cfg):
-    """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set."""
-    from pipeline import checkpoint
+class RuleReward:
+    """The held-out rule reward of one sample per prompt, before training (eval/rule_reward_mean_initial) and
+    after it (eval/rule_reward_mean); DPO, GRPO and RLOO report it with `eval_rule`."""
 
-    stop = checkpoint.stop_after_step()
-    trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
-                                                cfg.checkpoint.keep, stop))
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    if stop is not None and trainer.state.global_step < trainer.state.max_steps:
-        raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {trainer.state.global_step} "
-                                 "(RLHF_STOP_AFTER_STEP); continue with --resume")
-    return result
+    def __init__(self, spec: str | None, prompts: list, max_new_tokens: int, seed: int):
+        from feedback.judges.rule import load_callable
 
+        self.rule = load_callable(spec) if spec and prompts else None
+        self.prompts, self.max_new_tokens, self.seed = prompts, max_new_tokens, seed
+
+    def _measure(self, model, tok) -> float:
+        from pipeline.data import rule_eval
+
+        return rule_eval(model, tok, self.prompts, self.rule, self.max_new_tokens, self.seed)
+
+    def before(self, model, tok, metrics: dict) -> None:
+        if self.rule:
+            metrics["eval/rule_reward_mean_initial"] = self._measure(model, tok)
+
+    def after(self, ctx, trainer, model, tok, metrics: dict) -> None:
+        from pipeline.distributed import say
+
+        if self.rule and trainer.is_deepspeed_enabled:
+            say(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
+            self.rule = None
+        if self.rule:
+            metrics["eval/rule_reward_mean"] = self._measure(model, tok)
+
+    def summary(self, metrics: dict) -> str:
+        if not self.rule:
+            return ""
+        return (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
+                f"{metrics['eval/rule_reward_mean']:.3f}")
+
+
+def final_model(trainer, merge: bool):
+    """The trained model as it is evaluated and saved on one process: a LoRA adapter merged into its base when it
+    is to be saved merged. (Under DeepSpeed, save_policy gathers the trainer's own model.)"""
+    model = trainer.model
+    if hasattr(model, "peft_config") and merge and not trainer.is_deepspeed_enabled:
+        return model.merge_and_unload()
+    return model

@@ -20,11 +20,19 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
-from pipeline.errors import InvalidInput
+from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.errors import InvalidInput, UsageError
+from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
+                                    peft_config, save_policy, training_args, weights_dtype)
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+def trl_loss_types() -> tuple[str, ...]:
+    """The DPO losses the installed TRL implements, read from its DPOConfig's own documentation of `loss_type`
+    (TRL keeps no list constant), so that ours can never fall behind it."""
+    import re
+
+    from trl import DPOConfig
+
+    return tuple(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
 
 
 class DPOOptimConfig(OptimConfig):
@@ -40,7 +48,8 @@ class DPOStageConfig(Strict):
     name: str | None = None
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
-    loss_type: Literal[LOSS_TYPES] = "sigmoid"  # type: ignore[valid-type]
+    loss_type: str = Field("sigmoid", description="any of TRL's DPO losses (checked against TRL when the stage "
+                           "starts): sigmoid, ipo, hinge, robust, ...")
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     precompute_ref_log_probs: bool = False
@@ -75,6 +84,9 @@ class DPOStageConfig(Strict):
         if self.eval_prompts:
             out["eval_prompts"] = (self.eval_prompts, "data")
         return out
+
+
+Config = DPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
 def to_dpo_row(p) -> dict:
@@ -133,12 +145,16 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
     return kept["train"], kept["eval"], counts
 
 
-def rule_eval(model, tok, prompts: list, rule, max_new_tokens: int, seed: int) -> float:
-    from pipeline.generation import sample
+def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> list:
+    """eval_prompts restricted to the held-out pairs' prompts (the first 64 when none of them are held out)."""
+    if not cfg.eval_prompts:
+        return []
+    from feedback.schema import prompt_key
+    from pipeline.data import read_prompts, resolve_data_path
 
-    responses = sample(model, tok, prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=64,
-                       seed=seed, desc="eval samples")
-    return sum(float(rule(p, r[0])) for p, r in zip(prompts, responses)) / len(prompts)
+    prompts = read_prompts(resolve_data_path(cfg.eval_prompts))
+    held = {prompt_key(p.prompt) for p in eval_pairs}
+    return [p for p in prompts if prompt_key(p) in held] or prompts[:64]
 
 
 def run(cfg: DPOStageConfig, ctx) -> dict:
@@ -148,35 +164,21 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
 
     from feedback.schema import read_pairs
     from pipeline.distributed import say
-    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
-    from pipeline.stages.common import (fit, logits_fingerprint, peft_config, save_model, save_trained, training_args,
-                                        weights_dtype)
+    from pipeline.models import count_parameters, resolve_precision
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
+    if cfg.loss_type not in trl_loss_types():
+        raise UsageError(f"stages.{ctx.name}.loss_type: {cfg.loss_type!r} is not a DPO loss of the installed TRL; "
+                         f"expected one of {list(trl_loss_types())}")
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
     eval_pairs = list(read_pairs(prefs.output("eval")))
     precision = resolve_precision(cfg.precision)
-    path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
-    tok = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
-    model = load_causal_lm(path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
+    _, info, tok, model = load_policy(ctx, cfg.policy)
     train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"))), eval_pairs)
-
-    rule = prompts = None
-    if cfg.eval_rule and cfg.eval_prompts:
-        from feedback.judges.rule import load_callable
-        from pipeline.runner import resolve_data_path
-        from pipeline.stages.ai_preferences import read_prompts
-        from feedback.schema import prompt_key
-
-        rule = load_callable(cfg.eval_rule)
-        held = {prompt_key(p.prompt) for p in eval_pairs}
-        prompts = [p for p in read_prompts(resolve_data_path(cfg.eval_prompts)) if prompt_key(p) in held] or \
-            read_prompts(resolve_data_path(cfg.eval_prompts))[:64]
+    rule = RuleReward(cfg.eval_rule, _eval_prompts(cfg, eval_pairs), cfg.eval_max_new_tokens, ctx.seed)
     metrics: dict = {}
-    if rule:
-        metrics["eval/rule_reward_mean_initial"] = rule_eval(model, tok, prompts, rule, cfg.eval_max_new_tokens,
-                                                             ctx.seed)
+    rule.before(model, tok, metrics)
 
     args = training_args(DPOConfig, cfg, ctx, precision, loss_type=[cfg.loss_type], beta=cfg.beta,
                          label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
@@ -185,12 +187,10 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     # Full tuning: the reference is a frozen copy of the policy as loaded (TRL would reload it from the policy's
     # path without its revision); LoRA: the disabled adapter; precomputed: no reference kept.
     reference = copy.deepcopy(model) if cfg.tuning == "full" and not cfg.precompute_ref_log_probs else None
-    trainer = DPOTrainer(
-        model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
-        peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
-        callbacks=[trainer_callback(ctx.metrics)],
-    )
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
+                         eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
+                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+                         callbacks=[trainer_callback(ctx.metrics)])
     dropped = len(train) - len(trainer.train_dataset)
     if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was trained
         data_counts["dropped_by_trl"] = dropped
@@ -203,32 +203,18 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     seconds = time.time() - t0
     if evals:
         ev = trainer.evaluate()
-        for k in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
-            if f"eval_{k}" in ev:
-                metrics[k] = ev[f"eval_{k}"]
+        metrics.update({k: ev[f"eval_{k}"] for k in ("rewards/margins", "rewards/accuracies", "rewards/chosen",
+                                                      "rewards/rejected") if f"eval_{k}" in ev})
         metrics["eval/loss"] = ev["eval_loss"]
-    model_out = trainer.model
-    if rule and trainer.is_deepspeed_enabled:
-        say(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
-        rule = None
-    if rule:
-        eval_model = model_out.merge_and_unload() if hasattr(model_out, "peft_config") and cfg.lora.merge else model_out
-        metrics["eval/rule_reward_mean"] = rule_eval(eval_model, tok, prompts, rule, cfg.eval_max_new_tokens,
-                                                     ctx.seed)
-        model_out = eval_model
-    if any(v != v for v in metrics.values() if isinstance(v, float)):
-        raise InvalidInput(f"[{ctx.name}] a metric is NaN ({metrics}); no artifact written")
+    model_out = final_model(trainer, cfg.lora.merge)
+    rule.after(ctx, trainer, model_out, tok, metrics)
+    check_finite(ctx, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
-    if trainer.is_deepspeed_enabled:
-        is_adapter = save_trained(trainer, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
-    else:
-        is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
-               f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}"
-               + (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
-                  f"{metrics['eval/rule_reward_mean']:.3f}" if rule else "")
+               f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}" + rule.summary(metrics)
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
     outputs = {"model": "model", "metrics": "metrics.jsonl"}
     if (ctx.work_dir / "skipped.jsonl").exists():
@@ -238,7 +224,6 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
             "counts": data_counts,
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
                                 "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),
-                                "loss_type": cfg.loss_type,
-                                "beta": cfg.beta},
+                                "loss_type": cfg.loss_type, "beta": cfg.beta},
                       "check": {"logits_fingerprint": fingerprint}},
             "summary": summary}

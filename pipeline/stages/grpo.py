@@ -20,8 +20,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
-from pipeline.errors import InvalidInput
+from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, RewardSourceConfig, Strict
+from pipeline.stages.common import (RuleReward, final_model, check_finite, fit, load_policy, peft_config,
+                                    save_policy, training_args, weights_dtype)
 
 
 class GroupRLOptimConfig(OptimConfig):
@@ -33,9 +34,7 @@ class GroupRLStageConfig(Strict):
     name: str | None = None
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
-    reward_model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
-    rule: str | None = Field(None, description="module:function(prompt, response) -> float")
-    normalize_reward: bool = True
+    reward: RewardSourceConfig = Field(description="a reward model (model: stage:NAME), a rule, or both (summed)")
     num_generations: int = Field(4, ge=2)
     max_completion_length: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -51,10 +50,27 @@ class GroupRLStageConfig(Strict):
     optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig)
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_reward_keys(cls, data):
+        """The keys GRPO/RLOO used before `reward:` (PPO's name for the same block): still read, for one release."""
+        old = {"reward_model": "model", "rule": "rule", "normalize_reward": "normalize"}
+        if isinstance(data, dict) and set(old) & set(data):
+            import warnings
+
+            data = dict(data)
+            block = dict(data.get("reward") or {})
+            for key, new in old.items():
+                if key in data:
+                    block[new] = data.pop(key)
+            data["reward"] = block
+            warnings.warn("grpo/rloo: reward_model, rule and normalize_reward are deprecated and will be removed in "
+                          "the next release; write `reward: {model: ..., rule: ..., normalize: ...}` as PPO does",
+                          FutureWarning, stacklevel=2)
+        return data
+
     @model_validator(mode="after")
     def _check(self):
-        if not self.reward_model and not self.rule:
-            raise ValueError("reward_model: give a reward model (stage:NAME), a rule (module:function), or both")
         if self.eval_rule and self.eval_fraction == 0:
             raise ValueError("eval_rule has no effect with eval_fraction: 0 (no held-out prompts to sample)")
         self.refuse_unused(("eval_fraction",), bool(self.eval_rule), "without eval_rule (prompts are held out only "
@@ -69,9 +85,12 @@ class GroupRLStageConfig(Strict):
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         out = {"policy": (self.policy, "model"), "prompts": (self.prompts, "data")}
-        if self.reward_model:
-            out["reward_model"] = (self.reward_model, "artifact")
+        if self.reward.model:
+            out["reward_model"] = (self.reward.model, "artifact")
         return out
+
+
+Config = GroupRLStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
 def _text(completion) -> str:
@@ -87,7 +106,7 @@ def _prompt(prompt):
 
 
 def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None) -> list:
-    """TRL reward callables: f(prompts, completions, **kw) -> list[float]."""
+    """TRL reward callables: f(prompts, completions, **kw) -> list[float] (TRL sums them)."""
     funcs = []
     if reward_path:
         from reward.scoring import RewardScorer
@@ -96,13 +115,13 @@ def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None) -> list:
 
         def reward_model(prompts, completions, **kw):
             raw, norm = scorer.score([_prompt(p) for p in prompts], [_text(c) for c in completions])
-            return norm if cfg.normalize_reward else raw
+            return norm if cfg.reward.normalize else raw
 
         funcs.append(reward_model)
-    if cfg.rule:
+    if cfg.reward.rule:
         from feedback.judges.rule import load_callable
 
-        rule = load_callable(cfg.rule)
+        rule = load_callable(cfg.reward.rule)
 
         def rule_reward(prompts, completions, **kw):
             return [float(rule(_prompt(p), _text(c))) for p, c in zip(prompts, completions)]
@@ -116,43 +135,32 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
     from pipeline.distributed import say
-    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
-    from pipeline.runner import resolve_data_path
-    from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.common import fit, peft_config, save_model, save_trained, training_args, weights_dtype
-    from pipeline.stages.dpo import rule_eval
-    from pipeline.stages.preferences import split_by_prompt
+    from pipeline.models import count_parameters, resolve_precision
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
     prompts = read_prompts(resolve_data_path(cfg.prompts))
-
     # prompts are held out only for the evaluation that samples them (eval_rule); otherwise all are trained on
     held = cfg.eval_fraction if cfg.eval_rule else 0.0
     train_prompts, eval_prompts = split_by_prompt(prompts, held, ctx.seed, prompt_of=lambda p: p)
     train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
-    path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
-    trust, revision = info.get("trust_remote_code", False), info.get("revision")
-    tok = load_tokenizer(path, trust, revision)
-    model = load_causal_lm(path, "fp32", trust, revision)
-    reward_path = str(ctx.artifact(cfg.reward_model, "reward_model", "reward_model").path) if cfg.reward_model else None
-    funcs = reward_functions(cfg, reward_path)
-    rule = None
+    _, info, tok, model = load_policy(ctx, cfg.policy)
+    reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
+    funcs = reward_functions(cfg, str(reward_art.path) if reward_art else None)
+    rule = RuleReward(cfg.eval_rule, eval_prompts, cfg.max_completion_length, ctx.seed)
     metrics: dict = {}
-    if cfg.eval_rule and eval_prompts:
-        from feedback.judges.rule import load_callable
-
-        rule = load_callable(cfg.eval_rule)
-        metrics["eval/rule_reward_mean_initial"] = rule_eval(model, tok, eval_prompts, rule,
-                                                             cfg.max_completion_length, ctx.seed)
+    rule.before(model, tok, metrics)
     ConfigCls, TrainerCls = (GRPOConfig, GRPOTrainer) if cfg.stage == "grpo" else (RLOOConfig, RLOOTrainer)
+    revision = info.get("revision")
     args = training_args(ConfigCls, cfg, ctx, precision, num_generations=cfg.num_generations,
                          max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                          top_p=cfg.top_p, beta=cfg.beta, use_vllm=False,
                          # TRL rebuilds the reference (beta > 0, full tuning) from the policy's path with these
-                         trust_remote_code=trust, **({"model_init_kwargs": {"revision": revision}} if revision else {}))
+                         trust_remote_code=info.get("trust_remote_code", False),
+                         **({"model_init_kwargs": {"revision": revision}} if revision else {}))
     trainer = TrainerCls(model=model, reward_funcs=funcs if len(funcs) > 1 else funcs[0], args=args,
                          train_dataset=Dataset.from_list(train), processing_class=tok,
                          peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
@@ -163,27 +171,13 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     t0 = time.time()
     result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0
-    if result.training_loss != result.training_loss:
-        raise InvalidInput(f"[{ctx.name}] the training loss is NaN; no artifact written")
-    model_out = trainer.model
-    if hasattr(model_out, "peft_config") and cfg.lora.merge:
-        model_out = model_out.merge_and_unload()
-    if rule and trainer.is_deepspeed_enabled:
-        say(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
-        rule = None
-    if rule:
-        metrics["eval/rule_reward_mean"] = rule_eval(model_out, tok, eval_prompts, rule, cfg.max_completion_length,
-                                                     ctx.seed)
+    check_finite(ctx, {"train/loss": result.training_loss})
+    model_out = final_model(trainer, cfg.lora.merge)
+    rule.after(ctx, trainer, model_out, tok, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)
-    if trainer.is_deepspeed_enabled:
-        is_adapter = save_trained(trainer, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
-    else:
-        is_adapter = save_model(model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
     steps = trainer.state.global_step
-    summary = (f"{steps} steps in {seconds:.1f}s"
-               + (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
-                  f"{metrics['eval/rule_reward_mean']:.3f}" if rule else "")
-               + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    summary = f"{steps} steps in {seconds:.1f}s{rule.summary(metrics)}; artifact: {ctx.run_dir / ctx.name / 'model'}"
     return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},
             "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
             "counts": {"train_prompts": len(train), "eval_prompts": len(eval_prompts)},

@@ -25,20 +25,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CheckpointConfig, LoraConfig, Precision, Strict
+from pipeline.blocks import CheckpointConfig, LoraConfig, Precision, RewardSourceConfig, Strict
 from pipeline.errors import InvalidInput
-
-
-class RewardSourceConfig(Strict):
-    model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
-    rule: str | None = Field(None, description="module:function(prompt, response) -> float")
-    normalize: bool = Field(True, description="use the reward model's normalised score")
-
-    @model_validator(mode="after")
-    def _one(self):
-        if not self.model and not self.rule:
-            raise ValueError("reward: give a reward model (model: stage:NAME) or a rule (rule: module:function)")
-        return self
 
 
 class RolloutConfig(Strict):
@@ -161,6 +149,9 @@ class PPOStageConfig(Strict):
         return out
 
 
+Config = PPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
+
+
 class _Hyper:
     """The knobs ppo_step reads, gathered from the stage config's blocks (minibatch: this process's share)."""
 
@@ -172,10 +163,9 @@ class _Hyper:
 
 def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, policy_path: str, reward_art, info: dict):
     """(PPOModels, RewardFunction, tokenizer, where each model lives, frozen models sharded?); under ZeRO-3
-    the models are built sharded (engines.py)."""
-    from pipeline.distributed import zero_stage
+    the models are built sharded (pipeline/deepspeed.py)."""
+    from pipeline import deepspeed as zero
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.rl import engines
     from pipeline.rl.ppo import PPOModels, RewardFunction
     from pipeline.stages.common import peft_config
 
@@ -188,7 +178,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
         if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
-    zero3 = zero_stage(ds) == 3
+    zero3 = zero.zero_stage(ds) == 3
     shard_frozen = zero3 and cfg.frozen.zero3
     if cfg.frozen.offload and not shard_frozen:
         raise InvalidInput(f"stages.{ctx.name}.frozen.offload: needs a ZeRO-3 config (--deepspeed "
@@ -199,7 +189,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     if not shard_frozen:  # whole copies on every process, loaded before sharded loading starts
         reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
         reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference and zero3 else None
-    sharded = engines.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
+    sharded = zero.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
     policy = load_causal_lm(policy_path, precision, trust, revision)
     if lora:
         from peft import get_peft_model
@@ -223,15 +213,15 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
                        temperature=cfg.rollout.temperature,
                        critic_scale=(norm.get("mean", 0.0), norm.get("std", 1.0)))
     if shard_frozen:
-        inference = engines.inference_config(ds, cfg.frozen.offload)
+        inference = zero.inference_config(ds, cfg.frozen.offload)
         if models.reference is not None:
-            models.reference = engines.frozen_engine(models.reference, inference, models.engines)
+            models.reference = zero.frozen_engine(models.reference, inference, models.engines)
         if reward_fn.scorer is not None:
-            reward_fn.scorer.model = engines.frozen_engine(reward_fn.scorer.model, inference, models.engines)
+            reward_fn.scorer.model = zero.frozen_engine(reward_fn.scorer.model, inference, models.engines)
     frozen = ("ZeRO-3 shards" + (" in CPU memory" if cfg.frozen.offload else "") if shard_frozen
               else "a whole copy" + (" on every process" if ds else ""))
     placement = {
-        "policy": f"DeepSpeed engine, ZeRO-{zero_stage(ds)}" if ds else "one process",
+        "policy": f"DeepSpeed engine, ZeRO-{zero.zero_stage(ds)}" if ds else "one process",
         "values": cfg.value_model + (" (own engine)" if ds and rm_dir else ""),
         "reference": "the policy with its adapter disabled" if lora else frozen,
         "reward_model": frozen if reward_path else "none (rule)"}
@@ -281,11 +271,10 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
     from feedback.judges.rule import load_callable
     from pipeline import distributed
     from pipeline.models import count_parameters, hidden_size, resolve_precision
-    from pipeline.rl import functional as F
+    from pipeline import deepspeed as zero
+    from pipeline.rl import losses
     from pipeline.rl.ppo import LocalOptimizer
-    from pipeline.runner import resolve_data_path
-    from pipeline.stages.ai_preferences import read_prompts
-    from pipeline.stages.preferences import split_by_prompt
+    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
     world, say = distributed.world_size(), distributed.say
     precision = resolve_precision(cfg.precision)
@@ -293,14 +282,12 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
     reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
     ds = None
     if cfg.deepspeed:
-        from pipeline.rl import engines
-
-        ds = engines.ds_config(cfg, precision, hidden_size(policy_path))
+        ds = zero.ds_config(cfg, precision, hidden_size(policy_path))
     else:
         if precision != "fp32":
             say(f"[{ctx.name}] note: PPO runs in fp32 on one process; precision {precision} applies under DeepSpeed")
         precision = "fp32"
-    per_rank, minibatch = (engines.local_sizes(cfg, world) if ds else
+    per_rank, minibatch = (zero.local_sizes(cfg, world) if ds else
                            (cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size))
     prompts = read_prompts(resolve_data_path(cfg.prompts))
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
@@ -313,7 +300,7 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
                                                                    info)
     schedule = _scheduler_factory(cfg, minibatch, per_rank)
     if ds:
-        optimizer = engines.build(models, cfg, precision, ds, schedule)  # the engines put the models on their device
+        optimizer = zero.build(models, cfg, precision, ds, schedule)  # the engines put the models on their device
     else:
         models.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for m in (models.actor_module, models.critic_module):
@@ -326,14 +313,14 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
             models.reference.to(models.device)
         if reward_fn.scorer is not None:
             reward_fn.scorer.model.to(models.device)
-    kl_ctl = (F.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
-              else F.FixedKLController(cfg.kl.coef))
+    kl_ctl = (losses.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else losses.FixedKLController(cfg.kl.coef))
     total, trainable = count_parameters(models.policy)
     info = {**info, "placement": placement, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
             "adapter": cfg.tuning == "lora" and not cfg.lora.merge}
     say(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
         f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}"
-        + (f"; {world} processes, ZeRO-{distributed.zero_stage(ds)}, {per_rank} prompts each per step" if ds else ""))
+        + (f"; {world} processes, ZeRO-{zero.zero_stage(ds)}, {per_rank} prompts each per step" if ds else ""))
     say(f"[{ctx.name}] models: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in placement.items()))
     return _Setup(models, optimizer, reward_fn, kl_ctl, tok, load_callable(cfg.eval_rule) if cfg.eval_rule else None,
                   train_prompts, eval_prompts, info, policy_path, reward_art, ds, per_rank, minibatch)
@@ -415,6 +402,7 @@ def _check_kl_ceiling(cfg: PPOStageConfig, ctx, step: int, kl: float) -> None:
 
 def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last: dict, seconds: float) -> dict:
     """Save the policy (and value head or critic), and the stage's result for the manifest."""
+    from pipeline import deepspeed as zero
     from pipeline import distributed
     from pipeline.stages.common import logits_fingerprint
 
@@ -435,7 +423,7 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
             "extra": {"ppo_state": {"kl_coef": s.kl_ctl.value, "kl": s.kl_ctl.state_dict()},
                       "model": s.info,
                       "check": {"logits_fingerprint": fingerprint},
-                      "distributed": {"world_size": distributed.world_size(), "zero_stage": distributed.zero_stage(s.ds),
+                      "distributed": {"world_size": distributed.world_size(), "zero_stage": zero.zero_stage(s.ds),
                                       "memory_per_process": memory}},
             "summary": summary}
 
@@ -470,44 +458,19 @@ def _peak_memory() -> dict[str, list[float]]:
 
 def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool,
           info: dict) -> dict:
-    """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process
-    takes part (ZeRO-3 shards are gathered) and rank 0 rebuilds plain models from the gathered weights
-    and writes them: they load without DeepSpeed."""
+    """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process takes
+    part and rank 0 writes plain models (pipeline.deepspeed.save_ppo_models): they load without DeepSpeed."""
     from safetensors.torch import save_file
 
-    from pipeline.distributed import is_main
     from pipeline.stages.common import save_model
 
-    if not under_deepspeed:
-        save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
-        if models.value_head is not None:
-            save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
-            return {"value_head": "value_head.safetensors"}
-        models.critic_module.model.save_pretrained(out_dir / "critic", safe_serialization=True)
-        return {"critic": "critic"}
+    if under_deepspeed:
+        from pipeline.deepspeed import save_ppo_models
 
-    from pipeline.models import load_causal_lm
-    from pipeline.rl.engines import full_state_dict
-
-    policy_sd = full_state_dict(models.policy)
-    head_sd = full_state_dict(models.value_head) if models.value_head is not None else None
-    critic_sd = full_state_dict(models.critic_module.model) if models.critic_module is not None else None
-    if is_main():
-        policy = load_causal_lm(policy_path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
-        if cfg.tuning == "lora":
-            from peft import get_peft_model
-
-            from pipeline.stages.common import peft_config
-
-            policy = get_peft_model(policy, peft_config(cfg.lora))
-        policy.load_state_dict(policy_sd)
-        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge)
-        if head_sd is not None:
-            save_file(head_sd, str(out_dir / "value_head.safetensors"))
-        if critic_sd is not None:
-            from reward.scoring import load_reward_model
-
-            critic = load_reward_model(str(reward_art.output("model")))
-            critic.load_state_dict(critic_sd)
-            critic.save_pretrained(out_dir / "critic", safe_serialization=True)
-    return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}
+        return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info)
+    save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
+    if models.value_head is not None:
+        save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
+        return {"value_head": "value_head.safetensors"}
+    models.critic_module.model.save_pretrained(out_dir / "critic", safe_serialization=True)
+    return {"critic": "critic"}

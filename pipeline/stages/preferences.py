@@ -16,24 +16,25 @@ by prompt (seeded), so that no prompt is in both.
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import Strict
+from feedback.readers import FORMATS, RANKED_MODES
+from feedback.schema import SOURCES
+from feedback.validate import DUPLICATES
+from pipeline.blocks import Strict
 from pipeline.errors import InvalidInput
 
 
 class PreferenceDataConfig(Strict):
     path: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:preferences")
-    format: Literal["auto", "pairs", "messages", "hh", "ranked"] = "auto"
+    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]  (the one list: feedback/readers.py)
     keys: dict[Literal["prompt", "chosen", "rejected"], str] = Field(default_factory=dict)
-    ranked: Literal["all_pairs", "best_vs_rest"] = "all_pairs"
-    source: Literal["human", "ai"] = "human"
+    ranked: Literal[RANKED_MODES] = "all_pairs"  # type: ignore[valid-type]
+    source: Literal[SOURCES] = "human"  # type: ignore[valid-type]
     on_error: Literal["fail", "skip"] = "fail"
-    duplicates: Literal["fail", "first", "majority"] = Field(
+    duplicates: Literal[DUPLICATES] = Field(  # type: ignore[valid-type]
         "fail", description="repeated pairs: fail (conflicts are rejected), first (keep the first), majority (keep "
         "the label most annotators gave)")
     split: str | None = Field(None, description="a dataset directory's split to read (default: all of them)")
@@ -54,19 +55,7 @@ class PreferencesStageConfig(Strict):
         return out
 
 
-def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lambda p: p.prompt) -> tuple[list, list]:
-    """Seeded train/eval split over distinct prompts: every item of a prompt lands on the same side. Prompts are
-    compared on `prompt_key` (Unicode NFC, whitespace collapsed), so near-identical copies cannot straddle the split.
-
-    `items` are pairs (prompt_of reads .prompt) or, with prompt_of=lambda p: p, the prompts themselves."""
-    from feedback.schema import prompt_key
-
-    prompts = sorted({prompt_key(prompt_of(p)) for p in items})
-    random.Random(seed).shuffle(prompts)
-    n_eval = math.ceil(len(prompts) * eval_fraction) if eval_fraction > 0 and len(prompts) > 1 else 0
-    held = set(prompts[:n_eval])
-    train = [p for p in items if prompt_key(prompt_of(p)) not in held]
-    return train, [p for p in items if prompt_key(prompt_of(p)) in held]
+Config = PreferencesStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
 def fail_summary(report, limit: int = 10) -> str:
@@ -80,7 +69,7 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
     from feedback.validate import validate_file
     from pipeline.artifacts import write_jsonl
     from pipeline.distributed import say
-    from pipeline.runner import resolve_data_path
+    from pipeline.data import resolve_data_path, split_by_prompt
 
     tokenizer = None
     if cfg.tokenizer:

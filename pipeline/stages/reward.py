@@ -3,7 +3,7 @@
     rlhf run configs/tiny.yaml --stage reward
 
 The model is `AutoModelForSequenceClassification` with one output, from the SFT policy or any
-model reference. Pairs are tokenised here with `reward.text.encode` (the reward model's own
+model reference. Pairs are encoded by `reward.pairs` (through `reward.text.encode`: the reward model's own
 tokenizer and chat template, right-truncated to max_length), the same function the scoring API
 uses. Pairs the trainer cannot learn from are counted and listed in `skipped.jsonl`, never
 dropped silently: ties, and pairs that truncation makes empty or identical.
@@ -23,8 +23,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
 from pipeline.errors import InvalidInput
+from pipeline.stages.common import (check_finite, fit, logits_fingerprint, peft_config, save_policy, training_args,
+                                    weights_dtype)
 
 
 class RewardStageConfig(Strict):
@@ -60,64 +62,20 @@ class RewardStageConfig(Strict):
         return out
 
 
-def encode_pairs(pairs, tokenizer, max_length: int, use_margin: bool):
-    """Pairs -> (trainable rows {chosen_ids, rejected_ids[, margin]}, kept pairs, skipped [{id, reason}])."""
-    from reward.text import encode
-
-    rows, kept, skipped = [], [], []
-    for p in pairs:
-        if p.tie:
-            skipped.append({"id": p.id, "reason": "tie: a Bradley-Terry model has no target for ties"})
-            continue
-        c, n_prompt = encode(tokenizer, p.prompt, p.chosen, max_length)
-        r, _ = encode(tokenizer, p.prompt, p.rejected, max_length)
-        if n_prompt >= max_length or c == r:
-            skipped.append({"id": p.id, "reason": f"empty or identical after truncation to max_length {max_length}"})
-            continue
-        row = {"chosen_ids": c, "rejected_ids": r}
-        if use_margin:
-            if p.margin is None:
-                raise InvalidInput(f"use_margin is on but pair {p.id} has no margin")
-            row["margin"] = float(p.margin)
-        rows.append(row)
-        kept.append(p)
-    return rows, kept, skipped
+Config = RewardStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
-def evaluate(model, rows, pairs, pad_id: int, buckets: int) -> tuple[dict, list[float]]:
-    from reward.scoring import pairwise_metrics, score_ids
-
-    rc = score_ids(model, [r["chosen_ids"] for r in rows], pad_id)
-    rr = score_ids(model, [r["rejected_ids"] for r in rows], pad_id)
-    return pairwise_metrics(rc, rr, [p.source for p in pairs], buckets), rc + rr
-
-
-def run(cfg: RewardStageConfig, ctx) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
-
+def _pairs(cfg: RewardStageConfig, ctx, tokenizer):
+    """(train rows, eval rows, kept train pairs, kept eval pairs, counts, eval artifact); pairs not trained on
+    (ties, truncated) listed in skipped.jsonl with their reasons."""
     from feedback.schema import read_pairs
     from pipeline.artifacts import write_jsonl
     from pipeline.distributed import say
-    from pipeline.models import count_parameters, load_tokenizer, resolve_precision
-    from pipeline.stages.common import (fit, logits_fingerprint, peft_config, save_model, save_trained, training_args,
-                                        weights_dtype)
-    from pipeline.tracking import trainer_callback
-    from reward.scoring import load_reward_model, normalization
+    from reward.pairs import encode_pairs
 
-    set_seed(ctx.seed)
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
-    train_pairs = list(read_pairs(prefs.output("train")))
     eval_art = ctx.artifact(cfg.eval_preferences, "preferences", "eval_preferences") if cfg.eval_preferences else prefs
-    eval_pairs = list(read_pairs(eval_art.output("eval")))
-    precision = resolve_precision(cfg.precision)
-    path, info = ctx.model_path(cfg.model, merged=True)
-    tokenizer = load_tokenizer(path, info.get("trust_remote_code", False), info.get("revision"))
-    model = load_reward_model(path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
-    model.config.pad_token_id = tokenizer.pad_token_id
-
+    train_pairs, eval_pairs = list(read_pairs(prefs.output("train"))), list(read_pairs(eval_art.output("eval")))
     train_rows, train_kept, skipped = encode_pairs(train_pairs, tokenizer, cfg.max_length, cfg.use_margin)
     eval_rows, eval_kept, eval_skipped = encode_pairs(eval_pairs, tokenizer, cfg.max_length, False)
     skipped = [{**s, "split": "train"} for s in skipped] + [{**s, "split": "eval"} for s in eval_skipped]
@@ -128,18 +86,36 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
         raise InvalidInput(f"{prefs.output('train')}: no trainable pairs (all ties or truncated)")
     if cfg.optim.eval_steps is not None and not eval_rows:
         raise InvalidInput(f"optim.eval_steps: {eval_art.output('eval')} holds no usable eval pairs to evaluate on")
+    counts = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": len(train_rows),
+              "evaluated_on": len(eval_rows), "skipped": len(skipped)}
+    return train_rows, eval_rows, train_kept, eval_kept, counts
+
+
+def run(cfg: RewardStageConfig, ctx) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from pipeline.distributed import say
+    from pipeline.models import count_parameters, load_tokenizer, resolve_precision
+    from pipeline.tracking import trainer_callback
+    from reward.evaluation import evaluate, normalization
+    from reward.scoring import load_reward_model
+
+    set_seed(ctx.seed)
+    precision = resolve_precision(cfg.precision)
+    path, info = ctx.model_path(cfg.model, merged=True)
+    trust, revision = info.get("trust_remote_code", False), info.get("revision")
+    tokenizer, model = load_tokenizer(path, trust, revision), load_reward_model(path, "fp32", trust, revision)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train_rows, eval_rows, train_kept, eval_kept, counts = _pairs(cfg, ctx, tokenizer)
 
     args = training_args(RewardConfig, cfg, ctx, precision, max_length=None,
                          center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None)
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        peft_config=peft_config(cfg.lora, "SEQ_CLS") if cfg.tuning == "lora" else None,
-        callbacks=[trainer_callback(ctx.metrics)],
-    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                            processing_class=tokenizer, callbacks=[trainer_callback(ctx.metrics)],
+                            peft_config=peft_config(cfg.lora, "SEQ_CLS") if cfg.tuning == "lora" else None)
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
@@ -150,28 +126,26 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0
     after, rewards = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
-    if not all(map(lambda v: torch.isfinite(torch.tensor(v)), rewards + [result.training_loss])):
-        raise InvalidInput(f"[{ctx.name}] non-finite loss or rewards: training diverged; no artifact written")
+    check_finite(ctx, {"train/loss": result.training_loss, "held-out rewards": rewards})
     calibration = after.pop("calibration")
     before.pop("calibration", None)
     metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
                "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2)}
     ctx.metrics.log(metrics, step=trainer.state.global_step)
-    norm = normalization(rewards)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
-    save_trained(trainer, tokenizer, ctx.work_dir / "model", merge=True)
+    save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=True)
     split = "eval" if eval_rows else "train (no eval split)"
     summary = (f"{trainer.state.global_step} steps in {seconds:.1f}s; {split} accuracy "
                f"{before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "
                f"artifact: {ctx.run_dir / ctx.name / 'model'}")
     return {
         "kind": "reward_model",
-        "outputs": {"model": "model", "metrics": "metrics.jsonl", **({"skipped": "skipped.jsonl"} if skipped else {})},
+        "outputs": {"model": "model", "metrics": "metrics.jsonl",
+                    **({"skipped": "skipped.jsonl"} if counts["skipped"] else {})},
         "metrics": metrics,
-        "counts": {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": len(train_rows),
-                   "evaluated_on": len(eval_rows), "skipped": len(skipped)},
-        "extra": {"normalization": {**norm, "split": split}, "calibration": calibration,
+        "counts": counts,
+        "extra": {"normalization": {**normalization(rewards), "split": split}, "calibration": calibration,
                   "max_length": cfg.max_length, "check": {"logits_fingerprint": fingerprint},
                   "model": {**info, "tuning": cfg.tuning, "parameters": total, "trainable": trainable,
                             "precision": precision, "weights_dtype": weights_dtype(model)}},

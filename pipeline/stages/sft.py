@@ -16,8 +16,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
-from pipeline.stages.common import fit, logits_fingerprint, peft_config, save_trained, training_args, weights_dtype
+from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, peft_config, save_policy,
+                                    training_args, weights_dtype)
 from pipeline.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
@@ -73,6 +74,9 @@ class SFTStageConfig(Strict):
 # --------------------------------------------------------------------------- data
 
 
+Config = SFTStageConfig  # the registry's handle (pipeline/stages/__init__.py)
+
+
 def _check_messages(msgs) -> str | None:
     if not isinstance(msgs, list) or not msgs:
         return "'messages' must be a non-empty list of {role, content} objects"
@@ -119,7 +123,7 @@ def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
 
 def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[list[dict], int]:
     """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip)."""
-    from feedback.records import iter_records
+    from feedback.files import iter_records
 
     examples, problems, n = [], [], 0
     for rec in iter_records(path):
@@ -178,21 +182,12 @@ def freeze_lower(model, n: int) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def run(cfg: SFTStageConfig, ctx) -> dict:
-    import shutil
-
-    import torch
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
+def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
+    """(train examples, eval examples, counts); rejected rows written to rejected.jsonl with their reasons."""
     from pipeline import artifacts
-    from pipeline.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision
-    from pipeline.runner import resolve_data_path
-    from pipeline.distributed import say, world_size, zero_stage
-    from pipeline.tracking import trainer_callback
+    from pipeline.data import resolve_data_path
+    from pipeline.distributed import say
 
-    set_seed(ctx.seed)
     rejected: list[dict] = []
     train, n_train = read_examples(resolve_data_path(cfg.data.train), cfg.data.format, cfg.data.on_error, rejected)
     if cfg.data.eval:
@@ -205,32 +200,32 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     if rejected:
         artifacts.write_jsonl(ctx.work_dir / "rejected.jsonl", rejected)
         say(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
+    return train, evals, {"rows_read": n_train + n_eval, "accepted": len(train) + len(evals),
+                          "rejected": len(rejected), "train": len(train), "eval": len(evals)}
 
+
+def run(cfg: SFTStageConfig, ctx) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.deepspeed import zero_stage
+    from pipeline.distributed import say, world_size
+    from pipeline.models import count_parameters, resolve_precision
+    from pipeline.tracking import trainer_callback
+
+    set_seed(ctx.seed)
+    train, evals, counts = _data(cfg, ctx)
     precision = resolve_precision(cfg.precision)
-    path, model_info = ctx.model_path(cfg.model)
-    tokenizer = load_tokenizer(path, model_info.get("trust_remote_code", False), model_info.get("revision"))
-    # fp32 weights whatever `precision` says: bf16/fp16 train as mixed precision (autocast) over fp32 master
-    # weights, as the HF Trainer and DeepSpeed expect; the manifest records both
-    model = load_causal_lm(path, "fp32", model_info.get("trust_remote_code", False), model_info.get("revision"))
+    _, model_info, tokenizer, model = load_policy(ctx, cfg.model, role="model", merged=False)
     if cfg.tuning == "freeze":
         freeze_lower(model, cfg.freeze_layers)
-
-    args = training_args(
-        SFTConfig, cfg, ctx, precision,
-        max_length=cfg.max_length,
-        packing=cfg.packing,
-        assistant_only_loss=cfg.assistant_only_loss,
-        dataset_num_proc=None,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(evals) if evals else None,
-        processing_class=tokenizer,
-        peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
-        callbacks=[trainer_callback(ctx.metrics)],
-    )
+    args = training_args(SFTConfig, cfg, ctx, precision, max_length=cfg.max_length, packing=cfg.packing,
+                         assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                         eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tokenizer,
+                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+                         callbacks=[trainer_callback(ctx.metrics)])
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
@@ -243,16 +238,13 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     seconds = time.time() - t0
     if evals:
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
-    for name, value in {**metrics, "train/loss": result.training_loss}.items():
-        if not torch.isfinite(torch.tensor(value)):
-            raise InvalidInput(f"[{ctx.name}] {name} is {value}: training diverged; no artifact written")
+    check_finite(ctx, {**metrics, "train/loss": result.training_loss})
     if "train/loss" not in ctx.metrics.last:  # fewer steps than logging_steps: nothing per-step was logged
         metrics["train/loss"] = result.training_loss
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
-    model_dir = ctx.work_dir / "model"
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
-    is_adapter = save_trained(trainer, tokenizer, model_dir, merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=cfg.lora.merge)
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; train/loss {ctx.metrics.last.get('train/loss', float('nan')):.4f}"
                + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}"
@@ -262,8 +254,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         "kind": "policy",
         "outputs": {"model": "model", "metrics": "metrics.jsonl"},
         "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
-        "counts": {"rows_read": n_train + n_eval, "accepted": len(train) + len(evals), "rejected": len(rejected),
-                   "train": len(train), "eval": len(evals)},
+        "counts": counts,
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
                             "parameters": total, "trainable": trainable, "precision": precision,
                             "weights_dtype": weights_dtype(model)},

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import InvalidInput
-from pipeline.rl.engines import EngineOptimizer, full_state_dict
+from pipeline.deepspeed import EngineOptimizer, full_state_dict
 from pipeline.rl.ppo import check_finite
 
 

@@ -105,8 +105,8 @@ def test_stages_under_zero_save_models_that_reload_and_resume(tmp_path, zero):
 
 
 def test_zero_config_disagreement_is_an_error_before_launch(tmp_path):
-    from pipeline.distributed import load_zero_config
-    from pipeline.config import OptimConfig
+    from pipeline.deepspeed import load_zero_config
+    from pipeline.blocks import OptimConfig
     from pipeline.errors import UsageError
 
     ds = tmp_path / "z.json"

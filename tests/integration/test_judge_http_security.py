@@ -12,7 +12,7 @@ from feedback.judges import JudgeItem
 from feedback.judges.config import HTTPConfig
 from feedback.judges.http import HTTPJudge
 from feedback.judges.prompting import load_template
-from pipeline.config import validate
+from pipeline.blocks import validate
 from pipeline.errors import UsageError
 from tests.conftest import ROOT
 

@@ -83,7 +83,7 @@ def test_ppo_lora_reference_is_the_disabled_adapter(tiny_run, tmp_path):
     from pipeline.models import load_causal_lm, load_tokenizer
     from pipeline.rl.ppo import generate
     from pipeline.stages.common import peft_config
-    from pipeline.config import LoraConfig
+    from pipeline.blocks import LoraConfig
 
     path = str(tiny_run / "sft" / "model")
     base, tok = load_causal_lm(path), load_tokenizer(path)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.cli import main
-from pipeline.rl import functional as F
+from pipeline.rl import losses
 from pipeline.rl.ppo import LocalOptimizer, PPOModels, RewardFunction, generate, ppo_step, score_rollout
 from tests.conftest import tiny_sft_block, write_yaml
 
@@ -62,7 +62,7 @@ def test_no_dropout_anywhere_so_the_first_update_has_ratio_one(tiny_path, monkey
     attention dropout configured: PPO switches dropout off in every model (TRL's and OpenRLHF's PPO do too)."""
     from peft import get_peft_model
 
-    from pipeline.config import LoraConfig
+    from pipeline.blocks import LoraConfig
     from pipeline.stages.common import peft_config
 
     policy, tok = _tiny(tiny_path, attention_dropout=0.3)
@@ -81,7 +81,7 @@ def test_no_dropout_anywhere_so_the_first_update_has_ratio_one(tiny_path, monkey
     checks = []
     real_check = ppo_loop.check_finite
     monkeypatch.setattr(ppo_loop, "check_finite", lambda step, **v: (checks.append(sorted(v)), real_check(step, **v)))
-    out = ppo_step(models, opt, ro, _hyper(), F.FixedKLController(0.05), 1)
+    out = ppo_step(models, opt, ro, _hyper(), losses.FixedKLController(0.05), 1)
     # one finiteness check (one reduction over processes) per minibatch, before its update: 2 epochs x 2 minibatches
     assert checks == [["grad_norm", "loss"]] * 4
     assert out["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
@@ -128,9 +128,9 @@ def test_critic_from_the_reward_model_predicts_on_the_rewards_scale(tiny_run, tm
         ro = generate(models, PROMPTS * 4, 12)
         score_rollout(models, ro, reward_fn, None, 1)
         # gamma = lam = 1 and no KL penalty: every token's return is the sequence's (normalised) score
-        rewards = F.shape_rewards(ro.scores, torch.zeros_like(ro.mask), ro.mask, 0.0)
-        _, returns = F.gae(rewards, ro.values, ro.mask, 1.0, 1.0)
-        errors[name] = F.masked_mean((ro.values - returns).abs(), ro.mask).item()
+        rewards = losses.shape_rewards(ro.scores, torch.zeros_like(ro.mask), ro.mask, 0.0)
+        _, returns = losses.gae(rewards, ro.values, ro.mask, 1.0, 1.0)
+        errors[name] = losses.masked_mean((ro.values - returns).abs(), ro.mask).item()
         v, r = ro.values[ro.mask.bool()], returns[ro.mask.bool()]
         scale[name] = (abs(v.mean() - r.mean()).item(), (v.std() / r.std()).item())
     assert scale["critic"][0] < 1.0 and 0.25 < scale["critic"][1] < 4.0, scale
@@ -189,7 +189,7 @@ def test_adapter_policies_are_merged_before_ppo_dpo_and_grpo(tmp_path):
            "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 8}, "optim": {"lr": 1e-4}}
     dpo = {"stage": "dpo", "policy": "stage:sft", "preferences": "stage:preferences", "max_length": 64,
            "precision": "fp32", "optim": {"lr": 1e-4, "max_steps": 1, "batch_size": 4, "logging_steps": 1}}
-    grpo = {"stage": "grpo", "policy": "stage:sft", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+    grpo = {"stage": "grpo", "policy": "stage:sft", "prompts": "synthetic:prompts", "reward": {"rule": "feedback.synthetic:rule_score"},
             "beta": 0.1, "num_generations": 4, "max_completion_length": 8, "precision": "fp32",
             "optim": {"lr": 1e-4, "max_steps": 1, "batch_size": 4, "logging_steps": 1}}
     stages = [sft, {"stage": "preferences", "data": {"path": "synthetic:preferences"}},

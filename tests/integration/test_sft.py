@@ -4,7 +4,6 @@ reloads, skips when up to date, reruns when changed, and LoRA / freeze update on
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

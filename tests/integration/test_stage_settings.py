@@ -32,7 +32,7 @@ def test_dpo_lists_pairs_whose_prompt_fills_max_length(tmp_path):
 
 def test_grpo_holds_prompts_back_only_for_an_evaluation(tmp_path):
     run = tmp_path / "run"
-    grpo = {"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+    grpo = {"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "reward": {"rule": "feedback.synthetic:rule_score"},
             "num_generations": 4, "max_completion_length": 8, "precision": "fp32",
             "optim": {"lr": 1e-5, "max_steps": 1, "batch_size": 4, "logging_steps": 1}}
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
@@ -83,12 +83,13 @@ def test_the_model_spec_reaches_the_models_trl_builds(tmp_path, monkeypatch):
     hub id's revision) go into those settings; DPO's reference is a copy of the policy as we loaded it."""
     import trl
 
-    import pipeline.stages.common as common
+    from pipeline.stages import dpo, grpo
+    from pipeline.stages.common import training_args
 
     seen = {}
-    real_args = common.training_args
-    monkeypatch.setattr(common, "training_args", lambda cls, cfg, ctx, precision, **kw: (
-        seen.setdefault(cls.__name__, kw), real_args(cls, cfg, ctx, precision, **kw))[1])
+    for module in (dpo, grpo):
+        monkeypatch.setattr(module, "training_args", lambda cls, cfg, ctx, precision, **kw: (
+            seen.setdefault(cls.__name__, kw), training_args(cls, cfg, ctx, precision, **kw))[1])
     real_dpo = trl.DPOTrainer.__init__
 
     def dpo_init(self, *a, ref_model=None, **kw):
@@ -103,7 +104,7 @@ def test_the_model_spec_reaches_the_models_trl_builds(tmp_path, monkeypatch):
                                            "stages": [
         {"stage": "preferences", "data": {"path": "synthetic:preferences"}},
         {"stage": "dpo", "policy": "base", "preferences": "stage:preferences", "max_length": 64, **step},
-        {"stage": "grpo", "policy": "base", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+        {"stage": "grpo", "policy": "base", "prompts": "synthetic:prompts", "reward": {"rule": "feedback.synthetic:rule_score"},
          "beta": 0.1, "num_generations": 4, "max_completion_length": 8, **step}]})
     assert main(["run", str(cfg)]) == 0
     assert seen["GRPOConfig"]["trust_remote_code"] is True and seen["DPOConfig"]["trust_remote_code"] is True

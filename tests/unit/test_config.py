@@ -1,11 +1,11 @@
 """Config loading: every shipped YAML loads; bad configs fail naming the file and key path."""
 
-from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import apply_override, load_pipeline, load_yaml_text
+from pipeline.blocks import load_yaml_text
+from pipeline.config import apply_override, load_pipeline
 from pipeline.errors import UsageError
 from tests.conftest import ROOT, tiny_sft_block, write_yaml
 
@@ -29,8 +29,8 @@ def test_every_yaml_begins_with_the_command_that_uses_it(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_every_zero_config_loads_and_fills_from_the_stage(path):
-    from pipeline.config import OptimConfig
-    from pipeline.distributed import load_zero_config
+    from pipeline.blocks import OptimConfig
+    from pipeline.deepspeed import load_zero_config
 
     cfg = load_zero_config(path, OptimConfig(batch_size=4, grad_accum=2, max_grad_norm=0.5), "bf16", "stages.sft")
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_clipping"] == 0.5
@@ -131,7 +131,7 @@ def test_settings_that_do_nothing_are_refused(tmp_path, capsys):
          "eval_fraction has no effect with an eval file"),
         ([prefs, {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "lora": {"merge": False}}],
          "lora.merge: false has no effect here"),
-        ([{"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score",
+        ([{"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "reward": {"rule": "feedback.synthetic:rule_score"},
            "eval_rule": "feedback.synthetic:rule_score", "eval_fraction": 0}], "eval_rule has no effect with eval_fraction: 0"),
         ([{"stage": "ai_preferences", "policy": "tiny", "prompts": "synthetic:prompts", "judge": "j.yaml",
            "candidates": {"temperature": 0, "top_p": 0.9}}], "top_p has no effect at temperature 0"),

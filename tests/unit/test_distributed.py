@@ -9,7 +9,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import UsageError
-from pipeline.rl import engines
+from pipeline import deepspeed as engines
 from pipeline.stages.ppo import PPOStageConfig
 from tests.conftest import ROOT
 
@@ -71,8 +71,8 @@ def test_deepspeed_checkpoints_are_read_with_weights_only(tmp_path):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    distributed.safe_deepspeed_loading()
-    distributed.safe_deepspeed_loading()  # idempotent
+    engines.safe_deepspeed_loading()
+    engines.safe_deepspeed_loading()  # idempotent
     reader = TorchCheckpointEngine()
     good = tmp_path / "optim.pt"
     torch.save({"zero_stage": ZeroStageEnum.gradients, "state": torch.ones(2)}, good)
@@ -93,8 +93,8 @@ def test_reductions_are_identities_on_one_process():
 def test_every_deepspeed_config_switches_on_the_weights_only_reader(monkeypatch):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from pipeline.config import OptimConfig
+    from pipeline.blocks import OptimConfig
 
     monkeypatch.setattr(TorchCheckpointEngine, "load", lambda self, path, map_location=None: None)  # DeepSpeed's own
-    distributed.load_zero_config(ROOT / "configs" / "deepspeed" / "zero2.json", OptimConfig(), "fp32", "stages.sft")
+    engines.load_zero_config(ROOT / "configs" / "deepspeed" / "zero2.json", OptimConfig(), "fp32", "stages.sft")
     assert getattr(TorchCheckpointEngine.load, "_weights_only", False)

@@ -33,7 +33,7 @@ def test_every_stage_refuses_a_file_without_rows(stage, tmp_path, capsys):
         "preferences": {"stage": "preferences", "data": {"path": str(path)}},
         "ppo": {"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"},
                 "prompts": str(path)},
-        "grpo": {"stage": "grpo", "policy": "tiny", "rule": "feedback.synthetic:rule_score", "prompts": str(path),
+        "grpo": {"stage": "grpo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"}, "prompts": str(path),
                  "optim": {"batch_size": 4}},
         "ai_preferences": {"stage": "ai_preferences", "policy": "tiny", "prompts": str(path),
                            "judge": str(ROOT / "configs" / "judges" / "rule.yaml")},

@@ -235,7 +235,7 @@ def test_duplicate_explicit_ids_name_both_lines():
 def test_split_by_prompt_keeps_near_identical_prompts_together():
     import unicodedata
 
-    from pipeline.stages.preferences import split_by_prompt
+    from pipeline.data import split_by_prompt
 
     items = []
     for i in range(20):

@@ -88,8 +88,8 @@ def test_a_rule_must_come_from_a_trusted_module(tmp_path, monkeypatch, capsys):
                                    {"checkpoint": {"writer": {"type": "fast"}}},
                                    {"datastates": {"enabled": True}}, {"nebula": {"enabled": True}}])
 def test_deepspeed_configs_that_load_checkpoints_unsafely_are_refused(block, tmp_path):
-    from pipeline.config import OptimConfig
-    from pipeline.distributed import load_zero_config
+    from pipeline.blocks import OptimConfig
+    from pipeline.deepspeed import load_zero_config
     from pipeline.errors import UsageError
 
     ds = tmp_path / "z.json"

@@ -6,12 +6,13 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import PipelineConfig, TrackingConfig, validate
+from pipeline.blocks import TrackingConfig, validate
+from pipeline.config import PipelineConfig
 from tests.conftest import tiny_sft_block, write_yaml
 
 PREFS = {"stage": "preferences", "data": {"path": "synthetic:preferences"}}
 DPO = {"stage": "dpo", "policy": "tiny", "preferences": "stage:preferences"}
-GRPO = {"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "rule": "feedback.synthetic:rule_score"}
+GRPO = {"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "reward": {"rule": "feedback.synthetic:rule_score"}}
 PPO = {"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"}, "prompts": "synthetic:prompts"}
 REWARD = {"stage": "reward", "model": "tiny", "preferences": "stage:preferences"}
 
@@ -91,3 +92,12 @@ def test_sft_max_rows_takes_the_first_training_rows_in_file_order():
     assert len(evals) == 10 and sorted(train + evals) == rows
     assert train == sorted(train) and evals == sorted(evals)  # file order on both sides
     assert train[:5] == [r for r in rows if r not in evals][:5]
+
+
+def test_grpo_reads_its_old_reward_keys_for_one_release_with_a_warning():
+    with pytest.warns(FutureWarning, match="reward_model, rule and normalize_reward are deprecated"):
+        st = _stages(PREFS, {"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts",
+                             "reward_model": "stage:preferences", "rule": "feedback.synthetic:rule_score",
+                             "normalize_reward": False})[1]
+    assert (st.reward.model, st.reward.rule, st.reward.normalize) == ("stage:preferences",
+                                                                      "feedback.synthetic:rule_score", False)

@@ -1,7 +1,18 @@
-"""PPO under DeepSpeed: engines for the trained models, inference copies for the frozen ones.
+"""All DeepSpeed code in one place (as OpenRLHF keeps its DeepSpeed strategy in one file): the process group,
+ZeRO configs filled from a stage's settings, the weights-only checkpoint reader, PPO's engines, gathered
+saving and the tear-down between stages.
 
-    deepspeed --num_gpus 8 --module pipeline run CONFIG --stage ppo --deepspeed configs/deepspeed/zero3.json
+    deepspeed --num_gpus 2 --module pipeline run configs/tiny.yaml --stage sft --deepspeed configs/deepspeed/zero3.json
+    torchrun --nproc_per_node 2 -m pipeline run configs/tiny.yaml --stage ppo --deepspeed configs/deepspeed/zero2.json
 
+Configs: batch size, gradient accumulation, clipping and precision in a ZeRO JSON are "auto" and filled
+from the stage's `optim` and `precision` (load_zero_config; a number that disagrees with the stage is an
+error before launch, not a DeepSpeed assertion later). Checkpoints are read with
+torch.load(weights_only=True) (safe_deepspeed_loading); config keys that would resume through an unsafe
+path are refused.
+
+The TRL-based stages hand the config to the HF Trainer (`deepspeed=` in their TrainingArguments) and
+save through save_trained. PPO builds its own engines:
 - policy (+ value head): one DeepSpeed engine, so its optimizer state and gradients are
   partitioned (ZeRO-1/2) and, under ZeRO-3, its weights too;
 - critic (value_model: critic): a second engine with its own optimizer (same lr);
@@ -9,29 +20,136 @@
   under ZeRO-3 an inference-only ZeRO-3 engine (sharded, `frozen.offload` keeps its shards in CPU
   memory), under ZeRO-1/2 a plain copy on each process;
 - reward model: the same choice as the reference.
-
 Under ZeRO-3 the models are built sharded from the start (transformers' zero.Init through
 HfDeepSpeedConfig), so no process ever holds a whole model except while generating: the policy's
 shards are gathered for sampling (`rollout.gather_zero3`, TRL's approach), or with
-`gather_zero3: false` generation runs on the shards with every process stepping together
-(slow, for policies that do not fit on one device).
-
-Each process takes its share of the step's prompts (rank r takes every r-th), so the data
-order is the one-process order. The ZeRO config's batch fields come from the PPO block:
+`gather_zero3: false` generation runs on the shards with every process stepping together.
+Each process takes its share of the step's prompts (rank r takes every r-th), so the data order is the
+one-process order. The ZeRO config's batch fields come from the PPO block:
 train_micro_batch_size_per_gpu = ppo.micro_batch_size, gradient_accumulation_steps =
 ppo.minibatch_size / (processes x micro_batch_size); gradient_clipping = optim.max_grad_norm.
+
+Every process calls the functions here; only rank 0 writes artifacts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from pipeline import distributed
 from pipeline.errors import UsageError
+
+
+def init_process_group() -> None:
+    """The process group for a launched run: gloo on CPUs, nccl on GPUs (reads the launcher's variables)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+# --------------------------------------------------------------------------- configs and the safe reader
+
+
+def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dict:
+    """A ZeRO JSON with its "auto" values filled from the stage; disagreements are errors.
+
+    Every stage run under DeepSpeed comes through here, so this is also where DeepSpeed's checkpoint
+    reader is switched to torch.load(weights_only=True) (safe_deepspeed_loading) before any resume."""
+    safe_deepspeed_loading()
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--deepspeed {path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    want = {
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "gradient_clipping": optim.max_grad_norm,
+        "train_batch_size": optim.batch_size * optim.grad_accum * distributed.world_size(),
+    }
+    for key, value in want.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and have != value:
+            raise UsageError(f"{path}: {key} is {have} but {where} gives {value}; set it to \"auto\" or make them agree")
+        cfg[key] = value
+    for name in ("bf16", "fp16"):
+        block = cfg.setdefault(name, {})
+        enabled = block.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == name):
+            raise UsageError(f"{path}: {name}.enabled is {enabled} but {where}.precision is {precision}")
+        block["enabled"] = precision == name
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    _refuse_unsafe_checkpointing(cfg, path)
+    return cfg
+
+
+def _refuse_unsafe_checkpointing(cfg: dict, path) -> None:
+    """Resume reads checkpoints only through DeepSpeed's torch engine, switched to weights_only loading
+    (safe_deepspeed_loading). Universal checkpoints and the other checkpoint engines load through paths that
+    call torch.load(weights_only=False), which runs any pickle a checkpoint holds: refused."""
+    ckpt = cfg.get("checkpoint") or {}
+    unsafe = []
+    if ckpt.get("load_universal"):
+        unsafe.append("checkpoint.load_universal")
+    if ckpt.get("writer") is not None:
+        unsafe.append("checkpoint.writer (the fast/decoupled checkpoint engines)")
+    if (cfg.get("datastates") or {}).get("enabled"):
+        unsafe.append("datastates")
+    if "nebula" in cfg:
+        unsafe.append("nebula")
+    if unsafe:
+        raise UsageError(f"{path}: {', '.join(unsafe)}: not supported here; these load checkpoints with "
+                         "torch.load(weights_only=False), which can run code from a checkpoint file. Remove the key: "
+                         "checkpoints are written and read by DeepSpeed's torch engine with weights-only loading")
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def safe_deepspeed_loading() -> None:
+    """DeepSpeed's checkpoint reader (resume) calls torch.load with weights_only=False; make it load with
+    weights_only=True, allowing only the few plain DeepSpeed types its checkpoints hold. Idempotent."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if getattr(TorchCheckpointEngine.load, "_weights_only", False):
+        return
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    load._weights_only = True
+    TorchCheckpointEngine.load = load
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The non-tensor types a ZeRO optimizer checkpoint pickles (enums and loss-scaler settings)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def zero_config(cfg, ctx, precision: str) -> dict | None:
+    """The stage's DeepSpeed config (`deepspeed:` key or `rlhf run --deepspeed`), filled from its optim block."""
+    if not getattr(cfg, "deepspeed", None):
+        return None
+    return load_zero_config(cfg.deepspeed, cfg.optim, precision, f"stages.{ctx.name}")
+
+
+# --------------------------------------------------------------------------- PPO's engines
 
 
 def local_sizes(cfg, world: int) -> tuple[int, int]:
@@ -54,7 +172,7 @@ def ds_config(cfg, precision: str, hidden: int | None) -> dict:
     _, mb = local_sizes(cfg, world)
     micro = cfg.ppo.micro_batch_size
     batch = SimpleNamespace(batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm)
-    ds = distributed.load_zero_config(cfg.deepspeed, batch, precision,
+    ds = load_zero_config(cfg.deepspeed, batch, precision,
                                       f"stages.{cfg.name or 'ppo'} (ppo.micro_batch_size, ppo.minibatch_size)")
     return fill_buckets(ds, hidden)
 
@@ -207,7 +325,7 @@ def build(models, cfg, precision: str, ds: dict, scheduler=None):
     critic = engine(models.critic_module) if models.critic_module is not None else None
     if critic is not None:
         models.critic = critic
-    if distributed.zero_stage(ds) == 3:
+    if zero_stage(ds) == 3:
         if cfg.rollout.gather_zero3:
             models.generation = lambda: gathered_for_generation(actor)
         else:
@@ -246,3 +364,75 @@ def full_state_dict(module) -> dict | None:
                     key = f"{prefix}.{name}" if prefix else name
                     out[key] = t.detach().to("cpu", copy=True)
     return out if distributed.is_main() else None
+
+
+# --------------------------------------------------------------------------- saving and tear-down
+
+
+def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
+    """A TRL/HF trainer's model under DeepSpeed: every rank takes part (ZeRO-3 weights are gathered) and rank 0
+    writes a plain safetensors model that loads without DeepSpeed, an adapter merged unless `merge` is false.
+    Returns True for an adapter."""
+    import os
+    import shutil
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    trainer.save_model(str(tmp))  # collective under ZeRO-3; rank 0 writes
+    is_peft = hasattr(trainer.model, "peft_config")
+    if distributed.is_main():
+        if is_peft and merge:
+            from pipeline.models import load_causal_lm
+
+            merged = load_causal_lm(str(tmp))  # an adapter directory loads merged into its base
+            shutil.rmtree(tmp)
+            merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    distributed.barrier()
+    return is_peft and not merge
+
+
+def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, info: dict) -> dict:
+    """PPO's trained models under DeepSpeed: every process takes part (ZeRO-3 shards are gathered one submodule
+    at a time) and rank 0 rebuilds plain models from the gathered weights and writes them, so they load
+    without DeepSpeed. Returns the outputs written (value head or critic)."""
+    from safetensors.torch import save_file
+
+    from pipeline.models import load_causal_lm
+    from pipeline.stages.common import save_model
+
+    policy_sd = full_state_dict(models.policy)
+    head_sd = full_state_dict(models.value_head) if models.value_head is not None else None
+    critic_sd = full_state_dict(models.critic_module.model) if models.critic_module is not None else None
+    if distributed.is_main():
+        policy = load_causal_lm(policy_path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
+        if cfg.tuning == "lora":
+            from peft import get_peft_model
+
+            from pipeline.stages.common import peft_config
+
+            policy = get_peft_model(policy, peft_config(cfg.lora))
+        policy.load_state_dict(policy_sd)
+        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge)
+        if head_sd is not None:
+            save_file(head_sd, str(out_dir / "value_head.safetensors"))
+        if critic_sd is not None:
+            from reward.scoring import load_reward_model
+
+            critic = load_reward_model(str(reward_art.output("model")))
+            critic.load_state_dict(critic_sd)
+            critic.save_pretrained(out_dir / "critic", safe_serialization=True)
+    return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}
+
+
+def forget() -> None:
+    """HF keeps the last stage's DeepSpeed config globally; the next stage must load its models unpartitioned."""
+    import sys
+
+    if "transformers.integrations.deepspeed" in sys.modules:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()

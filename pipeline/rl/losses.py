@@ -1,5 +1,5 @@
-"""PPO's maths as pure functions on tensors. Each is unit-tested against numbers worked by hand
-(tests/unit/test_rl_functional.py).
+"""PPO's maths as pure functions on tensors (import it as `losses`: `F` stays torch.nn.functional). Each is
+unit-tested against numbers worked by hand (tests/unit/test_rl_losses.py).
 
 Shapes: B sequences x T response tokens, right-padded; `mask` is 1 on real response tokens.
 """
