@@ -79,22 +79,14 @@ class Strict(BaseModel):
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class OptimConfig(Strict):
-    """Optimiser and schedule of the TRL-based training stages. Each method subclasses it with its own
-    defaults (DPO's lr 5e-7, GRPO's 1e-6, ...), so a block that sets only some keys keeps the method's
-    defaults for the others."""
+class ScheduleConfig(Strict):
+    """The optimiser and learning-rate schedule every training stage has (PPO's optim block is just this)."""
 
     lr: float = Field(2e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs")
-    batch_size: int = Field(8, ge=1, description="per device")
-    grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the optimizer steps spent warming up")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="None: evaluate at the end only")
 
     @model_validator(mode="after")
     def _warmup_needs_a_schedule(self):
@@ -102,6 +94,19 @@ class OptimConfig(Strict):
             raise ValueError("warmup_ratio needs a schedule with a warm-up: 'constant' has none; use scheduler: "
                              "constant_with_warmup (or linear, cosine)")
         return self
+
+
+class OptimConfig(ScheduleConfig):
+    """Optimiser, schedule and batches of the TRL-based training stages. Each method subclasses it with its own
+    defaults (DPO's lr 5e-7, GRPO's 1e-6, ...), so a block that sets only some keys keeps the method's
+    defaults for the others."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs")
+    batch_size: int = Field(8, ge=1, description="per device")
+    grad_accum: int = Field(1, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="None: evaluate at the end only")
 
 
 def optim_changes(optim: BaseModel) -> dict[str, tuple[Any, Any]]:
@@ -131,6 +136,31 @@ class TrackingConfig(Strict):
     wandb: bool = False
     wandb_project: str = "rlhf"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class StageBlock(Strict):
+    """What every stage block has: its method, its directory name, and the inputs it reads (stage artifacts, data
+    files and models, for the rerun check: {key: (reference, "artifact" | "data" | "model")})."""
+
+    stage: str
+    name: str | None = Field(None, description="directory under run_dir (letters, digits, _ and -); default: the "
+                             "method")
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+
+class TrainingBlock(StageBlock):
+    """What every training stage has, with one meaning everywhere: how the model is tuned, its LoRA settings,
+    precision, checkpoints, DeepSpeed, and activation checkpointing (off unless asked for)."""
+
+    tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    precision: Precision = "auto"
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                         "memory, about 20% slower)")
 
 
 class RewardSourceConfig(Strict):
@@ -202,3 +232,20 @@ def config_hash(block: BaseModel, extra: dict | None = None) -> str:
 
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+class OnlineRLBlock(TrainingBlock):
+    """What the methods that sample from the policy while training share (PPO, GRPO, RLOO): the policy, the
+    prompts it answers, where rewards come from, and a rule reported on held-out prompts."""
+
+    policy: str = Field(description="stage:NAME of a policy artifact (e.g. the SFT stage), a key of `models`, or a "
+                        "model reference")
+    prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    reward: RewardSourceConfig = Field(description="a reward model (model: stage:NAME), a rule, or both (summed)")
+    eval_rule: str | None = Field(None, description="a rule reported on held-out prompts (eval/rule_reward_mean)")
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"policy": (self.policy, "model"), "prompts": (self.prompts, "data")}
+        if self.reward.model:
+            out["reward_model"] = (self.reward.model, "artifact")
+        return out

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import Strict
+from pipeline.blocks import StageBlock, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -39,9 +39,8 @@ class CandidatesConfig(Strict):
         return self
 
 
-class AIPreferencesStageConfig(Strict):
+class AIPreferencesStageConfig(StageBlock):
     stage: Literal["ai_preferences"]
-    name: str | None = None
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
     judge: str = Field(description="a judge config, e.g. configs/judges/rule.yaml")

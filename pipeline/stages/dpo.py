@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput, UsageError
 from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
                                     peft_config, save_policy, training_args, weights_dtype)
@@ -43,9 +43,8 @@ class DPOOptimConfig(OptimConfig):
 SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
-class DPOStageConfig(Strict):
+class DPOStageConfig(TrainingBlock):
     stage: Literal["dpo"]
-    name: str | None = None
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
     loss_type: str = Field("sigmoid", description="any of TRL's DPO losses (checked against TRL when the stage "
@@ -53,15 +52,8 @@ class DPOStageConfig(Strict):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     precompute_ref_log_probs: bool = False
-    tuning: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     max_length: int = Field(512, ge=8)
-    precision: Precision = "auto"
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass "
-                                         "(less memory, about 20% slower)")
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
     eval_rule: str | None = None
     eval_max_new_tokens: int = Field(32, ge=1)

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, RewardSourceConfig, Strict
+from pipeline.blocks import OnlineRLBlock, OptimConfig
 from pipeline.stages.common import (RuleReward, final_model, check_finite, fit, load_policy, peft_config,
                                     save_policy, training_args, weights_dtype)
 
@@ -29,26 +29,15 @@ class GroupRLOptimConfig(OptimConfig):
     lr: float = Field(1e-6, gt=0)
 
 
-class GroupRLStageConfig(Strict):
+class GroupRLStageConfig(OnlineRLBlock):
     stage: Literal["grpo", "rloo"]
-    name: str | None = None
-    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
-    prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
-    reward: RewardSourceConfig = Field(description="a reward model (model: stage:NAME), a rule, or both (summed)")
     num_generations: int = Field(4, ge=2)
     max_completion_length: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference model)")
     eval_fraction: float = Field(0.2, ge=0, lt=1)
-    eval_rule: str | None = None
-    tuning: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    precision: Precision = "auto"
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig)
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
 
     @model_validator(mode="before")
     @classmethod
@@ -82,12 +71,6 @@ class GroupRLStageConfig(Strict):
             raise ValueError(f"optim.batch_size: batch_size x grad_accum must be a multiple of num_generations "
                              f"({self.num_generations})")
         return self
-
-    def inputs(self) -> dict[str, tuple[str, str]]:
-        out = {"policy": (self.policy, "model"), "prompts": (self.prompts, "data")}
-        if self.reward.model:
-            out["reward_model"] = (self.reward.model, "artifact")
-        return out
 
 
 Config = GroupRLStageConfig  # the registry's handle (pipeline/stages/__init__.py)

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import CheckpointConfig, LoraConfig, Precision, RewardSourceConfig, Strict
+from pipeline.blocks import OnlineRLBlock, ScheduleConfig, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -90,49 +90,27 @@ class FrozenConfig(Strict):
     offload: bool = Field(False, description="keep their ZeRO-3 shards in CPU memory (needs ZeRO-3 and zero3: true)")
 
 
-class PPOOptimConfig(Strict):
+class PPOOptimConfig(ScheduleConfig):
     """PPO's optimiser: AdamW on every trained model, one schedule step per optimizer step (there are
     steps x ppo.epochs x (prompts_per_step / minibatch_size) of them). Epochs, batch sizes and logging live
     in `steps`, `rollout` and `ppo`."""
 
     lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the optimizer steps spent warming up")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "constant"
-    max_grad_norm: float = Field(1.0, gt=0)
-
-    @model_validator(mode="after")
-    def _warmup_needs_a_schedule(self):
-        if self.warmup_ratio and self.scheduler == "constant":
-            raise ValueError("warmup_ratio needs a schedule with a warm-up: 'constant' has none; use scheduler: "
-                             "constant_with_warmup (or linear, cosine)")
-        return self
 
 
-class PPOStageConfig(Strict):
+class PPOStageConfig(OnlineRLBlock):
     stage: Literal["ppo"]
-    name: str | None = None
-    policy: str = Field(description="stage:NAME of a policy artifact (e.g. the SFT stage), or a model reference")
-    reward: RewardSourceConfig
-    prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
     eval_fraction: float = Field(0.2, ge=0, lt=1)
     max_eval_prompts: int = Field(64, ge=1)
-    eval_rule: str | None = Field(None, description="a rule reported on held-out prompts (eval/rule_reward_mean)")
     steps: int = Field(20, ge=1)
-    tuning: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     value_model: Literal["head", "critic"] = "head"
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
     ppo: PPOHyperConfig = Field(default_factory=PPOHyperConfig)
     optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
-    precision: Precision = "auto"
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     frozen: FrozenConfig = Field(default_factory=FrozenConfig)
     log_samples_every: int = Field(5, ge=1)
-    gradient_checkpointing: bool = Field(False, description="recompute the policy's and critic's activations in "
-                                         "the backward pass (less memory, slower)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -141,12 +119,6 @@ class PPOStageConfig(Strict):
         if self.ppo.minibatch_size > self.rollout.prompts_per_step:
             raise ValueError("ppo.minibatch_size: larger than rollout.prompts_per_step")
         return self
-
-    def inputs(self) -> dict[str, tuple[str, str]]:
-        out = {"policy": (self.policy, "model"), "prompts": (self.prompts, "data")}
-        if self.reward.model:
-            out["reward_model"] = (self.reward.model, "artifact")
-        return out
 
 
 Config = PPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)

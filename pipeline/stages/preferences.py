@@ -23,7 +23,7 @@ from pydantic import Field
 from feedback.readers import FORMATS, RANKED_MODES
 from feedback.schema import SOURCES
 from feedback.validate import DUPLICATES
-from pipeline.blocks import Strict
+from pipeline.blocks import StageBlock, Strict
 from pipeline.errors import InvalidInput
 
 
@@ -40,9 +40,8 @@ class PreferenceDataConfig(Strict):
     split: str | None = Field(None, description="a dataset directory's split to read (default: all of them)")
 
 
-class PreferencesStageConfig(Strict):
+class PreferencesStageConfig(StageBlock):
     stage: Literal["preferences"]
-    name: str | None = None
     data: PreferenceDataConfig
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
     tokenizer: str | None = Field(None, description="model (or stage:NAME) whose tokenizer checks truncation")

@@ -23,29 +23,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput
 from pipeline.stages.common import (check_finite, fit, logits_fingerprint, peft_config, save_policy, training_args,
                                     weights_dtype)
 
 
-class RewardStageConfig(Strict):
+class RewardStageConfig(TrainingBlock):
     stage: Literal["reward"]
-    name: str | None = None
     model: str = Field(description="stage:NAME (e.g. the SFT policy), a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
     eval_preferences: str | None = Field(None, description="stage:NAME whose eval split is the held-out set "
                                          "(e.g. human pairs for a model trained on AI labels)")
-    tuning: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     use_margin: bool = Field(False, description="subtract each pair's margin inside the loss (pairs need margins)")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="penalise (r_c + r_r)^2 to centre rewards")
     max_length: int = Field(512, ge=8)
-    precision: Precision = "auto"
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     calibration_buckets: int = Field(4, ge=1)
 
     @model_validator(mode="after")

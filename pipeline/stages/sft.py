@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import CheckpointConfig, LoraConfig, OptimConfig, Precision, Strict
+from pipeline.blocks import OptimConfig, Strict, TrainingBlock
 from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, peft_config, save_policy,
                                     training_args, weights_dtype)
 from pipeline.errors import InvalidInput
@@ -38,22 +38,16 @@ class SFTDataConfig(Strict):
         return self
 
 
-class SFTStageConfig(Strict):
+class SFTStageConfig(TrainingBlock):
     stage: Literal["sft"]
-    name: str | None = None
     model: str = Field(description="a key of `models`, stage:NAME, or a model reference")
     data: SFTDataConfig
     tuning: Literal["full", "lora", "freeze"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze_layers: int = Field(0, ge=0, description="with tuning: freeze, the lowest N decoder layers (and embeddings)")
     assistant_only_loss: bool = True
     packing: bool = False
     max_length: int = Field(512, ge=8)
-    precision: Precision = "auto"
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _check(self):

@@ -101,13 +101,29 @@ def test_cli_bad_config_exits_2_with_message(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
+def _every_command(parser, prefix=()):
+    """Every parser of the CLI, walked through its subcommands: (argv prefix, parser)."""
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _every_command(sub, (*prefix, name))
+
+
 def test_cli_help_describes_every_command(capsys):
-    for argv in (["--help"], ["run", "--help"], ["models", "--help"], ["models", "prepare", "--help"]):
+    from pipeline.cli import build_parser
+
+    commands = list(_every_command(build_parser()))
+    assert len(commands) >= 17  # rlhf; run; data {validate, import, stats}; reward score; feedback {label, agree};
+    # serve {judge, policy}; models {list, prepare}: each group counts too
+    for prefix, _ in commands:
         with pytest.raises(SystemExit) as exc:
-            main(argv)
+            main([*prefix, "--help"])
         assert exc.value.code == 0
         out = capsys.readouterr().out
-        assert "usage: rlhf" in out and len(out.splitlines()) > 3
+        assert "usage: rlhf" in out and len(out.splitlines()) > 3, prefix
 
 
 def test_settings_that_do_nothing_are_refused(tmp_path, capsys):

@@ -90,11 +90,12 @@ def test_reductions_are_identities_on_one_process():
     assert distributed.gather(t) is t
 
 
-def test_every_deepspeed_config_switches_on_the_weights_only_reader(monkeypatch):
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_config_switches_on_the_weights_only_reader(monkeypatch, path):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from pipeline.blocks import OptimConfig
 
     monkeypatch.setattr(TorchCheckpointEngine, "load", lambda self, path, map_location=None: None)  # DeepSpeed's own
-    engines.load_zero_config(ROOT / "configs" / "deepspeed" / "zero2.json", OptimConfig(), "fp32", "stages.sft")
+    engines.load_zero_config(path, OptimConfig(), "fp32", "stages.sft")
     assert getattr(TorchCheckpointEngine.load, "_weights_only", False)
