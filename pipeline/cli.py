@@ -43,9 +43,11 @@ def _cmd_run(args) -> int:
                 print(f"  stages.{st.name}.optim: " + ", ".join(f"{k} {v} (shared default {d})"
                                                                for k, (v, d) in changes.items()))
         return 0
+    from pipeline import distributed
     from pipeline.runner import run_pipeline
 
     run_pipeline(cfg, only=args.stage, force=args.force, resume=args.resume)
+    distributed.shutdown()  # every process leaves the process group together
     return 0
 
 
@@ -262,6 +264,54 @@ def _cmd_feedback_agree(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    """`rlhf eval`: the evaluate stage outside a run, on artifact directories, model directories or references."""
+    from pathlib import Path
+
+    from pipeline.artifacts import load_artifact, write_json
+    from pipeline.blocks import validate
+    from pipeline.errors import UsageError
+    from pipeline.models import resolve as resolve_model
+    from pipeline.stages.evaluate import EvaluateStageConfig, compare
+
+    policies = {}
+    for spec in args.policies:
+        name, sep, ref = spec.partition("=")
+        if not sep or not ref:
+            raise UsageError(f"{spec}: expected NAME=REF (e.g. sft=runs/tiny/sft)")
+        policies[name] = ref
+    block = {"stage": "evaluate", "policies": policies, "prompts": args.prompts, "eval_fraction": args.eval_fraction,
+             "max_prompts": args.max_prompts, "rule": args.rule, "reference": args.reference, "judge": args.judge,
+             "baseline": args.baseline, "reward_model": args.reward_model,
+             "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}}
+    if args.few_shot:
+        block["few_shot"] = {"model": args.few_shot, "k": args.shots, "data": args.shot_data}
+    cfg = validate(EvaluateStageConfig, block, "rlhf eval")
+
+    def resolve(ref: str, role: str):
+        if (Path(ref) / "manifest.json").exists():
+            art = load_artifact(ref, "policy", role=role)
+            trust = bool((art.manifest.get("model") or {}).get("trust_remote_code", False))
+            return str(art.output("model")), {"ref": ref, "trust_remote_code": trust}, art.manifest
+        return resolve_model(ref), {"ref": ref}, None
+
+    reward = str(load_artifact(args.reward_model, "reward_model", role="--reward-model").path) if args.reward_model \
+        else None
+    out_dir = Path(args.output)
+    result = compare(cfg, resolve, reward, out_dir, args.seed)
+    write_json(out_dir / "eval.json", {"metrics": result["metrics"], **result["extra"], "counts": result["counts"]})
+    print(f"wrote {out_dir / 'samples.jsonl'}, {out_dir / 'table.csv'} and {out_dir / 'eval.json'}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pipeline.export import export_policy
+
+    out = export_policy(args.policy, args.output, adapter=args.adapter)
+    print(f"exported {'the adapter of ' if args.adapter else ''}{args.policy} to {out}")
+    return 0
+
+
 def _cmd_serve_judge(args) -> int:
     from pipeline.serve import ServeOptions, serve_judge
 
@@ -297,6 +347,13 @@ def _cmd_models_list(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rlhf {__version__}")
@@ -304,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the rank is read from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_data, _add_reward, _add_feedback, _add_serve, _add_models):
+    for add in (_add_run, _add_data, _add_reward, _add_feedback, _add_eval, _add_export, _add_serve, _add_models,
+                _add_report):
         add(sub)
     return p
 
@@ -429,6 +487,47 @@ def _add_feedback(sub) -> None:
     fa.set_defaults(func=_cmd_feedback_agree)
 
 
+def _add_eval(sub) -> None:
+    from pipeline.stages.evaluate import FewShotConfig, SamplingConfig
+
+    e = sub.add_parser("eval", help="compare policies on held-out prompts: reward, rule, KL, length, win rates",
+                       description="The evaluate stage outside a run: every policy answers the same held-out prompts "
+                       "with the same sampling settings and seed; per policy the reward-model score, rule reward, KL "
+                       "to a reference, length, EOS rate and distinct-1/2; win rates against a baseline by a judge "
+                       "(both orders, ties half, 95%% Wilson interval). Writes samples.jsonl, table.csv, eval.json.")
+    e.add_argument("policies", nargs="+", metavar="NAME=REF",
+                   help="a policy artifact (RUN_DIR/sft), a model directory, or a model reference")
+    e.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
+    e.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="evaluate only this held-out share of the prompts (seeded split by prompt; default all)")
+    e.add_argument("--max-prompts", type=int, default=64)
+    e.add_argument("--reward-model", metavar="RUN_DIR/reward", help="a reward-model artifact: mean normalised score")
+    e.add_argument("--rule", metavar="MODULE:FUNCTION", help="a rule reward, e.g. feedback.synthetic:rule_score")
+    e.add_argument("--reference", metavar="NAME", help="KL of every policy to this one")
+    e.add_argument("--judge", metavar="CONFIG", help="a judge config: win rates against --baseline")
+    e.add_argument("--baseline", metavar="NAME", help="the policy the others are judged against (default: the first)")
+    e.add_argument("--few-shot", metavar="MODEL", help="also the base MODEL prompted with --shots SFT examples")
+    e.add_argument("--shots", type=int, default=FewShotConfig.model_fields["k"].default)
+    e.add_argument("--shot-data", default=FewShotConfig.model_fields["data"].default)
+    for name in ("temperature", "top_p", "max_new_tokens"):
+        field = SamplingConfig.model_fields[name]
+        e.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    e.set_defaults(func=_cmd_eval)
+
+
+def _add_export(sub) -> None:
+    x = sub.add_parser("export", help="a policy artifact as a plain Hugging Face model directory",
+                       description="Write a policy artifact as a plain Hugging Face model directory (a LoRA adapter "
+                       "merged in, safetensors, the tokenizer with its chat template, the generation config) that "
+                       "transformers, vLLM and TGI load as is; with --adapter, the peft adapter alone.")
+    x.add_argument("policy", metavar="RUN_DIR/STAGE", help="a policy artifact directory (or its model/)")
+    x.add_argument("-o", "--output", required=True, metavar="DIR", help="a new (or empty) directory")
+    x.add_argument("--adapter", action="store_true", help="write the peft adapter alone (lora.merge: false policies)")
+    x.set_defaults(func=_cmd_export)
+
+
 def _serve_options(q) -> None:
     q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); any other needs --api-key-env")
     q.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (printed)")
@@ -474,7 +573,21 @@ def _add_models(sub) -> None:
     mp.set_defaults(func=_cmd_models_prepare)
 
 
+def _add_report(sub) -> None:
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a run directory",
+                        description="Write one self-contained HTML page (plots embedded, no JavaScript, no external "
+                        "URL) for a run directory: the stages and their status, training curves, final metrics, time, "
+                        "memory, counts, data left out, AI labels, evaluate results and the resolved configs. Works "
+                        "on partial runs.")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (run_dir of a pipeline config)")
+    rp.add_argument("-o", "--output", metavar="FILE", help="default: RUN_DIR/report.html")
+    rp.set_defaults(func=_cmd_report)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.tracking import quiet_libraries
+
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -2,6 +2,7 @@
 held-out rule evaluation. Stages import these; they never import each other.
 
     resolve_data_path("synthetic:prompts")     # the shipped file; anything else is a path
+    read_examples(path, "auto", "fail", [])    # SFT rows as {"messages": [...]}, every row checked
     read_prompts(path)                         # [prompt, ...] (strings or message lists), every row checked
     split_by_prompt(pairs, 0.1, seed)          # seeded train/eval split, every item of a prompt on one side
     rule_eval(model, tok, prompts, rule, ...)  # mean rule score of one sample per prompt
@@ -29,6 +30,75 @@ def resolve_data_path(ref: str) -> Path:
     if not p.exists():
         raise UsageError(f"data file {ref} not found")
     return p
+
+
+SFT_ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(msgs) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"messages[{j}] must be an object with 'role' and 'content'"
+        if m["role"] not in SFT_ROLES:
+            return f"messages[{j}].role is {m['role']!r}; expected one of {list(SFT_ROLES)}"
+        if not isinstance(m["content"], str):
+            return f"messages[{j}].content must be a string"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        return "no non-empty assistant message to learn from"
+    return None
+
+
+def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
+    """One data row -> a conversational example {'messages': [...]}, or the reason it is invalid."""
+    if not isinstance(row, dict):
+        return None, f"row is a {type(row).__name__}, not an object"
+    if fmt == "auto":
+        fmt = "messages" if "messages" in row else "prompt_completion" if "prompt" in row else None
+        if fmt is None:
+            return None, f"expected key 'messages' or 'prompt'/'completion'; found keys {sorted(row)}"
+    if fmt == "messages":
+        if "messages" not in row:
+            return None, f"missing key 'messages'; found keys {sorted(row)}"
+        err = _check_messages(row["messages"])
+        return (None, err) if err else ({"messages": row["messages"]}, None)
+    missing = [k for k in ("prompt", "completion") if k not in row]
+    if missing:
+        return None, f"missing key {missing[0]!r}; found keys {sorted(row)}"
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not prompt.strip() or not completion.strip():
+            return None, "empty prompt or completion"
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    elif isinstance(prompt, list) and isinstance(completion, list):
+        msgs = prompt + completion
+    else:
+        return None, "'prompt' and 'completion' must both be strings or both be message lists"
+    err = _check_messages(msgs)
+    return (None, err) if err else ({"messages": msgs}, None)
+
+
+def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[list[dict], int]:
+    """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip)."""
+    from feedback.files import iter_records
+
+    examples, problems, n = [], [], 0
+    for rec in iter_records(path):
+        n += 1
+        ex, err = (None, rec.error) if rec.error else to_example(rec.value, fmt)
+        if err:
+            problems.append(f"{rec.where}: {err}")
+            rejected.append({"where": rec.where, "reason": err, "row": rec.raw})
+        else:
+            examples.append(ex)
+    if problems and on_error == "fail":
+        shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
+                           "(set data.on_error: skip to train on the valid rows)")
+    if not examples:
+        raise InvalidInput(f"{path}: no valid rows")
+    return examples, n
 
 
 def read_prompts(path, limit: int | None = None) -> list:

@@ -41,6 +41,17 @@ def init() -> None:
     init_process_group()
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly once the work is done (every process together): without it, gloo's threads
+    can be torn down during interpreter exit and abort a process that finished its work."""
+    if not _active():
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() <= 1:
         return

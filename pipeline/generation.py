@@ -93,12 +93,13 @@ def own_settings_only(model):
     generation_config.json fills in settings (transformers does that for any field left unset)."""
     from transformers import GenerationConfig
 
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model generates with it
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
     try:
         yield model
     finally:
-        model.generation_config = saved
+        target.generation_config = saved
 
 
 def generate(model, config, input_ids, attention_mask, **kwargs):
@@ -107,22 +108,57 @@ def generate(model, config, input_ids, attention_mask, **kwargs):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
 
 
-def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0, desc: str = "sampling") -> list[list[str]]:
-    """`n` responses per prompt (text, special tokens removed); greedy when temperature is 0."""
+def sample_ids(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
+               top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0,
+               desc: str = "sampling") -> list[list[list[int]]]:
+    """`n` responses per prompt as token ids, each cut after its first EOS (kept); greedy when temperature is 0.
+    Seeded, so the same prompts give the same samples."""
     import torch
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     model.eval()
-    out: list[list[str]] = []
     device = next(model.parameters()).device
     config = generation_config(tokenizer, max_new_tokens, temperature, top_p, num_return_sequences=n)
+    eos = tokenizer.eos_token_id
+    out: list[list[list[int]]] = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-            chunk = prompts[i : i + batch_size]
-            ids, mask = left_pad([chat_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-            gen = generate(model, config, ids.to(device), mask.to(device))
-            texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-            out.extend([t.strip() for t in texts[j * n : (j + 1) * n]] for j in range(len(chunk)))
+        for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch",
+                      disable=len(prompt_ids) <= batch_size):
+            chunk = prompt_ids[i : i + batch_size]
+            ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+            gen = generate(model, config, ids.to(device), mask.to(device))[:, ids.shape[1]:].tolist()
+            cut = [g[: g.index(eos) + 1] if eos in g else [t for t in g if t != tokenizer.pad_token_id] for g in gen]
+            out.extend(cut[j * n : (j + 1) * n] for j in range(len(chunk)))
+    return out
+
+
+def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+           max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0, desc: str = "sampling") -> list[list[str]]:
+    """`n` responses per prompt (text, special tokens removed); greedy when temperature is 0."""
+    ids = sample_ids(model, tokenizer, [chat_ids(tokenizer, p) for p in prompts], n, temperature, top_p,
+                     max_new_tokens, batch_size, seed, desc)
+    return [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in ids]
+
+
+def response_logprobs(model, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                      temperature: float = 1.0, batch_size: int = 16) -> list[float]:
+    """log p(response | prompt) summed over the response's tokens, from logits / temperature (1 at temperature 0):
+    a sequence's log-probability under the distribution it was (or would be) sampled from."""
+    import torch
+
+    t = temperature if temperature > 0 else 1.0
+    device = next(model.parameters()).device
+    out: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(prompt_ids), batch_size):
+            seqs = [p + r for p, r in zip(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size])]
+            ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+            logits = logits[:, -ids.shape[1]:].float() / t  # prompt tuning prepends virtual tokens' logits
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+            for j, r in enumerate(response_ids[i : i + batch_size]):
+                out.append(float(logp[j, logp.shape[1] - len(r):].sum()) if r else 0.0)
     return out

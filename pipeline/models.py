@@ -354,6 +354,15 @@ def _adapter_base(path: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _peft_type(path: str) -> str:
+    return json.loads((Path(path) / "adapter_config.json").read_text()).get("peft_type", "LORA")
+
+
+def is_mergeable_adapter(path: str) -> bool:
+    """A LoRA adapter directory (it merges into its base); False for a prompt-tuning adapter or no adapter."""
+    return (Path(path) / "adapter_config.json").exists() and _peft_type(path) == "LORA"
+
+
 def hidden_size(path: str) -> int | None:
     """The hidden size from a model's config (an adapter directory: its base's), or None when unknown."""
     from transformers import AutoConfig
@@ -382,7 +391,7 @@ def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool =
 
             model = AutoModelForCausalLM.from_pretrained(base[0], revision=base[1], **kw)
             model = PeftModel.from_pretrained(model, path, is_trainable=False)
-            if adapter != "merge":
+            if adapter != "merge" or _peft_type(path) != "LORA":  # prompt tuning has no weights to merge into
                 return model
             # peft froze the weights it loaded; the merged model is a plain model again, trainable as any
             return model.merge_and_unload().requires_grad_(True)

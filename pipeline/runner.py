@@ -18,7 +18,7 @@ from pipeline.blocks import config_hash, dump_yaml
 from pipeline.config import PipelineConfig
 from pipeline.data import resolve_data_path
 from pipeline.errors import UsageError
-from pipeline.tracking import MetricsLog, redact
+from pipeline.tracking import MetricsLog, redact, stage_wandb
 
 @dataclass
 class StageContext:
@@ -71,6 +71,12 @@ class StageContext:
             path, info = resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
                                              "revision": spec.revision}
         if merged and (Path(path) / "adapter_config.json").exists():
+            from pipeline.models import is_mergeable_adapter
+
+            if not is_mergeable_adapter(path):
+                raise UsageError(f"{self.name}.{role}: {ref} is a prompt-tuning adapter, which cannot be merged into "
+                                 "its base for further training; evaluate or serve it, or train later stages from a "
+                                 "full, lora or freeze SFT policy")
             path = self._merge_adapter(path, role, info)
             info = {**info, "merged_adapter": True}
         return path, info
@@ -219,14 +225,17 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
         distributed.barrier()
         resume_from = _shared_resume_path(resume_from)
     artifacts.write_atomic(work / "config.yaml", dump_yaml(redact(resolved)))
+    stage_wandb(cfg.tracking, run_dir, st.name, resolved)  # the stage's own wandb run, its files under run_dir
     ctx = StageContext(pipeline=cfg, name=st.name, work_dir=work, seed=cfg.seed,
                        metrics=MetricsLog(work / "metrics.jsonl"), inputs=inputs, config_hash=chash,
                        stage_config=resolved, resume_from=resume_from)
     t0 = time.time()
     echo(f"[{st.name}] running stage '{st.stage}' -> {run_dir / st.name}")
     from pipeline.generation import NEUTRALISED
+    from pipeline.stages.common import reset_peak_memory
 
     NEUTRALISED.clear()
+    reset_peak_memory()
     try:
         out = stage_module(st.stage).run(st, ctx)
     finally:
@@ -258,4 +267,8 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     distributed.barrier()
     if out.get("summary"):
         echo(f"[{st.name}] {out['summary']}")
+    if cfg.tracking.wandb and distributed.is_main():
+        from pipeline.report import log_to_wandb
+
+        log_to_wandb(run_dir, st.name)  # the report's plots (and evaluate table) into the stage's run
     return manifest

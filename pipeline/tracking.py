@@ -3,6 +3,10 @@
 TRL and the HF Trainer log `loss`, `eval_loss`, `eval_rewards/margins`, ...; `metric_name`
 maps them to our names (`train/loss`, `eval/loss`, `eval/rewards/margins`) so that
 metrics.jsonl, wandb and the manifest use one vocabulary.
+
+With `tracking: {wandb: true}` each stage gets one wandb run (stage_wandb, called by the runner), named after
+the stage, grouped by the run directory, its files under RUN_DIR/wandb; pipeline/report.py adds the report's
+plots to it when the stage completes.
 """
 
 from __future__ import annotations
@@ -88,10 +92,70 @@ def report_to(tracking) -> list[str]:
     return ["wandb"]
 
 
+def wandb_group(run_dir: str | Path) -> str:
+    """The wandb group of a run's stages: the run directory as given (wandb allows 128 characters)."""
+    return str(run_dir)[-128:]
+
+
+_STAGE_RUN_IDS: dict[tuple[str, str], str] = {}  # (run dir, stage) -> the id of the stage's wandb run
+
+
+def wandb_init_args(tracking: dict, run_dir: str | Path, name: str) -> dict:
+    """wandb.init arguments for stage `name` of the run in `run_dir`: its project and mode (an environment
+    WANDB_MODE wins, as in report_to), files under RUN_DIR/wandb rather than the current directory, the run
+    directory as the group, the stage's name, and the id stage_wandb chose (reopened if that run was finished),
+    or a new run when there is none."""
+    run_id = _STAGE_RUN_IDS.get((str(Path(run_dir).resolve()), name))
+    return {"project": os.environ.get("WANDB_PROJECT", tracking.get("wandb_project", "rlhf")),
+            "mode": os.environ.get("WANDB_MODE", tracking.get("wandb_mode", "offline")),
+            "dir": str(Path(run_dir).resolve()), "group": wandb_group(run_dir), "name": name,
+            **({"id": run_id, "resume": "allow"} if run_id else {})}
+
+
+def stage_wandb(tracking, run_dir: str | Path, name: str, config: dict | None = None):
+    """Before a stage runs (the runner calls it): open the stage's own wandb run, one per stage. The HF callback
+    of the TRL stages logs into the run that is open, PPO's `wandb_run` hands it out, and `report.log_to_wandb`
+    adds the report's plots and finishes it once the stage is complete. The run is opened here, with explicit
+    arguments, because wandb reads WANDB_* variables once per process and `wandb.init` returns the run already
+    open: left to the HF callback, every stage after the first would log into the first stage's run. A run left
+    open (a stage that failed) is finished first. WANDB_DIR, WANDB_RUN_GROUP and WANDB_NAME are set as well, for
+    any process the stage starts. Returns the run; None when tracking is off or on ranks other than 0."""
+    from pipeline.distributed import is_main
+
+    if not tracking.wandb or not is_main():
+        return None
+    report_to(tracking)
+    import uuid
+
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
+    _STAGE_RUN_IDS[(str(Path(run_dir).resolve()), name)] = f"{name[:40]}-{uuid.uuid4().hex[:8]}"
+    os.environ.update(WANDB_DIR=str(Path(run_dir).resolve()), WANDB_RUN_GROUP=wandb_group(run_dir), WANDB_NAME=name)
+    return wandb.init(config=redact(config or {}), **wandb_init_args(tracking.model_dump(mode="json"), run_dir, name))
+
+
+class _StageRun:
+    """The stage's wandb run as the stage sees it: everything goes through but finish(), which the runner does
+    after adding the report's plots (report.log_to_wandb)."""
+
+    def __init__(self, run):
+        self._run = run
+
+    def __getattr__(self, name: str):
+        return getattr(self._run, name)
+
+    def finish(self, *args, **kwargs) -> None:
+        pass
+
+
 def wandb_run(tracking, name: str, config: dict, work_dir: str | Path):
     """A wandb run for a stage that runs its own training loop (PPO; the TRL-based stages report through
-    `report_to`), with the stage's resolved config (secrets redacted); its files go under the stage's
-    directory. None when tracking is off or on processes other than rank 0. The caller finishes it."""
+    `report_to`), with the stage's resolved config (secrets redacted). `work_dir` is the stage's work directory
+    RUN_DIR/.NAME.partial. Under the runner this is the stage's run that stage_wandb opened; otherwise a new one
+    with the same settings (files under RUN_DIR/wandb, the run directory's group). None when tracking is off or
+    on processes other than rank 0. The caller finishes it."""
     from pipeline.distributed import is_main
 
     if not tracking.wandb or not is_main():
@@ -99,5 +163,28 @@ def wandb_run(tracking, name: str, config: dict, work_dir: str | Path):
     report_to(tracking)
     import wandb
 
-    return wandb.init(project=tracking.wandb_project, name=name, config=redact(config), dir=str(work_dir),
-                      mode=tracking.wandb_mode)
+    args = wandb_init_args(tracking.model_dump(mode="json"), Path(work_dir).parent, name)
+    if wandb.run is not None and "id" in args and wandb.run.id == args["id"]:
+        wandb.run.config.update(redact(config), allow_val_change=True)
+        return _StageRun(wandb.run)
+    return wandb.init(config=redact(config), **args)
+
+
+def quiet_libraries() -> None:
+    """Keep a run's output to what a user acts on: transformers' and datasets' info chatter, per-dataset progress
+    bars and load reports (e.g. the freshly initialised score head of a reward model, which the reward stage
+    states in one line itself) and library deprecation notices are silenced; training progress bars and our own
+    messages stay. RLHF_VERBOSE=1 keeps everything. Called first by `rlhf` (pipeline/cli.py main)."""
+    import os
+    import warnings
+
+    if os.environ.get("RLHF_VERBOSE"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars (loading, writing)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for module in ("transformers", "trl", "peft", "accelerate", "deepspeed", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -8,7 +8,7 @@ pipeline.blocks, pipeline.data, pipeline.stages.common, reward and feedback; nev
 never pipeline.config or pipeline.runner.
 """
 
-from pipeline.stages import ai_preferences, dpo, grpo, ppo, preferences, reward, sft
+from pipeline.stages import ai_preferences, dpo, evaluate, grpo, ppo, preferences, reward, sft
 
 REGISTRY = {
     "sft": sft,
@@ -19,4 +19,5 @@ REGISTRY = {
     "dpo": dpo,
     "grpo": grpo,
     "rloo": grpo,  # one module, one Config for both group-baseline methods
+    "evaluate": evaluate,
 }

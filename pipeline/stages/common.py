@@ -112,12 +112,19 @@ def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     is_peft = hasattr(model, "peft_config")
-    if is_peft and merge:
+    if is_peft and merge and mergeable(model):
         model = model.merge_and_unload()
+    merge = merge and (not is_peft or mergeable(model))  # prompt tuning stays an adapter: it has no weights to merge
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
     return is_peft and not merge
+
+
+def mergeable(model) -> bool:
+    """A peft model whose adapter can be folded into the base weights (LoRA); prompt tuning cannot."""
+    configs = getattr(model, "peft_config", {}) or {}
+    return all(str(getattr(c, "peft_type", "")).split(".")[-1] == "LORA" for c in configs.values())
 
 
 def save_policy(trainer, model, tokenizer, out_dir, merge: bool) -> bool:
@@ -186,6 +193,53 @@ def final_model(trainer, merge: bool):
     """The trained model as it is evaluated and saved on one process: a LoRA adapter merged into its base when it
     is to be saved merged. (Under DeepSpeed, save_policy gathers the trainer's own model.)"""
     model = trainer.model
-    if hasattr(model, "peft_config") and merge and not trainer.is_deepspeed_enabled:
+    if hasattr(model, "peft_config") and merge and mergeable(model) and not trainer.is_deepspeed_enabled:
         return model.merge_and_unload()
     return model
+
+
+def reset_peak_memory() -> None:
+    """Start a stage's peak-memory count afresh (Linux: writing 5 to clear_refs resets VmHWM), so that each stage
+    of a run reports its own peak rather than the largest of every stage before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's since it started
+    import sys
+
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: VmHWM since the last reset, else ru_maxrss (since start)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def peak_memory() -> dict[str, list[float]]:
+    """Peak resident memory (and GPU memory) of each process during this stage, in MiB, in rank order."""
+    import torch
+
+    from pipeline.distributed import gather
+
+    out = {"peak_rss_mib": gather(torch.tensor([_peak_rss_mib()]))}
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = gather(torch.tensor([torch.cuda.max_memory_allocated() / 2**20]))
+    return {k: [round(x, 1) for x in v.tolist()] for k, v in out.items()}
+
+
+def memory_metrics() -> dict[str, float]:
+    """memory/peak_rss_mib (and memory/peak_gpu_mib): the largest peak over the processes, for the manifest."""
+    return {f"memory/{k}": max(v) for k, v in peak_memory().items()}

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput, UsageError
 from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
-                                    peft_config, save_policy, training_args, weights_dtype)
+                                    memory_metrics, peft_config, save_policy, training_args, weights_dtype)
 
 def trl_loss_types() -> tuple[str, ...]:
     """The DPO losses the installed TRL implements, read from its DPOConfig's own documentation of `loss_type`
@@ -212,7 +212,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     if (ctx.work_dir / "skipped.jsonl").exists():
         outputs["skipped"] = "skipped.jsonl"
     return {"kind": "policy", "outputs": outputs,
-            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
+            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
             "counts": data_counts,
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
                                 "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),

@@ -21,8 +21,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OnlineRLBlock, OptimConfig
-from pipeline.stages.common import (RuleReward, final_model, check_finite, fit, load_policy, peft_config,
-                                    save_policy, training_args, weights_dtype)
+from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, memory_metrics,
+                                    peft_config, save_policy, training_args, weights_dtype)
 
 
 class GroupRLOptimConfig(OptimConfig):
@@ -162,7 +162,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     steps = trainer.state.global_step
     summary = f"{steps} steps in {seconds:.1f}s{rule.summary(metrics)}; artifact: {ctx.run_dir / ctx.name / 'model'}"
     return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},
-            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
+            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
             "counts": {"train_prompts": len(train), "eval_prompts": len(eval_prompts)},
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
                                 "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),

@@ -25,8 +25,8 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput
-from pipeline.stages.common import (check_finite, fit, logits_fingerprint, peft_config, save_policy, training_args,
-                                    weights_dtype)
+from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, peft_config, save_policy,
+                                    training_args, weights_dtype)
 
 
 class RewardStageConfig(TrainingBlock):
@@ -111,7 +111,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
                             peft_config=peft_config(cfg.lora, "SEQ_CLS") if cfg.tuning == "lora" else None)
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
-        f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
+        f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning}); the score head starts fresh")
     # Held-out metrics come from the same scoring code that users and PPO call.
     score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)
     before, _ = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
@@ -123,7 +123,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     calibration = after.pop("calibration")
     before.pop("calibration", None)
     metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
-               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2)}
+               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2), **memory_metrics()}
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)

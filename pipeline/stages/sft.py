@@ -17,11 +17,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, Strict, TrainingBlock
-from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, peft_config, save_policy,
-                                    training_args, weights_dtype)
+from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, memory_metrics, peft_config,
+                                    save_policy, training_args, weights_dtype)
 from pipeline.errors import InvalidInput
 
-ROLES = ("system", "user", "assistant")
 
 
 class SFTDataConfig(Strict):
@@ -38,11 +37,20 @@ class SFTDataConfig(Strict):
         return self
 
 
+class PromptTuningConfig(Strict):
+    """peft's prompt tuning: `num_virtual_tokens` trained embeddings put before every input (the model is frozen)."""
+
+    num_virtual_tokens: int = Field(8, ge=1)
+    init_text: str | None = Field(None, description="initialise the virtual tokens from this text's embeddings "
+                                  "(default: random)")
+
+
 class SFTStageConfig(TrainingBlock):
     stage: Literal["sft"]
     model: str = Field(description="a key of `models`, stage:NAME, or a model reference")
     data: SFTDataConfig
-    tuning: Literal["full", "lora", "freeze"] = "full"
+    tuning: Literal["full", "lora", "freeze", "prompt_tuning"] = "full"
+    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
     freeze_layers: int = Field(0, ge=0, description="with tuning: freeze, the lowest N decoder layers (and embeddings)")
     assistant_only_loss: bool = True
     packing: bool = False
@@ -54,6 +62,7 @@ class SFTStageConfig(TrainingBlock):
         if self.tuning == "freeze" and self.freeze_layers == 0:
             raise ValueError("freeze_layers: tuning 'freeze' needs freeze_layers >= 1")
         self.refuse_unused(("freeze_layers",), self.tuning == "freeze", "without tuning: freeze")
+        self.refuse_unused(("prompt_tuning",), self.tuning == "prompt_tuning", "without tuning: prompt_tuning")
         if self.optim.eval_steps is not None and self.data.eval is None and self.data.eval_fraction == 0:
             raise ValueError("optim.eval_steps: there is no eval split (no data.eval and data.eval_fraction: 0)")
         return self
@@ -69,72 +78,6 @@ class SFTStageConfig(TrainingBlock):
 
 
 Config = SFTStageConfig  # the registry's handle (pipeline/stages/__init__.py)
-
-
-def _check_messages(msgs) -> str | None:
-    if not isinstance(msgs, list) or not msgs:
-        return "'messages' must be a non-empty list of {role, content} objects"
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"messages[{j}] must be an object with 'role' and 'content'"
-        if m["role"] not in ROLES:
-            return f"messages[{j}].role is {m['role']!r}; expected one of {list(ROLES)}"
-        if not isinstance(m["content"], str):
-            return f"messages[{j}].content must be a string"
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-        return "no non-empty assistant message to learn from"
-    return None
-
-
-def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
-    """One data row -> a conversational example {'messages': [...]}, or the reason it is invalid."""
-    if not isinstance(row, dict):
-        return None, f"row is a {type(row).__name__}, not an object"
-    if fmt == "auto":
-        fmt = "messages" if "messages" in row else "prompt_completion" if "prompt" in row else None
-        if fmt is None:
-            return None, f"expected key 'messages' or 'prompt'/'completion'; found keys {sorted(row)}"
-    if fmt == "messages":
-        if "messages" not in row:
-            return None, f"missing key 'messages'; found keys {sorted(row)}"
-        err = _check_messages(row["messages"])
-        return (None, err) if err else ({"messages": row["messages"]}, None)
-    missing = [k for k in ("prompt", "completion") if k not in row]
-    if missing:
-        return None, f"missing key {missing[0]!r}; found keys {sorted(row)}"
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, str) and isinstance(completion, str):
-        if not prompt.strip() or not completion.strip():
-            return None, "empty prompt or completion"
-        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    elif isinstance(prompt, list) and isinstance(completion, list):
-        msgs = prompt + completion
-    else:
-        return None, "'prompt' and 'completion' must both be strings or both be message lists"
-    err = _check_messages(msgs)
-    return (None, err) if err else ({"messages": msgs}, None)
-
-
-def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[list[dict], int]:
-    """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip)."""
-    from feedback.files import iter_records
-
-    examples, problems, n = [], [], 0
-    for rec in iter_records(path):
-        n += 1
-        ex, err = (None, rec.error) if rec.error else to_example(rec.value, fmt)
-        if err:
-            problems.append(f"{rec.where}: {err}")
-            rejected.append({"where": rec.where, "reason": err, "row": rec.raw})
-        else:
-            examples.append(ex)
-    if problems and on_error == "fail":
-        shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
-                           "(set data.on_error: skip to train on the valid rows)")
-    if not examples:
-        raise InvalidInput(f"{path}: no valid rows")
-    return examples, n
 
 
 def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -179,7 +122,7 @@ def freeze_lower(model, n: int) -> None:
 def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
     """(train examples, eval examples, counts); rejected rows written to rejected.jsonl with their reasons."""
     from pipeline import artifacts
-    from pipeline.data import resolve_data_path
+    from pipeline.data import read_examples, resolve_data_path
     from pipeline.distributed import say
 
     rejected: list[dict] = []
@@ -189,13 +132,29 @@ def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
     else:
         n_eval = 0
         train, evals = hold_out(train, cfg.data.eval_fraction, ctx.seed)
+    unused = max(0, len(train) - cfg.data.max_rows) if cfg.data.max_rows else 0
     if cfg.data.max_rows:
         train = train[: cfg.data.max_rows]  # the first N training rows, in file order
     if rejected:
         artifacts.write_jsonl(ctx.work_dir / "rejected.jsonl", rejected)
         say(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
-    return train, evals, {"rows_read": n_train + n_eval, "accepted": len(train) + len(evals),
-                          "rejected": len(rejected), "train": len(train), "eval": len(evals)}
+    return train, evals, {"rows_read": n_train + n_eval, "accepted": n_train + n_eval - len(rejected),
+                          "rejected": len(rejected), "train": len(train), "eval": len(evals),
+                          **({"unused_beyond_max_rows": unused} if unused else {})}
+
+
+def _peft(cfg: SFTStageConfig, path: str):
+    """The peft config of a LoRA or prompt-tuning run (None for full and freeze)."""
+    if cfg.tuning == "lora":
+        return peft_config(cfg.lora)
+    if cfg.tuning != "prompt_tuning":
+        return None
+    from peft import PromptTuningConfig as PeftPromptTuning
+
+    pt = cfg.prompt_tuning
+    init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": pt.init_text, "tokenizer_name_or_path": path} \
+        if pt.init_text else {"prompt_tuning_init": "RANDOM"}
+    return PeftPromptTuning(task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens, **init)
 
 
 def run(cfg: SFTStageConfig, ctx) -> dict:
@@ -211,14 +170,14 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     set_seed(ctx.seed)
     train, evals, counts = _data(cfg, ctx)
     precision = resolve_precision(cfg.precision)
-    _, model_info, tokenizer, model = load_policy(ctx, cfg.model, role="model", merged=False)
+    path, model_info, tokenizer, model = load_policy(ctx, cfg.model, role="model", merged=False)
     if cfg.tuning == "freeze":
         freeze_lower(model, cfg.freeze_layers)
     args = training_args(SFTConfig, cfg, ctx, precision, max_length=cfg.max_length, packing=cfg.packing,
                          assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                          eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tokenizer,
-                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+                         peft_config=_peft(cfg, path),
                          callbacks=[trainer_callback(ctx.metrics)])
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
@@ -247,7 +206,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     return {
         "kind": "policy",
         "outputs": {"model": "model", "metrics": "metrics.jsonl"},
-        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2)},
+        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
         "counts": counts,
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
                             "parameters": total, "trainable": trainable, "precision": precision,

@@ -48,6 +48,7 @@ def main(stage: int, out_dir: Path) -> None:
         out["good_update_applied"] = any(not torch.equal(start[k], after_good[k]) for k in start)
         out["bad_update_applied"] = any(not torch.equal(after_good[k], after_bad[k]) for k in start)
     (out_dir / f"rank-{distributed.rank()}.json").write_text(json.dumps(out))
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

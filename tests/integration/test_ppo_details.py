@@ -154,9 +154,9 @@ def test_ppo_follows_the_learning_rate_schedule(tiny_run, tmp_path):
                                            "stages": [{"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}},
                                                       ppo]})
     assert main(["run", str(cfg), "--stage", "ppo_sched"]) == 0
-    # tracking.wandb is honoured by PPO's own loop too: an offline run under the stage's directory
-    runs = list((tiny_run / "ppo_sched" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list((tiny_run / "ppo_sched").iterdir())
+    # tracking.wandb is honoured by PPO's own loop too: an offline run under the run directory
+    runs = list((tiny_run / "wandb").glob("offline-run-*ppo_sched*"))
+    assert len(runs) == 1, list((tiny_run / "wandb").iterdir())
     lrs = _metrics(tiny_run / "ppo_sched" / "metrics.jsonl", "ppo/lr")
     assert lrs == pytest.approx([0.0, 3e-4, 2e-4, 1e-4], abs=1e-9)
 

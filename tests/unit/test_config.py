@@ -66,7 +66,7 @@ def test_unknown_key_and_bad_choice(tmp_path):
     data["extra_top"] = 1
     msg = _error(tmp_path, data)
     assert "stages[0].optim.learning_rate: unknown key" in msg
-    assert "stages[0].tuning: expected one of 'full', 'lora' or 'freeze', got 'half'" in msg
+    assert "stages[0].tuning: expected one of 'full', 'lora', 'freeze' or 'prompt_tuning', got 'half'" in msg
     assert "extra_top: unknown key" in msg
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline.errors import InvalidInput
-from pipeline.stages.sft import read_examples, to_example
+from pipeline.data import read_examples, to_example
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 

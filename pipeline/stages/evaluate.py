@@ -1,0 +1,385 @@
+"""Evaluate stage: is the final policy better than the SFT model, by how much, at what cost in KL?
+
+    rlhf run configs/tiny.yaml --stage evaluate
+    rlhf eval sft=runs/tiny/sft ppo=runs/tiny/ppo --prompts synthetic:prompts --rule feedback.synthetic:rule_score
+
+Two or more policies (artifacts, model references, and optionally the base model prompted few-shot
+with k examples from the SFT data: in-context learning as a baseline) answer the same held-out
+prompts with the same sampling settings and seeds. Per policy: the mean reward-model score
+(normalised, with the reward model's own tokenizer), the task's rule reward, the KL to a named
+reference (sequence-level, from the generating policy's own log-probs), response length, share of
+responses ending in EOS, distinct-1/2. Pairwise: the win rate of each policy against a baseline by
+a judge (any judge config), judged in both orders, ties counted half, with a 95% Wilson interval.
+
+    RUN_DIR/evaluate/
+      manifest.json    # kind: eval; metrics eval/<policy>/<name>; "evaluate": policies, baseline, judge, ...
+      samples.jsonl    # per prompt: each policy's response, its scores, its verdict against the baseline
+      table.csv        # the same, one row per prompt
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.blocks import StageBlock, Strict
+from pipeline.errors import InvalidInput
+
+NAME = r"^[A-Za-z0-9_-]+$"
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class FewShotConfig(Strict):
+    """The base model prompted with k examples from the SFT data before each prompt (no training at all)."""
+
+    name: str = Field("few_shot", pattern=NAME)
+    model: str = Field(description="a key of `models` or a model reference (the base model)")
+    k: int = Field(3, ge=1)
+    data: str = Field("synthetic:sft", description="SFT rows (messages or prompt/completion) to take examples from")
+
+
+class EvaluateStageConfig(StageBlock):
+    stage: Literal["evaluate"]
+    policies: dict[str, str] = Field(description="name -> stage:NAME, a key of `models`, or a model reference")
+    few_shot: FewShotConfig | None = None
+    prompts: str = Field(description="file of {'prompt': ...} rows; its held-out split is evaluated")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="the held-out share (the split PPO and GRPO hold out "
+                                 "with the same seed); 0 evaluates every prompt")
+    max_prompts: int = Field(64, ge=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    reward_model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
+    rule: str | None = Field(None, description="module:function(prompt, response) -> float")
+    reference: str | None = Field(None, description="the policy KL is measured against (a name above)")
+    judge: str | None = Field(None, description="a judge config for win rates against `baseline`")
+    baseline: str | None = Field(None, description="the policy the others are judged against (default: the first)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        import re
+
+        names = list(self.policies) + ([self.few_shot.name] if self.few_shot else [])
+        bad = [n for n in names if not re.match(NAME, n)]
+        if bad:
+            raise ValueError(f"policies: names are letters, digits, '_' and '-' (they name metrics): {bad}")
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError(f"policies: compare two or more policies with distinct names, got {names}")
+        for key in ("reference", "baseline"):
+            value = getattr(self, key)
+            if value is not None and value not in names:
+                raise ValueError(f"{key}: {value!r} is not one of the policies {names}")
+        if self.judge and self.baseline is None:
+            self.baseline = names[0]
+        self.refuse_unused(("baseline",), bool(self.judge), "without a judge (win rates need one)")
+        return self
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {f"policy:{n}": (ref, "model") for n, ref in self.policies.items()}
+        out["prompts"] = (self.prompts, "data")
+        if self.few_shot:
+            out["few_shot_model"] = (self.few_shot.model, "model")
+            out["few_shot_data"] = (self.few_shot.data, "data")
+        if self.reward_model:
+            out["reward_model"] = (self.reward_model, "artifact")
+        if self.judge:
+            out["judge"] = (self.judge, "data")
+        return out
+
+
+Config = EvaluateStageConfig  # the registry's handle (pipeline/stages/__init__.py)
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+def few_shot_messages(rows: list[dict], k: int, seed: int) -> list[dict]:
+    """k demonstrations (user, assistant turns) drawn, seeded, from SFT examples ({'messages': [...]})."""
+    import random
+
+    pairs = []
+    for ex in rows:
+        msgs = [m for m in ex["messages"] if m["role"] in ("user", "assistant")]
+        for a, b in zip(msgs, msgs[1:]):
+            if a["role"] == "user" and b["role"] == "assistant":
+                pairs.append([a, b])
+                break
+    if len(pairs) < k:
+        raise InvalidInput(f"few_shot.k is {k} but the SFT data has only {len(pairs)} usable examples")
+    return [m for pair in random.Random(seed).sample(pairs, k) for m in pair]
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n: unique word n-grams over all word n-grams of the responses (0 when there are none)."""
+    grams = [tuple(ws[i : i + n]) for t in texts for ws in [t.split()] for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion (successes may be fractional: ties count half)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(verdicts: list[str]) -> dict:
+    """From a policy's verdicts against the baseline: win rate (ties half) over the decided pairs, its interval."""
+    decided = [v for v in verdicts if v != "abstain"]
+    wins = sum(1.0 if v == "win" else 0.5 if v == "tie" else 0.0 for v in decided)
+    low, high = wilson(wins, len(decided))
+    rate = wins / len(decided) if decided else float("nan")
+    return {"win_rate": rate, "win_rate_low": low, "win_rate_high": high, "pairs": len(decided),
+            "abstained": len(verdicts) - len(decided)}
+
+
+class Policy:
+    """One policy under evaluation: how to load it and how it sees a prompt."""
+
+    def __init__(self, name: str, path: str, info: dict, context: list[dict] | None = None, ref: str = ""):
+        self.name, self.path, self.info, self.context, self.ref = name, path, info, context or [], ref
+
+    def load(self):
+        from pipeline.models import load_causal_lm, load_tokenizer
+
+        trust, revision = self.info.get("trust_remote_code", False), self.info.get("revision")
+        return load_tokenizer(self.path, trust, revision), load_causal_lm(self.path, "fp32", trust, revision)
+
+    def prompt_ids(self, tok, prompt) -> list[int]:
+        from pipeline.generation import chat_ids
+
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return chat_ids(tok, self.context + msgs)
+
+
+# --------------------------------------------------------------------------- sampling and scoring
+
+
+def sample_policies(policies: list[Policy], prompts: list, sampling: SamplingConfig, seed: int) -> dict:
+    """{name: {"tok", "prompt_ids", "ids", "texts", "logp"}}: each policy answers every prompt with the same seed;
+    its own log-probability of each answer is kept for the KL. One model in memory at a time."""
+    from pipeline.distributed import say
+    from pipeline.generation import response_logprobs, sample_ids
+
+    out = {}
+    for pol in policies:
+        say(f"[evaluate] sampling {pol.name} ({pol.ref})")
+        tok, model = pol.load()
+        prompt_ids = [pol.prompt_ids(tok, p) for p in prompts]
+        ids = [r[0] for r in sample_ids(model, tok, prompt_ids, 1, sampling.temperature, sampling.top_p,
+                                        sampling.max_new_tokens, sampling.batch_size, seed, desc=f"sampling {pol.name}")]
+        logp = response_logprobs(model, tok, prompt_ids, ids, sampling.temperature, sampling.batch_size)
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
+        out[pol.name] = {"tok": tok, "ids": ids, "texts": texts, "logp": logp,
+                         "eos": [bool(r) and r[-1] == tok.eos_token_id for r in ids]}
+        del model
+    return out
+
+
+def kl_to_reference(reference: Policy, samples: dict, prompts: list, sampling: SamplingConfig) -> dict:
+    """{name: [sequence KL]}: log p_policy(y|x) - log p_reference(y|x) for each policy's own samples (a one-sample
+    estimate of KL(policy || reference)); None for policies whose tokenizer differs from the reference's."""
+    from pipeline.generation import response_logprobs
+
+    tok, model = reference.load()
+    out = {}
+    for name, s in samples.items():
+        if s["tok"].get_vocab() != tok.get_vocab():
+            out[name] = None
+            continue
+        ref = response_logprobs(model, tok, [reference.prompt_ids(tok, p) for p in prompts], s["ids"],
+                                sampling.temperature, sampling.batch_size)
+        out[name] = [a - b for a, b in zip(s["logp"], ref)]
+    return out
+
+
+def judge_against(judge_path: str, baseline: str, samples: dict, prompts: list) -> tuple[dict, dict]:
+    """({name: [win | loss | tie | abstain per prompt]}, judge identity): every policy against the baseline, each
+    pair judged in both orders (position bias becomes ties)."""
+    from feedback.judges import JudgeItem, judge_both_orders
+    from feedback.judges.config import build_judge
+
+    judge, jcfg, _ = build_judge(judge_path)
+    verdicts = {}
+    base = samples[baseline]["texts"]
+    for name, s in samples.items():
+        if name == baseline:
+            continue
+        items = [JudgeItem(p, a, b, id=f"{name}:{i}") for i, (p, a, b) in enumerate(zip(prompts, s["texts"], base))]
+        results = judge_both_orders(judge, items, jcfg.position.policy, jcfg.position.disagreement,
+                                    jcfg.position.tie_band)
+        verdicts[name] = [{"a": "win", "b": "loss", "tie": "tie"}.get(r.choice, "abstain") for r in results]
+    return verdicts, {"name": judge.name, **judge.identity()}
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, seed: int, reward_path: str | None):
+    """The whole comparison: (metrics {eval/<policy>/<name>: value}, per-prompt rows, judge identity)."""
+    from feedback.judges.rule import load_callable
+
+    samples = sample_policies(policies, prompts, cfg.sampling, seed)
+    by_name = {p.name: p for p in policies}
+    kls = kl_to_reference(by_name[cfg.reference], samples, prompts, cfg.sampling) if cfg.reference else {}
+    rewards = {}
+    if reward_path:
+        from reward.scoring import RewardScorer
+
+        scorer = RewardScorer.from_artifact(reward_path)
+        rewards = {n: scorer.score(prompts, s["texts"])[1] for n, s in samples.items()}
+    rule = load_callable(cfg.rule) if cfg.rule else None
+    rules = {n: [float(rule(p, t)) for p, t in zip(prompts, s["texts"])] for n, s in samples.items()} if rule else {}
+    verdicts, judge_id = judge_against(cfg.judge, cfg.baseline, samples, prompts) if cfg.judge else ({}, None)
+
+    metrics, rows = {}, []
+    for name, s in samples.items():
+        per = {"reward_mean": rewards.get(name), "rule_reward_mean": rules.get(name), "kl": kls.get(name),
+               "response_length": [len(r) for r in s["ids"]], "eos_rate": [float(e) for e in s["eos"]]}
+        for key, values in per.items():
+            if values is not None:
+                metrics[f"eval/{name}/{key}"] = sum(values) / len(values)
+        metrics[f"eval/{name}/distinct_1"] = distinct_n(s["texts"], 1)
+        metrics[f"eval/{name}/distinct_2"] = distinct_n(s["texts"], 2)
+        if name in verdicts:
+            metrics.update({f"eval/{name}/{k}": v for k, v in win_rate(verdicts[name]).items()})
+    for i, prompt in enumerate(prompts):
+        rows.append({"prompt": prompt, "responses": {n: s["texts"][i] for n, s in samples.items()},
+                     "scores": {n: {"reward": rewards[n][i] if n in rewards else None,
+                                    "rule": rules[n][i] if n in rules else None,
+                                    "kl": kls[n][i] if kls.get(n) is not None else None,
+                                    "length": len(s["ids"][i]), "eos": s["eos"][i]} for n, s in samples.items()},
+                     "verdicts": {n: v[i] for n, v in verdicts.items()}})
+    return metrics, rows, judge_id
+
+
+def write_outputs(out_dir, rows: list[dict], names: list[str]) -> None:
+    """samples.jsonl (one row per prompt) and table.csv (the same, flat: a column per policy and score)."""
+    from pipeline.artifacts import write_atomic, write_jsonl
+    import io
+
+    write_jsonl(out_dir / "samples.jsonl", rows)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = ["response", "reward", "rule", "kl", "length", "eos", "verdict"]
+    w.writerow(["prompt"] + [f"{n}.{c}" for n in names for c in cols])
+    for r in rows:
+        prompt = r["prompt"] if isinstance(r["prompt"], str) else " | ".join(m["content"] for m in r["prompt"])
+        cells = [prompt]
+        for n in names:
+            sc = r["scores"][n]
+            cells += [r["responses"][n], sc["reward"], sc["rule"], sc["kl"], sc["length"], sc["eos"],
+                      r["verdicts"].get(n, "")]
+        w.writerow(["" if c is None else c for c in cells])
+    write_atomic(out_dir / "table.csv", buf.getvalue())
+
+
+def table(metrics: dict, names: list[str], baseline: str | None, known: dict | None = None) -> str:
+    """The table printed at the end: one row per policy, its scores, its win rate, and how it was made (trainable
+    parameters, training time, peak memory, held-out loss) where its artifact says."""
+    known = known or {}
+    cols = [("reward", "reward_mean"), ("rule", "rule_reward_mean"), ("KL", "kl"), ("length", "response_length"),
+            ("EOS", "eos_rate"), ("distinct-2", "distinct_2")]
+    cols = [(h, k) for h, k in cols if any(f"eval/{n}/{k}" in metrics for n in names)]
+    facts = [(h, k) for h, k in (("eval loss", "eval_loss"), ("trainable", "trainable"), ("train s", "train_seconds"),
+                                 ("peak MiB", "peak_rss_mib")) if any(k in known.get(n, {}) for n in names)]
+    judged = any(f"eval/{n}/win_rate" in metrics for n in names)
+    head = (f"{'policy':14s}" + "".join(f"{h:>11s}" for h, _ in cols) + "".join(f"{h:>13s}" for h, _ in facts)
+            + (f"  win rate vs {baseline} (95% CI)" if judged else ""))
+    lines = [head, "-" * len(head)]
+    for n in names:
+        cells = "".join(f"{metrics[f'eval/{n}/{k}']:>11.3f}" if f"eval/{n}/{k}" in metrics else f"{'-':>11s}"
+                        for _, k in cols)
+        cells += "".join(_fact(known.get(n, {}).get(k)) for _, k in facts)
+        if judged and f"eval/{n}/win_rate" in metrics:
+            cells += (f"  {metrics[f'eval/{n}/win_rate']:.3f} [{metrics[f'eval/{n}/win_rate_low']:.3f}, "
+                      f"{metrics[f'eval/{n}/win_rate_high']:.3f}] n={metrics[f'eval/{n}/pairs']}")
+        lines.append(f"{n:14s}{cells}")
+    return "\n".join(lines)
+
+
+def _fact(v) -> str:
+    if v is None:
+        return f"{'-':>13s}"
+    return f"{v:>13,d}" if isinstance(v, int) else f"{v:>13.3f}" if abs(v) < 100 else f"{v:>13,.0f}"
+
+
+def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> list:
+    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
+
+    prompts = read_prompts(resolve_data_path(cfg.prompts))
+    if cfg.eval_fraction > 0:
+        _, prompts = split_by_prompt(prompts, cfg.eval_fraction, seed, prompt_of=lambda p: p)
+    return prompts[: cfg.max_prompts]
+
+
+def policy_facts(manifest: dict) -> dict:
+    """What a policy artifact's manifest says about how it was made (for the comparison table)."""
+    model, metrics = manifest.get("model") or {}, manifest.get("metrics") or {}
+    facts = {"tuning": model.get("tuning"), "trainable": model.get("trainable"), "parameters": model.get("parameters"),
+             "train_seconds": metrics.get("train/seconds"), "peak_rss_mib": metrics.get("memory/peak_rss_mib"),
+             "eval_loss": metrics.get("eval/loss")}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list[Policy], dict]:
+    """The policies, and what is known of each (an artifact's training facts) for the manifest.
+    resolve(ref, role) -> (model path, model info, the artifact's manifest or None): through the run for the stage
+    (stage:NAME artifacts, model keys), through paths for `rlhf eval`."""
+    from pipeline.data import read_examples, resolve_data_path
+
+    policies, known = [], {}
+    for name, ref in cfg.policies.items():
+        path, info, manifest = resolve(ref, f"policies.{name}")
+        policies.append(Policy(name, path, info, ref=ref))
+        known[name] = {"ref": ref, "kind": "artifact" if manifest else "model", **policy_facts(manifest or {})}
+    if cfg.few_shot:
+        fs = cfg.few_shot
+        path, info, _ = resolve(fs.model, "few_shot.model")
+        rows, _ = read_examples(resolve_data_path(fs.data), "auto", "skip", [])
+        policies.append(Policy(fs.name, path, info, few_shot_messages(rows, fs.k, seed),
+                               ref=f"{fs.model} prompted with {fs.k} examples"))
+        known[fs.name] = {"ref": f"{fs.model}, few-shot (k={fs.k})", "kind": "few_shot", "trainable": 0}
+    return policies, known
+
+
+def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir, seed: int) -> dict:
+    """Run the comparison and write its outputs (samples.jsonl, table.csv) into out_dir: the stage's result."""
+    from pipeline.distributed import say
+
+    prompts = held_out_prompts(cfg, seed)
+    policies, known = resolve_policies(cfg, resolve, seed)
+    say(f"[evaluate] {len(policies)} policies x {len(prompts)} held-out prompts")
+    metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path)
+    names = [p.name for p in policies]
+    write_outputs(out_dir, rows, names)
+    say(table(metrics, names, cfg.baseline, known))
+    return {"kind": "eval", "outputs": {"samples": "samples.jsonl", "table": "table.csv"}, "metrics": metrics,
+            "counts": {"prompts": len(prompts), "policies": len(policies)},
+            "extra": {"evaluate": {"policies": known, "baseline": cfg.baseline, "reference": cfg.reference,
+                                   "judge": judge_id, "prompts": len(prompts),
+                                   "sampling": cfg.sampling.model_dump(), "seed": seed}}}
+
+
+def run(cfg: EvaluateStageConfig, ctx) -> dict:
+    from transformers import set_seed
+
+    def resolve(ref: str, role: str):
+        path, info = ctx.model_path(ref, role=role)
+        manifest = ctx.artifact(ref, ("policy",), role).manifest if ref.startswith("stage:") else None
+        return path, info, manifest
+
+    set_seed(ctx.seed)
+    reward_art = ctx.artifact(cfg.reward_model, "reward_model", "reward_model") if cfg.reward_model else None
+    out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed)
+    return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} held-out prompts; "
+                              f"table in {ctx.run_dir / ctx.name / 'table.csv'}"}
