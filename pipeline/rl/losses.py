@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) per position: log_softmax(logits)[label]. logits [B, T, V], labels [B, T] -> [B, T]."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    """log p(label) per position: logits[label] - logsumexp(logits), the chosen entry of log_softmax(logits) without
+    materialising the whole [B, T, V] log-softmax. logits [B, T, V], labels [B, T] -> [B, T]."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,23 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def split_lm(model):
+    """(backbone, LM head) of a causal LM, through a peft wrapper. Calling them apart lets PPO take the last
+    hidden state alone (not every layer's, as output_hidden_states would keep) and run the vocabulary projection
+    only on the response positions (not on every prompt token): the [batch, length, vocabulary] logits are
+    most of a forward's memory."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def response_logits(model, input_ids, attention_mask, position_ids, start: int):
+    """(logits predicting the tokens from position `start` on, the last hidden states there)."""
+    backbone, head = split_lm(model)
+    h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    h = h[:, start - 1 : -1]
+    return head(h), h
+
+
 class Actor(nn.Module):
     """The policy and (value_model: head) its value head as one module: one DeepSpeed engine trains both."""
 
@@ -91,12 +108,10 @@ class Actor(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, start: int, values: bool = True):
         """Logits predicting the tokens from position `start` on, and the values there (or None)."""
+        logits, h = response_logits(self.policy, input_ids, attention_mask, position_ids, start)
         want = values and self.value_head is not None
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=want)
-        h = out.hidden_states[-1][:, start - 1 : -1] if want else None
         v = self.value_head(h.to(self.value_head.linear.weight.dtype)).float() if want else None
-        return out.logits[:, start - 1 : -1], v
+        return logits, v
 
 
 class Critic(nn.Module):
@@ -164,9 +179,15 @@ class PPOModels:
             if m is not None:
                 m.train(mode)
 
-    def forward(self, ro: Rollout, idx=None, with_values: bool = True, reference: bool = False):
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+    def forward(self, ro: Rollout, idx=None, with_values: bool = True, reference: bool = False,
+                entropy_grad: bool = True):
         """Log-probs of the response tokens [B, R] under the sampling distribution (logits / temperature),
-        entropies of that distribution [B, R], values [B, R] (or None)."""
+        entropies of that distribution [B, R], values [B, R] (or None). entropy_grad=False: the entropy is a
+        statistic only (entropy_coef 0), computed without keeping its graph."""
         q, qm, r, m = ro.query, ro.query_mask, ro.response, ro.mask
         if idx is not None:
             q, qm, r, m = q[idx], qm[idx], r[idx], m[idx]
@@ -179,12 +200,13 @@ class PPOModels:
                 with self.policy.disable_adapter():
                     logits, _ = self.actor(ids, att, pos, P, values=False)
             else:
-                logits = self.reference(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, P - 1 : -1]
-            return losses.logprobs_from_logits(logits.float() / self.temperature, r), None, None
+                logits, _ = response_logits(self.reference, ids, att, pos, P)
+            return losses.logprobs_from_logits(self._tempered(logits), r), None, None
         logits, values = self.actor(ids, att, pos, P, values=with_values)
-        logits = logits.float() / self.temperature
+        logits = self._tempered(logits)
         logp = losses.logprobs_from_logits(logits, r)
-        ent = losses.entropy_from_logits(logits)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            ent = losses.entropy_from_logits(logits)
         if with_values and self.critic is not None:
             values = self.critic(ids, att, pos, P)
         return logp, ent, values
@@ -339,7 +361,7 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
             micro = [mb[i : i + hp.micro_batch_size] for i in range(0, len(mb), hp.micro_batch_size)]
             bad_loss = None
             for idx in micro:
-                logp, ent, values = models.forward(ro, idx)
+                logp, ent, values = models.forward(ro, idx, entropy_grad=hp.entropy_coef > 0)
                 m = ro.mask[idx]
                 pg, pst = losses.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip)
                 vl, vst = losses.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip)
@@ -375,16 +397,22 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
 
 
 def score_rollout(models: PPOModels, ro: Rollout, reward_fn: RewardFunction, missing_eos_penalty: float | None,
-                  step: int) -> None:
-    """Fill in scores, old log-probs, reference log-probs and values (no gradients, eval mode)."""
+                  step: int, chunk: int | None = None) -> None:
+    """Fill in scores, old log-probs, reference log-probs and values (no gradients, eval mode), the forwards in
+    chunks of `chunk` sequences (None: all at once), which bounds their activation memory."""
     scores = reward_fn(ro.prompts, ro.responses).to(models.device)
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~ro.eos).float()
     check_finite(step, reward=scores)
     models.train(False)
+    n = ro.response.shape[0]
+    parts = [torch.arange(i, min(i + (chunk or n), n)) for i in range(0, n, chunk or n)]
     with torch.no_grad():
-        ro.logp, _, ro.values = models.forward(ro)
-        ro.ref_logp, _, _ = models.forward(ro, reference=True)
+        own = [models.forward(ro, idx, entropy_grad=False) for idx in parts]
+        ref = [models.forward(ro, idx, reference=True)[0] for idx in parts]
+    ro.logp = torch.cat([o[0] for o in own])
+    ro.values = torch.cat([o[2] for o in own]) if own[0][2] is not None else None
+    ro.ref_logp = torch.cat(ref)
     ro.scores = scores
 
 

@@ -71,6 +71,9 @@ class PPOHyperConfig(Strict):
     epochs: int = Field(4, ge=1)
     minibatch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(16, ge=1, description="gradient accumulation: minibatch_size / micro_batch_size")
+    forward_batch_size: int | None = Field(None, ge=1, description="the rollout's no-grad forwards (old and "
+                                           "reference log-probs, values) in chunks of this many sequences; "
+                                           "default: micro_batch_size")
     clip: float = Field(0.2, gt=0)
     dual_clip: float | None = Field(None, gt=1)
     value_clip: float | None = Field(0.2, gt=0)
@@ -131,6 +134,7 @@ class _Hyper:
         self.__dict__.update(cfg.ppo.model_dump())
         self.minibatch_size = minibatch_size
         self.kl_estimator = cfg.kl.estimator
+        self.forward_batch_size = cfg.ppo.forward_batch_size or cfg.ppo.micro_batch_size
 
 
 def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, policy_path: str, reward_art, info: dict):
@@ -331,7 +335,7 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
                      disable=not main):
         epoch, batch = next(batches)
         ro = generate(models, batch[rank::world], ro_cfg.max_new_tokens)
-        score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step)
+        score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step, hp.forward_batch_size)
         last = ppo_step(models, s.optimizer, ro, hp, s.kl_ctl, step)
         last["ppo/epoch"] = epoch
         ctx.metrics.log(last, step=step)
@@ -376,15 +380,15 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     """Save the policy (and value head or critic), and the stage's result for the manifest."""
     from pipeline import deepspeed as zero
     from pipeline import distributed
-    from pipeline.stages.common import logits_fingerprint
+    from pipeline.stages.common import logits_fingerprint, memory_metrics, peak_memory
 
     fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
-    memory = _peak_memory()
+    memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
     outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
                          under_deepspeed=s.ds is not None, info=s.info))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
-               "train/seconds": round(seconds, 2), **{f"memory/{k}": max(v) for k, v in memory.items()}}
+               "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
     summary = (f"{cfg.steps} steps in {seconds:.1f}s; held-out {key.split('/')[1]} "
                f"{before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
@@ -411,21 +415,6 @@ def _scheduler_factory(cfg: PPOStageConfig, minibatch: int, per_rank: int):
     warmup = math.ceil(cfg.optim.warmup_ratio * total)
     return lambda optimizer: get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=warmup,
                                            num_training_steps=total)
-
-
-def _peak_memory() -> dict[str, list[float]]:
-    """Peak resident memory (and GPU memory) of each process so far, in MiB, in rank order."""
-    import resource
-
-    import torch
-
-    from pipeline.distributed import gather
-
-    # ru_maxrss is in KiB on Linux
-    out = {"peak_rss_mib": gather(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]))}
-    if torch.cuda.is_available():
-        out["peak_gpu_mib"] = gather(torch.tensor([torch.cuda.max_memory_allocated() / 2**20]))
-    return {k: [round(x, 1) for x in v.tolist()] for k, v in out.items()}
 
 
 def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool,
