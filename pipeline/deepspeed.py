@@ -229,7 +229,9 @@ def _optimizer_factory(ds: dict, lr: float, weight_decay: float):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return lambda params: DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    from pipeline.rl.ppo import adamw
+
+    return lambda params: adamw(params, lr, weight_decay)
 
 
 class EngineOptimizer:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -106,12 +107,19 @@ class Actor(nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, input_ids, attention_mask, position_ids, start: int, values: bool = True):
-        """Logits predicting the tokens from position `start` on, and the values there (or None)."""
-        logits, h = response_logits(self.policy, input_ids, attention_mask, position_ids, start)
+    def forward(self, input_ids, attention_mask, position_ids, start: int, values: bool = True, logits: bool = True):
+        """Logits predicting the tokens from position `start` on (or None: values only, no vocabulary
+        projection), and the values there (or None)."""
+        if logits:
+            out, h = response_logits(self.policy, input_ids, attention_mask, position_ids, start)
+        else:
+            backbone, _ = split_lm(self.policy)
+            h = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state[:, start - 1 : -1]
+            out = None
         want = values and self.value_head is not None
         v = self.value_head(h.to(self.value_head.linear.weight.dtype)).float() if want else None
-        return logits, v
+        return out, v
 
 
 class Critic(nn.Module):
@@ -184,32 +192,56 @@ class PPOModels:
         return logits if self.temperature == 1.0 else logits / self.temperature
 
     def forward(self, ro: Rollout, idx=None, with_values: bool = True, reference: bool = False,
-                entropy_grad: bool = True):
+                entropy_grad: bool = True, logprobs: bool = True):
         """Log-probs of the response tokens [B, R] under the sampling distribution (logits / temperature),
         entropies of that distribution [B, R], values [B, R] (or None). entropy_grad=False: the entropy is a
-        statistic only (entropy_coef 0), computed without keeping its graph."""
+        statistic only (entropy_coef 0), computed without keeping its graph. logprobs=False: values only (log-probs
+        and entropies None).
+
+        The forward runs on the selected rows without the columns that are padding in all of them (the prompts'
+        common left padding, the responses' common tail after the longest one ends); outputs are padded back to
+        [B, R] with zeros there, positions every loss masks out."""
         q, qm, r, m = ro.query, ro.query_mask, ro.response, ro.mask
         if idx is not None:
             q, qm, r, m = q[idx], qm[idx], r[idx], m[idx]
+        R = r.shape[1]
+        first = int(qm.any(0).long().argmax())  # the first column holding a prompt token of any row
+        L = max(1, int(m.sum(1).max()))  # the longest response (EOS included)
+        q, qm, r, m = q[:, first:], qm[:, first:], r[:, :L], m[:, :L]
         ids = torch.cat([q, r], 1)
         att = torch.cat([qm, m.long()], 1)
         pos = position_ids(att)
         P = q.shape[1]
+        full = lambda x: x if x is None or L == R else torch.nn.functional.pad(x, (0, R - L))  # noqa: E731
         if reference:
             if self.lora:
                 with self.policy.disable_adapter():
                     logits, _ = self.actor(ids, att, pos, P, values=False)
             else:
                 logits, _ = response_logits(self.reference, ids, att, pos, P)
-            return losses.logprobs_from_logits(self._tempered(logits), r), None, None
-        logits, values = self.actor(ids, att, pos, P, values=with_values)
-        logits = self._tempered(logits)
-        logp = losses.logprobs_from_logits(logits, r)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            ent = losses.entropy_from_logits(logits)
+            return full(losses.logprobs_from_logits(self._tempered(logits), r)), None, None
+        logp = ent = values = None
+        if logprobs or (with_values and self.critic is None):
+            logits, values = self.actor(ids, att, pos, P, values=with_values, logits=logprobs)
+            if logprobs:
+                logits = self._tempered(logits)
+                logp = losses.logprobs_from_logits(logits, r)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                    ent = losses.entropy_from_logits(logits)
         if with_values and self.critic is not None:
             values = self.critic(ids, att, pos, P)
-        return logp, ent, values
+        return full(logp), full(ent), full(values)
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where the parameters' device has one (CPU and CUDA do): the same update,
+    about ten times faster on a CPU than the per-tensor loop torch picks there by default (what transformers'
+    default `adamw_torch_fused`, and so TRL, uses too)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 class LocalOptimizer:
@@ -264,17 +296,48 @@ class LocalOptimizer:
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
 
+class SampledLogprobs:
+    """A logits processor that records, for each sampled token, its log-probability under the distribution the
+    sampler drew it from (logits / temperature; PPO samples with nothing else applied). It keeps one row of
+    logits per sequence, where `output_scores` would keep all of them ([batch, new tokens, vocabulary]). TRL
+    1.12's PPO takes its old log-probs from the sampler's logits in the same way; call `finish` with the last
+    sampled tokens afterwards. Transformers applies user processors before its temperature warper: the
+    temperature is applied here."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.rows, self.out = temperature, None, []
+
+    def _collect(self, tokens: torch.Tensor) -> None:
+        if self.rows is not None:
+            logits, lse = self.rows
+            self.out.append(logits.gather(1, tokens[:, None].to(logits.device)).squeeze(1) - lse)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._collect(input_ids[:, -1])  # the token sampled from the previous row
+        logits = scores.float() / self.temperature
+        self.rows = (logits, torch.logsumexp(logits, -1))
+        return scores
+
+    def finish(self, last: torch.Tensor) -> torch.Tensor:
+        self._collect(last)
+        return torch.stack(self.out, 1)
+
+
 def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores: bool = False) -> Rollout:
     """Sample one response per prompt at the models' temperature (pure sampling: no top-k, top-p or penalties,
-    whatever the model's generation_config.json says). keep_scores: also keep the sampler's own log-probs."""
+    whatever the model's generation_config.json says). keep_scores: also keep the sampler's own log-probs
+    (ro.sampler_logp, masked after each response's end), which PPO uses as its old log-probs."""
+    from transformers import LogitsProcessorList
+
     tok = models.tok
     query, qmask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
     query, qmask = query.to(models.device), qmask.to(models.device)
-    config = generation_config(tok, max_new_tokens, models.temperature, 1.0, return_dict_in_generate=True,
-                               output_scores=keep_scores)
+    config = generation_config(tok, max_new_tokens, models.temperature, 1.0, return_dict_in_generate=True)
+    recorder = SampledLogprobs(models.temperature) if keep_scores else None
+    extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder else {}
     models.train(False)
     with torch.no_grad(), models.generation() as policy:
-        out = generate_with(policy, config, query, qmask, synced_gpus=models.sync_generation)
+        out = generate_with(policy, config, query, qmask, synced_gpus=models.sync_generation, **extra)
     response = out.sequences[:, query.shape[1]:]
     is_eos = response == tok.eos_token_id
     # keep everything up to and including the first EOS
@@ -286,9 +349,8 @@ def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores:
     eos = is_eos.any(1)
     texts = tok.batch_decode(response, skip_special_tokens=True)
     ro = Rollout(prompts, [t.strip() for t in texts], query, qmask, response, mask, eos)
-    if keep_scores:
-        scores = torch.stack(out.scores, 1).float()  # [B, R, V]: the processed logits the sampler drew from
-        ro.sampler_logp = losses.logprobs_from_logits(scores, response) * mask
+    if recorder is not None:
+        ro.sampler_logp = recorder.finish(out.sequences[:, -1])[:, : response.shape[1]] * mask
     return ro
 
 
@@ -358,6 +420,8 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
         for start in range(0, B, hp.minibatch_size):
             mb = order[start : start + hp.minibatch_size]
             optimizer.zero_grad()
+            # micro-batches of similar response lengths (less padding); the minibatch's gradient is their sum
+            mb = mb[torch.sort(ro.mask[mb].sum(1).cpu(), stable=True).indices]
             micro = [mb[i : i + hp.micro_batch_size] for i in range(0, len(mb), hp.micro_batch_size)]
             bad_loss = None
             for idx in micro:
@@ -397,23 +461,33 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
 
 
 def score_rollout(models: PPOModels, ro: Rollout, reward_fn: RewardFunction, missing_eos_penalty: float | None,
-                  step: int, chunk: int | None = None) -> None:
+                  step: int, chunk: int | None = None) -> dict[str, float]:
     """Fill in scores, old log-probs, reference log-probs and values (no gradients, eval mode), the forwards in
-    chunks of `chunk` sequences (None: all at once), which bounds their activation memory."""
+    chunks of `chunk` sequences (None: all at once), which bounds their activation memory. Returns the seconds
+    each part took (ppo/time/reward, ppo/time/old_logprobs_values, ppo/time/reference)."""
+    t0 = time.perf_counter()
     scores = reward_fn(ro.prompts, ro.responses).to(models.device)
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~ro.eos).float()
     check_finite(step, reward=scores)
+    t1 = time.perf_counter()
     models.train(False)
     n = ro.response.shape[0]
-    parts = [torch.arange(i, min(i + (chunk or n), n)) for i in range(0, n, chunk or n)]
+    # chunks of similar response lengths, so that each forward pads little (the results go back in place)
+    order = torch.sort(ro.mask.sum(1), stable=True).indices.cpu()
+    parts = [order[i : i + (chunk or n)] for i in range(0, n, chunk or n)]
+    sampled = ro.sampler_logp is not None  # the sampler's own log-probs are the old ones (as in TRL 1.12)
+    place = lambda outs: torch.cat(outs)[torch.argsort(order)]  # noqa: E731
     with torch.no_grad():
-        own = [models.forward(ro, idx, entropy_grad=False) for idx in parts]
+        own = [models.forward(ro, idx, entropy_grad=False, logprobs=not sampled) for idx in parts]
+        t2 = time.perf_counter()
         ref = [models.forward(ro, idx, reference=True)[0] for idx in parts]
-    ro.logp = torch.cat([o[0] for o in own])
-    ro.values = torch.cat([o[2] for o in own]) if own[0][2] is not None else None
-    ro.ref_logp = torch.cat(ref)
+    ro.logp = ro.sampler_logp if sampled else place([o[0] for o in own])
+    ro.values = place([o[2] for o in own]) if own[0][2] is not None else None
+    ro.ref_logp = place(ref)
     ro.scores = scores
+    return {"ppo/time/reward": t1 - t0, "ppo/time/old_logprobs_values": t2 - t1,
+            "ppo/time/reference": time.perf_counter() - t2}
 
 
 def evaluate(models: PPOModels, prompts: list, reward_fn: RewardFunction | None, rule=None, max_new_tokens: int = 32,

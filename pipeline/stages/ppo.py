@@ -249,7 +249,7 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
     from pipeline.models import count_parameters, hidden_size, resolve_precision
     from pipeline import deepspeed as zero
     from pipeline.rl import losses
-    from pipeline.rl.ppo import LocalOptimizer
+    from pipeline.rl.ppo import LocalOptimizer, adamw
     from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
     world, say = distributed.world_size(), distributed.say
@@ -282,8 +282,8 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
         for m in (models.actor_module, models.critic_module):
             if m is not None:
                 m.to(models.device)
-        adamw = torch.optim.AdamW(models.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        optimizer = LocalOptimizer(models, adamw, cfg.optim.max_grad_norm, schedule(adamw))
+        adam = adamw(models.trainable_parameters(), cfg.optim.lr, cfg.optim.weight_decay)
+        optimizer = LocalOptimizer(models, adam, cfg.optim.max_grad_norm, schedule(adam))
     if not shard_frozen:  # whole frozen copies join the trained models on their device
         if models.reference is not None:
             models.reference.to(models.device)
@@ -334,9 +334,16 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
     for step in tqdm(range(first, cfg.steps + 1), desc="PPO", unit="step", initial=first - 1, total=cfg.steps,
                      disable=not main):
         epoch, batch = next(batches)
-        ro = generate(models, batch[rank::world], ro_cfg.max_new_tokens)
-        score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step, hp.forward_batch_size)
+        t_step = time.perf_counter()
+        ro = generate(models, batch[rank::world], ro_cfg.max_new_tokens, keep_scores=True)
+        t_gen = time.perf_counter()
+        phases = score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step, hp.forward_batch_size)
+        t_score = time.perf_counter()
         last = ppo_step(models, s.optimizer, ro, hp, s.kl_ctl, step)
+        # where a step's time goes (seconds, this process): sampling, the reward, the no-grad forwards for old
+        # log-probs and values and for the reference, the PPO epochs of updates
+        last.update({"ppo/time/generate": t_gen - t_step, **phases, "ppo/time/update": time.perf_counter() - t_score,
+                     "ppo/time/step": time.perf_counter() - t_step})
         last["ppo/epoch"] = epoch
         ctx.metrics.log(last, step=step)
         if main and (step % cfg.log_samples_every == 0 or step == 1):
