@@ -35,6 +35,7 @@ ifdef QUICK
 	$(PY) bench/ppo_vs_trl.py --quick
 else
 	$(PY) bench/ppo_vs_trl.py
+	$(PY) bench/trainers_vs_trl.py
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
 endif

@@ -20,6 +20,7 @@ examples:
   rlhf run configs/tiny.yaml --stage sft --force rerun one stage
   rlhf run configs/quickstart.yaml --set stages.sft.optim.max_steps=10
   rlhf models prepare smollm2-135m-instruct      convert the embedded SmolLM2 once
+  rlhf plan configs/quickstart.yaml --gpus 8 --gpu-memory 80GB   memory per GPU before launch
 """
 
 
@@ -43,6 +44,11 @@ def _cmd_run(args) -> int:
                 print(f"  stages.{st.name}.optim: " + ", ".join(f"{k} {v} (shared default {d})"
                                                                for k, (v, d) in changes.items()))
         return 0
+    if args.plan_check:
+        from pipeline.plan import check
+
+        for line in check(cfg, args.stage):
+            print(line, file=sys.stderr)
     from pipeline import distributed
     from pipeline.runner import run_pipeline
 
@@ -361,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the rank is read from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_data, _add_reward, _add_feedback, _add_eval, _add_export, _add_serve, _add_models,
+    for add in (_add_run, _add_plan, _add_data, _add_reward, _add_feedback, _add_eval, _add_export, _add_serve, _add_models,
                 _add_report):
         add(sub)
     return p
@@ -384,7 +390,53 @@ def _add_run(sub) -> None:
                    help="run the selected training stages under this ZeRO config (configs/deepspeed/*.json)")
     r.add_argument("--check", action="store_true", help="validate the config, print the resolved optimiser "
                    "settings that differ from the shared defaults, and exit")
+    r.add_argument("--plan-check", action="store_true", help="estimate each selected training stage's peak memory "
+                   "on this machine's devices (rlhf plan) and refuse to launch one that would not fit")
     r.set_defaults(func=_cmd_run)
+
+
+def _cmd_plan(args) -> int:
+    import json
+
+    from pipeline.config import load_pipeline
+    from pipeline.errors import UsageError
+    from pipeline.plan import GIB, parse_memory_arg, plan, render
+
+    cfg = load_pipeline(args.config, args.set)
+    if args.gpus < 1 or args.nodes < 1:
+        raise UsageError("--gpus and --nodes must be at least 1")
+    memory = parse_memory_arg(args.gpu_memory)
+    rows = plan(cfg, args.gpus, args.nodes, memory, args.cpu, args.stage, args.prompt_tokens)
+    if not rows:
+        raise UsageError(f"{args.config}: no training stage to plan")
+    if args.json:
+        print(json.dumps([{**r, "options": [{k: v for k, v in o.items() if k != "cost"} for o in r["options"]],
+                           "best": r["best"] and {k: v for k, v in r["best"].items() if k != "cost"}}
+                          for r in rows], indent=2))
+    else:
+        print(render(rows, memory, args.gpus * args.nodes))
+    unfit = [r["stage"] for r in rows if r["best"] is None]
+    if unfit:
+        print(f"does not fit in {memory / GIB:.1f} GiB per device: {', '.join(unfit)}", file=sys.stderr)
+    return 1 if unfit else 0
+
+
+def _add_plan(sub) -> None:
+    pl = sub.add_parser("plan", help="estimate each training stage's peak memory per device before launch",
+                        description="Estimate each training stage's peak memory per device under ZeRO-0/1/2/3 with "
+                        "and without offload (weights, gradients, optimizer states, activations, KV cache, PPO's "
+                        "models), say which fit and which of those is fastest. Exit 1 if a stage fits in none.")
+    pl.add_argument("config", help="pipeline YAML (see configs/)")
+    pl.add_argument("--gpus", type=int, default=1, help="devices (processes) per node (default 1)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    pl.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory per device, e.g. 80GB (default)")
+    pl.add_argument("--cpu", action="store_true", help="plan a CPU run: fp32, host memory, the libraries' footprint")
+    pl.add_argument("--prompt-tokens", type=int, default=256, metavar="N",
+                    help="the longest prompt of online stages (PPO, GRPO, RLOO), which have no such setting (256)")
+    pl.add_argument("--stage", action="append", metavar="NAME", help="plan only this stage (repeatable)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
+    pl.add_argument("--json", action="store_true", help="machine-readable output, bytes per part")
+    pl.set_defaults(func=_cmd_plan)
 
 
 def _data_options(q, tokenizer: bool = True) -> None:
