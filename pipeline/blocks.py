@@ -107,6 +107,8 @@ class OptimConfig(ScheduleConfig):
     grad_accum: int = Field(1, ge=1)
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="None: evaluate at the end only")
+    group_by_length: bool = Field(False, description="SFT and reward: batches of examples of similar length, in "
+                                  "random order (less padding, same examples per epoch)")
 
 
 def optim_changes(optim: BaseModel) -> dict[str, tuple[Any, Any]]:

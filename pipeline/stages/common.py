@@ -77,6 +77,8 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         deepspeed=zero_config(cfg, ctx, precision),
         # TRL's configs default to gradient checkpointing on; ours is off unless the stage turns it on
         activation_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
+        length_column_name="length",  # the reward stage's rows carry one; SFT's are measured by their input_ids
         **extra,
     )
 

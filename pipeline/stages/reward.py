@@ -71,6 +71,10 @@ def _pairs(cfg: RewardStageConfig, ctx, tokenizer):
     train_pairs, eval_pairs = list(read_pairs(prefs.output("train"))), list(read_pairs(eval_art.output("eval")))
     train_rows, train_kept, skipped = encode_pairs(train_pairs, tokenizer, cfg.max_length, cfg.use_margin)
     eval_rows, eval_kept, eval_skipped = encode_pairs(eval_pairs, tokenizer, cfg.max_length, False)
+    if cfg.optim.group_by_length:  # what a batch is padded to: the longer side of each pair (transformers groups
+        # the evaluation batches too)
+        train_rows, eval_rows = ([{**r, "length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows]
+                                 for rows in (train_rows, eval_rows))
     skipped = [{**s, "split": "train"} for s in skipped] + [{**s, "split": "eval"} for s in eval_skipped]
     if skipped:
         write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
@@ -104,7 +108,10 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     train_rows, eval_rows, train_kept, eval_kept, counts = _pairs(cfg, ctx, tokenizer)
 
     args = training_args(RewardConfig, cfg, ctx, precision, max_length=None,
-                         center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None)
+                         center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None,
+                         # TRL keeps only chosen_ids/rejected_ids/margin unless told otherwise; the length column
+                         # must reach the sampler (its collator ignores it)
+                         remove_unused_columns=not cfg.optim.group_by_length)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                             processing_class=tokenizer, callbacks=[trainer_callback(ctx.metrics)],

@@ -124,3 +124,42 @@ def test_eval_steps_without_eval_pairs_is_a_clear_error(tmp_path, capsys):
         assert main(["run", str(cfg), "--stage", "preferences", "--stage", stage]) == 1
         err = capsys.readouterr().err
         assert "optim.eval_steps:" in err and "holds no usable eval pairs" in err, err
+
+
+def test_group_by_length_batches_pairs_of_similar_length(tmp_path, monkeypatch):
+    """optim.group_by_length on the reward stage: each batch holds pairs of similar length (less padding), where
+    random batches mix short and long ones; DPO refuses the setting with a message."""
+    import trl.trainer.reward_trainer as rt
+
+    words = ["calm", "bright", "quiet", "warm", "lovely", "gentle", "soft", "clear"]
+    rows = [{"prompt": f"Tell me about place {i}." + " More detail, please." * (i % 8) * 2,
+             "chosen": f"Place {i} is {words[i % 8]}.", "rejected": f"Place {i} is dull."} for i in range(256)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spreads: dict[str, list[int]] = {}
+    real = rt.DataCollatorForPreference.torch_call
+
+    def recording(self, examples):
+        lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+        spreads.setdefault(current[0], []).append(max(lengths) - min(lengths))
+        return real(self, examples)
+
+    monkeypatch.setattr(rt.DataCollatorForPreference, "torch_call", recording)
+    current = [""]
+    for grouped in (False, True):
+        current[0] = str(grouped)
+        run = tmp_path / f"run-{grouped}"
+        cfg = write_yaml(tmp_path / f"p-{grouped}.yaml", {"run_dir": str(run), "seed": 0, "stages": [
+            {"stage": "preferences", "data": {"path": str(data)}, "eval_fraction": 0},
+            {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "max_length": 512,
+             "precision": "fp32", "optim": {"lr": 1e-4, "epochs": 1, "batch_size": 8, "group_by_length": grouped}}]})
+        assert main(["run", str(cfg)]) == 0
+    random_spread = sum(spreads["False"]) / len(spreads["False"])
+    grouped_spread = sum(spreads["True"]) / len(spreads["True"])
+    assert len(spreads["True"]) == len(spreads["False"]) == 32  # the same 256 pairs, 32 batches each
+    assert grouped_spread * 3 < random_spread, (spreads, random_spread, grouped_spread)
+
+    dpo = write_yaml(tmp_path / "d.yaml", {"run_dir": str(tmp_path / "d"), "stages": [
+        {"stage": "preferences", "data": {"path": str(data)}},
+        {"stage": "dpo", "policy": "tiny", "preferences": "stage:preferences", "optim": {"group_by_length": True}}]})
+    assert main(["run", str(dpo), "--check"]) == 2
