@@ -36,6 +36,7 @@ ifdef QUICK
 else
 	$(PY) bench/ppo_vs_trl.py
 	$(PY) bench/trainers_vs_trl.py
+	$(PY) bench/reward_vs_trl.py --train 300 --eval 150
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
 endif

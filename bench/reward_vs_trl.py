@@ -1,0 +1,124 @@
+"""Benchmark (not a test): our reward stage against a plain TRL RewardTrainer script on the real HH-RLHF sample,
+side by side in one run (needs ../shared/data beside the checkout).
+
+    .venv/bin/python bench/reward_vs_trl.py                    # 600 train / 300 eval pairs (about an hour)
+    .venv/bin/python bench/reward_vs_trl.py --train 300 --eval 150
+
+The pairs: the sample's valid pairs in file order (read by `rlhf data import`, the defective rows rejected with
+reasons), the first --train for training and the next --eval for evaluation, the same files for every row.
+Rows, each its own process, one run each:
+- TRL RewardTrainer, a plain script with its defaults (lr 1e-4, batch 8, gradient checkpointing on), LoRA r16
+  on peft's default targets (q_proj, v_proj), max length 384, one epoch, fp32; it drops over-long pairs itself;
+- ours with the same settings (`stage: reward`), every pair it leaves out counted in skipped.jsonl;
+- ours tuned for speed: no gradient checkpointing, length-grouped batches (`group_by_length`), lr 2e-4.
+Reported: training time, held-out accuracy, the pairs each side trained and evaluated on (TRL drops pairs
+longer than max_length; ours truncates them and leaves out, counted, only those whose prompt alone fills it),
+peak RSS. Appended to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppo_vs_trl import PY, ROOT, WORK, measure  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl"
+
+
+def prepare(n_train: int, n_eval: int) -> tuple[Path, Path]:
+    out = WORK / "reward-vs-trl"
+    out.mkdir(parents=True, exist_ok=True)
+    every = out / "hh-valid.jsonl"
+    subprocess.run([PY, "-m", "pipeline", "data", "import", str(DATA), "-o", str(every), "--on-error", "skip"],
+                   cwd=ROOT, check=True, capture_output=True)
+    rows = [x for x in every.read_text().splitlines() if x.strip()]
+    if len(rows) < n_train + n_eval:
+        raise SystemExit(f"{DATA}: {len(rows)} valid pairs, fewer than {n_train} + {n_eval}")
+    train, evals = out / f"train-{n_train}.jsonl", out / f"eval-{n_eval}.jsonl"
+    train.write_text("\n".join(rows[:n_train]) + "\n")
+    evals.write_text("\n".join(rows[n_train : n_train + n_eval]) + "\n")
+    return train, evals
+
+
+def trl_row(train: Path, evals: Path, max_length: int) -> dict:
+    from pipeline.models import resolve
+
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    m = measure([PY, str(ROOT / "bench" / "peers" / "trl_reward.py"), "--model", resolve("smollm2-135m-instruct"),
+                 "--train", str(train), "--eval", str(evals), "--max-length", str(max_length), "--out", str(out)],
+                {**os.environ, "WANDB_MODE": "disabled"})
+    r = json.loads(out.read_text())
+    return {**m, "train_seconds": r["train_seconds"], "accuracy": r["accuracy"], "eval_pairs": r["eval_pairs_kept"],
+            "train_pairs": r["train_pairs_kept"]}
+
+
+def ours_row(train: Path, evals: Path, max_length: int, name: str, fast: bool) -> dict:
+    run = WORK / "reward-vs-trl" / "run"
+    stage = {"stage": "reward", "name": name, "model": "smollm2-135m-instruct", "preferences": "stage:hh_train",
+             "eval_preferences": "stage:hh_eval", "tuning": "lora",
+             "lora": {"r": 16, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+             "max_length": max_length, "precision": "fp32", "gradient_checkpointing": not fast,
+             "optim": {"lr": 2e-4 if fast else 1e-4, "epochs": 1, "batch_size": 8, "logging_steps": 10,
+                       "group_by_length": fast}}
+    cfg = {"run_dir": str(run), "seed": 0, "stages": [
+        {"stage": "preferences", "name": "hh_train", "data": {"path": str(train)}, "eval_fraction": 0},
+        # every prompt of the evaluation file held out (the split rounds the number of held-out prompts up)
+        {"stage": "preferences", "name": "hh_eval", "data": {"path": str(evals)}, "eval_fraction": 0.999}, stage]}
+    path = WORK / "reward-vs-trl" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    m = measure([PY, "-m", "pipeline", "run", str(path), "--stage", "hh_train", "--stage", "hh_eval", "--stage", name,
+                 "--force"], {**os.environ, "WANDB_MODE": "disabled"})
+    man = json.loads((run / name / "manifest.json").read_text())
+    return {**m, "train_seconds": man["metrics"]["train/seconds"], "accuracy": man["metrics"]["eval/accuracy"],
+            "eval_pairs": man["counts"]["evaluated_on"], "train_pairs": man["counts"]["trained_on"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=int, default=600)
+    p.add_argument("--eval", type=int, default=300)
+    p.add_argument("--max-length", type=int, default=384)
+    a = p.parse_args()
+    if not DATA.exists():
+        raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/data beside the checkout")
+    train, evals = prepare(a.train, a.eval)
+    rows = {"TRL RewardTrainer, plain script": lambda: trl_row(train, evals, a.max_length),
+            "ours, same settings": lambda: ours_row(train, evals, a.max_length, "rm_same", False),
+            "ours, tuned for speed": lambda: ours_row(train, evals, a.max_length, "rm_fast", True)}
+    results = {}
+    for name, fn in rows.items():
+        results[name] = fn()
+        r = results[name]
+        print(f"{name}: {r['train_seconds']:.0f} s, accuracy {r['accuracy']:.3f} on {r['eval_pairs']} pairs", flush=True)
+    base = results["TRL RewardTrainer, plain script"]
+    lines = ["| row | training time (s) | time vs TRL | held-out accuracy | train pairs used | eval pairs used | "
+             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['train_seconds']:.0f} | {r['train_seconds'] / base['train_seconds']:.2f}x | "
+                     f"{r['accuracy']:.3f} | {r['train_pairs']} of {a.train} | {r['eval_pairs']} of {a.eval} | "
+                     f"{r['peak_rss_mib']:,.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    header = (f"\n## Reward model, ours against a plain TRL RewardTrainer script (bench/reward_vs_trl.py), "
+              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores\n\n"
+              f"HH-RLHF harmless sample: the first {a.train} valid pairs to train, the next {a.eval} to evaluate; "
+              f"SmolLM2-135M-Instruct + LoRA r16 (q_proj, v_proj), max length {a.max_length}, one epoch, batch 8, "
+              f"fp32; one run each. Command: `.venv/bin/python bench/reward_vs_trl.py --train {a.train} "
+              f"--eval {a.eval}`.\n\n")
+    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        f.write(header + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
