@@ -41,6 +41,14 @@ TRL_PEER = "trl==1.12.0"
 PY = sys.executable
 
 
+def record(title: str, setup: str, text: str) -> None:
+    """Print a result table and append it to bench/RESULTS.md under a heading with the date and machine."""
+    print(text)
+    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        f.write(f"\n## {title}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores\n\n"
+                f"{setup}\n\n{text}\n")
+
+
 def install_trl_peer() -> Path:
     target = PEERS / "trl-1.12.0"
     if not (target / "trl" / "experimental" / "ppo" / "ppo_trainer.py").exists():
@@ -182,16 +190,11 @@ def main() -> None:
     rows = {name: summarise(runs) for name, runs in results.items()}
     text = table(rows) + "\n\nWhere our PPO step's time goes (mean seconds per step over the runs, and its share):\n\n" \
         + phase_table(results)
-    print(text)
-    header = (f"\n## PPO, ours against TRL 1.12 (bench/ppo_vs_trl.py{' --quick' if a.quick else ''}), "
-              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores\n\n"
-              f"SmolLM2-135M-Instruct, LoRA r16 q/k/v/o, 8 prompts/step, 32 new tokens, 2 epochs x 2 minibatches, "
-              f"{episodes} episodes, fp32; median [min, max] of {repeats} run(s) each"
-              f"{' after a warm-up' if warmup else ''}, interleaved. Command: `.venv/bin/python bench/ppo_vs_trl.py"
-              f"{' --quick' if a.quick else ''}` (or `make bench`).\n\n")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write(header + text + "\n")
-
+    record(f"PPO, ours against TRL 1.12 (bench/ppo_vs_trl.py{' --quick' if a.quick else ''})",
+           f"SmolLM2-135M-Instruct, LoRA r16 q/k/v/o, 8 prompts/step, 32 new tokens, 2 epochs x 2 minibatches, "
+           f"{episodes} episodes, fp32; median [min, max] of {repeats} run(s) each"
+           f"{' after a warm-up' if warmup else ''}, interleaved. Command: `.venv/bin/python bench/ppo_vs_trl.py"
+           f"{' --quick' if a.quick else ''}` (or `make bench`).", text)
 
 if __name__ == "__main__":
     main()

@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import PY, ROOT, WORK, measure  # noqa: E402
+from ppo_vs_trl import PY, ROOT, WORK, measure, record  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl"
 
@@ -109,16 +107,11 @@ def main() -> None:
                      f"{r['accuracy']:.3f} | {r['train_pairs']} of {a.train} | {r['eval_pairs']} of {a.eval} | "
                      f"{r['peak_rss_mib']:,.0f} |")
     text = "\n".join(lines)
-    print(text)
-    header = (f"\n## Reward model, ours against a plain TRL RewardTrainer script (bench/reward_vs_trl.py), "
-              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores\n\n"
-              f"HH-RLHF harmless sample: the first {a.train} valid pairs to train, the next {a.eval} to evaluate; "
-              f"SmolLM2-135M-Instruct + LoRA r16 (q_proj, v_proj), max length {a.max_length}, one epoch, batch 8, "
-              f"fp32; one run each. Command: `.venv/bin/python bench/reward_vs_trl.py --train {a.train} "
-              f"--eval {a.eval}`.\n\n")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write(header + text + "\n")
-
+    record("Reward model, ours against a plain TRL RewardTrainer script (bench/reward_vs_trl.py)",
+           f"HH-RLHF harmless sample: the first {a.train} valid pairs to train, the next {a.eval} to evaluate; "
+           f"SmolLM2-135M-Instruct + LoRA r16 (q_proj, v_proj), max length {a.max_length}, one epoch, batch 8, "
+           f"fp32; one run each. Command: `.venv/bin/python bench/reward_vs_trl.py --train {a.train} "
+           f"--eval {a.eval}`.", text)
 
 if __name__ == "__main__":
     main()

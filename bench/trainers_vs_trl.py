@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import PY, ROOT, WORK, measure  # noqa: E402
+from ppo_vs_trl import PY, ROOT, WORK, measure, record  # noqa: E402
 
 STEPS, BATCH = 10, 8
 LR = {"sft": 2e-5, "dpo": 1e-6}
@@ -113,16 +111,11 @@ def main() -> None:
             lines.append(f"| {method.upper()} | {name} | {statistics.median(secs):.1f} [{min(secs):.1f}, {max(secs):.1f}] "
                          f"| {tps:,.0f} | {tps / base:.2f}x | {loss:.4f} | {peak:,.0f} |")
     text = "\n".join(lines)
-    print(text)
-    header = (f"\n## SFT and DPO, ours against plain TRL trainer scripts (bench/trainers_vs_trl.py), "
-              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores\n\n"
-              f"SmolLM2-135M-Instruct, full fine-tuning, batch {BATCH}, {STEPS} steps, fp32, same learning rate and "
-              f"loss; median [min, max] of {a.repeats} run(s){'' if a.no_warmup else ' after a warm-up'}. Command: "
-              f"`.venv/bin/python bench/trainers_vs_trl.py{' --repeats ' + str(a.repeats) if a.repeats != 3 else ''}"
-              f"{' --no-warmup' if a.no_warmup else ''}`.\n\n")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write(header + text + "\n")
-
+    record("SFT and DPO, ours against plain TRL trainer scripts (bench/trainers_vs_trl.py)",
+           f"SmolLM2-135M-Instruct, full fine-tuning, batch {BATCH}, {STEPS} steps, fp32, same learning rate and "
+           f"loss; median [min, max] of {a.repeats} run(s){'' if a.no_warmup else ' after a warm-up'}. Command: "
+           f"`.venv/bin/python bench/trainers_vs_trl.py{' --repeats ' + str(a.repeats) if a.repeats != 3 else ''}"
+           f"{' --no-warmup' if a.no_warmup else ''}`.", text)
 
 if __name__ == "__main__":
     main()
