@@ -123,6 +123,7 @@ class Work:
     pairs: int = 1  # DPO and reward models forward chosen and rejected
     gather_for_generation: bool = False  # PPO under ZeRO-3 with rollout.gather_zero3: the whole policy to sample
     lm_head: bool = True  # logits over the vocabulary (not for a reward model); PPO's on response positions only
+    frozen_sharded: bool = True  # under ZeRO-3 the frozen models are sharded too (PPO: frozen.zero3)
     notes: list = field(default_factory=list)
 
 
@@ -153,6 +154,7 @@ def work_of(stage, cfg, procs: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> W
         w.frozen_models = int(not lora) + int(bool(stage.reward.model))
         w.critic = shape.params if stage.value_model == "critic" else 0
         w.gather_for_generation = stage.rollout.gather_zero3
+        w.frozen_sharded = stage.frozen.zero3
     return w
 
 
@@ -174,13 +176,16 @@ def estimate(w: Work, zero: int, offload: bool, procs: int, precision: str, on_c
     shard3 = procs if zero == 3 else 1
     trained = w.trainable + w.critic
     parts = {
-        "weights": (s.params + w.critic) * wbytes / shard3 + w.frozen_models * s.params * wbytes / shard3,
+        "weights": (s.params + w.critic) * wbytes / shard3
+        + w.frozen_models * s.params * wbytes / (shard3 if w.frozen_sharded else 1),
         "master weights": trained * 4 / (procs if zero >= 1 else 1) if mixed and not offload else 0.0,
         "gradients": trained * wbytes / (procs if zero >= 2 else 1),
         "optimizer states": 0.0 if offload else trained * 8 / (procs if zero >= 1 else 1),
     }
     if offload and zero == 3 and not on_cpu:  # parameters live in CPU memory; one layer is gathered at a time
-        parts["weights"] = (s.params / s.layers) * wbytes * (1 + w.frozen_models + bool(w.critic))
+        frozen_whole = 0 if w.frozen_sharded else w.frozen_models * s.params * wbytes
+        parts["weights"] = (s.params / s.layers) * wbytes * (1 + w.frozen_models * w.frozen_sharded + bool(w.critic)) \
+            + frozen_whole
     if offload and on_cpu:  # on a CPU run "offload" moves nothing: it is all host memory
         parts["optimizer states"] = trained * 8 / (procs if zero >= 1 else 1)
         parts["master weights"] = trained * 4 / (procs if zero >= 1 else 1) if mixed else 0.0
