@@ -367,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the rank is read from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_plan, _add_data, _add_reward, _add_feedback, _add_eval, _add_export, _add_serve, _add_models,
-                _add_report):
+    for add in (_add_run, _add_plan, _add_data, _add_reward, _add_feedback, _add_eval, _add_export, _add_serve,
+                _add_models, _add_report):
         add(sub)
     return p
 
@@ -403,12 +403,13 @@ def _cmd_plan(args) -> int:
     from pipeline.plan import GIB, parse_memory_arg, plan, render
 
     cfg = load_pipeline(args.config, args.set)
-    if args.gpus < 1 or args.nodes < 1:
-        raise UsageError("--gpus and --nodes must be at least 1")
+    if args.gpus < 1 or args.nodes < 1 or args.prompt_tokens < 1:
+        raise UsageError("--gpus, --nodes and --prompt-tokens must be at least 1")
     memory = parse_memory_arg(args.gpu_memory)
     rows = plan(cfg, args.gpus, args.nodes, memory, args.cpu, args.stage, args.prompt_tokens)
     if not rows:
-        raise UsageError(f"{args.config}: no training stage to plan")
+        raise UsageError(f"{args.config}: no training stage to plan"
+                         + (f" among --stage {', '.join(args.stage)}" if args.stage else ""))
     if args.json:
         print(json.dumps([{**r, "options": [{k: v for k, v in o.items() if k != "cost"} for o in r["options"]],
                            "best": r["best"] and {k: v for k, v in r["best"].items() if k != "cost"}}
