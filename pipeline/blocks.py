@@ -164,6 +164,14 @@ class TrainingBlock(StageBlock):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about 20% slower)")
 
+    @model_validator(mode="after")
+    def _length_grouping(self):
+        # transformers' length-grouped sampler needs one length per row: SFT's examples and reward pairs have one,
+        # DPO's and the online stages' rows do not (PPO's optim block has no such key at all)
+        if getattr(getattr(self, "optim", None), "group_by_length", False) and self.stage not in ("sft", "reward"):
+            raise ValueError("optim.group_by_length: only the sft and reward stages group batches by length")
+        return self
+
 
 class RewardSourceConfig(Strict):
     """Where a policy-optimisation stage's rewards come from (PPO, GRPO, RLOO): a reward model, a rule, or both

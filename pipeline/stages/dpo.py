@@ -60,8 +60,6 @@ class DPOStageConfig(TrainingBlock):
 
     @model_validator(mode="after")
     def _used(self):
-        if self.optim.group_by_length:
-            raise ValueError("optim.group_by_length: only the sft and reward stages group batches by length")
         if self.label_smoothing and self.loss_type not in SMOOTHED_LOSSES:
             raise ValueError(f"label_smoothing has no effect with loss_type '{self.loss_type}'; TRL uses it only for "
                              f"{', '.join(SMOOTHED_LOSSES)}")

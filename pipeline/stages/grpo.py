@@ -60,8 +60,6 @@ class GroupRLStageConfig(OnlineRLBlock):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.optim.group_by_length:
-            raise ValueError("optim.group_by_length: only the sft and reward stages group batches by length")
         if self.eval_rule and self.eval_fraction == 0:
             raise ValueError("eval_rule has no effect with eval_fraction: 0 (no held-out prompts to sample)")
         self.refuse_unused(("eval_fraction",), bool(self.eval_rule), "without eval_rule (prompts are held out only "
