@@ -272,14 +272,17 @@ def chosen(stage) -> tuple[int, bool]:
     """(ZeRO stage, offload) of a stage's `deepspeed:` JSON; (0, False) without one."""
     import json
 
+    from pipeline.deepspeed import zero_stage
+
     if not getattr(stage, "deepspeed", None):
         return 0, False
     try:
-        z = json.loads(Path(stage.deepspeed).read_text()).get("zero_optimization", {})
+        ds = json.loads(Path(stage.deepspeed).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"{stage.deepspeed}: cannot read the DeepSpeed config: {exc}") from None
+    z = ds.get("zero_optimization", {})
     off = any((z.get(k) or {}).get("device", "none") not in ("none", None) for k in ("offload_optimizer", "offload_param"))
-    return int(z.get("stage", 0)), off
+    return zero_stage(ds), off
 
 
 def local_devices() -> tuple[int, float, bool]:

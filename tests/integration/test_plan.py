@@ -46,7 +46,7 @@ def test_zero_stages_divide_the_model_states_as_by_hand():
 
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=900)
+                          check=False, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=900)
 
 
 def test_plan_command_says_what_fits_on_8_gpus_and_what_does_not():
@@ -141,3 +141,14 @@ def test_estimate_within_a_quarter_of_the_measured_peak_on_one_process(tmp_path,
     print(report)
     for name, (measured, estimated) in report.items():
         assert abs(estimated - measured) <= 0.25 * measured, (name, "measured MiB, estimated MiB", report)
+
+
+def test_plan_check_takes_the_zero_setting_the_stage_will_run_with():
+    from types import SimpleNamespace
+
+    from pipeline.plan import chosen
+
+    ds = lambda name: SimpleNamespace(deepspeed=str(ROOT / "configs" / "deepspeed" / name))
+    assert chosen(SimpleNamespace(deepspeed=None)) == (0, False)
+    assert [chosen(ds(n)) for n in ("zero1.json", "zero2.json", "zero2-offload.json", "zero3.json",
+                                    "zero3-offload.json")] == [(1, False), (2, False), (2, True), (3, False), (3, True)]
