@@ -101,9 +101,14 @@ def shape_of(ref: str) -> Shape:
         raise UsageError(f"plan: cannot read the shape of {ref!r} (no {cfg_file}); use a local model or a known "
                          f"hub id ({', '.join(KNOWN)})")
     c = json.loads(cfg_file.read_text())
-    return Shape(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
-                 kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], intermediate=c["intermediate_size"],
-                 vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or 0)
+    try:
+        return Shape(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                     kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                     intermediate=c["intermediate_size"], vocab=c["vocab_size"],
+                     tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or 0)
+    except KeyError as exc:
+        raise UsageError(f"plan: {cfg_file}: no {exc.args[0]!r}; the plan knows decoder-only (Llama-style) shapes "
+                         "with these keys at the top level") from None
 
 
 @dataclass

@@ -152,3 +152,14 @@ def test_plan_check_takes_the_zero_setting_the_stage_will_run_with():
     assert chosen(SimpleNamespace(deepspeed=None)) == (0, False)
     assert [chosen(ds(n)) for n in ("zero1.json", "zero2.json", "zero2-offload.json", "zero3.json",
                                     "zero3-offload.json")] == [(1, False), (2, False), (2, True), (3, False), (3, True)]
+
+
+def test_a_model_whose_shape_the_plan_cannot_read_is_a_clear_error(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 8}}))
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": [
+        {"stage": "sft", "model": str(model), "data": {"train": "synthetic:sft"}}]})
+    res = _cli("plan", str(cfg))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{model / 'config.json'}: no 'hidden_size'" in res.stderr
