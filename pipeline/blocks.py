@@ -151,6 +151,12 @@ class StageBlock(Strict):
     def inputs(self) -> dict[str, tuple[str, str]]:
         return {}
 
+    def preflight(self, world: int) -> None:
+        """Checks that need more than the config: the number of processes, or what the installed libraries offer.
+        `rlhf run` runs them for every selected stage before the first one starts (a launch that cannot work fails
+        at once, not after the stages before it have trained), and so does `rlhf run --check --processes N`. Raise
+        UsageError naming the key. Methods extend it."""
+
 
 class TrainingBlock(StageBlock):
     """What every training stage has, with one meaning everywhere: how the model is tuned, its LoRA settings,
@@ -163,6 +169,11 @@ class TrainingBlock(StageBlock):
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about 20% slower)")
+
+    def zero_batch(self, world: int):
+        """What one process runs per optimizer step, for the stage's ZeRO config (pipeline.deepspeed.zero_config):
+        batch_size, grad_accum and max_grad_norm of the optim block (PPO takes them from its ppo block)."""
+        return self.optim
 
     @model_validator(mode="after")
     def _length_grouping(self):

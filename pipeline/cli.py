@@ -35,9 +35,14 @@ def _cmd_run(args) -> int:
             if (not args.stage or st.name in args.stage) and "deepspeed" in type(st).model_fields:
                 st.deepspeed = args.deepspeed
     if args.check:
+        from pipeline import distributed
         from pipeline.blocks import optim_changes
+        from pipeline.runner import preflight, selected_stages
 
-        print(f"{args.config}: valid ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
+        world = args.processes or distributed.world_size()
+        preflight(selected_stages(cfg, args.stage), world)
+        print(f"{args.config}: valid ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)}; checked for "
+              f"{world} process{'es' if world > 1 else ''})")
         for st in cfg.stages:  # each method's own defaults, and the user's settings, as they resolved
             changes = optim_changes(st.optim) if hasattr(st, "optim") else {}
             if changes:
@@ -388,8 +393,11 @@ def _add_run(sub) -> None:
     r.add_argument("--run-dir", help="override run_dir")
     r.add_argument("--deepspeed", metavar="ZERO.json",
                    help="run the selected training stages under this ZeRO config (configs/deepspeed/*.json)")
-    r.add_argument("--check", action="store_true", help="validate the config, print the resolved optimiser "
-                   "settings that differ from the shared defaults, and exit")
+    r.add_argument("--check", action="store_true", help="validate the config and the checks every stage runs before "
+                   "the first one starts (for --processes processes), print the resolved optimiser settings that "
+                   "differ from the shared defaults, and exit")
+    r.add_argument("--processes", type=int, metavar="N", help="with --check: the number of processes the run will be "
+                   "launched on (default: this launch's, 1 without a launcher)")
     r.add_argument("--plan-check", action="store_true", help="estimate each selected training stage's peak memory "
                    "on this machine's devices (rlhf plan) and refuse to launch one that would not fit")
     r.set_defaults(func=_cmd_run)

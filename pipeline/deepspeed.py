@@ -56,11 +56,13 @@ def init_process_group() -> None:
 # --------------------------------------------------------------------------- configs and the safe reader
 
 
-def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dict:
-    """A ZeRO JSON with its "auto" values filled from the stage; disagreements are errors.
+def load_zero_config(path: str | Path, optim, precision: str, where: str, world: int | None = None) -> dict:
+    """A ZeRO JSON with its "auto" values filled from the stage (`optim`: batch_size per process, grad_accum,
+    max_grad_norm; `world`: the number of processes, default this run's); disagreements are errors.
 
     Every stage run under DeepSpeed comes through here, so this is also where DeepSpeed's checkpoint
     reader is switched to torch.load(weights_only=True) (safe_deepspeed_loading) before any resume."""
+    world = distributed.world_size() if world is None else world
     safe_deepspeed_loading()
     try:
         cfg = json.loads(Path(path).read_text())
@@ -72,7 +74,7 @@ def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dic
         "train_micro_batch_size_per_gpu": optim.batch_size,
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": optim.max_grad_norm,
-        "train_batch_size": optim.batch_size * optim.grad_accum * distributed.world_size(),
+        "train_batch_size": optim.batch_size * optim.grad_accum * world,
     }
     for key, value in want.items():
         have = cfg.get(key, "auto")
@@ -142,11 +144,15 @@ def _deepspeed_checkpoint_types() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def zero_config(cfg, ctx, precision: str) -> dict | None:
-    """The stage's DeepSpeed config (`deepspeed:` key or `rlhf run --deepspeed`), filled from its optim block."""
+def zero_config(cfg, precision: str, world: int | None = None) -> dict | None:
+    """The stage's DeepSpeed config (`deepspeed:` key or `rlhf run --deepspeed`), its batch fields filled from what
+    the stage says a process runs (cfg.zero_batch: the optim block; PPO's ppo block); None without one."""
     if not getattr(cfg, "deepspeed", None):
         return None
-    return load_zero_config(cfg.deepspeed, cfg.optim, precision, f"stages.{ctx.name}")
+    world = distributed.world_size() if world is None else world
+    batch = cfg.zero_batch(world)
+    where = f"stages.{cfg.name or cfg.stage}" + (f" ({batch.source})" if getattr(batch, "source", None) else "")
+    return load_zero_config(cfg.deepspeed, batch, precision, where, world)
 
 
 # --------------------------------------------------------------------------- PPO's engines
@@ -166,15 +172,18 @@ def local_sizes(cfg, world: int) -> tuple[int, int]:
     return pps // world, mb // world
 
 
-def ds_config(cfg, precision: str, hidden: int | None) -> dict:
-    """The stage's ZeRO JSON with its "auto" values filled from the PPO block (disagreements are errors)."""
-    world = distributed.world_size()
+def zero_batch(cfg, world: int) -> SimpleNamespace:
+    """PPO's per-process batch for its ZeRO config: micro-batches of ppo.micro_batch_size, as many as this process's
+    share of a minibatch holds (local_sizes)."""
     _, mb = local_sizes(cfg, world)
     micro = cfg.ppo.micro_batch_size
-    batch = SimpleNamespace(batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm)
-    ds = load_zero_config(cfg.deepspeed, batch, precision,
-                                      f"stages.{cfg.name or 'ppo'} (ppo.micro_batch_size, ppo.minibatch_size)")
-    return fill_buckets(ds, hidden)
+    return SimpleNamespace(batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm,
+                           source="ppo.micro_batch_size, ppo.minibatch_size")
+
+
+def ds_config(cfg, precision: str, hidden: int | None) -> dict:
+    """PPO's ZeRO JSON with its "auto" values filled from the PPO block (disagreements are errors)."""
+    return fill_buckets(zero_config(cfg, precision), hidden)
 
 
 def fill_buckets(ds: dict, hidden: int | None) -> dict:
@@ -255,8 +264,9 @@ class EngineOptimizer:
     def zero_grad(self) -> None:  # the engines zero their gradients after each update
         pass
 
-    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, weight: float) -> None:
-        # the engine divides by gradient_accumulation_steps itself (equal micro-batches: weight == 1/steps)
+    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor) -> None:
+        """One micro-batch's share of the minibatch's losses (its token sums over the minibatch's token count over
+        every process): summed as they are, the micro-batches' gradients over all processes make the minibatch's."""
         if self.critic is None:
             _micro_step(self.actor, policy_loss + value_loss)
         else:
@@ -290,8 +300,10 @@ class EngineOptimizer:
 
 def _micro_step(engine, loss: torch.Tensor) -> None:
     """Backward for one micro-batch; step the engine unless this micro-batch ends the accumulation (then the
-    reduced gradients wait for EngineOptimizer.step's check)."""
-    engine.backward(loss)
+    reduced gradients wait for EngineOptimizer.step's check). The loss is already its share of the minibatch's:
+    the engine must neither divide it by the accumulation steps (scale_wrt_gas=False) nor average the gradients
+    over the processes, which its all-reduce does (so the loss is multiplied by their number first)."""
+    engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
     if not engine.is_gradient_accumulation_boundary():
         engine.step()
 
@@ -371,7 +383,7 @@ def full_state_dict(module) -> dict | None:
 # --------------------------------------------------------------------------- saving and tear-down
 
 
-def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
+def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False) -> bool:
     """A TRL/HF trainer's model under DeepSpeed: every rank takes part (ZeRO-3 weights are gathered) and rank 0
     writes a plain safetensors model that loads without DeepSpeed, an adapter merged unless `merge` is false.
     Returns True for an adapter."""
@@ -388,7 +400,8 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
         if is_peft and merge:
             from pipeline.models import load_causal_lm
 
-            merged = load_causal_lm(str(tmp))  # an adapter directory loads merged into its base
+            # an adapter directory loads merged into its base (at the revision its adapter_config records)
+            merged = load_causal_lm(str(tmp), "fp32", trust_remote_code)
             shutil.rmtree(tmp)
             merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -397,7 +410,8 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
     return is_peft and not merge
 
 
-def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, info: dict) -> dict:
+def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, info: dict,
+                    critic_trust: bool = False) -> dict:
     """PPO's trained models under DeepSpeed: every process takes part (ZeRO-3 shards are gathered one submodule
     at a time) and rank 0 rebuilds plain models from the gathered weights and writes them, so they load
     without DeepSpeed. Returns the outputs written (value head or critic)."""
@@ -416,7 +430,7 @@ def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, inf
 
             from pipeline.stages.common import peft_config
 
-            policy = get_peft_model(policy, peft_config(cfg.lora))
+            policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
         policy.load_state_dict(policy_sd)
         save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge)
         if head_sd is not None:
@@ -424,7 +438,7 @@ def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, inf
         if critic_sd is not None:
             from reward.scoring import load_reward_model
 
-            critic = load_reward_model(str(reward_art.output("model")))
+            critic = load_reward_model(str(reward_art.output("model")), "fp32", critic_trust)
             critic.load_state_dict(critic_sd)
             critic.save_pretrained(out_dir / "critic", safe_serialization=True)
     return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}

@@ -105,13 +105,38 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 def gather(t):
-    """The concatenation of a 1-D tensor of the same length from every process, in rank order (on t's device)."""
+    """The concatenation along the first dimension of a tensor of the same shape from every process, in rank order
+    (on t's device, in t's dtype)."""
     if not _active():
         return t
     import torch
     import torch.distributed as dist
 
     local = t.detach().to(_comm_device()).contiguous()
+    if local.dtype == torch.bool:  # gloo has no boolean all-gather
+        local = local.to(torch.uint8)
     parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local)
-    return torch.cat(parts).to(t.device)
+    return torch.cat(parts).to(device=t.device, dtype=t.dtype)
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process (picklable objects: a few numbers or strings)."""
+    if not _active():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_over_ranks(t):
+    """The elementwise sum of a tensor over the processes (a new tensor; t itself on one process)."""
+    if not _active():
+        return t
+    import torch.distributed as dist
+
+    local = t.detach().to(_comm_device()).clone()
+    dist.all_reduce(local)
+    return local.to(t.device)

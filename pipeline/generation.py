@@ -79,10 +79,12 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float = 1.0, 
     repetition penalty), greedy at 0. `extra` adds output options (output_scores, ...)."""
     from transformers import GenerationConfig
 
-    neutral = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, top_k=0,
-                   typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, renormalize_logits=False)
-    mode = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
-            else {"do_sample": False, "temperature": 1.0, "top_p": 1.0})
+    neutral = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                   renormalize_logits=False)
+    # the filters only sampling reads are set off when sampling; greedy decoding ignores them (transformers warns
+    # about a set one), and the empty generation_config generate() runs with (own_settings_only) supplies nothing
+    mode = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0, "typical_p": 1.0,
+             "epsilon_cutoff": 0.0, "eta_cutoff": 0.0} if temperature > 0 else {"do_sample": False})
     return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, **neutral, **mode, **extra)
 

@@ -129,26 +129,45 @@ def stage_module(method: str):
     return REGISTRY[method]
 
 
+def preflight(stages: list, world: int) -> None:
+    """Before the first stage starts, every selected stage's checks that need more than its config: the number of
+    processes or what the installed libraries offer (StageBlock.preflight), and its DeepSpeed config read and
+    filled for that many processes. A launch that cannot work then fails at once, not after the stages before it
+    have trained. `rlhf run --check --processes N` runs the same checks."""
+    for st in stages:
+        st.preflight(world)
+        if getattr(st, "deepspeed", None):
+            from pipeline.deepspeed import zero_config
+            from pipeline.models import resolve_precision
+
+            zero_config(st, resolve_precision(st.precision), world)
+
+
+def selected_stages(cfg: PipelineConfig, only: list[str] | None) -> list:
+    """The stages `--stage` names (all without it), in config order; an unknown name is a usage error."""
+    names = [s.name for s in cfg.stages]
+    for n in only or []:
+        if n not in names:
+            raise UsageError(f"--stage {n}: no such stage (stages: {', '.join(names)})")
+    return [st for st in cfg.stages if not only or st.name in only]
+
+
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, resume: bool = False,
                  echo=print) -> list[dict]:
     from feedback.judges.rule import trust_modules
     from pipeline import distributed
 
     trust_modules(cfg.trusted_modules)
+    stages = selected_stages(cfg, only)
+    preflight(stages, distributed.world_size())
     distributed.init()
     if not distributed.is_main():
         echo = lambda *a, **k: None  # noqa: E731  (one voice: rank 0 speaks for all)
-    names = [s.name for s in cfg.stages]
-    for n in only or []:
-        if n not in names:
-            raise UsageError(f"--stage {n}: no such stage (stages: {', '.join(names)})")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = []
     first_to_run = True
-    for st in cfg.stages:
-        if only and st.name not in only:
-            continue
+    for st in stages:
         inputs = {key: _input_entry(cfg, ref, kind) for key, (ref, kind) in st.inputs().items()}
         chash = config_hash(st, {"seed": cfg.seed})
         stage_dir = run_dir / st.name

@@ -28,6 +28,17 @@ def write_yaml(path: Path, data) -> Path:
     return path
 
 
+def ppo_hyper(**ppo):
+    """The knobs ppo_step reads (pipeline.stages.ppo._Hyper) for a PPO block of 8 prompts a step: 2 epochs of
+    minibatches of 4 in micro-batches of 2 unless `ppo` says otherwise."""
+    from pipeline.stages.ppo import PPOStageConfig, _Hyper
+
+    cfg = PPOStageConfig.model_validate({"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"},
+                                         "prompts": "synthetic:prompts", "rollout": {"prompts_per_step": 8},
+                                         "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2, **ppo}})
+    return _Hyper(cfg)
+
+
 def tiny_sft_block(**over):
     block = {
         "stage": "sft",

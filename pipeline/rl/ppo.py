@@ -14,11 +14,23 @@ On one process a torch optimizer trains them (LocalOptimizer); under DeepSpeed t
 value head run in one engine and a critic in another (pipeline/deepspeed.py), each process
 holding its share of the rollout.
 
-The training forward scores exactly the distribution the rollout was sampled from: logits are
-divided by the sampling temperature everywhere log-probabilities are taken (old, new, reference,
-KL, held-out KL), sampling uses an explicit GenerationConfig (nothing from the model's
-generation_config.json), and dropout is off in every model for the whole stage, so that before
-the first update the importance ratio is exactly 1 (TRL's and OpenRLHF's PPO do the same).
+The training forward scores exactly the distribution the rollout was sampled from: log-probabilities come
+from the model's own output logits (its soft-capping or scaling included: Gemma 2, Granite, Cohere) divided
+by the sampling temperature everywhere they are taken (old, new, reference, KL, held-out KL), sampling uses
+an explicit GenerationConfig (nothing from the model's generation_config.json), and every stochastic layer
+(dropout, layerdrop, drop-path) is off in every model for the whole stage, checked at start-up, so that
+before the first update the importance ratio is exactly 1 (TRL's and OpenRLHF's PPO do the same).
+
+The same training at any micro-batch size and process count:
+- each response is sampled from its own random stream, seeded by (seed, step, its place in the step's
+  batch) (RowSampler), so the rollout does not depend on how the prompts are split over processes;
+- once scored, every process holds the whole rollout (gather_rollout); each minibatch is drawn from it in
+  the same order on every process and split evenly between them;
+- each loss is a token mean over the whole minibatch: every micro-batch backwards its masked sum divided by
+  the minibatch's token count (losses.token_mean), and under DeepSpeed the engine's division by the
+  accumulation steps and its mean over processes are undone. Logged statistics are token-weighted the same
+  way. One process with micro_batch_size 1, 8 or the whole minibatch, and N processes, give the same update
+  to float precision.
 
 Everything the rollout does not train runs under torch.no_grad() in eval mode. A non-finite
 loss, gradient norm or reward stops the loop with the step named, before the update is applied
@@ -41,15 +53,27 @@ from pipeline.generation import generate as generate_with
 from pipeline.rl import losses
 
 
+# attribute names of the rates stochastic layers read in training mode: dropout (Llama's attention_dropout,
+# peft's lora_dropout rates), layerdrop (OPT, BioGPT, wav2vec-style decoders skip whole layers) and drop-path /
+# stochastic depth (DropPath modules' drop_prob)
+_STOCHASTIC = ("dropout", "layerdrop", "drop_path", "drop_prob")
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off for good (not only in eval mode): every nn.Dropout (LoRA's lora_dropout included) and the
-    float dropout rates attention modules read in training mode (e.g. Llama's attention_dropout)."""
+    """Every stochastic layer off for good (not only in eval mode): every dropout module (LoRA's lora_dropout
+    included) and every float rate named like dropout, layerdrop, drop_path or drop_prob on any module, and on the
+    model's config. check_deterministic then proves nothing random is left."""
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
-        for name, value in vars(m).items():
-            if "dropout" in name and isinstance(value, float):
+        for name, value in list(vars(m).items()):
+            if any(k in name for k in _STOCHASTIC) and isinstance(value, float):
                 setattr(m, name, 0.0)
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if any(k in name for k in _STOCHASTIC) and isinstance(value, float):
+                    setattr(config, name, 0.0)
 
 
 class ValueHead(nn.Module):
@@ -83,21 +107,45 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def split_lm(model):
-    """(backbone, LM head) of a causal LM, through a peft wrapper. Calling them apart lets PPO take the last
-    hidden state alone (not every layer's, as output_hidden_states would keep) and run the vocabulary projection
-    only on the response positions (not on every prompt token): the [batch, length, vocabulary] logits are
-    most of a forward's memory."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_hidden(model, input_ids, attention_mask, position_ids, start: int) -> torch.Tensor:
+    """The last hidden states at the positions predicting the tokens from `start` on (the value head's input):
+    the decoder alone, no vocabulary projection."""
+    h = _base(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state
+    return h[:, start - 1 : -1]
 
 
 def response_logits(model, input_ids, attention_mask, position_ids, start: int):
-    """(logits predicting the tokens from position `start` on, the last hidden states there)."""
-    backbone, head = split_lm(model)
-    h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    h = h[:, start - 1 : -1]
-    return head(h), h
+    """(logits predicting the tokens from position `start` on, the last hidden states there).
+
+    The logits are the model's own output: its forward runs whole, so whatever it does after the LM head (Gemma 2's
+    final_logit_softcapping, Granite's logits_scaling, Cohere's logit_scale) is applied exactly as when it samples.
+    `logits_to_keep` limits the vocabulary projection to the response positions (the [batch, length, vocabulary]
+    logits are most of a forward's memory), and a hook on the LM head takes its input, the last hidden state
+    there, for the value head (output_hidden_states would keep every layer's)."""
+    base = _base(model)
+    keep = input_ids.shape[1] - start + 1
+    seen = {}
+    hook = base.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.__setitem__("h", args[0]))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    **({"logits_to_keep": keep} if _keeps_logits(base) else {}))
+    finally:
+        hook.remove()
+    logits, h = out.logits[:, -keep:-1], seen["h"][:, -keep:-1]
+    return logits, h
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (every causal LM of transformers 4.50+; remote code may
+    not): without it the forward computes every position's logits and the response positions are sliced after."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class Actor(nn.Module):
@@ -113,10 +161,7 @@ class Actor(nn.Module):
         if logits:
             out, h = response_logits(self.policy, input_ids, attention_mask, position_ids, start)
         else:
-            backbone, _ = split_lm(self.policy)
-            h = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids).last_hidden_state[:, start - 1 : -1]
-            out = None
+            out, h = None, response_hidden(self.policy, input_ids, attention_mask, position_ids, start)
         want = values and self.value_head is not None
         v = self.value_head(h.to(self.value_head.linear.weight.dtype)).float() if want else None
         return out, v
@@ -186,6 +231,32 @@ class PPOModels:
         for m in (self.actor_module, self.critic_module):
             if m is not None:
                 m.train(mode)
+
+    def check_deterministic(self) -> None:
+        """Two train-mode forwards of the trained models on the same input must agree exactly: a stochastic layer
+        that disable_dropout did not find (a rate under another name, a custom module) would add noise to the
+        importance ratio and the KL. Every process calls it (under ZeRO-3 the forwards are collective)."""
+        ids = self.tok("Tell me about the river and the old stone bridge.")["input_ids"][:16]
+        ids = torch.tensor([ids if len(ids) > 1 else [0, 0]], device=self.device)
+        att = torch.ones_like(ids)
+        pos = position_ids(att)
+        runs = []
+        self.train(True)
+        try:
+            with torch.no_grad():
+                for _ in range(2):
+                    logits, values = self.actor(ids, att, pos, 1)
+                    critic = self.critic(ids, att, pos, 1) if self.critic is not None else None
+                    runs.append([t.float() for t in (logits, values, critic) if t is not None])
+        finally:
+            self.train(False)
+        diff = max((a - b).abs().max().item() for a, b in zip(*runs))
+        if diff > 0:
+            raise InvalidInput(
+                f"the policy (or its value model) is not deterministic in training mode: two forwards of the same "
+                f"input differ by {diff:.3g} with dropout, layerdrop and drop-path switched off. Some layer of "
+                f"{type(_base(self.policy)).__name__} draws random numbers under another name, which would make "
+                "PPO's importance ratio and KL noise; find it and set its rate to 0 in the model's config")
 
     def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -258,8 +329,10 @@ class LocalOptimizer:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, weight: float) -> None:
-        ((policy_loss + value_loss) * weight).backward()
+    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor) -> None:
+        """One micro-batch's share of the minibatch's losses (its token sums over the minibatch's token count):
+        the gradients of the micro-batches add up to the minibatch's."""
+        (policy_loss + value_loss).backward()
 
     def step(self, check) -> float:
         gn = torch.nn.utils.clip_grad_norm_(self.models.trainable_parameters(), self.max_grad_norm)
@@ -296,16 +369,28 @@ class LocalOptimizer:
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
 
-class SampledLogprobs:
-    """A logits processor that records, for each sampled token, its log-probability under the distribution the
-    sampler drew it from (logits / temperature; PPO samples with nothing else applied). It keeps one row of
-    logits per sequence, where `output_scores` would keep all of them ([batch, new tokens, vocabulary]). TRL
-    1.12's PPO takes its old log-probs from the sampler's logits in the same way; call `finish` with the last
-    sampled tokens afterwards. Transformers applies user processors before its temperature warper: the
-    temperature is applied here."""
+def row_seeds(seed: int, step, rows) -> list[int]:
+    """One sampling seed per response, from (run seed, step, the response's place in the step's batch): the same
+    response is drawn whether the batch is sampled on one process or split over several."""
+    import hashlib
 
-    def __init__(self, temperature: float):
-        self.temperature, self.rows, self.out = temperature, None, []
+    return [int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest(), "little") >> 1
+            for i in rows]
+
+
+class RowSampler:
+    """A logits processor that samples every row from softmax(logits / T) with the row's own random stream (one
+    uniform per token, inverse-CDF sampling, as torch.multinomial does), and hands generate() that choice as the
+    only finite score, so generate runs greedy on it. A response then depends on its prompt and its seed alone,
+    never on the other rows of the batch or on the number of processes. With `record`, it also keeps each sampled
+    token's log-probability under logits / T, the sampler's own (PPO's old log-probs: TRL 1.12 takes them from the
+    sampler's logits too), one row of logits per sequence where `output_scores` would keep all of them; call
+    `finish` with the last sampled tokens afterwards."""
+
+    def __init__(self, temperature: float, seeds: list[int], record: bool = False):
+        self.temperature, self.seeds, self.record = temperature, seeds, record
+        self.generators: list | None = None
+        self.rows, self.out = None, []
 
     def _collect(self, tokens: torch.Tensor) -> None:
         if self.rows is not None:
@@ -313,45 +398,87 @@ class SampledLogprobs:
             self.out.append(logits.gather(1, tokens[:, None].to(logits.device)).squeeze(1) - lse)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._collect(input_ids[:, -1])  # the token sampled from the previous row
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        if self.record:
+            self._collect(input_ids[:, -1])  # the token sampled from the previous row
         logits = scores.float() / self.temperature
-        self.rows = (logits, torch.logsumexp(logits, -1))
-        return scores
+        lse = torch.logsumexp(logits, -1)
+        if self.record:
+            self.rows = (logits, lse)
+        u = torch.stack([torch.rand((), generator=g, device=scores.device, dtype=torch.float64)
+                         for g in self.generators])
+        cdf = torch.exp(logits.double() - lse.double()[:, None]).cumsum(-1)
+        # the first token whose cumulative probability exceeds u (scaled by the total, which rounding keeps near 1)
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
     def finish(self, last: torch.Tensor) -> torch.Tensor:
         self._collect(last)
         return torch.stack(self.out, 1)
 
 
-def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores: bool = False) -> Rollout:
+def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores: bool = False,
+             seeds: list[int] | None = None) -> Rollout:
     """Sample one response per prompt at the models' temperature (pure sampling: no top-k, top-p or penalties,
-    whatever the model's generation_config.json says). keep_scores: also keep the sampler's own log-probs
+    whatever the model's generation_config.json says), each from its own seed (`seeds`, one per prompt, see
+    row_seeds; default: drawn from torch's global generator). keep_scores: also keep the sampler's own log-probs
     (ro.sampler_logp, masked after each response's end), which PPO uses as its old log-probs."""
     from transformers import LogitsProcessorList
 
     tok = models.tok
     query, qmask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
     query, qmask = query.to(models.device), qmask.to(models.device)
-    config = generation_config(tok, max_new_tokens, models.temperature, 1.0, return_dict_in_generate=True)
-    recorder = SampledLogprobs(models.temperature) if keep_scores else None
-    extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder else {}
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+    sampler = RowSampler(models.temperature, seeds, record=keep_scores)
+    config = generation_config(tok, max_new_tokens, 0.0, 1.0, return_dict_in_generate=True)  # greedy on RowSampler
     models.train(False)
     with torch.no_grad(), models.generation() as policy:
-        out = generate_with(policy, config, query, qmask, synced_gpus=models.sync_generation, **extra)
+        out = generate_with(policy, config, query, qmask, synced_gpus=models.sync_generation,
+                            logits_processor=LogitsProcessorList([sampler]))
     response = out.sequences[:, query.shape[1]:]
-    is_eos = response == tok.eos_token_id
-    # keep everything up to and including the first EOS
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0
-    mask = (~after).float()
     if response.shape[1] == 0:
         raise InvalidInput("the policy generated no tokens (max_new_tokens is 0?)")
-    response = response.masked_fill(after, tok.pad_token_id)
-    eos = is_eos.any(1)
+    mask, eos = losses.response_mask(response, tok.eos_token_id)
+    response = response.masked_fill(mask == 0, tok.pad_token_id)
     texts = tok.batch_decode(response, skip_special_tokens=True)
     ro = Rollout(prompts, [t.strip() for t in texts], query, qmask, response, mask, eos)
-    if recorder is not None:
-        ro.sampler_logp = recorder.finish(out.sequences[:, -1])[:, : response.shape[1]] * mask
+    if keep_scores:
+        ro.sampler_logp = sampler.finish(out.sequences[:, -1])[:, : response.shape[1]] * mask
     return ro
+
+
+def gather_rollout(ro: Rollout, pad_id: int) -> Rollout:
+    """The whole scored rollout on every process: each process's rows (it sampled every world-th prompt of the step,
+    starting at its rank) gathered and put back in the step's order, so that the update draws its minibatches
+    from the same rows, in the same order, on any number of processes. Prompts are re-padded on the left and
+    responses on the right to the widest process's. The identity on one process."""
+    from pipeline import distributed
+
+    world = distributed.world_size()
+    if world == 1:
+        return ro
+    widths = distributed.all_gather_object((ro.query.shape[1], ro.response.shape[1]))
+    P, R, pad = max(w[0] for w in widths), max(w[1] for w in widths), pad_id
+
+    def left(t, value):
+        return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=value)
+
+    def right(t, value=0):
+        return torch.nn.functional.pad(t, (0, R - t.shape[1]), value=value)
+
+    n = len(ro.prompts)
+    order = torch.tensor([r + world * i for r in range(world) for i in range(n)]).argsort()  # rank-major -> step order
+    take = lambda t: distributed.gather(t)[order] if t is not None else None  # noqa: E731
+    texts = distributed.all_gather_object((ro.prompts, ro.responses))
+    prompts = [p for ps, _ in texts for p in ps]
+    responses = [r for _, rs in texts for r in rs]
+    return Rollout([prompts[i] for i in order], [responses[i] for i in order], take(left(ro.query, pad)),
+                   take(left(ro.query_mask, 0)), take(right(ro.response, pad)), take(right(ro.mask)), take(ro.eos),
+                   take(right(ro.sampler_logp)) if ro.sampler_logp is not None else None, take(ro.scores),
+                   take(right(ro.logp)), take(right(ro.ref_logp)),
+                   take(right(ro.values)) if ro.values is not None else None)
 
 
 class RewardFunction:
@@ -400,8 +527,12 @@ def check_finite(step: int, **values) -> None:
 def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -> dict:
     """One PPO update on a scored rollout: KL-shaped rewards, GAE, then epochs of clipped updates.
 
-    `optimizer` is a LocalOptimizer or (DeepSpeed) an EngineOptimizer. Under several processes
-    each holds its share of the rollout; the metrics returned are means over all of them.
+    `ro` is the whole rollout (gather_rollout: every process holds all of it). `optimizer` is a LocalOptimizer or
+    (DeepSpeed) an EngineOptimizer. Each minibatch is drawn in the same order on any number of processes and
+    split evenly between them; each process cuts its share into micro-batches of similar response lengths. Every
+    loss is the minibatch's token mean: a micro-batch backwards its masked token sum divided by the minibatch's
+    token count, so the update does not depend on micro_batch_size, on sorting or on the number of processes.
+    The statistics returned are token-weighted means over every micro-batch of the step, on every process.
     """
     from pipeline import distributed
 
@@ -411,38 +542,50 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
         adv, returns = losses.gae(rewards, ro.values, ro.mask, hp.gamma, hp.lam)
         if hp.whiten_advantages:
             adv = losses.masked_whiten(adv, ro.mask)
-    B = ro.response.shape[0]
-    stats: dict[str, list[float]] = {}
-    models.train(True)  # dropout is off in every model (disable_dropout): train mode changes nothing numerically
+    B, rank, world = ro.response.shape[0], distributed.rank(), distributed.world_size()
+    sums: dict[str, float] = {}  # token-weighted sums of the update's statistics (this process's micro-batches)
+    tokens = 0.0
+    per_minibatch: dict[str, list[float]] = {"lr": [], "grad_norm": []}
+    models.train(True)  # every stochastic layer is off (disable_dropout): train mode changes nothing numerically
     g = torch.Generator().manual_seed(step)
     for _ in range(hp.epochs):
         order = torch.randperm(B, generator=g)
         for start in range(0, B, hp.minibatch_size):
             mb = order[start : start + hp.minibatch_size]
+            n_tokens = ro.mask[mb].sum().clamp(min=1)  # the whole minibatch's response tokens, on every process
+            share = mb[rank::world]
             optimizer.zero_grad()
-            # micro-batches of similar response lengths (less padding); the minibatch's gradient is their sum
-            mb = mb[torch.sort(ro.mask[mb].sum(1).cpu(), stable=True).indices]
-            micro = [mb[i : i + hp.micro_batch_size] for i in range(0, len(mb), hp.micro_batch_size)]
+            # micro-batches of similar response lengths (less padding); their gradients add up to the minibatch's
+            share = share[torch.sort(ro.mask[share].sum(1).cpu(), stable=True).indices]
             bad_loss = None
-            for idx in micro:
+            for i in range(0, len(share), hp.micro_batch_size):
+                idx = share[i : i + hp.micro_batch_size]
                 logp, ent, values = models.forward(ro, idx, entropy_grad=hp.entropy_coef > 0)
                 m = ro.mask[idx]
-                pg, pst = losses.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip)
-                vl, vst = losses.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip)
-                entropy = losses.masked_mean(ent, m)
+                pg, pst = losses.policy_loss(logp, ro.logp[idx], adv[idx], m, hp.clip, hp.dual_clip, n_tokens)
+                vl, vst = losses.value_loss(values, ro.values[idx], returns[idx], m, hp.value_clip, n_tokens)
+                entropy = losses.token_mean(ent, m, n_tokens)
                 loss = pg + hp.vf_coef * vl - hp.entropy_coef * entropy
                 if bad_loss is None and not torch.isfinite(loss):
                     bad_loss = loss.detach()
-                optimizer.backward(pg - hp.entropy_coef * entropy, hp.vf_coef * vl, len(idx) / len(mb))
-                for k, v in {"policy_loss": pg.item(), "value_loss": vl.item(), "entropy": entropy.item(),
-                             **pst, **vst}.items():
-                    stats.setdefault(k, []).append(v)
-            stats.setdefault("lr", []).append(optimizer.lr)
+                optimizer.backward(pg - hp.entropy_coef * entropy, hp.vf_coef * vl)
+                k = float(m.sum())
+                scale = float(n_tokens)  # the losses above are token sums over n_tokens: times n_tokens, the sums
+                for name, v in {"policy_loss": pg.item() * scale, "value_loss": vl.item() * scale,
+                                "entropy": entropy.item() * scale,
+                                **{name: v * k for name, v in {**pst, **vst}.items()}}.items():
+                    sums[name] = sums.get(name, 0.0) + v
+                tokens += k
+            per_minibatch["lr"].append(optimizer.lr)
             # one check per minibatch, before its update: the losses of its micro-batches and the gradient norm
             loss_check = {"loss": bad_loss if bad_loss is not None else torch.tensor(0.0)}
-            stats.setdefault("grad_norm", []).append(optimizer.step(lambda **v: check_finite(step, **loss_check, **v)))
+            per_minibatch["grad_norm"].append(optimizer.step(lambda **v: check_finite(step, **loss_check, **v)))
     models.train(False)
-    out = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}
+    names = sorted(sums)
+    total = distributed.sum_over_ranks(torch.tensor([sums[n] for n in names] + [tokens], dtype=torch.float64))
+    out = {f"ppo/{n}": (total[i] / total[-1].clamp(min=1)).item() for i, n in enumerate(names)}
+    out.update({f"ppo/{k}": sum(v) / len(v) for k, v in per_minibatch.items()})
+    scores = ro.scores
     out.update({
         "ppo/kl": kl.sum(1).mean().item(),
         "ppo/kl_coef": kl_ctl.value,
@@ -451,11 +594,9 @@ def ppo_step(models: PPOModels, optimizer, ro: Rollout, hp, kl_ctl, step: int) -
         "ppo/explained_variance": losses.explained_variance(ro.values, returns, ro.mask),
         "ppo/advantage_mean": losses.masked_mean(adv, ro.mask).item(),
         "ppo/return_mean": losses.masked_mean(returns, ro.mask).item(),
+        "ppo/reward_mean": scores.mean().item(),
+        "ppo/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
     })
-    out = distributed.mean_over_ranks(out)  # every process holds the same share: means of means are means
-    scores = distributed.gather(ro.scores)
-    out["ppo/reward_mean"] = scores.mean().item()
-    out["ppo/reward_std"] = scores.std().item() if len(scores) > 1 else 0.0
     kl_ctl.update(out["ppo/kl"], len(scores))
     return out
 
@@ -492,24 +633,22 @@ def score_rollout(models: PPOModels, ro: Rollout, reward_fn: RewardFunction, mis
 
 def evaluate(models: PPOModels, prompts: list, reward_fn: RewardFunction | None, rule=None, max_new_tokens: int = 32,
              seed: int = 0, batch_size: int = 64) -> dict:
-    """Mean reward (and rule reward) of samples on held-out prompts (at the rollout temperature), and the KL to
-    the reference of the distribution they were sampled from."""
+    """Mean reward (and rule reward) of samples on held-out prompts (at the rollout temperature, each from its own
+    seed: the same samples on any number of processes and in any batch), and the KL to the reference of the
+    distribution they were sampled from. Training's random streams are not touched."""
     rewards, rules, kls, samples = [], [], [], []
-    dev = models.device
-    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpus):  # a fixed seed here; training's RNG stream is left as it was
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), batch_size):
-            ro = generate(models, prompts[i : i + batch_size], max_new_tokens)
-            with torch.no_grad():
-                logp, _, _ = models.forward(ro, with_values=False)
-                ref, _, _ = models.forward(ro, reference=True)
-            kls += (losses.kl_estimate(logp, ref, "k1") * ro.mask).sum(1).tolist()
-            if reward_fn is not None:
-                rewards += reward_fn(ro.prompts, ro.responses).tolist()
-            if rule is not None:
-                rules += [float(rule(p, r)) for p, r in zip(ro.prompts, ro.responses)]
-            samples += list(zip(ro.prompts, ro.responses))[:2]
+    for i in range(0, len(prompts), batch_size):
+        part = prompts[i : i + batch_size]
+        ro = generate(models, part, max_new_tokens, seeds=row_seeds(seed, "eval", range(i, i + len(part))))
+        with torch.no_grad():
+            logp, _, _ = models.forward(ro, with_values=False)
+            ref, _, _ = models.forward(ro, reference=True)
+        kls += (losses.kl_estimate(logp, ref, "k1") * ro.mask).sum(1).tolist()
+        if reward_fn is not None:
+            rewards += reward_fn(ro.prompts, ro.responses).tolist()
+        if rule is not None:
+            rules += [float(rule(p, r)) for p, r in zip(ro.prompts, ro.responses)]
+        samples += list(zip(ro.prompts, ro.responses))[:2]
     out = {"eval/kl": sum(kls) / len(kls)}
     if rewards:
         out["eval/reward_mean"] = sum(rewards) / len(rewards)

@@ -74,7 +74,7 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         report_to=report_to(ctx.pipeline.tracking),
         disable_tqdm=False,
         push_to_hub=False,
-        deepspeed=zero_config(cfg, ctx, precision),
+        deepspeed=zero_config(cfg, precision),
         # TRL's configs default to gradient checkpointing on; ours is off unless the stage turns it on
         activation_checkpointing=cfg.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if o.group_by_length else "random",
@@ -129,14 +129,15 @@ def mergeable(model) -> bool:
     return all(str(getattr(c, "peft_type", "")).split(".")[-1] == "LORA" for c in configs.values())
 
 
-def save_policy(trainer, model, tokenizer, out_dir, merge: bool) -> bool:
+def save_policy(trainer, model, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False) -> bool:
     """The trained policy (or reward model) as safetensors + tokenizer in `out_dir`: under DeepSpeed gathered
     from the trainer's engine (pipeline/deepspeed.py), otherwise `model` (the trainer's, or a merged copy).
-    An adapter is merged into its base unless `merge` is false. Returns True when an adapter was saved."""
+    An adapter is merged into its base unless `merge` is false (under DeepSpeed the base is loaded again, with
+    `trust_remote_code` as the stage loaded it). Returns True when an adapter was saved."""
     if trainer is not None and trainer.is_deepspeed_enabled:
         from pipeline.deepspeed import save_trainer_model
 
-        return save_trainer_model(trainer, tokenizer, out_dir, merge)
+        return save_trainer_model(trainer, tokenizer, out_dir, merge, trust_remote_code)
     return save_model(model, tokenizer, out_dir, merge)
 
 

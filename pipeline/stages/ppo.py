@@ -26,13 +26,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OnlineRLBlock, ScheduleConfig, Strict
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, UsageError
 
 
 class RolloutConfig(Strict):
     prompts_per_step: int = Field(32, ge=1)
-    temperature: float = Field(1.0, ge=0, description="sampling temperature (> 0); log-probs use logits / T")
-    top_p: float = Field(1.0, gt=0, le=1, description="must stay 1: PPO samples the full distribution")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (> 0); log-probs use logits / T. PPO "
+                               "samples the full distribution at this temperature (no top-k or top-p: the importance "
+                               "ratio needs each sampled token's probability under the policy)")
     max_new_tokens: int = Field(32, ge=1)
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score without EOS")
     gather_zero3: bool = Field(True, description="ZeRO-3: gather the policy's shards on every process to sample "
@@ -45,9 +46,6 @@ class RolloutConfig(Strict):
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for PPO: 0 is greedy decoding, which has no sampling "
                              "probabilities for the importance ratio; use e.g. 1.0")
-        if self.top_p < 1:
-            raise ValueError("top_p must be 1 for PPO: the importance ratio is undefined for truncated (top-p) "
-                             "sampling; lower rollout.temperature instead")
         return self
 
 
@@ -121,18 +119,38 @@ class PPOStageConfig(OnlineRLBlock):
             raise ValueError("value_model: 'critic' is initialised from the reward model; set reward.model")
         if self.ppo.minibatch_size > self.rollout.prompts_per_step:
             raise ValueError("ppo.minibatch_size: larger than rollout.prompts_per_step")
+        if "dropout" in self.lora.model_fields_set and self.lora.dropout > 0:
+            raise ValueError("lora.dropout has no effect in PPO: every dropout is off while PPO trains (before the "
+                             "first update the importance ratio must be exactly 1); remove the key")
         return self
+
+    def zero_batch(self, world: int):
+        from pipeline.deepspeed import zero_batch
+
+        return zero_batch(self, world)
+
+    def preflight(self, world: int) -> None:
+        """On several processes PPO runs on DeepSpeed engines (they reduce the gradients over the processes), and every
+        process takes an equal share of each step's prompts and of each minibatch, in equal micro-batches
+        (pipeline.deepspeed.local_sizes)."""
+        if world > 1 and not self.deepspeed:
+            raise UsageError(f"stages.{self.name}: PPO on {world} processes runs under DeepSpeed, whose engines reduce "
+                             "the gradients over the processes: add --deepspeed configs/deepspeed/zero2.json (or a "
+                             "`deepspeed:` key)")
+        if self.deepspeed:
+            from pipeline.deepspeed import local_sizes
+
+            local_sizes(self, world)
 
 
 Config = PPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
 class _Hyper:
-    """The knobs ppo_step reads, gathered from the stage config's blocks (minibatch: this process's share)."""
+    """The knobs ppo_step reads, gathered from the stage config's blocks."""
 
-    def __init__(self, cfg: PPOStageConfig, minibatch_size: int):
-        self.__dict__.update(cfg.ppo.model_dump())
-        self.minibatch_size = minibatch_size
+    def __init__(self, cfg: PPOStageConfig):
+        self.__dict__.update(cfg.ppo.model_dump())  # minibatch_size: the whole minibatch, over every process
         self.kl_estimator = cfg.kl.estimator
         self.forward_batch_size = cfg.ppo.forward_batch_size or cfg.ppo.micro_batch_size
 
@@ -148,10 +166,11 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
     tok = load_tokenizer(policy_path, trust, revision)
     reward_path = str(reward_art.path) if reward_art else None
-    rm_dir = None
+    rm_dir = rm_trust = None
     if cfg.value_model == "critic":
         rm_dir = str(reward_art.output("model"))
-        if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
+        rm_trust = ctx.model_path(cfg.reward.model, role="reward.model")[1].get("trust_remote_code", False)
+        if load_tokenizer(rm_dir, rm_trust).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
     zero3 = zero.zero_stage(ds) == 3
@@ -170,12 +189,13 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     if lora:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, peft_config(cfg.lora))
+        # dropout is off in every model while PPO trains (a set lora.dropout is refused): the adapter says so too
+        policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
     critic = None
     if rm_dir:
         from reward.scoring import load_reward_model
 
-        critic = load_reward_model(rm_dir, precision)
+        critic = load_reward_model(rm_dir, precision, rm_trust)
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under ZeRO-3
         for m in (policy, critic):
             if m is not None:
@@ -284,6 +304,7 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
                 m.to(models.device)
         adam = adamw(models.trainable_parameters(), cfg.optim.lr, cfg.optim.weight_decay)
         optimizer = LocalOptimizer(models, adam, cfg.optim.max_grad_norm, schedule(adam))
+    models.check_deterministic()  # every process: under ZeRO-3 the forwards are collective
     if not shard_frozen:  # whole frozen copies join the trained models on their device
         if models.reference is not None:
             models.reference.to(models.device)
@@ -308,11 +329,12 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
     from tqdm.auto import tqdm
 
     from pipeline import checkpoint, distributed
-    from pipeline.rl.ppo import cycle_batches, evaluate, generate, load_state, ppo_step, save_state, score_rollout
+    from pipeline.rl.ppo import (cycle_batches, evaluate, gather_rollout, generate, load_state, ppo_step, row_seeds,
+                                 save_state, score_rollout)
 
     main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
     ro_cfg, models = cfg.rollout, s.models
-    hp = _Hyper(cfg, s.minibatch)
+    hp = _Hyper(cfg)
     batches = cycle_batches(s.train_prompts, ro_cfg.prompts_per_step, ctx.seed)
     samples_path = ctx.work_dir / "samples.jsonl"
     ckpt_dir, stop = ctx.work_dir / "checkpoints", checkpoint.stop_after_step()
@@ -335,10 +357,15 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
                      disable=not main):
         epoch, batch = next(batches)
         t_step = time.perf_counter()
-        ro = generate(models, batch[rank::world], ro_cfg.max_new_tokens, keep_scores=True)
+        # this process samples every world-th prompt of the step, each from its own seed (the same responses as on
+        # one process), and scores them; then every process holds the whole scored rollout for the update
+        mine = range(rank, len(batch), world)
+        ro = generate(models, [batch[i] for i in mine], ro_cfg.max_new_tokens, keep_scores=True,
+                      seeds=row_seeds(ctx.seed, step, mine))
         t_gen = time.perf_counter()
         phases = score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step, hp.forward_batch_size)
         t_score = time.perf_counter()
+        ro = gather_rollout(ro, s.tok.pad_token_id)
         last = ppo_step(models, s.optimizer, ro, hp, s.kl_ctl, step)
         # where a step's time goes (seconds, this process): sampling, the reward, the no-grad forwards for old
         # log-probs and values and for the reference, the PPO epochs of updates
@@ -392,8 +419,10 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
     memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
+    critic_trust = (ctx.model_path(cfg.reward.model, role="reward.model")[1].get("trust_remote_code", False)
+                    if cfg.value_model == "critic" else False)
     outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
-                         under_deepspeed=s.ds is not None, info=s.info))
+                         under_deepspeed=s.ds is not None, info=s.info, critic_trust=critic_trust))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
@@ -425,7 +454,7 @@ def _scheduler_factory(cfg: PPOStageConfig, minibatch: int, per_rank: int):
 
 
 def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool,
-          info: dict) -> dict:
+          info: dict, critic_trust: bool = False) -> dict:
     """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process takes
     part and rank 0 writes plain models (pipeline.deepspeed.save_ppo_models): they load without DeepSpeed."""
     from safetensors.torch import save_file
@@ -435,7 +464,7 @@ def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_ar
     if under_deepspeed:
         from pipeline.deepspeed import save_ppo_models
 
-        return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info)
+        return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info, critic_trust)
     save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
     if models.value_head is not None:
         save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))

@@ -134,7 +134,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
-    save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=True)
+    save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=True, trust_remote_code=trust)
     split = "eval" if eval_rows else "train (no eval split)"
     summary = (f"{trainer.state.global_step} steps in {seconds:.1f}s; {split} accuracy "
                f"{before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "

@@ -11,7 +11,7 @@ from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.rl import losses
 from pipeline.rl.ppo import LocalOptimizer, PPOModels, RewardFunction, generate, ppo_step, score_rollout
-from tests.conftest import tiny_sft_block, write_yaml
+from tests.conftest import ppo_hyper, tiny_sft_block, write_yaml
 
 PROMPTS = ["Tell me about the river.", "Describe the mountain.", "What is the forest like?", "Talk about the sea."]
 
@@ -48,15 +48,6 @@ def test_training_log_probs_equal_the_samplers_at_temperature_07(tiny_path, mode
         assert getattr(policy.generation_config, key) == value
 
 
-def _hyper(**ppo):
-    from pipeline.stages.ppo import PPOStageConfig, _Hyper
-
-    cfg = PPOStageConfig.model_validate({"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"},
-                                         "prompts": "synthetic:prompts", "rollout": {"prompts_per_step": 8},
-                                         "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2, **ppo}})
-    return _Hyper(cfg, cfg.ppo.minibatch_size)
-
-
 def test_no_dropout_anywhere_so_the_first_update_has_ratio_one(tiny_path, monkeypatch):
     """With lr 0 nothing moves, so every minibatch must see ratio 1 and approx KL 0, even with LoRA dropout and
     attention dropout configured: PPO switches dropout off in every model (TRL's and OpenRLHF's PPO do too)."""
@@ -81,7 +72,7 @@ def test_no_dropout_anywhere_so_the_first_update_has_ratio_one(tiny_path, monkey
     checks = []
     real_check = ppo_loop.check_finite
     monkeypatch.setattr(ppo_loop, "check_finite", lambda step, **v: (checks.append(sorted(v)), real_check(step, **v)))
-    out = ppo_step(models, opt, ro, _hyper(), losses.FixedKLController(0.05), 1)
+    out = ppo_step(models, opt, ro, ppo_hyper(), losses.FixedKLController(0.05), 1)
     # one finiteness check (one reduction over processes) per minibatch, before its update: 2 epochs x 2 minibatches
     assert checks == [["grad_norm", "loss"]] * 4
     assert out["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
@@ -163,13 +154,15 @@ def test_ppo_follows_the_learning_rate_schedule(tiny_run, tmp_path):
 
 def test_ppo_optim_block_takes_only_what_ppo_uses(tmp_path, capsys):
     """Keys PPO never read (epochs, batch_size, ... of the shared block) are refused, not silently ignored;
-    so is a warm-up with the constant schedule, and top-p or greedy rollouts."""
+    so is a warm-up with the constant schedule, greedy rollouts, top-p (PPO samples the full distribution:
+    there is no such key) and a LoRA dropout (PPO turns every dropout off)."""
     base = {"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"},
             "prompts": "synthetic:prompts"}
     for extra, message in (({"optim": {"batch_size": 4}}, "stages[0].optim.batch_size: unknown key"),
                            ({"optim": {"warmup_ratio": 0.1}}, "'constant' has none"),
-                           ({"rollout": {"top_p": 0.9}}, "top_p must be 1 for PPO"),
-                           ({"rollout": {"temperature": 0}}, "temperature must be > 0 for PPO")):
+                           ({"rollout": {"top_p": 0.9}}, "stages[0].rollout.top_p: unknown key"),
+                           ({"rollout": {"temperature": 0}}, "temperature must be > 0 for PPO"),
+                           ({"tuning": "lora", "lora": {"dropout": 0.1}}, "lora.dropout has no effect in PPO")):
         cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": [{**base, **extra}]})
         assert main(["run", str(cfg), "--check"]) == 2
         assert message in capsys.readouterr().err
