@@ -59,6 +59,7 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         lr_scheduler_type=o.scheduler,
         max_grad_norm=o.max_grad_norm,
         logging_steps=o.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops fit), not replaced by a mean
         eval_strategy="steps" if o.eval_steps else "no",
         eval_steps=o.eval_steps,
         # checkpoints: HF writes them, hf_callback marks them complete and rotates (one spare kept
@@ -83,18 +84,72 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     )
 
 
+def trl_choices(config_cls, field: str) -> tuple[str, ...]:
+    """The values a TRL config documents for `field` ("Possible values are: `'sigmoid'`, ..." or "Supported values
+    are 'grpo', ..., and 'vespo'."), so that a stage's setting is checked against the TRL that is installed. TRL
+    keeps no list constant for them; a help text this cannot read is an error that says so, never an empty list."""
+    import re
+
+    help_text = config_cls.__dataclass_fields__[field].metadata.get("help", "")
+    sentence = re.search(r"(?:Possible|Supported) values are:?(.*?)\.(?:\s|$)", help_text, re.S)
+    values = tuple(re.findall(r"'(\w+)'", sentence.group(1))) if sentence else ()
+    if not values:
+        raise RuntimeError(f"cannot read the {field} values of the installed TRL's {config_cls.__name__}; please "
+                           "report this with your TRL version")
+    return values
+
+
 def fit(trainer, ctx, cfg):
-    """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set."""
+    """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set, stopped at the first
+    non-finite training loss or gradient norm it logs (training_args turns off transformers' filter that would
+    log a NaN loss as the mean of the earlier ones), and refused when the trained weights are not all finite."""
     from pipeline import checkpoint
 
     stop = checkpoint.stop_after_step()
     trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
                                                 cfg.checkpoint.keep, stop))
+    trainer.add_callback(_stop_when_diverged(ctx.name))
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if stop is not None and trainer.state.global_step < trainer.state.max_steps:
         raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {trainer.state.global_step} "
                                  "(RLHF_STOP_AFTER_STEP); continue with --resume")
+    check_finite(ctx, {"train/loss": result.training_loss})
+    _check_weights_finite(ctx.name, trainer.model)
     return result
+
+
+def _diverged(name: str, what: str, value, step: int) -> InvalidInput:
+    return InvalidInput(f"[{name}] {what} is {value} at step {step}: training diverged; stopped, no artifact written. "
+                        "Lower optim.lr, or clip harder with a smaller optim.max_grad_norm")
+
+
+def _stop_when_diverged(name: str):
+    """A callback that raises at the first logged training loss or gradient norm that is NaN or infinite (every
+    process logs the same reduced values, so all of them stop together)."""
+    from transformers import TrainerCallback
+
+    class _Stop(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise _diverged(name, f"train/{key}", value, state.global_step)
+
+    return _Stop()
+
+
+def _check_weights_finite(name: str, model) -> None:
+    """Every trained weight finite on every process (under ZeRO-3 each checks its own shards), before anything is
+    saved: a NaN that never showed in a logged loss still never reaches an artifact."""
+    import torch
+
+    from pipeline.distributed import any_rank
+
+    bad = next((n for n, p in model.named_parameters()  # ZeRO-3: the shard this process holds (ds_tensor)
+                if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), None)
+    if any_rank(bad is not None):
+        raise InvalidInput(f"[{name}] the trained weights are not finite ({bad or 'on another process'}): training "
+                           "diverged; no artifact written. Lower optim.lr")
 
 
 def check_finite(ctx, values: dict) -> None:

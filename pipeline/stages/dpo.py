@@ -23,16 +23,15 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput, UsageError
 from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
-                                    memory_metrics, peft_config, save_policy, training_args, weights_dtype)
+                                    memory_metrics, peft_config, save_policy, training_args, trl_choices,
+                                    weights_dtype)
 
 def trl_loss_types() -> tuple[str, ...]:
     """The DPO losses the installed TRL implements, read from its DPOConfig's own documentation of `loss_type`
-    (TRL keeps no list constant), so that ours can never fall behind it."""
-    import re
-
+    (common.trl_choices), so that ours can never fall behind it."""
     from trl import DPOConfig
 
-    return tuple(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
+    return trl_choices(DPOConfig, "loss_type")
 
 
 class DPOOptimConfig(OptimConfig):
@@ -70,6 +69,11 @@ class DPOStageConfig(TrainingBlock):
                              "set both or neither")
         self.refuse_unused(("eval_max_new_tokens",), bool(self.eval_rule), "without eval_rule")
         return self
+
+    def preflight(self, world: int) -> None:
+        if self.loss_type not in trl_loss_types():
+            raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a DPO loss of the installed "
+                             f"TRL; expected one of {list(trl_loss_types())}")
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         out = {"policy": (self.policy, "model"), "preferences": (self.preferences, "artifact")}
@@ -160,9 +164,6 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
-    if cfg.loss_type not in trl_loss_types():
-        raise UsageError(f"stages.{ctx.name}.loss_type: {cfg.loss_type!r} is not a DPO loss of the installed TRL; "
-                         f"expected one of {list(trl_loss_types())}")
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
     eval_pairs = list(read_pairs(prefs.output("eval")))
     precision = resolve_precision(cfg.precision)

@@ -8,6 +8,14 @@ Both sample `num_generations` completions per prompt and use the group's rewards
 baseline (GRPO: group-normalised advantages; RLOO: leave-one-out). The reward model may use
 another tokenizer: completions are scored as text through reward.scoring.
 
+The choices TRL's GRPO loss offers are typed settings here, checked against the installed TRL
+before the first stage starts: `loss_type` (how token losses are averaged: grpo, dr_grpo, dapo,
+bnpo, cispo, sapo, ... whatever the installed TRL implements), `scale_rewards`, `epsilon` and
+`epsilon_high` (clip-higher), `importance_sampling_level` (token, or sequence: GSPO) and
+`mask_truncated_completions`; README "GRPO and RLOO: the loss choices" says what each is for.
+As in our PPO, dropout is off in the policy and the reference, and sampling reads nothing from
+the model's generation_config.json but its eos, pad and bos tokens.
+
     RUN_DIR/grpo/ (or rloo/)
       manifest.json    # kind: policy; train/reward, eval/rule_reward_mean before and after with eval_rule
       model/           # safetensors + tokenizer
@@ -21,12 +29,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OnlineRLBlock, OptimConfig
-from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, memory_metrics,
+from pipeline.errors import UsageError
+from pipeline.stages.common import (RuleReward, final_model, fit, load_policy, memory_metrics,
                                     peft_config, save_policy, training_args, weights_dtype)
 
 
 class GroupRLOptimConfig(OptimConfig):
     lr: float = Field(1e-6, gt=0)
+
+
+# settings only TRL's GRPO loss has (RLOOTrainer has no such choice)
+GRPO_ONLY = ("loss_type", "scale_rewards", "importance_sampling_level")
 
 
 class GroupRLStageConfig(OnlineRLBlock):
@@ -37,6 +50,19 @@ class GroupRLStageConfig(OnlineRLBlock):
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference model)")
     eval_fraction: float = Field(0.2, ge=0, lt=1)
+    loss_type: str = Field("dapo", description="GRPO: how token losses are averaged (checked against the installed "
+                           "TRL): grpo (per sequence, DeepSeekMath), dr_grpo (a constant, Dr. GRPO), dapo (tokens of "
+                           "the whole accumulated batch, DAPO), bnpo (tokens of the local batch), cispo, sapo, ...")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="GRPO: divide advantages by the "
+                                                              "reward std of each group, of the batch, or not at all "
+                                                              "(Dr. GRPO)")
+    epsilon: float = Field(0.2, gt=0, description="clip range of the importance ratio (lower bound 1 - epsilon)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip bound 1 + epsilon_high (DAPO's "
+                                       "clip-higher, e.g. 0.28); default: epsilon")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="GRPO: one importance "
+                                                                    "ratio per token, or per sequence (GSPO)")
+    mask_truncated_completions: bool = Field(False, description="leave completions cut at max_completion_length "
+                                             "out of the loss (DAPO's overlong filtering)")
     optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig)
 
     @model_validator(mode="before")
@@ -67,10 +93,31 @@ class GroupRLStageConfig(OnlineRLBlock):
         if self.optim.eval_steps is not None:
             raise ValueError("optim.eval_steps: GRPO and RLOO have no eval split to evaluate on (held-out prompts "
                              "are sampled before and after training with eval_rule)")
-        if (self.optim.batch_size * self.optim.grad_accum) % self.num_generations:
-            raise ValueError(f"optim.batch_size: batch_size x grad_accum must be a multiple of num_generations "
-                             f"({self.num_generations})")
+        self.refuse_unused(GRPO_ONLY, self.stage == "grpo", "in RLOO (TRL's RLOO loss has no such choice)")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("loss_type 'luspo' is a sequence-level loss: set importance_sampling_level: sequence")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("loss_type 'vespo' weighs whole sequences itself: leave importance_sampling_level at token")
         return self
+
+    def preflight(self, world: int) -> None:
+        """TRL samples num_generations completions of each prompt within one generation batch, which is
+        batch_size x grad_accum completions on each of the processes: their total must hold whole groups. And the
+        loss type must be one the installed TRL implements."""
+        total = self.optim.batch_size * self.optim.grad_accum * world
+        if total % self.num_generations:
+            raise UsageError(f"stages.{self.name}.optim.batch_size: batch_size x grad_accum x processes "
+                             f"({self.optim.batch_size} x {self.optim.grad_accum} x {world} = {total}) must be a "
+                             f"multiple of num_generations ({self.num_generations}): TRL samples whole groups")
+        if self.stage == "grpo":
+            from trl import GRPOConfig
+
+            from pipeline.stages.common import trl_choices
+
+            offered = trl_choices(GRPOConfig, "loss_type")
+            if self.loss_type not in offered:
+                raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a GRPO loss of the installed "
+                                 f"TRL; expected one of {list(offered)}")
 
 
 Config = GroupRLStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -113,6 +160,35 @@ def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None) -> list:
     return funcs
 
 
+def trl_config(config_cls, cfg: GroupRLStageConfig, ctx, precision: str, info: dict):
+    """The TRL GRPOConfig / RLOOConfig of a stage: the shared training arguments, sampling, the loss choices, dropout
+    off (as in our PPO: the KL to the reference and the importance ratio carry no dropout noise)."""
+    revision = info.get("revision")
+    loss = {k: getattr(cfg, k) for k in ("epsilon", "epsilon_high", "mask_truncated_completions")}
+    if cfg.stage == "grpo":
+        loss.update({k: getattr(cfg, k) for k in GRPO_ONLY})
+    return training_args(config_cls, cfg, ctx, precision, num_generations=cfg.num_generations,
+                         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                         top_p=cfg.top_p, beta=cfg.beta, use_vllm=False, disable_dropout=True, **loss,
+                         # TRL rebuilds the reference (beta > 0, full tuning) from the policy's path with these
+                         trust_remote_code=info.get("trust_remote_code", False),
+                         **({"model_init_kwargs": {"revision": revision}} if revision else {}))
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def neutral_generation_config(model):
+    """Give `model` a generation config holding only its eos, pad and bos tokens; returns the one it had."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig(**{k: getattr(own, k) for k in ("eos_token_id", "pad_token_id",
+                                                                               "bos_token_id")})
+    return own
+
+
 def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from datasets import Dataset
     from transformers import set_seed
@@ -137,13 +213,11 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     metrics: dict = {}
     rule.before(model, tok, metrics)
     ConfigCls, TrainerCls = (GRPOConfig, GRPOTrainer) if cfg.stage == "grpo" else (RLOOConfig, RLOOTrainer)
-    revision = info.get("revision")
-    args = training_args(ConfigCls, cfg, ctx, precision, num_generations=cfg.num_generations,
-                         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                         top_p=cfg.top_p, beta=cfg.beta, use_vllm=False,
-                         # TRL rebuilds the reference (beta > 0, full tuning) from the policy's path with these
-                         trust_remote_code=info.get("trust_remote_code", False),
-                         **({"model_init_kwargs": {"revision": revision}} if revision else {}))
+    args = trl_config(ConfigCls, cfg, ctx, precision, info)
+    # sampling reads nothing from the model's generation_config.json but its special tokens: transformers fills
+    # every setting TRL leaves unset (min_p, no_repeat_ngram_size, suppress_tokens, ...) from it, while TRL's
+    # log-probs apply the temperature only. The model's own is put back before it is saved.
+    own_generation_config = neutral_generation_config(model)
     trainer = TrainerCls(model=model, reward_funcs=funcs if len(funcs) > 1 else funcs[0], args=args,
                          train_dataset=Dataset.from_list(train), processing_class=tok,
                          peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
@@ -152,9 +226,9 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     say(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
         f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
     t0 = time.time()
-    result = fit(trainer, ctx, cfg)
+    fit(trainer, ctx, cfg)
     seconds = time.time() - t0
-    check_finite(ctx, {"train/loss": result.training_loss})
+    _base_model(trainer.model).generation_config = own_generation_config
     model_out = final_model(trainer, cfg.lora.merge)
     rule.after(ctx, trainer, model_out, tok, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)

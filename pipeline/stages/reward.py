@@ -123,10 +123,10 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)
     before, _ = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
     t0 = time.time()
-    result = fit(trainer, ctx, cfg)
+    fit(trainer, ctx, cfg)
     seconds = time.time() - t0
     after, rewards = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
-    check_finite(ctx, {"train/loss": result.training_loss, "held-out rewards": rewards})
+    check_finite(ctx, {"held-out rewards": rewards})
     calibration = after.pop("calibration")
     before.pop("calibration", None)
     metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],

@@ -191,7 +191,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     seconds = time.time() - t0
     if evals:
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
-    check_finite(ctx, {**metrics, "train/loss": result.training_loss})
+    check_finite(ctx, metrics)
     if "train/loss" not in ctx.metrics.last:  # fewer steps than logging_steps: nothing per-step was logged
         metrics["train/loss"] = result.training_loss
     ctx.metrics.log(metrics, step=trainer.state.global_step)

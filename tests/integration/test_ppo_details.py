@@ -2,6 +2,7 @@
 share): temperature in every log-prob, sampling settings from the stage config only, no dropout, adapter
 policies merged before training, a critic on the rewards' scale, and the learning-rate schedule."""
 
+import copy
 import json
 
 import pytest
@@ -201,3 +202,28 @@ def test_adapter_policies_are_merged_before_ppo_dpo_and_grpo(tmp_path):
         assert _metrics(run / name / "metrics.jsonl", "rewards/chosen")[0] == pytest.approx(0.0, abs=1e-5), name
     assert _metrics(run / "grpo_full" / "metrics.jsonl", "train/kl")[0] == pytest.approx(0.0, abs=1e-6)
     assert not list(run.glob("*/.inputs"))  # the merged copies are not part of any artifact
+
+
+def test_ppo_step_uses_the_kl_coefficient_it_is_given(tiny_path):
+    """The KL penalty reaches the returns. A rollout whose reference log-probs sit 0.1 below the policy's on every
+    token (k1 KL 0.1 a token), gamma = lambda = 1, no whitening, a zero value head: each token's return is
+    score - coef * 0.1 * (tokens from it to the end). Worked for each response and averaged over tokens, for
+    coef 0.05 and 0: the two differ, and each matches ppo/return_mean."""
+    policy, tok = _tiny(tiny_path)
+    results = {}
+    for coef in (0.05, 0.0):
+        models = PPOModels(copy.deepcopy(policy), tok, "head")
+        ro = generate(models, PROMPTS * 2, 8, keep_scores=True, seeds=list(range(8)))
+        score_rollout(models, ro, RewardFunction(rule="feedback.synthetic:rule_score"), None, 1)
+        ro.ref_logp = ro.logp - 0.1 * ro.mask
+        opt = LocalOptimizer(models, torch.optim.SGD(models.trainable_parameters(), lr=0.0), 1.0)
+        hp = ppo_hyper(gamma=1.0, lam=1.0, whiten_advantages=False, reward_clip=None)
+        out = ppo_step(models, opt, ro, hp, losses.FixedKLController(coef), 1)
+        want, n = 0.0, 0
+        for score, length in zip(ro.scores.tolist(), ro.mask.sum(1).long().tolist()):
+            want += sum(score - coef * 0.1 * (length - t) for t in range(length))
+            n += length
+        assert out["ppo/return_mean"] == pytest.approx(want / n, abs=1e-5), coef
+        assert out["ppo/kl"] == pytest.approx(0.1 * ro.mask.sum(1).mean().item(), abs=1e-5)
+        results[coef] = out["ppo/return_mean"]
+    assert results[0.05] < results[0.0] - 0.01

@@ -24,6 +24,21 @@ def test_reward_model_learns_the_task(tiny_run):
     assert m["inputs"]["preferences"]["manifest_hash"] == artifacts.manifest_hash(tiny_run / "preferences")
 
 
+def test_reward_model_ranks_held_out_text_pairs_as_people_did(tiny_run):
+    """Accuracy measured outside the stage: the saved reward model, through the scoring API on the raw text of the
+    held-out pairs as the preferences stage wrote them, prefers `chosen` (so a pair encoding that swapped chosen
+    and rejected, which the stage's own evaluation would share, cannot pass)."""
+    from reward.scoring import RewardScorer
+
+    pairs = [p for p in read_pairs(artifacts.load_artifact(tiny_run / "preferences", "preferences").output("eval"))
+             if not p.tie]
+    scorer = RewardScorer.from_artifact(tiny_run / "reward")
+    chosen, _ = scorer.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected, _ = scorer.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+    assert len(pairs) > 50 and accuracy >= 0.9, accuracy
+
+
 def test_preferences_split_by_prompt(tiny_run):
     art = artifacts.load_artifact(tiny_run / "preferences", "preferences")
     train = list(read_pairs(art.output("train")))

@@ -100,3 +100,31 @@ def test_kl_controllers():
     c2 = losses.AdaptiveKLController(1.0, 1, 1)
     c2.load_state_dict(c.state_dict())
     assert c2.value == c.value
+
+
+def test_response_mask_keeps_the_first_eos_and_nothing_after():
+    """EOS = 2. [5, 2, 7, 2]: tokens up to and including the first EOS -> [1, 1, 0, 0], ended.
+    [5, 6, 7, 8]: no EOS -> all four, not ended. [2, 9, 9, 9]: EOS first -> [1, 0, 0, 0], ended."""
+    mask, ended = losses.response_mask(T([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]]), eos_token_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_token_mean_over_the_whole_minibatch():
+    """A minibatch of 3 response tokens, x = [1, 2 | 3], cut into micro-batches [[1, 2]] and [[3, pad]]:
+    with num_tokens 3 each gives its sum over 3 (3/3 = 1 and 3/3 = 1), adding up to the minibatch's mean 2.
+    Each micro-batch's own mean would give 1.5 and 3 (their mean, 2.25, weights the short one's token double)."""
+    a = losses.token_mean(T([[1.0, 2.0]]), T([[1.0, 1.0]]), 3)
+    b = losses.token_mean(T([[3.0, 99.0]]), T([[1.0, 0.0]]), 3)
+    assert (a + b).item() == pytest.approx(2.0)
+    assert losses.token_mean(T([[3.0, 99.0]]), T([[1.0, 0.0]])).item() == pytest.approx(3.0)  # no count: the mean
+
+
+def test_policy_and_value_losses_over_a_token_count():
+    """policy: ratio 1 everywhere, A = [1, 3] -> per-token losses [-1, -3]; over num_tokens 4: -4/4 = -1.
+    value: V = [0, 0], R = [2, 4], no clipping -> 0.5 * (4 + 16) / 4 = 2.5."""
+    mask = T([[1.0, 1.0]])
+    loss, _ = losses.policy_loss(T([[0.0, 0.0]]), T([[0.0, 0.0]]), T([[1.0, 3.0]]), mask, num_tokens=4)
+    assert loss.item() == pytest.approx(-1.0)
+    loss, _ = losses.value_loss(T([[0.0, 0.0]]), T([[0.0, 0.0]]), T([[2.0, 4.0]]), mask, clip=None, num_tokens=4)
+    assert loss.item() == pytest.approx(2.5)
