@@ -274,3 +274,33 @@ def test_every_ppo_setting_reaches_its_loop(tiny_run, tmp_path, monkeypatch):
     assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (2, 3)
     unlisted = set(_fields(REGISTRY["ppo"].Config)) - set(PPO) - set(PPO_NOT_SETUP) - {"lora.dropout"}
     assert not unlisted, f"ppo: fields neither checked here nor listed as read by the loop: {unlisted}"
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_group_methods_sample_from_a_neutral_config_with_dropout_off(tiny_run, tmp_path, monkeypatch, stage):
+    """A policy whose generation_config.json sets min_p, no_repeat_ngram_size, min_new_tokens and suppress_tokens
+    (which transformers would fill into TRL's sampling, while TRL's log-probs apply the temperature only): GRPO and
+    RLOO train with a generation config holding only its eos, pad and bos tokens, and with dropout off; the saved
+    policy keeps its own generation config."""
+    import json
+    import shutil
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_run / "sft" / "model", policy)
+    own = {"min_p": 0.5, "no_repeat_ngram_size": 3, "min_new_tokens": 4, "suppress_tokens": [5]}
+    gen = json.loads((policy / "generation_config.json").read_text()) if (policy / "generation_config.json").exists() \
+        else {}
+    (policy / "generation_config.json").write_text(json.dumps({**gen, **own}))
+    block = {"stage": stage, "name": f"neutral_{stage}", "policy": str(policy), "prompts": "synthetic:prompts",
+             "reward": {"rule": "feedback.synthetic:rule_score"}, "num_generations": 2, "max_completion_length": 8,
+             "precision": "fp32", "optim": {"max_steps": 1, "batch_size": 2}}
+    trainer = _build(tiny_run, tmp_path, monkeypatch, block)
+    assert trainer.args.disable_dropout is True
+    during = trainer.model.generation_config
+    assert all(getattr(during, k) in (None, 0, []) for k in own), {k: getattr(during, k) for k in own}
+    assert during.eos_token_id is not None and during.pad_token_id is not None
+    monkeypatch.undo()
+    path = tmp_path / f"neutral_{stage}.yaml"
+    run_pipeline(load_pipeline(path), only=[f"neutral_{stage}"], echo=lambda *a, **k: None)
+    saved = json.loads((tiny_run / f"neutral_{stage}" / "model" / "generation_config.json").read_text())
+    assert {k: saved.get(k) for k in own} == own
