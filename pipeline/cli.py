@@ -27,6 +27,11 @@ examples:
 def _cmd_run(args) -> int:
     from pipeline.config import load_pipeline
 
+    if args.processes is not None and (not args.check or args.processes < 1):
+        from pipeline.errors import UsageError
+
+        raise UsageError("--processes N (N >= 1) goes with --check: a launched run takes its number of processes "
+                         "from the launcher")
     cfg = load_pipeline(args.config, args.set)
     if args.run_dir:
         cfg.run_dir = args.run_dir
