@@ -222,10 +222,15 @@ class PPOModels:
         return self.actor_module.value_head
 
     def trainable_parameters(self):
-        params = [p for p in self.actor_module.parameters() if p.requires_grad]
+        return [p for group in self.parameter_groups() for p in group]
+
+    def parameter_groups(self) -> list[list]:
+        """The trained parameters by model, as DeepSpeed holds them in engines (and OpenRLHF in optimizers): the policy
+        with its value head, then the critic. Each group's gradients are clipped on their own."""
+        groups = [[p for p in self.actor_module.parameters() if p.requires_grad]]
         if self.critic_module is not None:
-            params += [p for p in self.critic_module.parameters() if p.requires_grad]
-        return params
+            groups.append([p for p in self.critic_module.parameters() if p.requires_grad])
+        return groups
 
     def train(self, mode: bool = True) -> None:
         for m in (self.actor_module, self.critic_module):
@@ -335,7 +340,11 @@ class LocalOptimizer:
         (policy_loss + value_loss).backward()
 
     def step(self, check) -> float:
-        gn = torch.nn.utils.clip_grad_norm_(self.models.trainable_parameters(), self.max_grad_norm)
+        """Clip the policy's (with its value head) and the critic's gradients each to max_grad_norm, as their DeepSpeed
+        engines do, check them, update. Returns the norm over both, before clipping."""
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(group, self.max_grad_norm)
+                             for group in self.models.parameter_groups()])
+        gn = norms.square().sum().sqrt()
         check(grad_norm=gn)  # before the update: a non-finite gradient never reaches the weights
         self.optimizer.step()
         if self.scheduler is not None:

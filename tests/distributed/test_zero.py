@@ -165,23 +165,26 @@ def test_a_nonfinite_gradient_is_refused_before_the_update_on_every_process(stag
     assert main["good_update_applied"] and not main["bad_update_applied"], main
 
 
-def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path):
+@pytest.mark.parametrize("value_model", ["head", "critic"])
+def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, value_model):
     """The same PPO step (one rollout of 8 prompts, two epochs of two minibatches of 4) from the same SFT policy, on
     one process and on two (ZeRO-2, each process sampling and scoring half the prompts, then taking half of every
     minibatch): the weight updates agree within 1%. The responses are the same (each is sampled from its own
-    seed), the minibatches are the same rows in the same order, and the loss is the minibatch's token mean."""
+    seed), the minibatches are the same rows in the same order, the loss is the minibatch's token mean, and a
+    critic's gradients are clipped apart from the policy's on one process as in its own engine."""
     from safetensors.torch import load_file
 
     from pipeline.cli import main
 
     run = tmp_path / "run"
-    ppo = {"stage": "ppo", "policy": "stage:sft", "reward": {"rule": "feedback.synthetic:rule_score"},
+    ppo = {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "value_model": value_model,
            "prompts": "synthetic:prompts", "steps": 1, "precision": "fp32", "max_eval_prompts": 4,
            "rollout": {"prompts_per_step": 8, "max_new_tokens": 12},
-           "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, "optim": {"lr": 1e-3}}
+           "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, "optim": {"lr": 1e-3, "max_grad_norm": 0.1}}
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
-        STAGES[0], {**ppo, "name": "ppo_one"}, {**ppo, "name": "ppo_two"}]})
-    assert main(["run", str(cfg), "--stage", "sft", "--stage", "ppo_one"]) == 0
+        *STAGES[:3], {**ppo, "name": "ppo_one"}, {**ppo, "name": "ppo_two"}]})
+    assert main(["run", str(cfg), "--stage", "sft", "--stage", "preferences", "--stage", "reward",
+                 "--stage", "ppo_one"]) == 0
     _launch(cfg, "zero2", "--stage", "ppo_two")
     start = load_file(str(run / "sft" / "model" / "model.safetensors"))
     updates, rewards = [], []
