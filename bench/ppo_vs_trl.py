@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ppo_vs_trl.py              # warm-up + 3 repeats of each row (about 15 minutes on 2 cores)
     .venv/bin/python bench/ppo_vs_trl.py --quick      # 1 run each, fewer episodes (about 3 minutes)
+    .venv/bin/python bench/ppo_vs_trl.py --against fc03a1c --no-trl   # ours now against ours at an earlier commit
 
 The same work for every row: SmolLM2-135M-Instruct (an SFT policy and a reward model prepared once, by this
 project's own stages, under bench/.work/), LoRA r16 on q/k/v/o for the policy (the reference is the disabled
@@ -11,7 +12,9 @@ adapter), 8 prompts per step, 32 new tokens, 2 PPO epochs, 2 minibatches, 32 epi
   installed by this script into bench/.peers/trl-1.12.0 (`pip install --no-deps --target`) and put first on
   PYTHONPATH for that process only, so it never becomes a project dependency;
 - ours with `value_model: critic` (the like-for-like row);
-- ours with `value_model: head` (a value head on the policy: what TRL cannot do).
+- ours with `value_model: head` (a value head on the policy: what TRL cannot do);
+- with `--against REF`: the same two rows of ours as of git commit REF (its files exported by `git archive` into
+  bench/.work/ and put first on PYTHONPATH for those processes), to measure a change side by side.
 
 Each run is its own process. Reported: PPO training time (the loop, without loading), episodes per second,
 the whole process's wall time, and its peak resident memory (VmHWM, polled). Median [min, max] over the
@@ -108,8 +111,21 @@ def trl_row(run: Path, trl_path: Path, episodes: int) -> dict:
     return {**m, **json.loads(out.read_text())}
 
 
-def ours_row(run: Path, value_model: str, episodes: int, tag: str) -> dict:
-    name = f"bench_{value_model}_{tag}"
+def checkout(ref: str) -> Path:
+    """The project's files as of git commit `ref`, exported once into bench/.work/ref-SHA (never a worktree)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    target = WORK / f"ref-{sha}"
+    if not (target / "pipeline").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def ours_row(run: Path, value_model: str, episodes: int, tag: str, code: Path | None = None) -> dict:
+    """Our PPO (this checkout, or the project's files at `code`) on the benchmark's work."""
+    name = f"bench_{value_model}_{code.name if code else 'now'}_{tag}"
     ppo = {"stage": "ppo", "name": name, "policy": "stage:sft", "reward": {"model": "stage:reward", "normalize": False},
            "prompts": "synthetic:prompts", "eval_fraction": 0, "steps": episodes // 8, "tuning": "lora",
            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -121,7 +137,8 @@ def ours_row(run: Path, value_model: str, episodes: int, tag: str) -> dict:
         {"stage": "reward", "model": "stage:sft", "preferences": "stage:preferences"}, ppo]}
     path = WORK / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    m = measure([PY, "-m", "pipeline", "run", str(path), "--stage", name, "--force"], {**os.environ, "WANDB_MODE": "disabled"})
+    env = {**os.environ, "WANDB_MODE": "disabled", **({"PYTHONPATH": str(code)} if code else {})}
+    m = measure([PY, "-m", "pipeline", "run", str(path), "--stage", name, "--force"], env)
     manifest = json.loads((run / name / "manifest.json").read_text())
     rows = [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()]
     phases = {k[len("ppo/time/"):]: sum(r[k] for r in rows if k in r) / len(rows)
@@ -153,8 +170,11 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    base = rows["TRL 1.12 PPOTrainer (value model)"]
-    lines = ["| row | PPO training time (s) | episodes/s | vs TRL | whole process (s) | peak RSS (MiB) | vs TRL |",
+    """One line per row, with ratios to the first row (TRL's, unless --no-trl)."""
+    first = next(iter(rows))
+    base = rows[first]
+    short = "TRL" if first.startswith("TRL") else "the first row"
+    lines = [f"| row | PPO training time (s) | episodes/s | vs {short} | whole process (s) | peak RSS (MiB) | vs {short} |",
              "|---|---|---|---|---|---|---|"]
     fmt = lambda t: f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"  # noqa: E731
     for name, s in rows.items():
@@ -170,13 +190,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one run of each row, 16 episodes, no warm-up")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--against", metavar="REF", help="also run our PPO as of this git commit, side by side")
+    p.add_argument("--no-trl", action="store_true", help="leave TRL's row out (with --against: ours then and now)")
     a = p.parse_args()
     episodes, repeats, warmup = (16, 1, False) if a.quick else (32, a.repeats, True)
-    trl_path = install_trl_peer()
     run = prepare()
-    peers = {"TRL 1.12 PPOTrainer (value model)": lambda tag: trl_row(run, trl_path, episodes),
-             "ours, value_model: critic (like for like)": lambda tag: ours_row(run, "critic", episodes, tag),
-             "ours, value_model: head": lambda tag: ours_row(run, "head", episodes, tag)}
+    peers = {}
+    if a.against:
+        old = checkout(a.against)
+        peers[f"ours at {a.against}, value_model: critic"] = lambda tag: ours_row(run, "critic", episodes, tag, old)
+        peers[f"ours at {a.against}, value_model: head"] = lambda tag: ours_row(run, "head", episodes, tag, old)
+    if not a.no_trl:
+        trl_path = install_trl_peer()
+        peers = {"TRL 1.12 PPOTrainer (value model)": lambda tag: trl_row(run, trl_path, episodes), **peers}
+    peers.update({"ours, value_model: critic (like for like)": lambda tag: ours_row(run, "critic", episodes, tag),
+                  "ours, value_model: head": lambda tag: ours_row(run, "head", episodes, tag)})
     if warmup:  # the first process pays for cold caches (files, DeepSpeed's import): not counted
         for name, fn in peers.items():
             print(f"warm-up: {name}", flush=True)
@@ -190,11 +218,14 @@ def main() -> None:
     rows = {name: summarise(runs) for name, runs in results.items()}
     text = table(rows) + "\n\nWhere our PPO step's time goes (mean seconds per step over the runs, and its share):\n\n" \
         + phase_table(results)
-    record(f"PPO, ours against TRL 1.12 (bench/ppo_vs_trl.py{' --quick' if a.quick else ''})",
+    flags = (" --quick" if a.quick else "") + (f" --against {a.against}" if a.against else "") \
+        + (" --no-trl" if a.no_trl else "")
+    against = "TRL 1.12" if not a.no_trl else f"ours at {a.against}" if a.against else "itself"
+    record(f"PPO, ours against {against} (bench/ppo_vs_trl.py{flags})",
            f"SmolLM2-135M-Instruct, LoRA r16 q/k/v/o, 8 prompts/step, 32 new tokens, 2 epochs x 2 minibatches, "
            f"{episodes} episodes, fp32; median [min, max] of {repeats} run(s) each"
            f"{' after a warm-up' if warmup else ''}, interleaved. Command: `.venv/bin/python bench/ppo_vs_trl.py"
-           f"{' --quick' if a.quick else ''}` (or `make bench`).", text)
+           f"{flags}` (or `make bench`).", text)
 
 if __name__ == "__main__":
     main()
