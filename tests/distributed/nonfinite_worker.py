@@ -29,7 +29,7 @@ def main(stage: int, out_dir: Path) -> None:
 
     def minibatch(rows, step):
         for i in rows:
-            opt.backward(engine(x[i : i + 1]).pow(2).sum(), torch.zeros(()), 0.5)
+            opt.backward(engine(x[i : i + 1]).pow(2).sum() / len(rows), torch.zeros(()))  # its share of the mean
         return opt.step(lambda **v: check_finite(step, **v))
 
     start = full_state_dict(engine.module)
