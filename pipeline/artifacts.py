@@ -98,7 +98,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 OWNED = ".rlhf"  # marks a directory this pipeline created (a stage's work directory, then its artifact)
-STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")  # \Z: "$" would also match before a final newline
 
 
 def inside(path: Path, root: Path) -> Path:

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import StageBlock, Strict
 from pipeline.errors import InvalidInput
 
-NAME = r"^[A-Za-z0-9_-]+$"
+NAME = r"^[A-Za-z0-9_-]+$"  # for pydantic (Rust regex: "$" is the end of the text); Python code uses STAGE_NAME
 
 
 class SamplingConfig(Strict):
@@ -64,10 +64,10 @@ class EvaluateStageConfig(StageBlock):
 
     @model_validator(mode="after")
     def _check(self):
-        import re
+        from pipeline.artifacts import STAGE_NAME
 
         names = list(self.policies) + ([self.few_shot.name] if self.few_shot else [])
-        bad = [n for n in names if not re.match(NAME, n)]
+        bad = [n for n in names if not STAGE_NAME.match(n)]
         if bad:
             raise ValueError(f"policies: names are letters, digits, '_' and '-' (they name metrics): {bad}")
         if len(set(names)) != len(names) or len(names) < 2:

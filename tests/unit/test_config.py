@@ -78,6 +78,15 @@ def test_unknown_stage_and_forward_reference(tmp_path):
     assert "stages[0].model: 'stage:later' names no earlier stage" in _error(tmp_path, data)
 
 
+def test_names_with_a_trailing_newline_are_refused(tmp_path):
+    """`$` also matches before a final newline: "sft\\n" passed the name check and named RUN_DIR/"sft\\n"."""
+    assert "is not a safe directory name" in _error(tmp_path, _cfg(tmp_path, name="sft\n"))
+    data = _cfg(tmp_path)
+    data["stages"].append({"stage": "evaluate", "policies": {"sft": "stage:sft", "base\n": "tiny"},
+                           "prompts": "synthetic:prompts"})
+    assert "policies: names are letters, digits" in _error(tmp_path, data)
+
+
 def test_set_overrides(tmp_path):
     path = write_yaml(tmp_path / "x.yaml", _cfg(tmp_path))
     cfg = load_pipeline(path, ["stages.sft.optim.lr=1e-4", "stages.0.tuning=lora", "seed=7", "stages.sft.lora.r=4"])
