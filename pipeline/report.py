@@ -103,7 +103,8 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def _read_config(stage: Stage) -> None:
-    import yaml
+    from pipeline.blocks import load_yaml_text
+    from pipeline.errors import UsageError
 
     path = stage.dir / "config.yaml" if stage.dir else None
     if path is None or not path.is_file():
@@ -111,8 +112,8 @@ def _read_config(stage: Stage) -> None:
     stage.config_text = path.read_text(encoding="utf-8", errors="replace")
     stage.started = path.stat().st_mtime
     try:
-        loaded = yaml.safe_load(stage.config_text)
-    except yaml.YAMLError:
+        loaded = load_yaml_text(stage.config_text, str(path))  # refuses alias bombs, which walking would expand
+    except UsageError:
         loaded = None
     stage.config = loaded if isinstance(loaded, dict) else {}
 
