@@ -65,7 +65,8 @@ class PipelineConfig(Strict):
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     trusted_modules: list[str] = Field(default_factory=list, description="modules whose functions rules may "
-                                       "name (module:function): rules are code; besides these, only the rules registered with @rule in feedback/rules.py")
+                                       "name (module:function): rules are code; besides these, only the rules "
+                                       "registered with @rule (feedback/rules.py)")
     stages: list[Annotated[Any, WrapValidator(_stage_block)]] = Field(min_length=1)
 
     @model_validator(mode="before")
