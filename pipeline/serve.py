@@ -762,9 +762,9 @@ def _check_options(opts: ServeOptions) -> str | None:
         raise UsageError(f"--timeout must be positive, got {opts.timeout}")
     api_key = None
     if opts.api_key_env:
-        api_key = os.environ.get(opts.api_key_env, "")
-        if not api_key:
-            raise UsageError(f"--api-key-env {opts.api_key_env}: that environment variable is not set or empty")
+        from feedback.judges.http import read_api_key
+
+        api_key = read_api_key(opts.api_key_env, f"--api-key-env {opts.api_key_env}")
     if api_key is None and not is_loopback(opts.host):
         raise UsageError(f"--host {opts.host} is reachable from other machines: set a token in an environment "
                          "variable and pass its name with --api-key-env (clients send 'Authorization: Bearer "

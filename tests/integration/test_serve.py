@@ -380,14 +380,15 @@ def test_bearer_token(policy_server):
 
 def test_refuses_to_start_exposed_without_a_token(tiny_path):
     for extra, env, says in ((["--host", "0.0.0.0"], {}, "--api-key-env"),
-                             (["--api-key-env", "RLHF_TEST_UNSET_VAR"], {"RLHF_TEST_UNSET_VAR": ""}, "not set")):
+                             (["--api-key-env", "RLHF_TEST_UNSET_VAR"], {"RLHF_TEST_UNSET_VAR": ""}, "not set"),
+                             (["--api-key-env", KEY_ENV], {KEY_ENV: KEY + "\r\n"}, "carriage return")):
         srv = Server(["judge", "--model", "tiny", "--port", "0", *extra], env=env, wait=False)
         try:
             assert srv.proc.wait(60) == 2
         finally:
             srv.stop()
         time.sleep(0.2)
-        assert says in srv.log() and "Traceback" not in srv.log()
+        assert says in srv.log() and "Traceback" not in srv.log() and KEY not in srv.log()
 
 
 def test_busy_server_answers_503_with_retry_after(policy_server):
