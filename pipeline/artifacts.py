@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -75,6 +76,34 @@ def fsync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask can only read it by setting it, which races with
+    other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under `root` (links are not followed) the mode the umask gives new files. safetensors writes
+    weights with mode 0600 whatever the umask, while every other file follows it: in a shared cache or run
+    directory no one else could read the weights, and another user's run judged such a cache entry incomplete."""
+    mode = 0o666 & ~umask()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(p, mode)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -36,8 +36,9 @@ def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = Fal
             _copy_adapter(src, tmp, is_adapter)
         else:
             _write_merged(src, tmp, is_adapter)
-        from pipeline.artifacts import fsync_tree
+        from pipeline.artifacts import follow_umask, fsync_tree
 
+        follow_umask(tmp)
         fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above

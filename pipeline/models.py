@@ -128,10 +128,11 @@ def _cached(ref: str, name: str) -> Path:
     """The complete cache entry `name` for the built-in `ref`, built (once, by one process) if needed."""
     from filelock import FileLock
 
-    from pipeline.artifacts import fsync_tree
+    from pipeline.artifacts import follow_umask, fsync_tree
     from pipeline.errors import InvalidInput
 
     target = cache_dir() / "models" / name
+    _refuse_unreadable(target)
     if not missing_parts(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def _cached(ref: str, name: str) -> Path:
         if not missing:
             return target  # another process built it while we waited
         if target.exists():
+            _refuse_unreadable(target)  # never remove what we cannot even read: it may be another user's
             print(f"[models] {target} is incomplete (missing {', '.join(missing)}): rebuilding it", flush=True)
             _remove(target)
         tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
@@ -159,6 +161,7 @@ def _cached(ref: str, name: str) -> Path:
             missing = missing_parts(tmp)
             if missing:
                 raise InvalidInput(f"building '{ref}' left {tmp} without {', '.join(missing)}")
+            follow_umask(tmp)  # readable by whoever the umask lets read it (safetensors writes 0600)
             fsync_tree(tmp)
             os.replace(tmp, target)
         finally:
@@ -166,6 +169,24 @@ def _cached(ref: str, name: str) -> Path:
     finally:
         lock.release()
     return target
+
+
+def _refuse_unreadable(entry: Path) -> None:
+    """Stop, naming the file, when a cache entry exists but this user cannot read all of it: in a shared
+    RLHF_CACHE it may be another user's complete entry, which must not be judged incomplete and removed."""
+    from pipeline.errors import UsageError
+
+    if not entry.exists():
+        return
+    paths = [entry]
+    if os.access(entry, os.R_OK | os.X_OK):
+        paths += sorted(p for p in entry.rglob("*") if not p.is_symlink())
+    for p in paths:
+        if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            mode = oct(p.stat().st_mode & 0o7777)[2:].rjust(4, "0")
+            raise UsageError(f"the model cache entry {entry} exists, but {p} cannot be read by this user (owner uid "
+                             f"{p.stat().st_uid}, mode {mode}); it is left as it is, not rebuilt or removed. Ask its "
+                             f"owner to run `chmod -R a+rX {entry}`, or use a cache of your own (RLHF_CACHE=DIR)")
 
 
 def _remove(p: Path) -> None:

@@ -260,6 +260,7 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     if distributed.is_main():
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
         shutil.rmtree(work / ".inputs", ignore_errors=True)  # merged copies of adapter inputs
+        artifacts.follow_umask(work)  # weights readable as the user's umask says, like every other file
         artifacts.fsync_tree(work)  # weights on disk before the manifest that vouches for them
     artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
     if distributed.is_main():
