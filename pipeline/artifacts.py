@@ -262,8 +262,29 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
         raise InvalidInput(f"{p}: unreadable manifest: {exc}") from None
 
 
+def links_inside(root: str | Path) -> list[Path]:
+    """Every symbolic link under `root` (files and directories; none is followed). `root` itself may be a link."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        found += [Path(dirpath, n) for n in dirs + files if os.path.islink(os.path.join(dirpath, n))]
+    return sorted(found)
+
+
+def refuse_links(root: str | Path, role: str) -> None:
+    """An artifact is refused when it holds symbolic links: a `model/chat_template.jinja` or `config.yaml` that
+    links to a key or any other file of this machine would be read as the artifact's own, then copied by
+    `rlhf export`, embedded in a report or served. Artifacts this pipeline writes hold none."""
+    links = links_inside(root)
+    if links:
+        shown = ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}" for p in links[:5])
+        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+        raise InvalidInput(f"{role}: {root} holds symbolic links ({shown}{more}); links inside an artifact are "
+                           "refused, since they can point at any file on this machine: replace each with a copy of "
+                           "the file it points to, if that file is meant to be part of the artifact")
+
+
 def load_artifact(stage_dir: str | Path, kinds: str | tuple[str, ...], role: str = "input") -> Artifact:
-    """Open an input artifact, refusing one that is missing, incomplete or of the wrong kind."""
+    """Open an input artifact, refusing one that is missing, incomplete, of the wrong kind or holding links."""
     stage_dir = Path(stage_dir)
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if not stage_dir.is_dir():
@@ -281,8 +302,13 @@ def load_artifact(stage_dir: str | Path, kinds: str | tuple[str, ...], role: str
             f"but this needs {' or '.join(repr(k) for k in kinds)}"
         )
     for rel in m.get("outputs", {}).values():
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            # an output is a file of the artifact: "/home/me/private" or "../x" would open something else
+            raise InvalidInput(f"{role}: {stage_dir}/{MANIFEST} lists the output {rel!r}, which is not a path inside "
+                               "the artifact")
         if not (stage_dir / rel).exists():
             raise InvalidInput(f"{role}: {stage_dir}/{rel}, listed in the manifest, is missing")
+    refuse_links(stage_dir, role)
     return Artifact(stage_dir, m)
 
 

@@ -21,11 +21,18 @@ def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = Fal
     built beside it and renamed into place; an existing non-empty `out` is refused, never replaced."""
     from pipeline.artifacts import load_artifact
 
+    from pipeline.artifacts import refuse_links
+
     src, out = Path(artifact_dir), Path(out)
     if (src / "manifest.json").exists():
         src = load_artifact(src, "policy", role="export").output("model")
+    elif (src.parent / "manifest.json").exists():
+        load_artifact(src.parent, "policy", role="export")  # a model/ directory: its artifact is checked too
     if not (src / "config.json").exists() and not (src / "adapter_config.json").exists():
         raise UsageError(f"{artifact_dir}: not a policy artifact or a saved model")
+    refuse_links(src, "export")  # what is exported is meant to be shared: never a file a link points to
+    if out.is_symlink():
+        raise UsageError(f"{out} is a symbolic link; export into a new directory, not through a link")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not empty; export into a new directory")
     is_adapter = (src / "adapter_config.json").exists()
@@ -40,9 +47,12 @@ def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = Fal
 
         follow_umask(tmp)
         fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(tmp, out)
+        except OSError as exc:  # e.g. `out` was made a link or a file meanwhile
+            raise UsageError(f"cannot put the export in place at {out}: {exc.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
