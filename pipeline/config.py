@@ -109,6 +109,20 @@ class PipelineConfig(Strict):
         """A stage's `model:` value -> ModelSpec (a key of `models`, or a reference used directly)."""
         return self.models.get(ref) or ModelSpec(ref=ref)
 
+    def trusts_remote_code(self, ref: str) -> bool:
+        """Whether this config lets the model `ref` run its own code: a key of `models` (or a reference) says so
+        itself; `stage:NAME` inherits it from the model that stage was trained from (its `model:` or `policy:`),
+        up the chain. Only this config decides, never a file inside the artifact."""
+        seen = set()
+        while ref.startswith("stage:") and ref not in seen:
+            seen.add(ref)
+            inputs = self.stage(ref[6:]).inputs()
+            base = next((inputs[k] for k in ("model", "policy") if k in inputs and inputs[k][1] == "model"), None)
+            if base is None:
+                return False
+            ref = base[0]
+        return not ref.startswith("stage:") and self.model_spec(ref).trust_remote_code
+
 
 # --------------------------------------------------------------------------- overrides
 

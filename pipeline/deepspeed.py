@@ -397,7 +397,8 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
     return is_peft and not merge
 
 
-def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, info: dict) -> dict:
+def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, info: dict,
+                    critic_trust: bool = False) -> dict:
     """PPO's trained models under DeepSpeed: every process takes part (ZeRO-3 shards are gathered one submodule
     at a time) and rank 0 rebuilds plain models from the gathered weights and writes them, so they load
     without DeepSpeed. Returns the outputs written (value head or critic)."""
@@ -424,7 +425,7 @@ def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, inf
         if critic_sd is not None:
             from reward.scoring import load_reward_model
 
-            critic = load_reward_model(str(reward_art.output("model")))
+            critic = load_reward_model(str(reward_art.output("model")), "fp32", critic_trust)
             critic.load_state_dict(critic_sd)
             critic.save_pretrained(out_dir / "critic", safe_serialization=True)
     return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}

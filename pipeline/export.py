@@ -16,7 +16,8 @@ from pathlib import Path
 from pipeline.errors import InvalidInput, UsageError
 
 
-def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = False) -> Path:
+def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = False,
+                  trust_remote_code: bool = False) -> Path:
     """Write the policy of `artifact_dir` (a policy artifact, or its model/ directory) to the new directory `out`,
     built beside it and renamed into place; an existing non-empty `out` is refused, never replaced."""
     from pipeline.artifacts import load_artifact
@@ -42,7 +43,7 @@ def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = Fal
         if adapter:
             _copy_adapter(src, tmp, is_adapter)
         else:
-            _write_merged(src, tmp, is_adapter)
+            _write_merged(src, tmp, is_adapter, trust_remote_code)
         from pipeline.artifacts import follow_umask, fsync_tree
 
         follow_umask(tmp)
@@ -65,14 +66,14 @@ def _copy_adapter(src: Path, tmp: Path, is_adapter: bool) -> None:
     shutil.copytree(src, tmp)
 
 
-def _write_merged(src: Path, tmp: Path, is_adapter: bool) -> None:
+def _write_merged(src: Path, tmp: Path, is_adapter: bool, trust_remote_code: bool = False) -> None:
     from pipeline.models import load_causal_lm, load_tokenizer
 
     if is_adapter and json.loads((src / "adapter_config.json").read_text()).get("peft_type") != "LORA":
         raise InvalidInput(f"{src} is a prompt-tuning adapter, which cannot be merged into plain weights; export it "
                            "with --adapter (it loads on its base with peft)")
-    model = load_causal_lm(str(src), "fp32")  # an adapter loads merged into its base
-    tok = load_tokenizer(str(src))
+    model = load_causal_lm(str(src), "fp32", trust_remote_code)  # an adapter loads merged into its base
+    tok = load_tokenizer(str(src), trust_remote_code)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)

@@ -92,6 +92,7 @@ class ServeOptions:
     queue: int = 8
     timeout: float = 30.0  # seconds a client has to send its request (headers and body)
     served_model_name: str | None = None
+    trust_remote_code: bool = False  # only from the command line: never from the served artifact
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
@@ -258,8 +259,8 @@ class Engine:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(max(1, cores // opts.concurrency))
         self.name = name
-        self.tok = load_tokenizer(path)
-        model = load_causal_lm(path, "fp32")  # an adapter directory loads merged into its base
+        self.tok = load_tokenizer(path, opts.trust_remote_code)
+        model = load_causal_lm(path, "fp32", opts.trust_remote_code)  # an adapter directory loads merged into its base
         model.eval().requires_grad_(False)
         # generate() fills every field a request's GenerationConfig leaves unset from the model's own
         # generation_config.json; a neutral one here means only the request decides what is sampled.

@@ -133,7 +133,7 @@ def build_judge(path: str | Path):
     elif cfg.type == "reward_model":
         from feedback.judges.reward_model import RewardModelJudge
 
-        judge = RewardModelJudge(cfg.model, batch_size=cfg.batch_size)
+        judge = RewardModelJudge(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     elif cfg.type == "local":
         from feedback.judges.local import LocalJudge
 

@@ -88,13 +88,13 @@ def _prompt(prompt):
     return prompt
 
 
-def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None) -> list:
+def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None, trust_remote_code: bool = False) -> list:
     """TRL reward callables: f(prompts, completions, **kw) -> list[float] (TRL sums them)."""
     funcs = []
     if reward_path:
         from reward.scoring import RewardScorer
 
-        scorer = RewardScorer.from_artifact(reward_path)
+        scorer = RewardScorer.from_artifact(reward_path, trust_remote_code=trust_remote_code)
 
         def reward_model(prompts, completions, **kw):
             raw, norm = scorer.score([_prompt(p) for p in prompts], [_text(c) for c in completions])
@@ -134,7 +134,8 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     train = [neutralised(tok, {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p})
              for p in train_prompts]
     reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
-    funcs = reward_functions(cfg, str(reward_art.path) if reward_art else None)
+    funcs = reward_functions(cfg, str(reward_art.path) if reward_art else None,
+                             bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model))
     rule = RuleReward(cfg.eval_rule, eval_prompts, cfg.max_completion_length, ctx.seed)
     metrics: dict = {}
     rule.before(model, tok, metrics)

@@ -148,10 +148,11 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
     tok = load_tokenizer(policy_path, trust, revision)
     reward_path = str(reward_art.path) if reward_art else None
+    rm_trust = bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)  # the user's config decides
     rm_dir = None
     if cfg.value_model == "critic":
         rm_dir = str(reward_art.output("model"))
-        if load_tokenizer(rm_dir).get_vocab() != tok.get_vocab():
+        if load_tokenizer(rm_dir, rm_trust).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
     zero3 = zero.zero_stage(ds) == 3
@@ -163,7 +164,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     needs_reference = ds is not None and not lora  # one process: a copy of the policy, made below
     reward_fn = reference = None
     if not shard_frozen:  # whole copies on every process, loaded before sharded loading starts
-        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
+        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, trust_remote_code=rm_trust)
         reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference and zero3 else None
     sharded = zero.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
     policy = load_causal_lm(policy_path, precision, trust, revision)
@@ -175,13 +176,13 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     if rm_dir:
         from reward.scoring import load_reward_model
 
-        critic = load_reward_model(rm_dir, precision)
+        critic = load_reward_model(rm_dir, precision, rm_trust)
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under ZeRO-3
         for m in (policy, critic):
             if m is not None:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard_frozen:
-        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision)
+        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision, rm_trust)
         reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference else None
     del sharded
     norm = (reward_art.manifest.get("normalization") or {}) if rm_dir and cfg.reward.normalize else {}
@@ -393,7 +394,8 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
     outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
-                         under_deepspeed=s.ds is not None, info=s.info))
+                         under_deepspeed=s.ds is not None, info=s.info,
+                         critic_trust=bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
@@ -425,7 +427,7 @@ def _scheduler_factory(cfg: PPOStageConfig, minibatch: int, per_rank: int):
 
 
 def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool,
-          info: dict) -> dict:
+          info: dict, critic_trust: bool = False) -> dict:
     """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process takes
     part and rank 0 writes plain models (pipeline.deepspeed.save_ppo_models): they load without DeepSpeed."""
     from safetensors.torch import save_file
@@ -435,7 +437,7 @@ def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_ar
     if under_deepspeed:
         from pipeline.deepspeed import save_ppo_models
 
-        return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info)
+        return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info, critic_trust)
     save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
     if models.value_head is not None:
         save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
