@@ -606,6 +606,13 @@ def _serve_options(q) -> None:
     q.add_argument("--queue", type=int, default=8, help="requests waiting for a generation slot; beyond that 503 (8)")
     q.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a client has to send its request headers and body (default 30)")
+    q.add_argument("--header-timeout", type=float, default=5.0,
+                   help="seconds a connection may go without a complete request head, idle or sending slowly, "
+                   "before it is closed (default 5)")
+    q.add_argument("--max-connections", type=int, default=256,
+                   help="open connections in all; at the cap the longest-idle one is closed for a new one (256)")
+    q.add_argument("--max-connections-per-client", type=int, default=64,
+                   help="open connections per client address, the same way (default 64)")
     q.add_argument("--served-model-name", metavar="NAME", help="the model name shown in /v1/models")
     _trust_option(q)
 
