@@ -758,9 +758,10 @@ class _Guard:
         return None
 
     async def _refuse(self, send, exc: APIError, extra: list | None = None) -> None:
-        await send({"type": "http.response.start", "status": exc.status,
-                    "headers": [(b"content-type", b"application/json"), *(extra or [])]})
-        await send({"type": "http.response.body", "body": _error_body(exc.status, exc.message, exc.param, exc.code)})
+        body = _error_body(exc.status, exc.message, exc.param, exc.code)
+        await send({"type": "http.response.start", "status": exc.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]})
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -865,8 +866,8 @@ def _protocol(opts: ServeOptions):
             super().connection_made(transport)
             if not connections.admit(self):
                 body = _error_body(503, "too many connections, all of them busy; retry later", code="overloaded")
-                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                                b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1"
+                                b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                 transport.close()
                 return
             self._arm()
