@@ -571,9 +571,9 @@ def _require_json(request) -> None:
                        code="unsupported_media_type")
 
 
-def build_app(engine: Engine, opts: ServeOptions, api_key: str | None, port: int | None = None):
-    """The ASGI application: FastAPI routes inside the `_Guard` layer (which checks the Host header against the
-    bound address and `port` when there is no key)."""
+def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
+    """The ASGI application: FastAPI routes inside the `_Guard` layer (which, when there is no key, checks that the
+    Host and Origin headers name the bound loopback address)."""
     app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(Exception)
@@ -663,7 +663,7 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None, port: int
         app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"])
         app.add_api_route(prefix + "/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
-    return _Guard(app, api_key, None if api_key else _local_hosts(opts.host, port))
+    return _Guard(app, api_key, check_host=api_key is None, bound=opts.host)
 
 
 async def _sse(job: Job, cid: str, created: int, name: str, usage, include_usage: bool):
@@ -710,28 +710,34 @@ def _escape(raw: bytes | str) -> str:
     return raw.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
-def _local_hosts(host: str, port: int | None) -> set[bytes]:
-    """The Host header values that name this server when it listens on loopback without a key: its loopback
-    names, with the bound port (and without it on port 80). Any other name (evil.example resolved to 127.0.0.1:
-    DNS rebinding) means the request was made by a web page for another site."""
-    names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
-    out = set()
-    for name in names:
-        if port is not None:
-            out.add(f"{name}:{port}".lower().encode())
-        if port in (None, 80):
-            out.add(name.lower().encode())
-    return out
+def _names_loopback(authority: bytes, bound: str) -> bool:
+    """Whether a Host header (or an Origin's host) `authority`, `name[:port]`, names this machine's loopback: the
+    bound host, `localhost`, or a loopback address. Any other name (evil.example resolved to 127.0.0.1: DNS
+    rebinding) means a web page made the request for a site of its own. The port is not compared: through an SSH
+    tunnel the client's port is another, and a page on another local port is another origin, which the browser
+    already keeps from reading the answer or sending JSON."""
+    try:
+        text = authority.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("[") and "]" in text:  # [::1]:8000
+        host, rest = text[1:text.index("]")], text[text.index("]") + 1:]
+    else:
+        host, colon, port = text.partition(":")
+        rest = colon + port
+    if rest and not (rest[0] == ":" and rest[1:].isdigit()):  # 127.0.0.1:80.evil.example is not a port
+        return False
+    return host in ("localhost", bound.lower()) or is_loopback(host)
 
 
 class _Guard:
     """Outermost ASGI layer: bearer token (or, without one, the Host and Origin of the request), access log, and a
     last line of defence for exceptions."""
 
-    def __init__(self, app, api_key: str | None, local_hosts: set[bytes] | None = None):
+    def __init__(self, app, api_key: str | None, check_host: bool = False, bound: str = "127.0.0.1"):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
-        self.local_hosts = local_hosts  # None: not checked (a key is required instead)
+        self.check_host, self.bound = check_host, bound  # without a key: Host and Origin must be this machine
 
     def _authorised(self, scope) -> bool:
         header = b""
@@ -747,12 +753,14 @@ class _Guard:
         page served by this same address, are answered."""
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").lower()
-        if host not in self.local_hosts:
+        if not _names_loopback(host, self.bound):
             return APIError(403, f"Host {_escape(host)[:80]!r} does not name this server: without --api-key-env it "
                             "answers only requests to its loopback address (e.g. 127.0.0.1:PORT), so that a web page "
                             "cannot reach it through a DNS name", code="forbidden_host")
         origin = headers.get(b"origin")
-        if origin is not None and origin.lower() not in {b"http://" + h for h in self.local_hosts}:
+        scheme, sep, authority = (origin or b"").partition(b"://")
+        if origin is not None and not (sep and scheme.lower() in (b"http", b"https")
+                                       and _names_loopback(authority, self.bound)):
             return APIError(403, f"Origin {_escape(origin)[:80]!r} is another site: without --api-key-env this "
                             "server does not answer requests made by web pages", code="forbidden_origin")
         return None
@@ -774,7 +782,7 @@ class _Guard:
             await send(message)
 
         try:
-            refused = self._cross_site(scope) if self.local_hosts is not None else None
+            refused = self._cross_site(scope) if self.check_host else None
             if refused is not None:
                 await self._refuse(send_and_note, refused)
             elif self.api_key is not None and scope["path"] != "/health" and not self._authorised(scope):
@@ -978,7 +986,7 @@ def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None) -
     engine = Engine(model_path, opts.served_model_name or name, opts)
     sock = _bind(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
-    app = build_app(engine, opts, api_key, port)
+    app = build_app(engine, opts, api_key)
     # No limit_concurrency: uvicorn counts open connections there, so idle sockets locked everyone out with a
     # plain-text 503; requests are admitted by Engine.submit and connections capped by _protocol instead.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,

@@ -599,7 +599,8 @@ def test_cross_site_requests_are_refused_without_a_key(server, policy_server):
         assert_openai_error(status, body, expected)
     status, _, body = server.request("GET", "/v1/models", headers={"Host": f"evil.example:{port}"})
     assert_openai_error(status, body, 403)
-    for headers in ({}, {"Host": f"localhost:{port}"}, {"Origin": f"http://127.0.0.1:{port}"},
+    for headers in ({}, {"Host": f"localhost:{port}"}, {"Host": "localhost:9000"},  # (an SSH tunnel's port)
+                    {"Host": f"[::1]:{port}"}, {"Origin": f"http://127.0.0.1:{port}"},
                     {"Content-Type": "application/json; charset=utf-8"}):
         status, _, body = server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, headers)
         assert status == 200, (headers, body)
