@@ -577,9 +577,9 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
     app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):  # anything unforeseen: one log line and an OpenAI error
-        log.error("%s %s: %s: %s", _escape(request.method), _escape(request.url.path), type(exc).__name__,
-                  _escape(str(exc))[:300])
+    async def internal_error(request, exc: Exception):
+        # anything unforeseen: an OpenAI-shaped 500 instead of Starlette's plain text; Starlette then raises the
+        # exception on, and _Guard writes its one log line
         return _error(APIError(500, "internal error"))
 
     @app.exception_handler(APIError)
