@@ -20,6 +20,8 @@ import random
 import re
 from pathlib import Path
 
+from feedback.rules import rule
+
 DATA_DIR = Path(__file__).parent / "data"
 SEED = 1234
 
@@ -52,6 +54,7 @@ def topic_of(prompt: str) -> str | None:
     return None
 
 
+@rule
 def rule_score(prompt: str, response: str) -> float:
     """Score in [0, 1]: 0.8 for sentiment, 0.2 for mentioning the topic.
 

@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -77,6 +78,34 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask can only read it by setting it, which races with
+    other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under `root` (links are not followed) the mode the umask gives new files. safetensors writes
+    weights with mode 0600 whatever the umask, while every other file follows it: in a shared cache or run
+    directory no one else could read the weights, and another user's run judged such a cache entry incomplete."""
+    mode = 0o666 & ~umask()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(p, mode)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -98,7 +127,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 OWNED = ".rlhf"  # marks a directory this pipeline created (a stage's work directory, then its artifact)
-STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")  # \Z: "$" would also match before a final newline
 
 
 def inside(path: Path, root: Path) -> Path:
@@ -233,8 +262,29 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
         raise InvalidInput(f"{p}: unreadable manifest: {exc}") from None
 
 
+def links_inside(root: str | Path) -> list[Path]:
+    """Every symbolic link under `root` (files and directories; none is followed). `root` itself may be a link."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        found += [Path(dirpath, n) for n in dirs + files if os.path.islink(os.path.join(dirpath, n))]
+    return sorted(found)
+
+
+def refuse_links(root: str | Path, role: str) -> None:
+    """An artifact is refused when it holds symbolic links: a `model/chat_template.jinja` or `config.yaml` that
+    links to a key or any other file of this machine would be read as the artifact's own, then copied by
+    `rlhf export`, embedded in a report or served. Artifacts this pipeline writes hold none."""
+    links = links_inside(root)
+    if links:
+        shown = ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}" for p in links[:5])
+        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+        raise InvalidInput(f"{role}: {root} holds symbolic links ({shown}{more}); links inside an artifact are "
+                           "refused, since they can point at any file on this machine: replace each with a copy of "
+                           "the file it points to, if that file is meant to be part of the artifact")
+
+
 def load_artifact(stage_dir: str | Path, kinds: str | tuple[str, ...], role: str = "input") -> Artifact:
-    """Open an input artifact, refusing one that is missing, incomplete or of the wrong kind."""
+    """Open an input artifact, refusing one that is missing, incomplete, of the wrong kind or holding links."""
     stage_dir = Path(stage_dir)
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if not stage_dir.is_dir():
@@ -252,8 +302,13 @@ def load_artifact(stage_dir: str | Path, kinds: str | tuple[str, ...], role: str
             f"but this needs {' or '.join(repr(k) for k in kinds)}"
         )
     for rel in m.get("outputs", {}).values():
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            # an output is a file of the artifact: "/home/me/private" or "../x" would open something else
+            raise InvalidInput(f"{role}: {stage_dir}/{MANIFEST} lists the output {rel!r}, which is not a path inside "
+                               "the artifact")
         if not (stage_dir / rel).exists():
             raise InvalidInput(f"{role}: {stage_dir}/{rel}, listed in the manifest, is missing")
+    refuse_links(stage_dir, role)
     return Artifact(stage_dir, m)
 
 

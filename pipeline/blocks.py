@@ -38,11 +38,45 @@ _FLOAT = re.compile(
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+# YAML aliases share one value between places (`&a [...]`, then `*a`), so a short document can stand for a huge
+# one (`b: [*a, *a, ...]`, `c: [*b, *b, ...]`: tenfold per level). Anything that walks the value (validation
+# messages, hashes, dumps) pays for the whole expansion, so a document larger than this once expanded is refused.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(value: Any, source: str) -> int:
+    """How many values `value` holds once every alias is expanded (each shared node is counted once per use,
+    measured once); a value that contains itself (`&a [*a]`) is refused."""
+    sizes: dict[int, int | None] = {}  # id -> size; None while that node is being measured (a cycle if met again)
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        key = id(v)
+        if key in sizes:
+            if sizes[key] is None:
+                raise UsageError(f"{source}: a YAML alias refers to a value that contains it; write the value out")
+            return sizes[key]
+        sizes[key] = None
+        children = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+        total = 1 + sum(size(c) for c in children)
+        sizes[key] = total
+        return total
+
+    return size(value)
+
+
 def load_yaml_text(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise UsageError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply to read") from None
+    if _expanded_size(value, source) > MAX_YAML_VALUES:
+        raise UsageError(f"{source}: holds more than {MAX_YAML_VALUES:,} values once its YAML aliases (*name) are "
+                         "expanded; a config that size is a mistake or an alias bomb: write the values out")
+    return value
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -202,8 +236,39 @@ class RewardSourceConfig(Strict):
 # --------------------------------------------------------------------------- validation
 
 
-def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)[:80]
+def _describe(value: Any, limit: int = 80) -> str:
+    """`value` as JSON, cut after `limit` characters; only what is shown is ever serialised (a huge value, such as
+    a YAML alias bomb, costs no more than a small one)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+    shown, n = [], 0
+    for piece in _json_pieces(value):
+        shown.append(piece)
+        n += len(piece)
+        if n > limit:
+            return "".join(shown)[:limit] + "..."
+    return "".join(shown)
+
+
+def _json_pieces(value: Any, depth: int = 0):
+    """The JSON text of `value` piece by piece, produced lazily."""
+    if depth > 20:
+        yield "..."
+    elif isinstance(value, dict):
+        yield "{"
+        for i, (k, v) in enumerate(value.items()):
+            yield (", " if i else "") + json.dumps(str(k)) + ": "
+            yield from _json_pieces(v, depth + 1)
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "["
+        for i, v in enumerate(value):
+            if i:
+                yield ", "
+            yield from _json_pieces(v, depth + 1)
+        yield "]"
+    else:
+        yield json.dumps(value, default=str) if not isinstance(value, str) else json.dumps(value[:200])
 
 
 def _format_error(err: dict, source: str) -> str:

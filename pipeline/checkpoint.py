@@ -27,7 +27,7 @@ from pipeline.distributed import barrier, is_main, world_size
 from pipeline.errors import RLHFError, UsageError
 
 META = "checkpoint.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+_NAME = re.compile(r"checkpoint-(\d+)\Z")
 
 
 def scan(ckpt_dir: Path, echo=print) -> list[tuple[int, Path]]:

@@ -88,7 +88,7 @@ def _data_report(args):
     if getattr(args, "tokenizer", None):
         from pipeline.models import load_tokenizer, resolve
 
-        tokenizer = load_tokenizer(resolve(args.tokenizer))
+        tokenizer = load_tokenizer(resolve(args.tokenizer), args.trust_remote_code)
     max_length = getattr(args, "max_length", None)
     if max_length and tokenizer is None:
         from pipeline.errors import UsageError
@@ -191,7 +191,8 @@ def _cmd_reward_score(args) -> int:
     if problems:
         print("\n".join(problems), file=sys.stderr)
         raise InvalidInput(f"{args.input}: {len(problems)} rows cannot be scored")
-    scorer = RewardScorer.from_artifact(args.model, batch_size=args.batch_size)
+    scorer = RewardScorer.from_artifact(args.model, batch_size=args.batch_size,
+                                        trust_remote_code=args.trust_remote_code)
     prompts = [row["prompt"] for _, row, fields in items for _ in fields]
     responses = [row[f] for _, row, fields in items for f in fields]
     raw, norm = scorer.score(prompts, responses)
@@ -236,7 +237,7 @@ def _cmd_feedback_label(args) -> int:
     cand = validate(CandidatesConfig, {name: getattr(args, name) for name in CandidatesConfig.model_fields},
                     "feedback label")
     pairs, unlabelled, stats, judge_id = label_with_policy(_policy_path(args.policy), prompts, args.judge, cand,
-                                                           args.pairing, args.seed)
+                                                           args.pairing, args.seed, args.trust_remote_code)
     out = args.output
     n = write_pairs(out, pairs)
     base = out.removesuffix(".jsonl")
@@ -304,17 +305,18 @@ def _cmd_eval(args) -> int:
         block["few_shot"] = {"model": args.few_shot, "k": args.shots, "data": args.shot_data}
     cfg = validate(EvaluateStageConfig, block, "rlhf eval")
 
+    trust = {"trust_remote_code": args.trust_remote_code}  # the flag decides, never an artifact's manifest
+
     def resolve(ref: str, role: str):
         if (Path(ref) / "manifest.json").exists():
             art = load_artifact(ref, "policy", role=role)
-            trust = bool((art.manifest.get("model") or {}).get("trust_remote_code", False))
-            return str(art.output("model")), {"ref": ref, "trust_remote_code": trust}, art.manifest
-        return resolve_model(ref), {"ref": ref}, None
+            return str(art.output("model")), {"ref": ref, **trust}, art.manifest
+        return resolve_model(ref), {"ref": ref, **trust}, None
 
     reward = str(load_artifact(args.reward_model, "reward_model", role="--reward-model").path) if args.reward_model \
         else None
     out_dir = Path(args.output)
-    result = compare(cfg, resolve, reward, out_dir, args.seed)
+    result = compare(cfg, resolve, reward, out_dir, args.seed, args.trust_remote_code)
     write_json(out_dir / "eval.json", {"metrics": result["metrics"], **result["extra"], "counts": result["counts"]})
     print(f"wrote {out_dir / 'samples.jsonl'}, {out_dir / 'table.csv'} and {out_dir / 'eval.json'}")
     return 0
@@ -323,7 +325,7 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from pipeline.export import export_policy
 
-    out = export_policy(args.policy, args.output, adapter=args.adapter)
+    out = export_policy(args.policy, args.output, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
     print(f"exported {'the adapter of ' if args.adapter else ''}{args.policy} to {out}")
     return 0
 
@@ -473,6 +475,14 @@ def _data_options(q, tokenizer: bool = True) -> None:
     if tokenizer:
         q.add_argument("--tokenizer", metavar="MODEL", help="model whose tokenizer checks truncation")
         q.add_argument("--max-length", type=int, help="flag pairs that become empty or identical when truncated")
+        _trust_option(q)
+
+
+def _trust_option(q) -> None:
+    """--trust-remote-code: the only way a command lets a model it loads run the Python code the model ships."""
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="let the models this command loads run the Python code they ship (auto_map); off by default, "
+                   "and never turned on by a file inside an artifact: use it only for code you have read")
 
 
 def _add_data(sub) -> None:
@@ -510,6 +520,7 @@ def _add_reward(sub) -> None:
     rs.add_argument("--input", required=True, metavar="FILE", help="JSONL/JSON/CSV/Parquet rows to score")
     rs.add_argument("--output", "-o", metavar="OUT.jsonl", help="write here instead of printing")
     rs.add_argument("--batch-size", type=int, default=32)
+    _trust_option(rs)
     rs.set_defaults(func=_cmd_reward_score)
 
 
@@ -538,6 +549,7 @@ def _add_feedback(sub) -> None:
     fl.add_argument("--pairing", default=pairing.default, choices=typing.get_args(pairing.annotation))
     fl.add_argument("--max-prompts", type=int)
     fl.add_argument("--seed", type=int, default=0)
+    _trust_option(fl)
     fl.set_defaults(func=_cmd_feedback_label)
     fa = fsub.add_parser("agree", help="a judge's accuracy, Cohen's kappa, tie/abstain rates against human labels",
                          description="Judge human-labelled pairs (both orders) and report accuracy against the "
@@ -580,6 +592,7 @@ def _add_eval(sub) -> None:
         e.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    _trust_option(e)
     e.set_defaults(func=_cmd_eval)
 
 
@@ -591,6 +604,7 @@ def _add_export(sub) -> None:
     x.add_argument("policy", metavar="RUN_DIR/STAGE", help="a policy artifact directory (or its model/)")
     x.add_argument("-o", "--output", required=True, metavar="DIR", help="a new (or empty) directory")
     x.add_argument("--adapter", action="store_true", help="write the peft adapter alone (lora.merge: false policies)")
+    _trust_option(x)
     x.set_defaults(func=_cmd_export)
 
 
@@ -605,7 +619,15 @@ def _serve_options(q) -> None:
     q.add_argument("--queue", type=int, default=8, help="requests waiting for a generation slot; beyond that 503 (8)")
     q.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a client has to send its request headers and body (default 30)")
+    q.add_argument("--header-timeout", type=float, default=5.0,
+                   help="seconds a connection may go without a complete request head, idle or sending slowly, "
+                   "before it is closed (default 5)")
+    q.add_argument("--max-connections", type=int, default=256,
+                   help="open connections in all; at the cap the longest-idle one is closed for a new one (256)")
+    q.add_argument("--max-connections-per-client", type=int, default=64,
+                   help="open connections per client address, the same way (default 64)")
     q.add_argument("--served-model-name", metavar="NAME", help="the model name shown in /v1/models")
+    _trust_option(q)
 
 
 def _add_serve(sub) -> None:

@@ -65,7 +65,8 @@ class PipelineConfig(Strict):
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     trusted_modules: list[str] = Field(default_factory=list, description="modules whose functions rules may "
-                                       "name (module:function): rules are code; `feedback` is always trusted")
+                                       "name (module:function): rules are code; besides these, only the rules "
+                                       "registered with @rule (feedback/rules.py)")
     stages: list[Annotated[Any, WrapValidator(_stage_block)]] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -107,6 +108,20 @@ class PipelineConfig(Strict):
     def model_spec(self, ref: str) -> ModelSpec:
         """A stage's `model:` value -> ModelSpec (a key of `models`, or a reference used directly)."""
         return self.models.get(ref) or ModelSpec(ref=ref)
+
+    def trusts_remote_code(self, ref: str) -> bool:
+        """Whether this config lets the model `ref` run its own code: a key of `models` (or a reference) says so
+        itself; `stage:NAME` inherits it from the model that stage was trained from (its `model:` or `policy:`),
+        up the chain. Only this config decides, never a file inside the artifact."""
+        seen = set()
+        while ref.startswith("stage:") and ref not in seen:
+            seen.add(ref)
+            inputs = self.stage(ref[6:]).inputs()
+            base = next((inputs[k] for k in ("model", "policy") if k in inputs and inputs[k][1] == "model"), None)
+            if base is None:
+                return False
+            ref = base[0]
+        return not ref.startswith("stage:") and self.model_spec(ref).trust_remote_code
 
 
 # --------------------------------------------------------------------------- overrides

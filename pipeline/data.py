@@ -5,6 +5,7 @@ held-out rule evaluation. Stages import these; they never import each other.
     read_examples(path, "auto", "fail", [])    # SFT rows as {"messages": [...]}, every row checked
     read_prompts(path)                         # [prompt, ...] (strings or message lists), every row checked
     split_by_prompt(pairs, 0.1, seed)          # seeded train/eval split, every item of a prompt on one side
+    neutralised(tok, row)                      # a training row whose texts hold no control tokens
     rule_eval(model, tok, prompts, rule, ...)  # mean rule score of one sample per prompt
 """
 
@@ -99,6 +100,22 @@ def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[
     if not examples:
         raise InvalidInput(f"{path}: no valid rows")
     return examples, n
+
+
+def neutralised(tokenizer, row: dict) -> dict:
+    """A training row whose texts cannot hold control tokens: every string, and every message's content, of an SFT
+    example ({"messages": [...]}), a DPO row ({"prompt", "chosen", "rejected"}) or a GRPO prompt row, with the
+    tokenizer's special tokens made plain text (pipeline.generation; counted per stage in the manifest). The
+    trainers apply the chat template to these rows, which would otherwise turn "<|im_start|>system" written in a
+    data file into a real turn."""
+    from pipeline.generation import neutralise_special_tokens
+
+    def text(value):
+        if isinstance(value, str):
+            return neutralise_special_tokens(tokenizer, value)
+        return [{**m, "content": neutralise_special_tokens(tokenizer, m["content"])} for m in value]
+
+    return {key: text(value) for key, value in row.items()}
 
 
 def read_prompts(path, limit: int | None = None) -> list:

@@ -16,16 +16,24 @@ from pathlib import Path
 from pipeline.errors import InvalidInput, UsageError
 
 
-def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = False) -> Path:
+def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = False,
+                  trust_remote_code: bool = False) -> Path:
     """Write the policy of `artifact_dir` (a policy artifact, or its model/ directory) to the new directory `out`,
     built beside it and renamed into place; an existing non-empty `out` is refused, never replaced."""
     from pipeline.artifacts import load_artifact
 
+    from pipeline.artifacts import refuse_links
+
     src, out = Path(artifact_dir), Path(out)
     if (src / "manifest.json").exists():
         src = load_artifact(src, "policy", role="export").output("model")
+    elif (src.parent / "manifest.json").exists():
+        load_artifact(src.parent, "policy", role="export")  # a model/ directory: its artifact is checked too
     if not (src / "config.json").exists() and not (src / "adapter_config.json").exists():
         raise UsageError(f"{artifact_dir}: not a policy artifact or a saved model")
+    refuse_links(src, "export")  # what is exported is meant to be shared: never a file a link points to
+    if out.is_symlink():
+        raise UsageError(f"{out} is a symbolic link; export into a new directory, not through a link")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not empty; export into a new directory")
     is_adapter = (src / "adapter_config.json").exists()
@@ -35,13 +43,17 @@ def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = Fal
         if adapter:
             _copy_adapter(src, tmp, is_adapter)
         else:
-            _write_merged(src, tmp, is_adapter)
-        from pipeline.artifacts import fsync_tree
+            _write_merged(src, tmp, is_adapter, trust_remote_code)
+        from pipeline.artifacts import follow_umask, fsync_tree
 
+        follow_umask(tmp)
         fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(tmp, out)
+        except OSError as exc:  # e.g. `out` was made a link or a file meanwhile
+            raise UsageError(f"cannot put the export in place at {out}: {exc.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -54,14 +66,14 @@ def _copy_adapter(src: Path, tmp: Path, is_adapter: bool) -> None:
     shutil.copytree(src, tmp)
 
 
-def _write_merged(src: Path, tmp: Path, is_adapter: bool) -> None:
+def _write_merged(src: Path, tmp: Path, is_adapter: bool, trust_remote_code: bool = False) -> None:
     from pipeline.models import load_causal_lm, load_tokenizer
 
     if is_adapter and json.loads((src / "adapter_config.json").read_text()).get("peft_type") != "LORA":
         raise InvalidInput(f"{src} is a prompt-tuning adapter, which cannot be merged into plain weights; export it "
                            "with --adapter (it loads on its base with peft)")
-    model = load_causal_lm(str(src), "fp32")  # an adapter loads merged into its base
-    tok = load_tokenizer(str(src))
+    model = load_causal_lm(str(src), "fp32", trust_remote_code)  # an adapter loads merged into its base
+    tok = load_tokenizer(str(src), trust_remote_code)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)

@@ -128,10 +128,11 @@ def _cached(ref: str, name: str) -> Path:
     """The complete cache entry `name` for the built-in `ref`, built (once, by one process) if needed."""
     from filelock import FileLock
 
-    from pipeline.artifacts import fsync_tree
+    from pipeline.artifacts import follow_umask, fsync_tree
     from pipeline.errors import InvalidInput
 
     target = cache_dir() / "models" / name
+    _refuse_unreadable(target)
     if not missing_parts(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def _cached(ref: str, name: str) -> Path:
         if not missing:
             return target  # another process built it while we waited
         if target.exists():
+            _refuse_unreadable(target)  # never remove what we cannot even read: it may be another user's
             print(f"[models] {target} is incomplete (missing {', '.join(missing)}): rebuilding it", flush=True)
             _remove(target)
         tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
@@ -159,6 +161,7 @@ def _cached(ref: str, name: str) -> Path:
             missing = missing_parts(tmp)
             if missing:
                 raise InvalidInput(f"building '{ref}' left {tmp} without {', '.join(missing)}")
+            follow_umask(tmp)  # readable by whoever the umask lets read it (safetensors writes 0600)
             fsync_tree(tmp)
             os.replace(tmp, target)
         finally:
@@ -166,6 +169,24 @@ def _cached(ref: str, name: str) -> Path:
     finally:
         lock.release()
     return target
+
+
+def _refuse_unreadable(entry: Path) -> None:
+    """Stop, naming the file, when a cache entry exists but this user cannot read all of it: in a shared
+    RLHF_CACHE it may be another user's complete entry, which must not be judged incomplete and removed."""
+    from pipeline.errors import UsageError
+
+    if not entry.exists():
+        return
+    paths = [entry]
+    if os.access(entry, os.R_OK | os.X_OK):
+        paths += sorted(p for p in entry.rglob("*") if not p.is_symlink())
+    for p in paths:
+        if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            mode = oct(p.stat().st_mode & 0o7777)[2:].rjust(4, "0")
+            raise UsageError(f"the model cache entry {entry} exists, but {p} cannot be read by this user (owner uid "
+                             f"{p.stat().st_uid}, mode {mode}); it is left as it is, not rebuilt or removed. Ask its "
+                             f"owner to run `chmod -R a+rX {entry}`, or use a cache of your own (RLHF_CACHE=DIR)")
 
 
 def _remove(p: Path) -> None:
@@ -330,12 +351,65 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+# --------------------------------------------------------------------------- loading, and the code a model ships
+#
+# A model directory can name Python modules of its own (`auto_map` in config.json or tokenizer_config.json), which
+# transformers imports, and so runs, when trust_remote_code is on. That decision is the user's alone: it comes from
+# their pipeline or judge config, or a command-line flag, never from a file inside an artifact (a copied run
+# directory's manifest saying "trust_remote_code": true ran its module on `rlhf reward score`).
+
+TRUST_HINT = ("pass --trust-remote-code to the command, or set trust_remote_code: true on the model in your pipeline "
+              "config (models:) or judge config")
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def custom_code(path: str) -> str | None:
+    """The file of the local model directory `path` whose `auto_map` names code transformers would have to run to
+    load it, or None: no such file, a hub id, or a model and tokenizer of types transformers knows (their
+    auto_map is then ignored when trust_remote_code is off)."""
+    d = Path(path)
+    if not d.is_dir():
+        return None
+    config = _json_file(d / "config.json")
+    if config.get("auto_map"):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if config.get("model_type") not in CONFIG_MAPPING:
+            return "config.json"
+    tok_config = _json_file(d / "tokenizer_config.json")
+    if isinstance(tok_config.get("auto_map"), dict) and "AutoTokenizer" in tok_config["auto_map"]:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        name = tok_config.get("tokenizer_class")
+        if not isinstance(name, str) or tokenizer_class_from_name(name) is None:
+            return "tokenizer_config.json"
+    return None
+
+
+def refuse_custom_code(path: str, trust_remote_code: bool) -> None:
+    """A clear refusal, before transformers is asked, to load a model that needs its own code without the user's
+    word for it (transformers would raise deep inside from_pretrained)."""
+    found = None if trust_remote_code else custom_code(path)
+    if found:
+        raise UsageError(f"{path}: this model needs Python code it ships ({found} names it in auto_map), which rlhf "
+                         f"runs only when you say so: {TRUST_HINT} (only for code you have read). A setting inside an "
+                         "artifact, such as its manifest, never turns it on.")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     base = _adapter_base(path)
     if base is not None and not Path(path, "tokenizer_config.json").exists():
         path, revision = base  # an adapter saved without a tokenizer: its base's, at the base's revision
+    refuse_custom_code(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as exc:
@@ -385,6 +459,7 @@ def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool =
 
     kw = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code}
     base = _adapter_base(path)
+    refuse_custom_code(base[0] if base else path, trust_remote_code)
     try:
         if base is not None:
             from peft import PeftModel

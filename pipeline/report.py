@@ -26,6 +26,7 @@ import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class Stage:
 
 
 def _read_json(path: Path) -> dict | None:
+    if path.is_symlink():  # a link in a run directory could show any file of this machine (see _stage)
+        return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -87,7 +90,7 @@ def _read_json(path: Path) -> dict | None:
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     """The JSON objects of a JSONL file; unreadable lines (a stage killed mid-write) are left out."""
     rows: list[dict] = []
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return rows
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -103,16 +106,17 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def _read_config(stage: Stage) -> None:
-    import yaml
+    from pipeline.blocks import load_yaml_text
+    from pipeline.errors import UsageError
 
     path = stage.dir / "config.yaml" if stage.dir else None
-    if path is None or not path.is_file():
+    if path is None or not path.is_file() or path.is_symlink():
         return
     stage.config_text = path.read_text(encoding="utf-8", errors="replace")
     stage.started = path.stat().st_mtime
     try:
-        loaded = yaml.safe_load(stage.config_text)
-    except yaml.YAMLError:
+        loaded = load_yaml_text(stage.config_text, str(path))  # refuses alias bombs, which walking would expand
+    except UsageError:
         loaded = None
     stage.config = loaded if isinstance(loaded, dict) else {}
 
@@ -130,6 +134,10 @@ def _stage(run_dir: Path, name: str) -> Stage:
     else:
         why = "unreadable manifest" if (final / MANIFEST).is_file() else f"no {MANIFEST}"
         st = Stage(name, "incomplete", final, manifest, note=f"{why}: the artifact is not complete")
+    links = [p.name for p in st.dir.iterdir() if p.is_symlink()] if st.dir and st.dir.is_dir() else []
+    if links:  # skipped, never followed: an artifact from elsewhere could link its config.yaml to a key
+        st.note = (st.note + "; " if st.note else "") + f"symbolic links not read: {', '.join(sorted(links))}"
+        print(f"warning: {st.dir}: symbolic links not read: {', '.join(sorted(links))}", file=sys.stderr)
     _read_config(st)
     return st
 

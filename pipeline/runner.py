@@ -49,6 +49,10 @@ class StageContext:
             raise UsageError(f"{self.name}.{role}: expected 'stage:NAME', got '{ref}'")
         return artifacts.load_artifact(self.run_dir / ref[6:], kinds, role=f"{self.name}.{role}")
 
+    def trusts_remote_code(self, ref: str) -> bool:
+        """Whether the user's config lets the model (or `stage:` artifact) `ref` run its own code."""
+        return self.pipeline.trusts_remote_code(ref)
+
     def model_path(self, ref: str, role: str = "model", merged: bool = False) -> tuple[str, dict]:
         """A stage's model value -> (resolved path or hub id, model info for the manifest).
 
@@ -62,10 +66,10 @@ class StageContext:
 
         if ref.startswith("stage:"):
             art = self.artifact(ref, ("policy", "reward_model"), role)
-            # a model trained from a custom-code base needs that code again: the flag travels with the artifact
-            upstream = art.manifest.get("model") or {}
-            path, info = str(art.output("model")), {"ref": ref, "trust_remote_code": bool(
-                upstream.get("trust_remote_code", False)), "revision": None}
+            # a model trained from a custom-code base needs that code again: trusted when this config trusts the
+            # base it was trained from, never because the artifact's manifest says so
+            path, info = str(art.output("model")), {"ref": ref, "trust_remote_code": self.trusts_remote_code(ref),
+                                                    "revision": None}
         else:
             spec = self.pipeline.model_spec(ref)
             path, info = resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
@@ -279,6 +283,7 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     if distributed.is_main():
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the artifact is complete: checkpoints are spent
         shutil.rmtree(work / ".inputs", ignore_errors=True)  # merged copies of adapter inputs
+        artifacts.follow_umask(work)  # weights readable as the user's umask says, like every other file
         artifacts.fsync_tree(work)  # weights on disk before the manifest that vouches for them
     artifacts.write_json(work / artifacts.MANIFEST, manifest)  # last: it marks the artifact complete
     if distributed.is_main():

@@ -12,21 +12,29 @@ include_usage), logprobs, top_logprobs, seed, n (1 only), stop (refused unless e
 fields are ignored as OpenAI does.
 
 How the pieces fit, and why:
-- A request is read by hand (`_read_body`): Content-Length is checked before reading, a chunked
-  body is counted while it arrives, and the whole body must arrive within `--timeout`, so a slow
-  or oversized client costs a bounded amount of memory and time. Bodies are then parsed and
-  validated by pydantic; every failure is an OpenAI-shaped error (`_error`), never FastAPI's
-  default shape, a traceback or a dropped connection.
+- Connections (`_protocol`, `_Connections`): at most `--max-connections` open, and
+  `--max-connections-per-client` per client address; at a cap the connection idle longest (no
+  request in progress) is closed to make room, so idle or half-sent sockets never lock anyone out.
+  A request head must arrive within `--header-timeout`.
+- A request is read by hand (`_read_body`): it must be `application/json`, Content-Length is
+  checked before reading, a chunked body is counted while it arrives, and the whole body must
+  arrive within `--timeout`, so a slow or oversized client costs a bounded amount of memory and
+  time. Bodies are then parsed and validated by pydantic; every failure is an OpenAI-shaped error
+  (`_error`), never FastAPI's default shape, plain text, a traceback or a dropped connection.
+- A prompt with more bytes than any prompt of `--max-prompt-tokens` tokens can have is refused
+  before it is tokenized; the others are tokenized in the generation worker, with a tokenizer of
+  the worker's own, so tokenizing counts against admission and no lock is shared by all requests.
 - Generation runs in a thread pool of `--concurrency` workers (torch releases the GIL), so a short
   request never waits behind a long one; at most `--concurrency + --queue` requests are admitted,
-  the rest get 503 with Retry-After. Each request builds a fresh `GenerationConfig`, and the
-  model's own generation_config.json is replaced by a neutral one at load, because transformers
-  fills every field a request leaves unset from the model's file (a repetition_penalty there
-  would silently change what is sampled).
-- `_Guard` (outermost ASGI layer) checks the bearer token, writes the access log (control
-  characters escaped, no headers) and turns any escaped exception into a one-line log and a 500.
-- `_header_timeout_protocol` adds the one timeout uvicorn lacks: a client that sends half its
-  request headers and stalls is dropped after `--timeout` seconds.
+  the rest get 503 with Retry-After. Each sampling request draws its tokens with a random
+  generator of its own (seeded by its `seed`), so no request waits for another's. Each request
+  builds a fresh `GenerationConfig`, and the model's own generation_config.json is replaced by a
+  neutral one at load, because transformers fills every field a request leaves unset from the
+  model's file (a repetition_penalty there would silently change what is sampled).
+- `_Guard` (outermost ASGI layer) checks the bearer token, or without one the Host and Origin
+  headers (only requests addressed to the loopback address, from no other site), writes the
+  access log (control characters escaped, no headers) and turns any escaped exception into a
+  one-line log and a 500.
 """
 
 from __future__ import annotations
@@ -43,7 +51,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,9 +58,8 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from pipeline.errors import UsageError
@@ -91,7 +97,11 @@ class ServeOptions:
     concurrency: int = 2
     queue: int = 8
     timeout: float = 30.0  # seconds a client has to send its request (headers and body)
+    header_timeout: float = 5.0  # seconds a connection may wait without a complete request head (idle, or slow)
+    max_connections: int = 256  # open connections in all; beyond, the longest-idle one is closed
+    max_connections_per_client: int = 64  # the same per client address
     served_model_name: str | None = None
+    trust_remote_code: bool = False  # only from the command line: never from the served artifact
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
@@ -108,14 +118,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
+def _unicode(text: str) -> str:
+    """Text a tokenizer can take: JSON's \\ud800 escapes decode to lone surrogates, which are not Unicode text
+    (the tokenizer raised, and the client got a plain-text 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}: not "
+                         "valid Unicode text") from None
+    return text
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _valid(cls, v: str) -> str:
+        return _unicode(v)
 
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid(cls, v):
+        return _unicode(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -166,61 +197,31 @@ def _error(exc: APIError) -> Response:
 def _validation_error(exc: ValidationError | Exception) -> APIError:
     """pydantic's list of errors -> one OpenAI-style message; `param` names the first bad field."""
     errors = exc.errors()
-    first = errors[0]
+    # a union (content: text or parts) fails in every branch; a failed check of ours says most
+    first = next((e for e in errors if e["type"] == "value_error"), errors[0])
     loc = ".".join(str(x) for x in first["loc"] if x != "body")
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return APIError(422, f"{loc or 'body'}: {first['msg']}{more}", param=loc or None, code=first["type"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return APIError(422, f"{loc or 'body'}: {msg}{more}", param=loc or None, code=first["type"])
 
 
 # --------------------------------------------------------------------------- the model
 
 
-class _RNGGate:
-    """Who may use torch's process-wide RNG: greedy requests draw nothing and pass freely; seeded
-    sampling needs the RNG to itself (manual_seed, then every draw), so it is exclusive; unseeded
-    sampling shares. A waiting seeded request stops new unseeded ones from jumping ahead of it.
-    Cost: an unseeded sampling request may wait behind a long seeded one (documented in the README)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._sharing = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def hold(self, sampling: bool, seed: int | None):
-        if not sampling:
-            yield
-            return
-        exclusive = seed is not None
-        with self._cond:
-            if exclusive:
-                self._waiting += 1
-                self._cond.wait_for(lambda: not self._exclusive and self._sharing == 0)
-                self._waiting -= 1
-                self._exclusive = True
-            else:
-                self._cond.wait_for(lambda: not self._exclusive and self._waiting == 0)
-                self._sharing += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                if exclusive:
-                    self._exclusive = False
-                else:
-                    self._sharing -= 1
-                self._cond.notify_all()
-
-
 class Job:
-    """One admitted request: its inputs, the tokens produced so far, and a channel to the event loop."""
+    """One admitted request: its messages, then (in the worker) its prompt ids, the tokens produced so far, and a
+    channel to the event loop. `ready` resolves once the prompt is tokenized and accepted (None) or refused (the
+    APIError), so a stream's status line is sent only for a prompt that fits."""
 
-    def __init__(self, loop, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+    def __init__(self, loop, messages: list[Message], max_tokens: int, temperature: float, top_p: float,
                  seed: int | None, logprobs: bool, top_logprobs: int, stream: bool):
-        self.loop, self.prompt_ids, self.max_new_tokens = loop, prompt_ids, max_new_tokens
+        self.loop, self.messages, self.max_tokens = loop, messages, max_tokens
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.want_logprobs, self.top_logprobs, self.stream = logprobs, top_logprobs, stream
+        self.prompt_ids: list[int] = []
+        self.max_new_tokens = 0
+        self.ready: asyncio.Future = loop.create_future()
+        self.error: APIError | None = None
         self.events: asyncio.Queue = asyncio.Queue()  # ("delta", text, logprob entry | None) ... ("end",)
         self.cancelled = threading.Event()  # set when the client goes away: generation stops at the next token
         self.tokens: list[int] = []
@@ -231,19 +232,33 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def emit(self, *event) -> None:
-        if not self.stream:
-            return
+    def _call(self, fn, *args) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
             self.cancelled.set()
 
+    def resolve(self, error: APIError | None = None) -> None:
+        """From the worker: the prompt is accepted (error None) or refused."""
+        self.error = error
+        self._call(lambda: self.ready.done() or self.ready.set_result(error))
+
+    def emit(self, *event) -> None:
+        if self.stream:
+            self._call(self.events.put_nowait, event)
+
 
 class Engine:
-    """A causal LM in eval mode, a bounded pool of generation threads, and admission control."""
+    """A causal LM in eval mode, a bounded pool of generation threads, and admission control.
+
+    Admission counts requests from the moment their body is parsed: tokenizing the prompt happens in the
+    generation worker, so it is bounded by --concurrency like generation, and each worker has a tokenizer of its
+    own (no lock shared by every request; a fast tokenizer cannot be used by two threads at once). A prompt whose
+    text has more bytes than any prompt of --max-prompt-tokens tokens can have is refused before it is tokenized."""
 
     def __init__(self, path: str, name: str, opts: ServeOptions):
+        import copy
+
         import torch
         from transformers import GenerationConfig
         from transformers.utils import logging as hf_logging
@@ -258,8 +273,8 @@ class Engine:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(max(1, cores // opts.concurrency))
         self.name = name
-        self.tok = load_tokenizer(path)
-        model = load_causal_lm(path, "fp32")  # an adapter directory loads merged into its base
+        self.tok = load_tokenizer(path, opts.trust_remote_code)
+        model = load_causal_lm(path, "fp32", opts.trust_remote_code)  # an adapter directory loads merged into its base
         model.eval().requires_grad_(False)
         # generate() fills every field a request's GenerationConfig leaves unset from the model's own
         # generation_config.json; a neutral one here means only the request decides what is sampled.
@@ -269,19 +284,22 @@ class Engine:
         limits = [getattr(model.config, "max_position_embeddings", None), self.tok.model_max_length]
         self.context = min([x for x in limits if isinstance(x, int) and 0 < x < 10**7] or [10**7])
         self.max_prompt_tokens = min(opts.max_prompt_tokens or self.context - 1, self.context - 1)
+        # No token stands for more text than the longest entry of the vocabulary (in UTF-8 bytes; at least one
+        # character), so a prompt with more bytes than this has more tokens than the cap, whatever they are.
+        longest = max((len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab()), default=4)
+        self.max_prompt_bytes = self.max_prompt_tokens * max(4, longest)
         self.opts = opts
-        self.rng = _RNGGate()
-        self.pool = ThreadPoolExecutor(opts.concurrency, thread_name_prefix="generate")
+        self._local = threading.local()
+        spares = [copy.deepcopy(self.tok) for _ in range(opts.concurrency)]
+        self.pool = ThreadPoolExecutor(opts.concurrency, thread_name_prefix="generate",
+                                       initializer=lambda: setattr(self._local, "tok", spares.pop()))
         self._lock = threading.Lock()
         self._admitted: set[Job] = set()
         self._token_text: dict[int, tuple[str, list[int]]] = {}
-        # A fast tokenizer may re-borrow its Rust state mutably (e.g. to switch truncation off);
-        # used from several threads at once that raises "Already borrowed". Held for microseconds.
-        self.tok_lock = threading.Lock()
         backend = getattr(self.tok, "backend_tokenizer", None)
         self._byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
-    # -- admission: at most concurrency + queue requests are generating or waiting for a worker
+    # -- admission: at most concurrency + queue requests are tokenizing, generating or waiting for a worker
     def submit(self, job: Job):
         with self._lock:
             if len(self._admitted) >= self.opts.concurrency + self.opts.queue:
@@ -304,93 +322,119 @@ class Engine:
                 job.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def encode(self, messages: list[Message]) -> list[int]:
-        from pipeline.generation import chat_ids
+    def prompt_bytes(self, messages: list[Message]) -> int:
+        return sum(len(m.text().encode("utf-8")) for m in messages)
 
-        with self.tok_lock:
-            return chat_ids(self.tok, [{"role": m.role, "content": m.text()} for m in messages])
+    @property
+    def worker_tok(self):
+        """The tokenizer of the calling generation worker (each has its own)."""
+        return self._local.tok
 
     def decode(self, ids: list[int]) -> str:
-        with self.tok_lock:
-            return self.tok.decode(ids, skip_special_tokens=True)
+        return self.worker_tok.decode(ids, skip_special_tokens=True)
 
     def token_bytes(self, token_id: int) -> tuple[str, list[int]]:
         """A token as OpenAI's logprobs show it: its text and its exact UTF-8 bytes. A byte-level BPE
         token may hold part of a character, which decoding alone would turn into U+FFFD."""
         cached = self._token_text.get(token_id)
         if cached is None:
-            with self.tok_lock:
-                cached = self._describe_token(token_id)
-            self._token_text[token_id] = cached
+            cached = self._token_text[token_id] = self._describe_token(self.worker_tok, token_id)
         return cached
 
-    def _describe_token(self, token_id: int) -> tuple[str, list[int]]:
-        added = self.tok.added_tokens_decoder.get(token_id)
-        piece = self.tok.convert_ids_to_tokens(token_id)
+    def _describe_token(self, tok, token_id: int) -> tuple[str, list[int]]:
+        added = tok.added_tokens_decoder.get(token_id)
+        piece = tok.convert_ids_to_tokens(token_id)
         if added is None and self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
             raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
         else:
-            raw = (added.content if added is not None else self.tok.decode([token_id])).encode()
+            raw = (added.content if added is not None else tok.decode([token_id])).encode()
         return raw.decode("utf-8", errors="replace"), list(raw)
 
-    def generation_config(self, job: Job):
-        """The request, and only the request, as a complete GenerationConfig (pipeline.generation)."""
-        from pipeline.generation import generation_config
+    def _tokenize(self, job: Job) -> bool:
+        """In the worker: the job's prompt ids and token budget, or the job refused (False)."""
+        from pipeline.generation import chat_ids
 
-        return generation_config(self.tok, job.max_new_tokens, job.temperature, job.top_p)
+        ids = chat_ids(self.worker_tok, [{"role": m.role, "content": m.text()} for m in job.messages])
+        if len(ids) > self.max_prompt_tokens:
+            job.resolve(APIError(400, f"the prompt is {len(ids)} tokens; this server accepts at most "
+                                 f"{self.max_prompt_tokens}", param="messages", code="context_length_exceeded"))
+            return False
+        job.prompt_ids = ids
+        job.max_new_tokens = min(job.max_tokens, self.context - len(ids))
+        job.resolve()
+        return True
 
     def _run(self, job: Job) -> None:
-        """In a worker thread: generate, streaming each token to the job as it is sampled."""
+        """In a worker thread: tokenize, then generate, streaming each token to the job as it is sampled."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from pipeline.generation import generation_config
+
         if job.cancelled.is_set():  # the client left while the request was queued
+            job.resolve(APIError(499, "client closed the request"))
             job.emit("end")
             return
         try:
-            recorder = _LogprobRecorder(job) if job.want_logprobs else None
-            with self.rng.hold(job.temperature > 0, job.seed), torch.inference_mode():
-                if job.seed is not None and job.temperature > 0:
-                    torch.manual_seed(job.seed)
+            if not self._tokenize(job):
+                return
+            chooser = _TokenChooser(job) if job.temperature > 0 or job.want_logprobs else None
+            with torch.inference_mode():
                 ids = torch.tensor([job.prompt_ids], dtype=torch.long)
+                # greedy as far as generate() knows: a sampling request's token is drawn by the chooser, with the
+                # request's own random generator (no request waits for another's seed)
                 self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    generation_config=self.generation_config(job),
-                                    logits_processor=LogitsProcessorList([recorder] if recorder else []),
+                                    generation_config=generation_config(self.worker_tok, job.max_new_tokens, 0.0),
+                                    logits_processor=LogitsProcessorList([chooser] if chooser else []),
                                     stopping_criteria=StoppingCriteriaList([_StopWhenCancelled(job)]),
-                                    streamer=_JobStreamer(self, job, recorder))
+                                    streamer=_JobStreamer(self, job, chooser))
             job.text = self.decode(job.tokens)
             eos = self.tok.eos_token_id
             job.finish_reason = "stop" if job.tokens and job.tokens[-1] == eos else "length"
             job.emit("end")
         except Exception as exc:  # noqa: BLE001 - reported to the client and logged in one line
-            log.error("generation failed: %s: %s", type(exc).__name__, exc)
+            log.error("generation failed: %s: %s", type(exc).__name__, _escape(str(exc))[:300])
             job.finish_reason = "error"
+            job.resolve(APIError(500, f"generation failed: {type(exc).__name__}", code="generation_failed"))
             job.emit("error", f"generation failed: {type(exc).__name__}")
             raise
 
 
-class _LogprobRecorder:
-    """A logits processor that keeps each step's log-probabilities of the *sampling* distribution.
-
-    generate() places custom processors before its temperature/top-p warpers, so the recorder
-    applies the same warpers to its copy (top_k is 0, i.e. off, in every request we build)."""
+class _TokenChooser:
+    """A logits processor that picks each token itself: for a sampling request, from the distribution temperature
+    and top_p leave, with a torch.Generator of the request's own (seeded by its `seed`, else at random), so that
+    no request shares torch's global generator and none waits for another; generate() runs greedy and takes the
+    one token left. With logprobs it keeps each step's log-probabilities of that distribution (for a greedy
+    request, of the model's)."""
 
     def __init__(self, job: Job):
+        import torch
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         warpers = []
-        if job.temperature > 0 and job.temperature != 1.0:
+        self.sampling = job.temperature > 0
+        if self.sampling and job.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(job.temperature))
-        if job.temperature > 0 and job.top_p < 1.0:
+        if self.sampling and job.top_p < 1.0:
             warpers.append(TopPLogitsWarper(job.top_p))
         self.warpers = LogitsProcessorList(warpers)
-        self.steps: list = []  # one log-softmax row per step, consumed by the streamer
+        self.generator = torch.Generator()
+        if job.seed is not None:
+            self.generator.manual_seed(job.seed)
+        else:
+            self.generator.seed()
+        self.steps: list | None = [] if job.want_logprobs else None  # one log-softmax row per step (the streamer's)
 
     def __call__(self, input_ids, scores):
         import torch
 
-        self.steps.append(torch.log_softmax(self.warpers(input_ids, scores.float()), dim=-1)[0])
-        return scores
+        logp = torch.log_softmax(self.warpers(input_ids, scores.float()), dim=-1)
+        if self.steps is not None:
+            self.steps.append(logp[0])
+        if not self.sampling:
+            return scores
+        token = torch.multinomial(logp.exp(), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
 
 class _StopWhenCancelled:
@@ -406,8 +450,9 @@ class _StopWhenCancelled:
 class _JobStreamer:
     """generate()'s streamer: the first put() is the prompt, then one token per step."""
 
-    def __init__(self, engine: Engine, job: Job, recorder: _LogprobRecorder | None):
-        self.engine, self.job, self.recorder = engine, job, recorder
+    def __init__(self, engine: Engine, job: Job, chooser: _TokenChooser | None):
+        self.engine, self.job = engine, job
+        self.steps = chooser.steps if chooser is not None else None
         self.prompt_seen = False
         self.sent = ""  # text already streamed to the client
 
@@ -419,9 +464,8 @@ class _JobStreamer:
         token = int(value.reshape(-1)[0])
         job.tokens.append(token)
         entry = None
-        if self.recorder is not None:
-            row = self.recorder.steps.pop(0)
-            entry = _logprob_entry(engine, token, row, job.top_logprobs)
+        if self.steps is not None:
+            entry = _logprob_entry(engine, token, self.steps.pop(0), job.top_logprobs)
             job.logprobs.append(entry)
         if job.stream:
             # Decode the whole completion each step and send what is new, holding back a trailing
@@ -518,9 +562,25 @@ def _parse(body: bytes) -> ChatRequest:
         raise _validation_error(exc) from None
 
 
+def _require_json(request) -> None:
+    """A chat request is JSON. A web page can send a "simple" cross-site POST (text/plain, a form) without asking
+    the server first; it cannot send application/json without a CORS preflight, which this server never grants."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, not {_escape(media or 'none')[:60]!r}",
+                       code="unsupported_media_type")
+
+
 def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
-    """The ASGI application: FastAPI routes inside the `_Guard` layer."""
+    """The ASGI application: FastAPI routes inside the `_Guard` layer (which, when there is no key, checks that the
+    Host and Origin headers name the bound loopback address)."""
     app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        # anything unforeseen: an OpenAI-shaped 500 instead of Starlette's plain text; Starlette then raises the
+        # exception on, and _Guard writes its one log line
+        return _error(APIError(500, "internal error"))
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -548,6 +608,7 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
         return {"object": "list", "data": [model_card()]}
 
     async def chat_completions(request: Request):
+        _require_json(request)  # before the body is read: a form or text/plain post from a web page gets 415
         try:
             req = _parse(await _read_body(request, opts.max_body_bytes, opts.timeout))
         except _ClientGone:
@@ -559,27 +620,21 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
                            code="unsupported_value")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt_ids = await run_in_threadpool(engine.encode, req.messages)
-        if len(prompt_ids) > engine.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server accepts at most "
-                           f"{engine.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+        size = engine.prompt_bytes(req.messages)
+        if size > engine.max_prompt_bytes:  # more tokens than the cap, whatever they are: refused untokenized
+            raise APIError(400, f"the prompt is {size} bytes, more than any prompt of {engine.max_prompt_tokens} "
+                           f"tokens (this server's limit) can be", param="messages", code="context_length_exceeded")
         wanted = req.max_tokens or req.max_completion_tokens or opts.max_tokens
-        max_new = min(wanted, opts.max_tokens, engine.context - len(prompt_ids))
-        job = Job(asyncio.get_running_loop(), prompt_ids, max_new, req.temperature, req.top_p, req.seed,
-                  req.logprobs, req.top_logprobs or 0, req.stream)
+        job = Job(asyncio.get_running_loop(), req.messages, min(wanted, opts.max_tokens), req.temperature, req.top_p,
+                  req.seed, req.logprobs, req.top_logprobs or 0, req.stream)
         future = engine.submit(job)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = lambda: {"prompt_tokens": len(prompt_ids), "completion_tokens": len(job.tokens),  # noqa: E731
-                         "total_tokens": len(prompt_ids) + len(job.tokens)}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = _sse(job, cid, created, engine.name, usage, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(job.cancel))
+        usage = lambda: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),  # noqa: E731
+                         "total_tokens": len(job.prompt_ids) + len(job.tokens)}
 
-        # Wait for the generation, but stop it if the client hangs up first.
+        # Wait for the prompt to be accepted (a stream) or the whole generation, but stop if the client hangs up.
         watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-        done = asyncio.wrap_future(future)
+        done = job.ready if req.stream else asyncio.wrap_future(future)
         try:
             await asyncio.wait({watcher, done}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -587,8 +642,15 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
         if not done.done():
             job.cancel()
             return Response(status_code=499)
-        if done.exception() is not None:
+        if job.error is not None:
+            raise job.error
+        if not req.stream and done.exception() is not None:
             raise APIError(500, f"generation failed: {type(done.exception()).__name__}", code="generation_failed")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            stream = _sse(job, cid, created, engine.name, usage, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(job.cancel))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": engine.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
@@ -601,7 +663,7 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
         app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"])
         app.add_api_route(prefix + "/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
-    return _Guard(app, api_key)
+    return _Guard(app, api_key, check_host=api_key is None, bound=opts.host)
 
 
 async def _sse(job: Job, cid: str, created: int, name: str, usage, include_usage: bool):
@@ -648,12 +710,34 @@ def _escape(raw: bytes | str) -> str:
     return raw.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
-class _Guard:
-    """Outermost ASGI layer: bearer token, access log, and a last line of defence for exceptions."""
+def _names_loopback(authority: bytes, bound: str) -> bool:
+    """Whether a Host header (or an Origin's host) `authority`, `name[:port]`, names this machine's loopback: the
+    bound host, `localhost`, or a loopback address. Any other name (evil.example resolved to 127.0.0.1: DNS
+    rebinding) means a web page made the request for a site of its own. The port is not compared: through an SSH
+    tunnel the client's port is another, and a page on another local port is another origin, which the browser
+    already keeps from reading the answer or sending JSON."""
+    try:
+        text = authority.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("[") and "]" in text:  # [::1]:8000
+        host, rest = text[1:text.index("]")], text[text.index("]") + 1:]
+    else:
+        host, colon, port = text.partition(":")
+        rest = colon + port
+    if rest and not (rest[0] == ":" and rest[1:].isdigit()):  # 127.0.0.1:80.evil.example is not a port
+        return False
+    return host in ("localhost", bound.lower()) or is_loopback(host)
 
-    def __init__(self, app, api_key: str | None):
+
+class _Guard:
+    """Outermost ASGI layer: bearer token (or, without one, the Host and Origin of the request), access log, and a
+    last line of defence for exceptions."""
+
+    def __init__(self, app, api_key: str | None, check_host: bool = False, bound: str = "127.0.0.1"):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
+        self.check_host, self.bound = check_host, bound  # without a key: Host and Origin must be this machine
 
     def _authorised(self, scope) -> bool:
         header = b""
@@ -663,6 +747,29 @@ class _Guard:
         scheme, _, token = header.partition(b" ")
         # compare_digest takes time independent of where the strings differ
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    def _cross_site(self, scope) -> APIError | None:
+        """Without a key, only requests addressed to this server's loopback address, from no web page or from a
+        page served by this same address, are answered."""
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").lower()
+        if not _names_loopback(host, self.bound):
+            return APIError(403, f"Host {_escape(host)[:80]!r} does not name this server: without --api-key-env it "
+                            "answers only requests to its loopback address (e.g. 127.0.0.1:PORT), so that a web page "
+                            "cannot reach it through a DNS name", code="forbidden_host")
+        origin = headers.get(b"origin")
+        scheme, sep, authority = (origin or b"").partition(b"://")
+        if origin is not None and not (sep and scheme.lower() in (b"http", b"https")
+                                       and _names_loopback(authority, self.bound)):
+            return APIError(403, f"Origin {_escape(origin)[:80]!r} is another site: without --api-key-env this "
+                            "server does not answer requests made by web pages", code="forbidden_origin")
+        return None
+
+    async def _refuse(self, send, exc: APIError, extra: list | None = None) -> None:
+        body = _error_body(exc.status, exc.message, exc.param, exc.code)
+        await send({"type": "http.response.start", "status": exc.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]})
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -675,12 +782,13 @@ class _Guard:
             await send(message)
 
         try:
-            if self.api_key is not None and scope["path"] != "/health" and not self._authorised(scope):
-                body = _error_body(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                   code="invalid_api_key")
-                await send_and_note({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
+            refused = self._cross_site(scope) if self.check_host else None
+            if refused is not None:
+                await self._refuse(send_and_note, refused)
+            elif self.api_key is not None and scope["path"] != "/health" and not self._authorised(scope):
+                await self._refuse(send_and_note, APIError(
+                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"),
+                    [(b"www-authenticate", b"Bearer")])
             else:
                 await self.app(scope, receive, send_and_note)
         except Exception as exc:  # noqa: BLE001 - one line in the log, a 500 in OpenAI's shape
@@ -688,9 +796,7 @@ class _Guard:
                       type(exc).__name__, _escape(str(exc))[:300])
             if status[0] is None:
                 try:
-                    await send_and_note({"type": "http.response.start", "status": 500,
-                                         "headers": [(b"content-type", b"application/json")]})
-                    await send({"type": "http.response.body", "body": _error_body(500, "internal error")})
+                    await self._refuse(send_and_note, APIError(500, "internal error"))
                 except Exception:  # noqa: BLE001 - the client is gone
                     pass
         finally:
@@ -702,41 +808,101 @@ class _Guard:
                      status[0] or "-", 1000 * (time.monotonic() - start))
 
 
-def _header_timeout_protocol(seconds: float):
-    """uvicorn's h11 protocol plus a deadline for the request head. uvicorn only times out idle
-    keep-alive connections, so a client that sends half its headers and stalls would hold its
-    connection forever; here it is closed after `seconds`. (Bodies are timed in `_read_body`.)"""
+class _Connections:
+    """The open connections, per client address, for the caps on them (in the event loop's thread only).
+
+    Admission counts requests (Engine.submit), not sockets: a connection that has no request in progress (idle
+    keep-alive, or a head still arriving) holds nothing but a socket, so when a cap is reached the connection idle
+    longest, among the new client's own address first, is closed to make room. A connection idle for less than
+    `grace` seconds is not taken (its head may be on the way); when none can be, the new one is refused (503,
+    Retry-After). So idle sockets cannot lock anyone out, and one address cannot take every slot."""
+
+    def __init__(self, total: int, per_client: int, grace: float):
+        self.total, self.per_client, self.grace = total, per_client, grace
+        self.open: dict = {}  # protocol -> client address, in connection order
+
+    def admit(self, conn) -> bool:
+        address = conn.client[0] if conn.client else "-"
+        for crowd, cap in ((lambda: [c for c, a in self.open.items() if a == address], self.per_client),
+                           (lambda: list(self.open), self.total)):
+            if len(crowd()) >= cap:
+                before = time.monotonic() - self.grace
+                idle = [c for c in crowd() if c.idle_since is not None and c.idle_since <= before]
+                if not idle:
+                    return False
+                min(idle, key=lambda c: c.idle_since).drop()
+        self.open[conn] = address
+        return True
+
+    def forget(self, conn) -> None:
+        self.open.pop(conn, None)
+
+
+def _protocol(opts: ServeOptions):
+    """uvicorn's h11 protocol with what it lacks here: caps on connections (in all and per client address, see
+    _Connections), a deadline for each request head (`--header-timeout`: uvicorn only times out idle keep-alive
+    connections, so a client sending half its headers would hold its connection forever; bodies are timed in
+    `_read_body`), and OpenAI-shaped errors for requests that are not even HTTP."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutH11(H11Protocol):
+    seconds = min(opts.header_timeout, opts.timeout)
+    connections = _Connections(opts.max_connections, opts.max_connections_per_client, grace=min(0.5, seconds / 2))
+
+    class GuardedH11(H11Protocol):
         _head_timer = None
+        idle_since: float | None = None  # when it last had no request in progress; None while it has one
 
         def _arm(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
+            if self.cycle is None or self.cycle.response_complete:  # (a pipelined request may have started)
+                self.idle_since = time.monotonic()
             self._head_timer = self.loop.call_later(seconds, self._head_timeout)
 
         def _head_timeout(self) -> None:
             self._head_timer = None
-            waiting_for_head = self.cycle is None or self.cycle.response_complete
-            if waiting_for_head and not self.transport.is_closing():
+            if self.idle_since is not None:
+                self.drop()
+
+        def drop(self) -> None:
+            """Close a connection with no request in progress (a timeout, or room for another)."""
+            if not self.transport.is_closing():
                 self.transport.close()
+            connections.forget(self)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            if not connections.admit(self):
+                body = _error_body(503, "too many connections, all of them busy; retry later", code="overloaded")
+                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1"
+                                b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                transport.close()
+                return
             self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.idle_since = None  # a request is in progress: never dropped to make room
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._arm()  # the next request on this keep-alive connection gets the same deadline
 
+        def send_400_response(self, msg: str) -> None:  # not HTTP at all: still an OpenAI-shaped answer
+            body = _error_body(400, f"invalid HTTP request: {msg}", code="invalid_request")
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
         def connection_lost(self, exc) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
+            connections.forget(self)
             super().connection_lost(exc)
 
-    return HeaderTimeoutH11
+    return GuardedH11
 
 
 # --------------------------------------------------------------------------- running
@@ -755,16 +921,19 @@ def _check_options(opts: ServeOptions) -> str | None:
     """Refuse unsafe or impossible settings before loading anything; return the API key (or None)."""
     for flag, value, low in (("--max-body-bytes", opts.max_body_bytes, 1), ("--max-tokens", opts.max_tokens, 1),
                              ("--concurrency", opts.concurrency, 1), ("--queue", opts.queue, 0),
-                             ("--max-prompt-tokens", opts.max_prompt_tokens, 1)):
+                             ("--max-prompt-tokens", opts.max_prompt_tokens, 1),
+                             ("--max-connections", opts.max_connections, 1),
+                             ("--max-connections-per-client", opts.max_connections_per_client, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
-    if opts.timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {opts.timeout}")
+    for flag, value in (("--timeout", opts.timeout), ("--header-timeout", opts.header_timeout)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
     api_key = None
     if opts.api_key_env:
-        api_key = os.environ.get(opts.api_key_env, "")
-        if not api_key:
-            raise UsageError(f"--api-key-env {opts.api_key_env}: that environment variable is not set or empty")
+        from feedback.judges.http import read_api_key
+
+        api_key = read_api_key(opts.api_key_env, f"--api-key-env {opts.api_key_env}")
     if api_key is None and not is_loopback(opts.host):
         raise UsageError(f"--host {opts.host} is reachable from other machines: set a token in an environment "
                          "variable and pass its name with --api-key-env (clients send 'Authorization: Bearer "
@@ -818,11 +987,11 @@ def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None) -
     sock = _bind(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
     app = build_app(engine, opts, api_key)
+    # No limit_concurrency: uvicorn counts open connections there, so idle sockets locked everyone out with a
+    # plain-text 503; requests are admitted by Engine.submit and connections capped by _protocol instead.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,
-                            http=_header_timeout_protocol(opts.timeout), timeout_keep_alive=min(5, opts.timeout),
-                            timeout_graceful_shutdown=5,
-                            # every open connection costs at most ~64 KiB of buffered body in uvicorn
-                            limit_concurrency=256 + opts.concurrency + opts.queue)
+                            http=_protocol(opts), timeout_keep_alive=min(opts.header_timeout, opts.timeout),
+                            timeout_graceful_shutdown=5, limit_concurrency=None)
     server = uvicorn.Server(config)
 
     async def run() -> None:
@@ -833,7 +1002,8 @@ def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None) -
             shown = f"[{host}]" if ":" in host else host
             print(f"serving {engine.name} at http://{shown}:{port}/v1 (chat completions; concurrency "
                   f"{opts.concurrency}, queue {opts.queue}, max_tokens {opts.max_tokens}, max prompt tokens "
-                  f"{engine.max_prompt_tokens}, auth {'on' if api_key else 'off'}); Ctrl-C stops", flush=True)
+                  f"{engine.max_prompt_tokens}, auth {'on' if api_key else 'off'}, connections "
+                  f"{opts.max_connections} ({opts.max_connections_per_client} per client)); Ctrl-C stops", flush=True)
         await task
 
     try:

@@ -10,7 +10,6 @@ tokenizer are passed as text and re-tokenised here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from reward.text import encode
@@ -52,8 +51,10 @@ class RewardScorer:
         self.max_length, self.mean, self.std, self.batch_size = max_length, mean, std or 1.0, batch_size
 
     @classmethod
-    def from_artifact(cls, path: str | Path, batch_size: int = 32, precision: str = "fp32") -> "RewardScorer":
-        """A reward-model artifact directory (RUN_DIR/reward) or its model/ directory."""
+    def from_artifact(cls, path: str | Path, batch_size: int = 32, precision: str = "fp32",
+                      trust_remote_code: bool = False) -> "RewardScorer":
+        """A reward-model artifact directory (RUN_DIR/reward) or its model/ directory. trust_remote_code is the
+        caller's: the user's config or command line, never the artifact's manifest (see pipeline/models.py)."""
         from pipeline.artifacts import load_artifact
         from pipeline.models import load_tokenizer
 
@@ -61,15 +62,13 @@ class RewardScorer:
         if (path / "manifest.json").exists():
             art = load_artifact(path, "reward_model", role="reward model")
             model_dir, manifest = art.output("model"), art.manifest
+        elif (path.parent / "manifest.json").exists():
+            model_dir, manifest = path, load_artifact(path.parent, "reward_model", role="reward model").manifest
         else:
-            model_dir = path
-            parent = path.parent / "manifest.json"
-            manifest = json.loads(parent.read_text()) if parent.exists() else {}
+            model_dir, manifest = path, {}
         norm = manifest.get("normalization", {})
-        # a reward model trained from a custom-code base needs that code again (recorded in its manifest)
-        trust = bool((manifest.get("model") or {}).get("trust_remote_code", False))
-        tok = load_tokenizer(str(model_dir), trust)
-        return cls(load_reward_model(str(model_dir), precision, trust), tok, manifest.get("max_length"),
+        tok = load_tokenizer(str(model_dir), trust_remote_code)
+        return cls(load_reward_model(str(model_dir), precision, trust_remote_code), tok, manifest.get("max_length"),
                    norm.get("mean", 0.0), norm.get("std", 1.0), batch_size)
 
     def encode(self, prompt, response) -> list[int]:
@@ -86,8 +85,9 @@ def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: boo
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.errors import UsageError
-    from pipeline.models import torch_dtype
+    from pipeline.models import refuse_custom_code, torch_dtype
 
+    refuse_custom_code(path, trust_remote_code)
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code, revision=revision)

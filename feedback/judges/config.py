@@ -3,6 +3,8 @@
     type: rule | local | http | reward_model
     rule: feedback.synthetic:rule_score      # rule
     model: smollm2-135m-instruct             # local: a model reference; reward_model: an artifact path
+    revision: null                           # local: a hub id's branch, tag or commit
+    trust_remote_code: false                 # local, reward_model: run the model's own code (your decision only)
     http: {base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max, concurrency, ...}
     template: pairwise.yaml                  # relative to this file
     constitution: constitution.yaml          # principles; `principles: all | sample | none`, `n_principles`
@@ -72,7 +74,10 @@ class JudgeConfig(Strict):
     position: PositionConfig = Field(default_factory=PositionConfig)
     cache: str = "default"
     batch_size: int = Field(8, ge=1)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="local and reward_model judges: run the model's own code "
+                                    "(auto_map); never taken from an artifact's files")
+    revision: str | None = Field(None, description="local judges: the hub id's branch, tag or commit to load (pin "
+                                 "it, above all with trust_remote_code: the default branch can change)")
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +94,15 @@ class JudgeConfig(Strict):
         need = {"rule": "rule", "local": "model", "http": "http", "reward_model": "model"}[self.type]
         if getattr(self, need) is None:
             raise ValueError(f"{need}: a '{self.type}' judge needs '{need}'")
+        if self.revision is not None:
+            from pipeline.models import BUILTIN
+
+            if self.type != "local":
+                raise ValueError(f"revision: pins the hub model of a 'local' judge; it has no effect on a "
+                                 f"'{self.type}' judge")
+            if self.model in BUILTIN or Path(self.model).expanduser().exists():
+                raise ValueError(f"revision has no effect for '{self.model}' (a built-in model or a local "
+                                 "directory): it pins a hub id's branch, tag or commit")
         return self
 
 
@@ -119,12 +133,13 @@ def build_judge(path: str | Path):
     elif cfg.type == "reward_model":
         from feedback.judges.reward_model import RewardModelJudge
 
-        judge = RewardModelJudge(cfg.model, batch_size=cfg.batch_size)
+        judge = RewardModelJudge(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     elif cfg.type == "local":
         from feedback.judges.local import LocalJudge
 
         judge = LocalJudge(cfg.model, template, principles, cfg.principles, cfg.n_principles,
-                           batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+                           batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
+                           revision=cfg.revision)
     else:
         from feedback.judges.http import HTTPJudge
 

@@ -63,6 +63,25 @@ def _read_answer(payload: bytes) -> tuple[str, int, int]:
     return content, counts[0], counts[1]
 
 
+def read_api_key(env: str, who: str) -> str:
+    """The key held by the environment variable `env`, checked before it is used: a bearer token is printable
+    ASCII without spaces. A key read with `$(cat key.txt)` from a Windows file ends in \\r; sent as it is, it made
+    http.client raise deep inside a request, with the header (and so the key) in the traceback. The message here
+    names the variable and the problem, never the key."""
+    value = os.environ.get(env, "")
+    if not value:
+        raise UsageError(f"{who} reads its API key from ${env}, which is not set or empty")
+    names = {"\r": "a carriage return (\\r)", "\n": "a line break (\\n)", " ": "a space", "\t": "a tab"}
+    for i, c in enumerate(value):
+        if not "\x21" <= c <= "\x7e":
+            what = names.get(c, f"the character U+{ord(c):04X}")
+            where = "at its end" if not value[i:].strip() else "inside it"
+            raise UsageError(f"${env} (the API key of {who}) holds {what} {where}: a key is printable ASCII with no "
+                             "spaces or line breaks. A key file from Windows ends lines with \\r\\n: read it with "
+                             f"{env}=$(tr -d '\\r\\n' < key.txt). (The key is not shown.)")
+    return value
+
+
 class HTTPJudge(Judge):
     name = "http"
     streams_results = True  # CachedJudge stores each verdict as it arrives
@@ -73,8 +92,8 @@ class HTTPJudge(Judge):
                  concurrency: int = 4, max_tokens: int = 8, temperature: float = 0.0,
                  price_per_1k_prompt: float = 0.0, price_per_1k_completion: float = 0.0,
                  max_response_bytes: int = 1 << 20, sleep=time.sleep):
-        if api_key_env and not os.environ.get(api_key_env):
-            raise UsageError(f"the HTTP judge reads its API key from ${api_key_env}, which is not set")
+        if api_key_env:
+            read_api_key(api_key_env, "the HTTP judge")  # at start-up: a bad key stops the run before any call
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.base_url, self.model, self.template, self.principles = base_url, model, template, principles
         self.mode, self.n, self.api_key_env = principle_mode, n_principles, api_key_env
@@ -119,7 +138,7 @@ class HTTPJudge(Judge):
         body = json.dumps(self.request_body(it)).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key_env:
-            headers["Authorization"] = f"Bearer {os.environ.get(self.api_key_env, '')}"
+            headers["Authorization"] = f"Bearer {read_api_key(self.api_key_env, 'the HTTP judge')}"
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:

@@ -15,16 +15,18 @@ class LocalJudge(Judge):
     name = "local"
 
     def __init__(self, model_ref: str, template: Template, principles: list[str], principle_mode: str = "all",
-                 n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8, trust_remote_code: bool = False):
+                 n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8, trust_remote_code: bool = False,
+                 revision: str | None = None):
         import torch
 
         from pipeline.models import load_causal_lm, load_tokenizer, resolve
 
         self.ref, self.template, self.principles = model_ref, template, principles
         self.mode, self.n, self.tie_band, self.batch_size = principle_mode, n_principles, tie_band, batch_size
+        self.revision = revision
         path = resolve(model_ref)
-        self.tok = load_tokenizer(path, trust_remote_code)
-        self.model = load_causal_lm(path, "fp32", trust_remote_code).eval()
+        self.tok = load_tokenizer(path, trust_remote_code, revision)
+        self.model = load_causal_lm(path, "fp32", trust_remote_code, revision).eval()
         self.choice_ids = [self._first_token(c) for c in template.choices[:2]]
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"the choices {template.choices[:2]} share their first token")
@@ -34,7 +36,8 @@ class LocalJudge(Judge):
         return self.tok(text, add_special_tokens=False)["input_ids"][0]
 
     def identity(self) -> dict:
-        return {"type": "local", "model": self.ref, "principles": self.mode, "n_principles": self.n}
+        pin = {"revision": self.revision} if self.revision else {}  # another revision is another judge
+        return {"type": "local", "model": self.ref, **pin, "principles": self.mode, "n_principles": self.n}
 
     def prompt_ids(self, it: JudgeItem) -> list[int]:
         principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))

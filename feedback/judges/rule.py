@@ -5,9 +5,10 @@ A rule sees each response on its own, so it cannot be swayed by position or by t
 addresses the judge.
 
 A rule is code: `module:function` imports the module and calls the function on data rows. So a
-config names only functions defined in the project's `feedback` package or in modules the user
-trusts explicitly, in the pipeline config (`trusted_modules: [mypkg.rules]`) or the environment
-(`RLHF_TRUSTED_MODULES=mypkg.rules,other`); anything else (`shutil:rmtree`, `os:system`) is refused.
+config names only rules registered with `@rule` (feedback/rules.py: the project's own, such as
+`feedback.synthetic:rule_score`) or functions of modules the user trusts explicitly, in the pipeline
+config (`trusted_modules: [mypkg.rules]`) or the environment (`RLHF_TRUSTED_MODULES=mypkg.rules,other`);
+anything else (`shutil:rmtree`, `os:system`, `feedback.schema:write_pairs`) is refused.
 """
 
 from __future__ import annotations
@@ -31,27 +32,43 @@ def trust_modules(modules) -> None:
 
 
 def trusted_modules() -> tuple[str, ...]:
+    """The user's own trusted modules: the pipeline config's, then the environment's."""
     env = tuple(m.strip() for m in os.environ.get(TRUSTED_ENV, "").split(",") if m.strip())
-    return ("feedback",) + _trusted + env
+    return _trusted + env
 
 
 def load_callable(spec: str):
+    from feedback.rules import RULES
+
     module, _, func = spec.partition(":")
     if not module or not func or not func.isidentifier() or func.startswith("_"):
         raise UsageError(f"rule '{spec}': expected 'module:function' naming a public function")
     trusted = trusted_modules()
-    if not any(module == m or module.startswith(m + ".") for m in trusted):
+    by_user = any(module == m or module.startswith(m + ".") for m in trusted)
+    ours = module == "feedback" or module.startswith("feedback.")  # importing our own modules runs nothing else
+    if not by_user and not ours:
         raise UsageError(f"rule '{spec}': module '{module}' is not trusted. A rule is code that runs on your data; "
-                         f"rules may name functions of {', '.join(trusted)}. Trust a module of yours with "
-                         f"`trusted_modules: [{module}]` in the pipeline config or {TRUSTED_ENV}={module}")
+                         f"rules may be {_allowed(trusted)}. Trust a module of yours with `trusted_modules: "
+                         f"[{module}]` in the pipeline config or {TRUSTED_ENV}={module}")
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"rule '{spec}': cannot import: {exc}") from None
+    if not by_user and RULES.get(spec) is not fn:
+        raise UsageError(f"rule '{spec}' is not a registered rule (feedback/rules.py): rules may be "
+                         f"{_allowed(trusted)}")
     # defined in that module, not imported into it (feedback.x:rmtree after `from shutil import rmtree`)
     if not callable(fn) or getattr(fn, "__module__", None) != module:
         raise UsageError(f"rule '{spec}' is not a function defined in {module}")
     return fn
+
+
+def _allowed(trusted: tuple[str, ...]) -> str:
+    from feedback import synthetic  # noqa: F401  (registers the shipped rules, so the message can list them)
+    from feedback.rules import RULES
+
+    mine = f"; or functions of {', '.join(trusted)}" if trusted else ""
+    return f"the registered rules ({', '.join(sorted(RULES))}){mine}"
 
 
 class RuleJudge(Judge):

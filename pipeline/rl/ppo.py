@@ -494,14 +494,15 @@ class RewardFunction:
     """Sequence scores for (prompt, response text): a reward-model artifact and/or a rule."""
 
     def __init__(self, model_path: str | None = None, rule: str | None = None, normalize: bool = True,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", trust_remote_code: bool = False):
         from feedback.judges.rule import load_callable
 
         self.scorer = None
         if model_path:
             from reward.scoring import RewardScorer
 
-            self.scorer = RewardScorer.from_artifact(model_path, precision=precision)
+            self.scorer = RewardScorer.from_artifact(model_path, precision=precision,
+                                                     trust_remote_code=trust_remote_code)
             disable_dropout(self.scorer.model)
         self.rule = load_callable(rule) if rule else None
         self.normalize = normalize

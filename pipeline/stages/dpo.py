@@ -113,6 +113,7 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
     skipped.jsonl and counted, never dropped silently: ties (no preferred response), and pairs whose prompt
     alone reaches max_length (TRL drops them: no response token would be left)."""
     from pipeline.artifacts import write_jsonl
+    from pipeline.data import neutralised
     from pipeline.distributed import say
 
     kept: dict[str, list] = {"train": [], "eval": []}
@@ -122,7 +123,7 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
             if p.tie:
                 skipped.append({"id": p.id, "split": split, "reason": "tie: DPO needs a preferred response"})
                 continue
-            row = to_dpo_row(p)
+            row = neutralised(tok, to_dpo_row(p))  # special tokens in the pair's text stay text
             n = prompt_tokens(tok, row)
             if n >= cfg.max_length:
                 skipped.append({"id": p.id, "split": split, "reason": f"the prompt alone is {n} tokens, max_length "

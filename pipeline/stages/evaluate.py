@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import StageBlock, Strict
 from pipeline.errors import InvalidInput
 
-NAME = r"^[A-Za-z0-9_-]+$"
+NAME = r"^[A-Za-z0-9_-]+$"  # for pydantic (Rust regex: "$" is the end of the text); Python code uses STAGE_NAME
 
 
 class SamplingConfig(Strict):
@@ -64,10 +64,10 @@ class EvaluateStageConfig(StageBlock):
 
     @model_validator(mode="after")
     def _check(self):
-        import re
+        from pipeline.artifacts import STAGE_NAME
 
         names = list(self.policies) + ([self.few_shot.name] if self.few_shot else [])
-        bad = [n for n in names if not re.match(NAME, n)]
+        bad = [n for n in names if not STAGE_NAME.match(n)]
         if bad:
             raise ValueError(f"policies: names are letters, digits, '_' and '-' (they name metrics): {bad}")
         if len(set(names)) != len(names) or len(names) < 2:
@@ -224,8 +224,10 @@ def judge_against(judge_path: str, baseline: str, samples: dict, prompts: list) 
 # --------------------------------------------------------------------------- the evaluation
 
 
-def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, seed: int, reward_path: str | None):
-    """The whole comparison: (metrics {eval/<policy>/<name>: value}, per-prompt rows, judge identity)."""
+def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, seed: int, reward_path: str | None,
+             reward_trust: bool = False):
+    """The whole comparison: (metrics {eval/<policy>/<name>: value}, per-prompt rows, judge identity).
+    reward_trust: whether the user lets the reward model run its own code (their config or flag)."""
     from feedback.judges.rule import load_callable
 
     samples = sample_policies(policies, prompts, cfg.sampling, seed)
@@ -235,7 +237,7 @@ def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, se
     if reward_path:
         from reward.scoring import RewardScorer
 
-        scorer = RewardScorer.from_artifact(reward_path)
+        scorer = RewardScorer.from_artifact(reward_path, trust_remote_code=reward_trust)
         rewards = {n: scorer.score(prompts, s["texts"])[1] for n, s in samples.items()}
     rule = load_callable(cfg.rule) if cfg.rule else None
     rules = {n: [float(rule(p, t)) for p, t in zip(prompts, s["texts"])] for n, s in samples.items()} if rule else {}
@@ -352,14 +354,15 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
     return policies, known
 
 
-def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir, seed: int) -> dict:
+def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir, seed: int,
+            reward_trust: bool = False) -> dict:
     """Run the comparison and write its outputs (samples.jsonl, table.csv) into out_dir: the stage's result."""
     from pipeline.distributed import say
 
     prompts = held_out_prompts(cfg, seed)
     policies, known = resolve_policies(cfg, resolve, seed)
     say(f"[evaluate] {len(policies)} policies x {len(prompts)} held-out prompts")
-    metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path)
+    metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path, reward_trust)
     names = [p.name for p in policies]
     write_outputs(out_dir, rows, names)
     say(table(metrics, names, cfg.baseline, known))
@@ -380,6 +383,7 @@ def run(cfg: EvaluateStageConfig, ctx) -> dict:
 
     set_seed(ctx.seed)
     reward_art = ctx.artifact(cfg.reward_model, "reward_model", "reward_model") if cfg.reward_model else None
-    out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed)
+    out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed,
+                  bool(cfg.reward_model) and ctx.trusts_remote_code(cfg.reward_model))
     return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} held-out prompts; "
                               f"table in {ctx.run_dir / ctx.name / 'table.csv'}"}

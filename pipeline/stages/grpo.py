@@ -135,13 +135,13 @@ def _prompt(prompt):
     return prompt
 
 
-def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None) -> list:
+def reward_functions(cfg: GroupRLStageConfig, reward_path: str | None, trust_remote_code: bool = False) -> list:
     """TRL reward callables: f(prompts, completions, **kw) -> list[float] (TRL sums them)."""
     funcs = []
     if reward_path:
         from reward.scoring import RewardScorer
 
-        scorer = RewardScorer.from_artifact(reward_path)
+        scorer = RewardScorer.from_artifact(reward_path, trust_remote_code=trust_remote_code)
 
         def reward_model(prompts, completions, **kw):
             raw, norm = scorer.score([_prompt(p) for p in prompts], [_text(c) for c in completions])
@@ -194,7 +194,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
+    from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
     from pipeline.distributed import say
     from pipeline.models import count_parameters, resolve_precision
     from pipeline.tracking import trainer_callback
@@ -204,11 +204,14 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     # prompts are held out only for the evaluation that samples them (eval_rule); otherwise all are trained on
     held = cfg.eval_fraction if cfg.eval_rule else 0.0
     train_prompts, eval_prompts = split_by_prompt(prompts, held, ctx.seed, prompt_of=lambda p: p)
-    train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
+    # TRL applies the chat template to these: special tokens in a prompt file stay text
+    train = [neutralised(tok, {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p})
+             for p in train_prompts]
     reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
-    funcs = reward_functions(cfg, str(reward_art.path) if reward_art else None)
+    funcs = reward_functions(cfg, str(reward_art.path) if reward_art else None,
+                             bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model))
     rule = RuleReward(cfg.eval_rule, eval_prompts, cfg.max_completion_length, ctx.seed)
     metrics: dict = {}
     rule.before(model, tok, metrics)

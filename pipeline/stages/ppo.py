@@ -166,10 +166,10 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
     tok = load_tokenizer(policy_path, trust, revision)
     reward_path = str(reward_art.path) if reward_art else None
-    rm_dir = rm_trust = None
+    rm_trust = bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)  # the user's config decides
+    rm_dir = None
     if cfg.value_model == "critic":
         rm_dir = str(reward_art.output("model"))
-        rm_trust = ctx.model_path(cfg.reward.model, role="reward.model")[1].get("trust_remote_code", False)
         if load_tokenizer(rm_dir, rm_trust).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
@@ -182,7 +182,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
     needs_reference = ds is not None and not lora  # one process: a copy of the policy, made below
     reward_fn = reference = None
     if not shard_frozen:  # whole copies on every process, loaded before sharded loading starts
-        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize)
+        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, trust_remote_code=rm_trust)
         reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference and zero3 else None
     sharded = zero.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
     policy = load_causal_lm(policy_path, precision, trust, revision)
@@ -201,7 +201,7 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
             if m is not None:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard_frozen:
-        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision)
+        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision, rm_trust)
         reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference else None
     del sharded
     norm = (reward_art.manifest.get("normalization") or {}) if rm_dir and cfg.reward.normalize else {}
@@ -419,10 +419,9 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
     memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
-    critic_trust = (ctx.model_path(cfg.reward.model, role="reward.model")[1].get("trust_remote_code", False)
-                    if cfg.value_model == "critic" else False)
     outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
-                         under_deepspeed=s.ds is not None, info=s.info, critic_trust=critic_trust))
+                         under_deepspeed=s.ds is not None, info=s.info,
+                         critic_trust=bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"

@@ -162,6 +162,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from pipeline.data import neutralised
     from pipeline.deepspeed import zero_stage
     from pipeline.distributed import say, world_size
     from pipeline.models import count_parameters, resolve_precision
@@ -171,6 +172,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     train, evals, counts = _data(cfg, ctx)
     precision = resolve_precision(cfg.precision)
     path, model_info, tokenizer, model = load_policy(ctx, cfg.model, role="model", merged=False)
+    train, evals = [neutralised(tokenizer, ex) for ex in train], [neutralised(tokenizer, ex) for ex in evals]
     if cfg.tuning == "freeze":
         freeze_lower(model, cfg.freeze_layers)
     args = training_args(SFTConfig, cfg, ctx, precision, max_length=cfg.max_length, packing=cfg.packing,

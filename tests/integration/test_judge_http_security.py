@@ -110,3 +110,29 @@ def test_an_oversized_response_body_is_malformed_not_read_whole():
     finally:
         server.close()
     assert verdict.choice == "abstain" and "over 4096 bytes" in verdict.reason
+
+
+@pytest.mark.parametrize("key", ["sk-canary-123\r\n", "sk-canary-123\n", "sk-canary 123", "sk-canary-123\u00e9"])
+def test_a_malformed_key_stops_the_run_without_showing_it(key, tmp_path, monkeypatch, capsys):
+    """A key read with $(cat key.txt) from a Windows file ends in \\r: http.client raised from deep inside the
+    first request, and the traceback printed the Authorization header with the key. Now the key is checked at
+    start-up: exit 2, the variable and the problem named, the key never shown, nothing sent."""
+    from pipeline.cli import main
+    from tests.conftest import write_yaml
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", key)
+    rec = Recorder(_answer())
+    try:
+        judge = write_yaml(tmp_path / "j.yaml", {"type": "http", "cache": "none", "template": str(
+            ROOT / "configs" / "judges" / "pairwise.yaml"), "constitution": None, "http": {
+            "base_url": rec.url, "model": "judge", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 0}})
+        human = tmp_path / "h.jsonl"
+        human.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+        assert main(["feedback", "agree", "--human", str(human), "--judge", str(judge),
+                     "-o", str(tmp_path / "a.json")]) == 2
+    finally:
+        rec.close()
+    out = capsys.readouterr()
+    assert "$TEST_JUDGE_KEY" in out.err and "key is not shown" in out.err
+    assert "canary" not in out.err + out.out and "Traceback" not in out.err
+    assert rec.auth == [], "nothing was sent"

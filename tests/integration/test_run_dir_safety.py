@@ -18,7 +18,7 @@ def _victim(path):
     return path
 
 
-@pytest.mark.parametrize("name", ["../victim", "VICTIM_ABS", ".", "..", "a/b", ".hidden", "x y", ""])
+@pytest.mark.parametrize("name", ["../victim", "VICTIM_ABS", ".", "..", "a/b", ".hidden", "x y", "", "sft\n"])
 def test_unsafe_stage_names_are_refused_and_nothing_outside_is_touched(name, tmp_path, capsys):
     victim = _victim(tmp_path / "victim")
     name = str(victim) if name == "VICTIM_ABS" else name

@@ -248,7 +248,8 @@ def test_streaming_joins_to_the_greedy_answer(server):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     # on the wire: SSE lines ending with [DONE]
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": HI, "max_tokens": 4, "stream": True}))
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": HI, "max_tokens": 4, "stream": True}),
+                 headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.getheader("content-type").startswith("text/event-stream")
     events = [line for line in resp.read().decode().split("\n\n") if line]
@@ -326,8 +327,8 @@ def test_every_bad_request_gets_an_openai_error(server):
     assert got["error"]["param"] in ("messages", "max_tokens") and "detail" not in got  # not FastAPI's shape
 
     # 413 from Content-Length, before the body is read (only 100 bytes are ever sent)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {over}\r\n\r\n").encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {over}\r\n\r\n").encode()
     response = server.raw(head + b"{" * 100)
     assert _status(response) == 413 and b'"request_too_large"' in response
     # 413 while reading a chunked body (no Content-Length to check)
@@ -346,8 +347,8 @@ def test_every_bad_request_gets_an_openai_error(server):
 
 def _send_chunked(port: int, total: int, chunk: int = 65536) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n" % port)
         sent = 0
         try:
             while sent < total:
@@ -380,14 +381,15 @@ def test_bearer_token(policy_server):
 
 def test_refuses_to_start_exposed_without_a_token(tiny_path):
     for extra, env, says in ((["--host", "0.0.0.0"], {}, "--api-key-env"),
-                             (["--api-key-env", "RLHF_TEST_UNSET_VAR"], {"RLHF_TEST_UNSET_VAR": ""}, "not set")):
+                             (["--api-key-env", "RLHF_TEST_UNSET_VAR"], {"RLHF_TEST_UNSET_VAR": ""}, "not set"),
+                             (["--api-key-env", KEY_ENV], {KEY_ENV: KEY + "\r\n"}, "carriage return")):
         srv = Server(["judge", "--model", "tiny", "--port", "0", *extra], env=env, wait=False)
         try:
             assert srv.proc.wait(60) == 2
         finally:
             srv.stop()
         time.sleep(0.2)
-        assert says in srv.log() and "Traceback" not in srv.log()
+        assert says in srv.log() and "Traceback" not in srv.log() and KEY not in srv.log()
 
 
 def test_busy_server_answers_503_with_retry_after(policy_server):
@@ -398,6 +400,11 @@ def test_busy_server_answers_503_with_retry_after(policy_server):
                                                   {"Authorization": f"Bearer {KEY}"})
     assert_openai_error(status, body, 503)
     assert int(headers["retry-after"]) >= 1
+    # tokenizing is work admission counts: a prompt over the token cap (but not over the byte bound) is not
+    # tokenized outside it (it was: a 400 while every slot was taken, and a lock every request shared)
+    status, _, body = policy_server.request("POST", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "river " * 600}]}, {"Authorization": f"Bearer {KEY}"})
+    assert_openai_error(status, body, 503)
     stream.close()  # hanging up stops the generation and frees the slot
     deadline = time.time() + 10
     while True:
@@ -436,15 +443,16 @@ def test_flood_of_slow_and_oversized_requests(server):
     slow = []
     for i in range(30):  # headers and part of a body, then silence
         s = socket.create_connection(("127.0.0.1", server.port), timeout=15)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 5000\r\n\r\n" + b'{"messages": [' + b" " * 200)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n" % server.port + b'{"messages": [' + b" " * 200)
         slow.append(s)
     for i in range(5):  # half the headers, then silence
         s = socket.create_connection(("127.0.0.1", server.port), timeout=15)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Le" % server.port)
         slow.append(s)
     over = 1024 * 1024 + 1
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {over}\r\n\r\n").encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {over}\r\n\r\n").encode()
     with ThreadPoolExecutor(8) as pool:
         big = [pool.submit(server.raw, head + b" " * 65536) for _ in range(10)]
         big += [pool.submit(_send_chunked, server.port, over + 10_000) for _ in range(10)]
@@ -469,7 +477,7 @@ def test_control_characters_are_escaped_in_the_log(server):
     from pipeline.serve import _escape
 
     assert _escape(b"/a\r\nFAKE 200\x1b[31m\x7f") == "/a\\r\\nFAKE 200\\x1b[31m\\x7f"
-    response = server.raw(b"GET /v1/\x1b[31mred\rFAKE LINE HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = server.raw(b"GET /v1/\x1b[31mred\rFAKE LINE HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % server.port)
     assert _status(response) == 400
     status, _, body = server.request("GET", "/v1/models%0d%0aFAKE%20LINE%1b[0m", headers={"X-Secret": "hdr-7731"})
     assert status == 404
@@ -481,3 +489,136 @@ def test_control_characters_are_escaped_in_the_log(server):
     assert "/v1/models%0d%0aFAKE%20LINE%1b[0m" in log
     assert "hdr-7731" not in log and "content-type" not in log.lower(), "headers are never logged"
     assert_openai_error(status, body, 404)
+
+
+# --------------------------------------------------------------------------- round three of the security review
+
+
+def test_huge_prompts_are_refused_by_size_before_tokenizing(server):
+    """Ten concurrent 1 MiB prompts were each tokenized in full, under a lock every request shared, before the
+    prompt cap answered 400: the server grew by more than 1 GB and kept it. Now a prompt with more bytes than any
+    prompt of --max-prompt-tokens tokens can have is refused untokenized, and memory stays where it was."""
+    chat(server.client(), max_tokens=2)  # warm
+    rss_before = server.rss_mb()
+    body = json.dumps({"messages": [{"role": "user", "content": "river " * 170_000}], "max_tokens": 4}).encode()
+    assert len(body) < 1024 * 1024, "under --max-body-bytes: it is the prompt cap that must refuse it"
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: server.request("POST", "/v1/chat/completions", body), range(10)))
+    for status, _, got in answers:
+        assert_openai_error(status, got, 400)
+        assert got["error"]["code"] == "context_length_exceeded" and "bytes" in got["error"]["message"], got
+    assert server.rss_mb() < rss_before + 100, (rss_before, server.rss_mb())
+    assert chat(server.client(), max_tokens=4).usage.completion_tokens == 4
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """True when the server closes `s` (EOF or reset) within `seconds`, reading and dropping anything it sends."""
+    s.settimeout(seconds)
+    deadline = time.time() + seconds
+    try:
+        while time.time() < deadline:
+            if not s.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+def test_idle_connections_cannot_lock_clients_out(policy_server):
+    """266 idle TCP connections locked every client out, before the key was even checked (uvicorn's
+    limit_concurrency counts sockets). Now requests are what admission counts: of 300 idle connections from this
+    address (bounded, loopback) at most --max-connections-per-client (64) stay open, and an authorised request
+    still gets 200, the longest-idle connection closed to make room for it. A connection that sends half a
+    request head is closed after --header-timeout (5 s), not --timeout (30 s)."""
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", policy_server.port), timeout=10))
+        time.sleep(1)  # idle for a while (a connection idle under 0.5 s is not closed for another: its head may come)
+        status, _, body = policy_server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2},
+                                                {"Authorization": f"Bearer {KEY}"})
+        assert status == 200, body
+        assert _closed_within(idle[0], 5), "the longest-idle connection was closed to make room"
+        still_open = [s for s in idle if not _closed_within(s, 0.01)]
+        assert len(still_open) < 64, len(still_open)  # the cap per address, less the one closed for the request
+    finally:
+        for s in idle:
+            s.close()
+    half = socket.create_connection(("127.0.0.1", policy_server.port), timeout=10)
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+    t0 = time.time()
+    assert _closed_within(half, 20) and time.time() - t0 < 15, "dropped after --header-timeout"
+    half.close()
+    assert "Traceback" not in policy_server.log()
+
+
+def test_a_seeded_request_makes_no_one_wait(server):
+    """Seeded requests held a generation worker while they waited for exclusive use of torch's random generator,
+    so with one seeded request generating, a second seeded one took the other worker and a greedy request waited
+    behind both (0.04 s alone, 1.54 s behind). Each request now samples with a generator of its own: the second
+    seeded request and the greedy one both finish while the first is still generating."""
+    client = server.client()
+    done = {}
+
+    def timed(name, **kw):
+        chunks = list(chat(client, stream=True, **kw))
+        done[name] = time.time()
+        done[name + " finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    # top_p 0.01 keeps only the top token, so it samples the greedy answer, which runs all 400 steps (no EOS)
+    first = threading.Thread(target=timed, args=("long",),
+                             kwargs=dict(messages=LONG, max_tokens=400, temperature=1.0, top_p=0.01, seed=7))
+    first.start()
+    time.sleep(0.3)  # generating
+    second = threading.Thread(target=timed, args=("seeded",), kwargs=dict(max_tokens=4, temperature=1.0, seed=8))
+    second.start()
+    time.sleep(0.1)
+    timed("greedy", max_tokens=4)
+    second.join(120)
+    first.join(120)
+    assert done["long finish"] == "length", "precondition: the seeded request ran its 400 steps"
+    assert done["seeded"] < done["long"] and done["greedy"] < done["long"], done
+    # the seed still decides the sample
+    a, b = (chat(client, max_tokens=12, temperature=1.0, seed=5).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_cross_site_requests_are_refused_without_a_key(server, policy_server):
+    """Without a key the server answered any web page: a text/plain POST needs no CORS preflight, and a DNS name
+    rebound to 127.0.0.1 makes the page same-origin. Now a chat request must be application/json, and a server
+    without a key answers only requests whose Host names its loopback address and whose Origin (if any) is it."""
+    port = server.port
+    cases = [({"Content-Type": "text/plain"}, 415), ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+             ({"Host": f"evil.example:{port}"}, 403), ({"Host": "127.0.0.1.evil.example"}, 403),
+             ({"Origin": "http://evil.example"}, 403), ({"Origin": "null"}, 403),
+             ({"Origin": f"http://127.0.0.1:{port}.evil.example"}, 403)]
+    for headers, expected in cases:
+        status, _, body = server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, headers)
+        assert_openai_error(status, body, expected)
+    status, _, body = server.request("GET", "/v1/models", headers={"Host": f"evil.example:{port}"})
+    assert_openai_error(status, body, 403)
+    for headers in ({}, {"Host": f"localhost:{port}"}, {"Host": "localhost:9000"},  # (an SSH tunnel's port)
+                    {"Host": f"[::1]:{port}"}, {"Origin": f"http://127.0.0.1:{port}"},
+                    {"Content-Type": "application/json; charset=utf-8"}):
+        status, _, body = server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, headers)
+        assert status == 200, (headers, body)
+    # with a key, the key is the guard (a server on 0.0.0.0 is reached under names it cannot know)
+    status, _, body = policy_server.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2},
+                                            {"Authorization": f"Bearer {KEY}", "Host": "judge.internal:8000"})
+    assert status == 200, body
+
+
+def test_invalid_unicode_gets_an_openai_error(server):
+    """A lone surrogate in message content (JSON "\\ud800") reached the tokenizer and came back as a plain-text 500.
+    Requests that are not HTTP at all get a JSON 400 too."""
+    for content in ('"a \\ud800 b"', '[{"type": "text", "text": "\\udfff"}]'):
+        body = b'{"messages": [{"role": "user", "content": ' + content.encode() + b"}]}"
+        status, _, got = server.request("POST", "/v1/chat/completions", body)
+        assert_openai_error(status, got, 422)
+        assert "lone surrogate" in got["error"]["message"] and got["error"]["param"].startswith("messages.0.content")
+    response = server.raw(b"NOT HTTP AT ALL\r\n\r\n")
+    assert _status(response) == 400 and b"application/json" in response.lower() and b'"error"' in response
+    assert chat(server.client(), max_tokens=1).usage.completion_tokens == 1
+    assert "Traceback" not in server.log()

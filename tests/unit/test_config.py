@@ -78,6 +78,15 @@ def test_unknown_stage_and_forward_reference(tmp_path):
     assert "stages[0].model: 'stage:later' names no earlier stage" in _error(tmp_path, data)
 
 
+def test_names_with_a_trailing_newline_are_refused(tmp_path):
+    """`$` also matches before a final newline: "sft\\n" passed the name check and named RUN_DIR/"sft\\n"."""
+    assert "is not a safe directory name" in _error(tmp_path, _cfg(tmp_path, name="sft\n"))
+    data = _cfg(tmp_path)
+    data["stages"].append({"stage": "evaluate", "policies": {"sft": "stage:sft", "base\n": "tiny"},
+                           "prompts": "synthetic:prompts"})
+    assert "policies: names are letters, digits" in _error(tmp_path, data)
+
+
 def test_set_overrides(tmp_path):
     path = write_yaml(tmp_path / "x.yaml", _cfg(tmp_path))
     cfg = load_pipeline(path, ["stages.sft.optim.lr=1e-4", "stages.0.tuning=lora", "seed=7", "stages.sft.lora.r=4"])
@@ -156,3 +165,38 @@ def test_settings_that_do_nothing_are_refused(tmp_path, capsys):
         cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": stages})
         assert main(["run", str(cfg), "--check"]) == 2, message
         assert message in capsys.readouterr().err, message
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    """A YAML document of a few lines standing for width**levels strings (each level lists the one before 9 times)."""
+    lines = ["l0: &l0 [" + ", ".join(["x"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_and_error_messages_stay_small(tmp_path):
+    """A few lines of aliases that expand tenfold per level: the config is refused when read, and an error message
+    about a huge value serialises only what it shows (it used to serialise the whole value, then cut it)."""
+    import tracemalloc
+
+    from pipeline.blocks import _describe
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(6) + "run_dir: *l5\nstages: [{stage: sft}]\n")
+    with pytest.raises(UsageError, match="YAML aliases"):
+        load_pipeline(path)
+    with pytest.raises(UsageError, match="contains it"):
+        load_yaml_text("a: &a [1, *a]", "x")
+    assert load_yaml_text("base: &b {lr: 1e-3}\nuse: *b", "x") == {"base": {"lr": 1e-3}, "use": {"lr": 1e-3}}
+
+    leaf = ["x"] * 9
+    value = leaf
+    for _ in range(5):  # 9**6 strings once expanded: about 3.7 MB as JSON
+        value = [value] * 9
+    tracemalloc.start()
+    shown = _describe(value)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert shown.startswith('[[[[[["x", "x"') and shown.endswith("...") and len(shown) <= 83
+    assert peak < 100_000, f"describing the value allocated {peak} bytes"

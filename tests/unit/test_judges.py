@@ -115,3 +115,26 @@ def test_judge_configs_load_and_refuse_keys(tmp_path):
         load_judge_config(write_yaml(tmp_path / "r.yaml", {"type": "rule"}))
     with pytest.raises(UsageError, match="cannot import"):
         build_judge(write_yaml(tmp_path / "r.yaml", {"type": "rule", "rule": "feedback.nope:f", "cache": "none"}))
+
+
+def test_a_local_judge_pins_its_revision(tmp_path, monkeypatch, tiny_path):
+    """A local judge with trust_remote_code ran code from the hub's default branch: a judge config had no
+    `revision`. Now the pin reaches both loads and the judge's identity (another revision is another judge, whose
+    cached verdicts are not reused); where it would pin nothing it is refused."""
+    import pipeline.models as models
+
+    seen = []
+    real_tok, real_lm = models.load_tokenizer, models.load_causal_lm
+    monkeypatch.setattr(models, "load_tokenizer", lambda path, trust=False, revision=None: (
+        seen.append(("tokenizer", path, trust, revision)), real_tok(tiny_path))[1])
+    monkeypatch.setattr(models, "load_causal_lm", lambda path, precision="fp32", trust=False, revision=None: (
+        seen.append(("model", path, trust, revision)), real_lm(tiny_path))[1])
+    cfg = {"type": "local", "model": "org/judge", "revision": "3f2a9c1", "trust_remote_code": True, "cache": "none",
+           "template": str(ROOT / "configs" / "judges" / "pairwise.yaml"), "constitution": None}
+    judge, _, _ = build_judge(write_yaml(tmp_path / "j.yaml", cfg))
+    assert seen == [("tokenizer", "org/judge", True, "3f2a9c1"), ("model", "org/judge", True, "3f2a9c1")]
+    assert judge.identity()["revision"] == "3f2a9c1"
+    for bad, says in (({"model": "tiny"}, "revision has no effect for 'tiny'"),
+                      ({"type": "reward_model", "model": str(tmp_path)}, "no effect on a 'reward_model' judge")):
+        with pytest.raises(UsageError, match=says):
+            load_judge_config(write_yaml(tmp_path / "k.yaml", {**cfg, **bad}))

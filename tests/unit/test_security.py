@@ -61,17 +61,27 @@ def test_artifact_files_reach_disk_before_the_manifest(tmp_path, monkeypatch, ti
 
 def test_a_rule_must_come_from_a_trusted_module(tmp_path, monkeypatch, capsys):
     """`rule: shutil:rmtree` with a prompt that is a directory path deleted that directory through
-    `rlhf feedback agree`; now only functions defined in `feedback` or in modules trusted by name run."""
+    `rlhf feedback agree`; trusting all of `feedback` let `feedback.schema:write_pairs` empty a file named by a
+    prompt. Now only rules registered with @rule (feedback/rules.py) or functions of modules trusted by name run."""
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
     human = tmp_path / "human.jsonl"
-    human.write_text(json.dumps({"prompt": str(victim), "chosen": "a", "rejected": "b"}) + "\n")
-    for rule in ("shutil:rmtree", "os:system", "feedback.judges.rule:importlib", "feedback.synthetic:_topic"):
-        judge = write_yaml(tmp_path / "j.yaml", {"type": "rule", "rule": rule, "cache": "none"})
-        assert main(["feedback", "agree", "--human", str(human), "--judge", str(judge),
-                     "-o", str(tmp_path / "a.json")]) == 2, rule
-        assert f"rule '{rule}'" in capsys.readouterr().err
+    for target in (victim, victim / "precious.txt"):
+        human.write_text(json.dumps({"prompt": str(target), "chosen": "a", "rejected": "b"}) + "\n")
+        for rule in ("shutil:rmtree", "os:system", "feedback.judges.rule:importlib", "feedback.synthetic:_topic",
+                     "feedback.schema:write_pairs", "pipeline.artifacts:write_atomic"):
+            judge = write_yaml(tmp_path / "j.yaml", {"type": "rule", "rule": rule, "cache": "none"})
+            assert main(["feedback", "agree", "--human", str(human), "--judge", str(judge),
+                         "-o", str(tmp_path / "a.json")]) == 2, rule
+            assert f"rule '{rule}'" in capsys.readouterr().err
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+    from feedback.judges.rule import load_callable as load
+    from pipeline.errors import UsageError as Refused
+
+    with pytest.raises(Refused, match="not a registered rule.*feedback.synthetic:rule_score"):
+        load("feedback.schema:write_pairs")
     assert (victim / "precious.txt").read_text() == "keep me"
 
     from feedback.judges.rule import load_callable
