@@ -251,6 +251,8 @@ class OnlineRLBlock(TrainingBlock):
     policy: str = Field(description="stage:NAME of a policy artifact (e.g. the SFT stage), a key of `models`, or a "
                         "model reference")
     prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
+                                      "(default: train)")
     reward: RewardSourceConfig = Field(description="a reward model (model: stage:NAME), a rule, or both (summed)")
     eval_rule: str | None = Field(None, description="a rule reported on held-out prompts (eval/rule_reward_mean)")
 

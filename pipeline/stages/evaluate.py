@@ -45,6 +45,8 @@ class FewShotConfig(Strict):
     model: str = Field(description="a key of `models` or a model reference (the base model)")
     k: int = Field(3, ge=1)
     data: str = Field("synthetic:sft", description="SFT rows (messages or prompt/completion) to take examples from")
+    split: str | None = Field(None, description="data is a DatasetDict directory: the split to read (default: "
+                              "train)")
 
 
 class EvaluateStageConfig(StageBlock):
@@ -52,6 +54,8 @@ class EvaluateStageConfig(StageBlock):
     policies: dict[str, str] = Field(description="name -> stage:NAME, a key of `models`, or a model reference")
     few_shot: FewShotConfig | None = None
     prompts: str = Field(description="file of {'prompt': ...} rows; its held-out split is evaluated")
+    prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
+                                      "(default: train)")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="the held-out share (the split PPO and GRPO hold out "
                                  "with the same seed); 0 evaluates every prompt")
     max_prompts: int = Field(64, ge=1)
@@ -316,7 +320,7 @@ def _fact(v) -> str:
 def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> list:
     from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
-    prompts = read_prompts(resolve_data_path(cfg.prompts))
+    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     if cfg.eval_fraction > 0:
         _, prompts = split_by_prompt(prompts, cfg.eval_fraction, seed, prompt_of=lambda p: p)
     return prompts[: cfg.max_prompts]
@@ -345,7 +349,7 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
     if cfg.few_shot:
         fs = cfg.few_shot
         path, info, _ = resolve(fs.model, "few_shot.model")
-        rows, _ = read_examples(resolve_data_path(fs.data), "auto", "skip", [])
+        rows, _ = read_examples(resolve_data_path(fs.data), "auto", "skip", [], fs.split, "few_shot.split")
         policies.append(Policy(fs.name, path, info, few_shot_messages(rows, fs.k, seed),
                                ref=f"{fs.model} prompted with {fs.k} examples"))
         known[fs.name] = {"ref": f"{fs.model}, few-shot (k={fs.k})", "kind": "few_shot", "trainable": 0}

@@ -124,7 +124,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
-    prompts = read_prompts(resolve_data_path(cfg.prompts))
+    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     # prompts are held out only for the evaluation that samples them (eval_rule); otherwise all are trained on
     held = cfg.eval_fraction if cfg.eval_rule else 0.0
     train_prompts, eval_prompts = split_by_prompt(prompts, held, ctx.seed, prompt_of=lambda p: p)

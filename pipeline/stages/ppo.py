@@ -265,7 +265,7 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
         precision = "fp32"
     per_rank, minibatch = (zero.local_sizes(cfg, world) if ds else
                            (cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size))
-    prompts = read_prompts(resolve_data_path(cfg.prompts))
+    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
     eval_prompts = eval_prompts[: cfg.max_eval_prompts]
     if len(train_prompts) < cfg.rollout.prompts_per_step:

@@ -25,7 +25,11 @@ from pipeline.errors import InvalidInput
 
 class SFTDataConfig(Strict):
     train: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:sft")
+    split: str | None = Field(None, description="train is a DatasetDict directory: the split to read (default: "
+                              "train; refused without one when there is no train split)")
     eval: str | None = Field(None, description="held-out file; without it `eval_fraction` of train is held out")
+    eval_split: str | None = Field(None, description="eval is a DatasetDict directory: the split to read (no "
+                                   "default: a DatasetDict as data.eval needs it)")
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     on_error: Literal["fail", "skip"] = "fail"
@@ -34,6 +38,7 @@ class SFTDataConfig(Strict):
     @model_validator(mode="after")
     def _used(self):
         self.refuse_unused(("eval_fraction",), self.eval is None, "with an eval file (data.eval)")
+        self.refuse_unused(("eval_split",), self.eval is not None, "without an eval file (data.eval)")
         return self
 
 
@@ -126,9 +131,11 @@ def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
     from pipeline.distributed import say
 
     rejected: list[dict] = []
-    train, n_train = read_examples(resolve_data_path(cfg.data.train), cfg.data.format, cfg.data.on_error, rejected)
-    if cfg.data.eval:
-        evals, n_eval = read_examples(resolve_data_path(cfg.data.eval), cfg.data.format, cfg.data.on_error, rejected)
+    d = cfg.data
+    train, n_train = read_examples(resolve_data_path(d.train), d.format, d.on_error, rejected, d.split, "data.split")
+    if d.eval:
+        evals, n_eval = read_examples(resolve_data_path(d.eval), d.format, d.on_error, rejected, d.eval_split,
+                                      "data.eval_split", default_split=None)
     else:
         n_eval = 0
         train, evals = hold_out(train, cfg.data.eval_fraction, ctx.seed)
