@@ -39,7 +39,7 @@ def main() -> int:
             {"stage": "reward", "model": "smollm2-135m-instruct", "preferences": "stage:preferences",
              "tuning": "lora", "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
              "max_length": args.max_length, "precision": "auto",
-             "optim": {"lr": 2e-4, "max_steps": args.steps, "batch_size": args.batch_size, "logging_steps": 10,
+             "optim": {"lr": 2e-4, "max_steps": args.steps, "per_device_batch_size": args.batch_size, "logging_steps": 10,
                        "warmup_ratio": 0.05}},
         ],
     }

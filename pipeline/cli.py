@@ -18,7 +18,7 @@ Each stage is a block of a YAML pipeline config and writes an artifact the next 
 examples:
   rlhf run configs/tiny.yaml                     run every stage (skips those up to date)
   rlhf run configs/tiny.yaml --stage sft --force rerun one stage
-  rlhf run configs/quickstart.yaml --set stages.sft.optim.max_steps=10
+  rlhf run configs/quickstart.yaml --set stages.sft.optim.epochs=0.5
   rlhf models prepare smollm2-135m-instruct      convert the embedded SmolLM2 once
   rlhf plan configs/quickstart.yaml --gpus 8 --gpu-memory 80GB   memory per GPU before launch
 """
@@ -27,13 +27,10 @@ examples:
 def _cmd_run(args) -> int:
     from pipeline.config import load_pipeline
 
-    cfg = load_pipeline(args.config, args.set)
+    # --deepspeed goes to every selected training stage (data stages have no `deepspeed` key) before the checks
+    cfg = load_pipeline(args.config, args.set, deepspeed=args.deepspeed, only=args.stage)
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    if args.deepspeed:  # every selected training stage (data stages have no `deepspeed` key)
-        for st in cfg.stages:
-            if (not args.stage or st.name in args.stage) and "deepspeed" in type(st).model_fields:
-                st.deepspeed = args.deepspeed
     if args.check:
         from pipeline.blocks import optim_changes
 

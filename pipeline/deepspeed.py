@@ -69,10 +69,10 @@ def load_zero_config(path: str | Path, optim, precision: str, where: str) -> dic
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     want = {
-        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "train_micro_batch_size_per_gpu": optim.per_device_batch_size,
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": optim.max_grad_norm,
-        "train_batch_size": optim.batch_size * optim.grad_accum * distributed.world_size(),
+        "train_batch_size": optim.per_device_batch_size * optim.grad_accum * distributed.world_size(),
     }
     for key, value in want.items():
         have = cfg.get(key, "auto")
@@ -171,7 +171,7 @@ def ds_config(cfg, precision: str, hidden: int | None) -> dict:
     world = distributed.world_size()
     _, mb = local_sizes(cfg, world)
     micro = cfg.ppo.micro_batch_size
-    batch = SimpleNamespace(batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm)
+    batch = SimpleNamespace(per_device_batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm)
     ds = load_zero_config(cfg.deepspeed, batch, precision,
                                       f"stages.{cfg.name or 'ppo'} (ppo.micro_batch_size, ppo.minibatch_size)")
     return fill_buckets(ds, hidden)

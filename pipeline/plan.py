@@ -143,7 +143,7 @@ def work_of(stage, cfg, procs: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> W
     trainable = shape.lora_params(stage.lora.r, stage.lora.target_modules) if lora else shape.params
     w = Work(shape, method, trainable, checkpointing=getattr(stage, "gradient_checkpointing", False))
     if method in ("sft", "reward", "dpo", "grpo", "rloo"):
-        w.batch, w.seq = stage.optim.batch_size, getattr(stage, "max_length", 512)
+        w.batch, w.seq = stage.optim.per_device_batch_size, getattr(stage, "max_length", 512)
     if method in ("reward", "dpo"):
         w.pairs = 2
     w.lm_head = method != "reward"
@@ -151,7 +151,7 @@ def work_of(stage, cfg, procs: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> W
         w.frozen_models = 1
     if method in ("grpo", "rloo"):
         w.seq, w.generate = prompt_tokens + stage.max_completion_length, stage.max_completion_length
-        w.gen_batch = stage.optim.batch_size
+        w.gen_batch = stage.optim.per_device_batch_size
         w.frozen_models = int(stage.beta > 0 and not lora) + int(bool(stage.reward.model))
     if method == "ppo":
         w.batch, w.seq = stage.ppo.micro_batch_size, prompt_tokens + stage.rollout.max_new_tokens

@@ -34,8 +34,10 @@ class CandidatesConfig(Strict):
     batch_size: int = Field(16, ge=1)
 
     @model_validator(mode="after")
-    def _used(self):
-        self.refuse_unused(("top_p",), self.temperature > 0, "at temperature 0 (greedy decoding)")
+    def _sampled(self):
+        if self.temperature <= 0:  # transformers would refuse k > 1 greedy sequences, deep inside generate
+            raise ValueError("candidates.temperature: 0 is greedy decoding, which gives the k candidates of a prompt "
+                             "identical (nothing to judge); use a temperature > 0, e.g. 1.0")
         return self
 
 

@@ -49,10 +49,10 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     return cls(
         output_dir=str(ctx.work_dir / "checkpoints"),
         learning_rate=o.lr,
-        num_train_epochs=o.epochs,
+        num_train_epochs=o.epochs if o.epochs is not None else 1.0,
         max_steps=o.max_steps,
-        per_device_train_batch_size=o.batch_size,
-        per_device_eval_batch_size=o.batch_size,
+        per_device_train_batch_size=o.per_device_batch_size,
+        per_device_eval_batch_size=o.per_device_batch_size,
         gradient_accumulation_steps=o.grad_accum,
         weight_decay=o.weight_decay,
         warmup_steps=o.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps

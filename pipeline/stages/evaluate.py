@@ -37,6 +37,11 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(32, ge=1)
 
+    @model_validator(mode="after")
+    def _used(self):
+        self.refuse_unused(("top_p",), self.temperature > 0, "at temperature 0 (greedy decoding)")
+        return self
+
 
 class FewShotConfig(Strict):
     """The base model prompted with k examples from the SFT data before each prompt (no training at all)."""

@@ -36,7 +36,9 @@ class GroupRLStageConfig(OnlineRLBlock):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference model)")
-    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    eval_fraction: float | None = Field(None, ge=0, lt=1, description="share of prompts held out (not trained on): "
+                                        "default 0.2 with eval_rule, none without; a value written is always "
+                                        "held out, so that a later evaluate stage scores unseen prompts")
     optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig)
 
     @model_validator(mode="before")
@@ -62,15 +64,20 @@ class GroupRLStageConfig(OnlineRLBlock):
     def _check(self):
         if self.eval_rule and self.eval_fraction == 0:
             raise ValueError("eval_rule has no effect with eval_fraction: 0 (no held-out prompts to sample)")
-        self.refuse_unused(("eval_fraction",), bool(self.eval_rule), "without eval_rule (prompts are held out only "
-                           "for the rule to sample)")
         if self.optim.eval_steps is not None:
             raise ValueError("optim.eval_steps: GRPO and RLOO have no eval split to evaluate on (held-out prompts "
                              "are sampled before and after training with eval_rule)")
-        if (self.optim.batch_size * self.optim.grad_accum) % self.num_generations:
-            raise ValueError(f"optim.batch_size: batch_size x grad_accum must be a multiple of num_generations "
+        if (self.optim.per_device_batch_size * self.optim.grad_accum) % self.num_generations:
+            raise ValueError(f"optim.per_device_batch_size: per_device_batch_size x grad_accum must be a multiple of "
+                             f"num_generations "
                              f"({self.num_generations})")
         return self
+
+
+    @property
+    def held_out(self) -> float:
+        """The share of prompts held out: as written, else 0.2 for eval_rule to sample, else none."""
+        return self.eval_fraction if self.eval_fraction is not None else 0.2 if self.eval_rule else 0.0
 
 
 Config = GroupRLStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -125,9 +132,8 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
 
     set_seed(ctx.seed)
     prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
-    # prompts are held out only for the evaluation that samples them (eval_rule); otherwise all are trained on
-    held = cfg.eval_fraction if cfg.eval_rule else 0.0
-    train_prompts, eval_prompts = split_by_prompt(prompts, held, ctx.seed, prompt_of=lambda p: p)
+    # prompts are held out when eval_fraction is written or eval_rule samples them; otherwise all are trained on
+    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.held_out, ctx.seed, prompt_of=lambda p: p)
     train = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in train_prompts]
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)

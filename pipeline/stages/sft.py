@@ -68,6 +68,9 @@ class SFTStageConfig(TrainingBlock):
             raise ValueError("freeze_layers: tuning 'freeze' needs freeze_layers >= 1")
         self.refuse_unused(("freeze_layers",), self.tuning == "freeze", "without tuning: freeze")
         self.refuse_unused(("prompt_tuning",), self.tuning == "prompt_tuning", "without tuning: prompt_tuning")
+        if self.packing and self.optim.group_by_length:
+            raise ValueError("optim.group_by_length has no effect with packing: packed sequences are all max_length "
+                             "tokens long")
         if self.optim.eval_steps is not None and self.data.eval is None and self.data.eval_fraction == 0:
             raise ValueError("optim.eval_steps: there is no eval split (no data.eval and data.eval_fraction: 0)")
         return self

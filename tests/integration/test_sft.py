@@ -25,7 +25,7 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 def test_full_sft_learns_saves_reloads_and_skips(tmp_path, tiny_path, capsys):
-    block = tiny_sft_block(optim={"lr": 5e-3, "epochs": 5, "batch_size": 8})  # as configs/tiny.yaml
+    block = tiny_sft_block(optim={"lr": 5e-3, "epochs": 5, "per_device_batch_size": 8})  # as configs/tiny.yaml
     code, run = _run(tmp_path, [block])
     assert code == 0
     art = artifacts.load_artifact(run / "sft", "policy")
@@ -57,7 +57,7 @@ def test_full_sft_learns_saves_reloads_and_skips(tmp_path, tiny_path, capsys):
     assert "up to date, skipped" in capsys.readouterr().out
     assert artifacts.read_manifest(run / "sft")["created_at"] == created
 
-    assert _run(tmp_path, [block], "--set", "stages.sft.optim.max_steps=5")[0] == 0
+    assert _run(tmp_path, [block], "--set", "stages.sft.optim.max_steps=5", "--set", "stages.sft.optim.epochs=null")[0] == 0
     assert "config changed: rerunning" in capsys.readouterr().out
     m2 = artifacts.read_manifest(run / "sft")
     assert m2["config_hash"] != m["config_hash"]
