@@ -102,9 +102,11 @@ def _records(path, split: str | None, split_key: str, default_split: str | None 
 
 
 def read_examples(path, fmt: str, on_error: str, rejected: list[dict], split: str | None = None,
-                  split_key: str = "data.split", default_split: str | None = DEFAULT_SPLIT) -> tuple[list[dict], int]:
+                  split_key: str = "data.split", default_split: str | None = DEFAULT_SPLIT,
+                  where: list | None = None) -> tuple[list[dict], int]:
     """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip). A DatasetDict
-    is read one split: `split`, else `default_split` (None: the split must be named by `split_key`)."""
+    is read one split: `split`, else `default_split` (None: the split must be named by `split_key`). `where` (a
+    list) receives each example's location (FILE:LINE), in the order of the examples."""
     examples, problems, n = [], [], 0
     for rec in _records(path, split, split_key, default_split):
         n += 1
@@ -114,6 +116,8 @@ def read_examples(path, fmt: str, on_error: str, rejected: list[dict], split: st
             rejected.append({"where": rec.where, "reason": err, "row": rec.raw})
         else:
             examples.append(ex)
+            if where is not None:
+                where.append(rec.where)
     if problems and on_error == "fail":
         shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
