@@ -79,7 +79,8 @@ class Strict(BaseModel):
         default while `unless` is false; with `written`, also when it is written at its default value (a block such
         as `lora:` whose mere presence says the user expects it to apply). Settings refused only when changed can
         be reset with --set to their default; the written ones are removed from the YAML (or set to null)."""
-        found = set(self.changed(*names)) | (set(self.written(*names)) if written else set())
+        found = {n for n in self.changed(*names) if getattr(self, n) is not None}  # null: unset, as if left out
+        found |= set(self.written(*names)) if written else set()
         if not unless and (set_ := [n for n in names if n in found]):
             raise ValueError(f"{', '.join(set_)} {'has' if len(set_) == 1 else 'have'} no effect {why}")
 

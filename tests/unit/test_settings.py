@@ -171,3 +171,10 @@ def test_checkpoint_every_is_documented_in_the_unit_each_stage_counts():
     sft = SFTStageConfig.model_fields["checkpoint"].annotation.model_fields["every"].description
     assert "PPO steps" in ppo and "optimizer" not in ppo
     assert "optimizer steps in the TRL-based stages" in sft
+
+
+def test_epochs_null_unsets_it_so_that_a_config_with_epochs_can_be_capped_by_max_steps():
+    st = _stages(tiny_sft_block(), overrides=["stages.sft.optim.max_steps=5", "stages.sft.optim.epochs=null"])[0]
+    assert (st.optim.max_steps, st.optim.epochs) == (5, None)
+    with pytest.raises(Exception, match="epochs has no effect with max_steps > 0"):
+        _stages(tiny_sft_block(), overrides=["stages.sft.optim.max_steps=5"])
