@@ -217,7 +217,8 @@ def _cmd_feedback_label(args) -> int:
     from pipeline.data import read_prompts, resolve_data_path
     from pipeline.stages.ai_preferences import CandidatesConfig, label_with_policy
 
-    prompts = read_prompts(resolve_data_path(args.prompts), args.max_prompts)
+    prompts = read_prompts(resolve_data_path(args.prompts), args.max_prompts, split=args.prompts_split,
+                           split_key="--prompts-split")
     from pipeline.blocks import validate
 
     cand = validate(CandidatesConfig, {name: getattr(args, name) for name in CandidatesConfig.model_fields},
@@ -277,6 +278,8 @@ def _cmd_eval(args) -> int:
     from pipeline.models import resolve as resolve_model
     from pipeline.stages.evaluate import EvaluateStageConfig, compare
 
+    from pipeline.config import ModelSpec
+
     policies = {}
     for spec in args.policies:
         name, sep, ref = spec.partition("=")
@@ -285,18 +288,32 @@ def _cmd_eval(args) -> int:
         policies[name] = ref
     block = {"stage": "evaluate", "policies": policies, "prompts": args.prompts, "eval_fraction": args.eval_fraction,
              "max_prompts": args.max_prompts, "rule": args.rule, "reference": args.reference, "judge": args.judge,
-             "baseline": args.baseline, "reward_model": args.reward_model,
+             "baseline": args.baseline, "reward_model": args.reward_model, "prompts_split": args.prompts_split,
              "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}}
     if args.few_shot:
-        block["few_shot"] = {"model": args.few_shot, "k": args.shots, "data": args.shot_data}
+        block["few_shot"] = {"model": args.few_shot, "k": args.shots, "data": args.shot_data, "split": args.shot_split}
     cfg = validate(EvaluateStageConfig, block, "rlhf eval")
+    refs = {**policies, **({cfg.few_shot.name: cfg.few_shot.model} if cfg.few_shot else {})}
+    revisions = dict(_name_value(spec, "--revision", refs) for spec in args.revision)
+    trusted = set(args.trust_remote_code)
+    for name in trusted - set(refs):
+        raise UsageError(f"--trust-remote-code {name}: not a policy name ({', '.join(refs)})")
+    specs = {name: validate(ModelSpec, {"ref": ref, "trust_remote_code": name in trusted,
+                                        "revision": revisions.get(name)}, f"rlhf eval {name}")
+             for name, ref in refs.items()}
 
     def resolve(ref: str, role: str):
+        # role: "policies.NAME" or "few_shot.model"; the reference's own model spec (trust, revision) goes with it
+        spec = specs[role.split(".", 1)[1] if role.startswith("policies.") else cfg.few_shot.name]
         if (Path(ref) / "manifest.json").exists():
+            if spec.revision or spec.trust_remote_code:
+                raise UsageError(f"{ref}: a policy artifact carries its own trust_remote_code and base revision; "
+                                 "--revision and --trust-remote-code are for model references")
             art = load_artifact(ref, "policy", role=role)
             trust = bool((art.manifest.get("model") or {}).get("trust_remote_code", False))
             return str(art.output("model")), {"ref": ref, "trust_remote_code": trust}, art.manifest
-        return resolve_model(ref), {"ref": ref}, None
+        return resolve_model(ref), {"ref": ref, "trust_remote_code": spec.trust_remote_code,
+                                    "revision": spec.revision}, None
 
     reward = str(load_artifact(args.reward_model, "reward_model", role="--reward-model").path) if args.reward_model \
         else None
@@ -305,6 +322,16 @@ def _cmd_eval(args) -> int:
     write_json(out_dir / "eval.json", {"metrics": result["metrics"], **result["extra"], "counts": result["counts"]})
     print(f"wrote {out_dir / 'samples.jsonl'}, {out_dir / 'table.csv'} and {out_dir / 'eval.json'}")
     return 0
+
+
+def _name_value(spec: str, option: str, names) -> tuple[str, str]:
+    """NAME=VALUE of an option that names one of `names`."""
+    from pipeline.errors import UsageError
+
+    name, sep, value = spec.partition("=")
+    if not sep or not value or name not in names:
+        raise UsageError(f"{option} {spec}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+    return name, value
 
 
 def _cmd_export(args) -> int:
@@ -512,6 +539,8 @@ def _add_feedback(sub) -> None:
                          "and OUT.judge.json with calls, retries, tokens, cost and position consistency).")
     fl.add_argument("--policy", required=True, help="policy artifact (RUN_DIR/sft), its model/ dir, or a model ref")
     fl.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
+    fl.add_argument("--prompts-split", metavar="NAME", help="--prompts is a DatasetDict directory: the split to read "
+                    "(default: train)")
     fl.add_argument("--judge", required=True, help="judge config, e.g. configs/judges/rule.yaml")
     fl.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     # the same candidates, with the same defaults, as the ai_preferences stage's `candidates:` block
@@ -548,8 +577,11 @@ def _add_eval(sub) -> None:
     e.add_argument("policies", nargs="+", metavar="NAME=REF",
                    help="a policy artifact (RUN_DIR/sft), a model directory, or a model reference")
     e.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
+    e.add_argument("--prompts-split", metavar="NAME", help="--prompts is a DatasetDict directory: the split to read "
+                   "(default: train)")
     e.add_argument("--eval-fraction", type=float, default=0.0,
-                   help="evaluate only this held-out share of the prompts (seeded split by prompt; default all)")
+                   help="evaluate only this held-out share of the prompts, the split PPO and GRPO hold out with the "
+                   "same seed (default 0: every prompt of the file)")
     e.add_argument("--max-prompts", type=int, default=64)
     e.add_argument("--reward-model", metavar="RUN_DIR/reward", help="a reward-model artifact: mean normalised score")
     e.add_argument("--rule", metavar="MODULE:FUNCTION", help="a rule reward, e.g. feedback.synthetic:rule_score")
@@ -559,6 +591,14 @@ def _add_eval(sub) -> None:
     e.add_argument("--few-shot", metavar="MODEL", help="also the base MODEL prompted with --shots SFT examples")
     e.add_argument("--shots", type=int, default=FewShotConfig.model_fields["k"].default)
     e.add_argument("--shot-data", default=FewShotConfig.model_fields["data"].default)
+    e.add_argument("--shot-split", metavar="NAME", help="--shot-data is a DatasetDict directory: the split to read "
+                   "(default: train)")
+    e.add_argument("--revision", action="append", default=[], metavar="NAME=REV",
+                   help="load the hub id of policy NAME (or of the few-shot model, named few_shot) at this branch, "
+                   "tag or commit (repeatable)")
+    e.add_argument("--trust-remote-code", action="append", default=[], metavar="NAME",
+                   help="run the custom code of policy NAME's model reference (or few_shot's); off unless named "
+                   "(repeatable)")
     for name in ("temperature", "top_p", "max_new_tokens"):
         field = SamplingConfig.model_fields[name]
         e.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)

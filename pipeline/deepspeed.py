@@ -371,10 +371,10 @@ def full_state_dict(module) -> dict | None:
 # --------------------------------------------------------------------------- saving and tear-down
 
 
-def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
+def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, revision: str | None = None) -> bool:
     """A TRL/HF trainer's model under DeepSpeed: every rank takes part (ZeRO-3 weights are gathered) and rank 0
-    writes a plain safetensors model that loads without DeepSpeed, an adapter merged unless `merge` is false.
-    Returns True for an adapter."""
+    writes a plain safetensors model that loads without DeepSpeed, an adapter merged unless `merge` is false (kept,
+    it records its base's `revision`). Returns True for an adapter."""
     import os
     import shutil
 
@@ -382,6 +382,9 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool) -> bool:
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
+    for config in (getattr(trainer.model, "peft_config", None) or {}).values():
+        if revision is not None:  # the adapter's base at its revision, not the hub's main, when loaded later
+            config.revision = revision
     trainer.save_model(str(tmp))  # collective under ZeRO-3; rank 0 writes
     is_peft = hasattr(trainer.model, "peft_config")
     if distributed.is_main():
@@ -418,7 +421,7 @@ def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, inf
 
             policy = get_peft_model(policy, peft_config(cfg.lora))
         policy.load_state_dict(policy_sd)
-        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge)
+        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
         if head_sd is not None:
             save_file(head_sd, str(out_dir / "value_head.safetensors"))
         if critic_sd is not None:

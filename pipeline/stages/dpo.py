@@ -207,7 +207,8 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     check_finite(ctx, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
-    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
+                             revision=info.get("revision"))
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
                f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}" + rule.summary(metrics)

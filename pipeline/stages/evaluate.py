@@ -322,6 +322,12 @@ def _fact(v) -> str:
     return f"{v:>13,d}" if isinstance(v, int) else f"{v:>13.3f}" if abs(v) < 100 else f"{v:>13,.0f}"
 
 
+def prompts_described(cfg: EvaluateStageConfig) -> str:
+    """What the evaluated prompts are: the held-out split, or (eval_fraction 0) every prompt of the file."""
+    return (f"held-out prompts (eval_fraction {cfg.eval_fraction} of {cfg.prompts})" if cfg.eval_fraction > 0
+            else f"prompts (every prompt of {cfg.prompts}: eval_fraction 0, none held out)")
+
+
 def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> list:
     from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
@@ -367,7 +373,7 @@ def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir,
 
     prompts = held_out_prompts(cfg, seed)
     policies, known = resolve_policies(cfg, resolve, seed)
-    say(f"[evaluate] {len(policies)} policies x {len(prompts)} held-out prompts")
+    say(f"[evaluate] {len(policies)} policies x {len(prompts)} {prompts_described(cfg)}")
     metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path)
     names = [p.name for p in policies]
     write_outputs(out_dir, rows, names)
@@ -390,5 +396,5 @@ def run(cfg: EvaluateStageConfig, ctx) -> dict:
     set_seed(ctx.seed)
     reward_art = ctx.artifact(cfg.reward_model, "reward_model", "reward_model") if cfg.reward_model else None
     out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed)
-    return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} held-out prompts; "
-                              f"table in {ctx.run_dir / ctx.name / 'table.csv'}"}
+    return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} "
+                              f"{prompts_described(cfg)}; table in {ctx.run_dir / ctx.name / 'table.csv'}"}

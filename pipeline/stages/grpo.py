@@ -164,7 +164,8 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     model_out = final_model(trainer, cfg.lora.merge)
     rule.after(ctx, trainer, model_out, tok, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)
-    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
+                             revision=info.get("revision"))
     steps = trainer.state.global_step
     summary = f"{steps} steps in {seconds:.1f}s{rule.summary(metrics)}; artifact: {ctx.run_dir / ctx.name / 'model'}"
     return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},

@@ -455,7 +455,7 @@ def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_ar
         from pipeline.deepspeed import save_ppo_models
 
         return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info)
-    save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
+    save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
     if models.value_head is not None:
         save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
         return {"value_head": "value_head.safetensors"}

@@ -266,7 +266,8 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
-    is_adapter = save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=cfg.lora.merge,
+                             revision=model_info.get("revision"))
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; train/loss {ctx.metrics.last.get('train/loss', float('nan')):.4f}"
                + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}"
