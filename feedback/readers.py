@@ -1,6 +1,6 @@
 """Preference files in the shapes users have, turned into canonical `PreferencePair`s.
 
-Formats (detected from the first row, or given with `--format`):
+Formats (detected on every row, a file holding the one of its first row; or given with `--format`):
 - `pairs`: prompt / chosen / rejected strings; also the aliases question / response_chosen /
   response_rejected and chosen_response / rejected_response, or any names given in `keys`.
 - `messages`: {"role", "content"} lists: a `prompt` of shared turns with chosen/rejected replies,
@@ -30,6 +30,7 @@ whitespace collapsed. Each row yields a `Row`: its location, the pairs it expand
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -119,8 +120,6 @@ def _optional(row: dict) -> dict:
 
 def _check_judge(v: Any) -> None:
     """A judge field is an object that can be written as JSON: no NaN or Infinity inside (a canonical file is JSON)."""
-    import json
-
     if not isinstance(v, dict):
         raise Bad("wrong_type", f"'judge' must be an object, got {type(v).__name__}")
     try:

@@ -471,7 +471,8 @@ def _data_options(q, tokenizer: bool = True) -> None:
     from feedback.validate import DUPLICATES
 
     q.add_argument("file", help="the preference file or dataset directory")
-    q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected from the first row)")
+    q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected; a file holds "
+                   "the format of its first row, and a row of another is rejected)")
     q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
     q.add_argument("--ranked", default=RANKED_MODES[0], choices=RANKED_MODES, help="how ranked rows expand into pairs")
     q.add_argument("--source", default=SOURCES[0], choices=SOURCES, help="source recorded on each pair")
@@ -488,8 +489,8 @@ def _data_options(q, tokenizer: bool = True) -> None:
 
 def _add_data(sub) -> None:
     d = sub.add_parser("data", help="validate, import and describe preference files",
-                       description="Preference files: JSONL, JSON arrays, CSV, Parquet or a local dataset directory, "
-                       "in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
+                       description="Preference files: JSONL, JSON arrays, CSV, TSV (each also .gz), Parquet or a local "
+                       "dataset directory, in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dv = dsub.add_parser("validate", help="check every row; print FILE:LINE: reason and a summary line",
                          description="Check every row of a preference file. Prints each problem as FILE:LINE: reason "
