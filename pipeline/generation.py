@@ -10,6 +10,9 @@ Batches are left-padded, except for peft prompt-learning models (prompt tuning):
 tokens before the whole input, padding included, and ignores position ids, so a padded row would be
 computed at other positions, after other context, than the same row alone. Those are sampled and
 scored in batches of equal length, with no padding at all, so a batch gives what one row alone gives.
+They also generate without a KV cache: with the installed peft and transformers, a prompt-tuned model
+sampling from its cache loses the prompt after the first tokens (each step sees the virtual tokens and
+the last token only), so what it samples is not what it scores; recomputing every step is correct.
 """
 
 from __future__ import annotations
@@ -124,7 +127,13 @@ def own_settings_only(model):
 
 
 def generate(model, config, input_ids, attention_mask, **kwargs):
-    """model.generate with exactly `config` (see own_settings_only)."""
+    """model.generate with exactly `config` (see own_settings_only); without a KV cache for prompt-learning models
+    (see the module docstring)."""
+    if prompt_learning(model) and config.use_cache is not False:
+        import copy
+
+        config = copy.deepcopy(config)
+        config.use_cache = False
     with own_settings_only(model):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
 

@@ -335,9 +335,11 @@ class Engine:
 
     def generation_config(self, job: Job):
         """The request, and only the request, as a complete GenerationConfig (pipeline.generation)."""
-        from pipeline.generation import generation_config
+        from pipeline.generation import generation_config, prompt_learning
 
-        return generation_config(self.tok, job.max_new_tokens, job.temperature, job.top_p)
+        # a prompt-tuned policy samples without a KV cache, which loses its prompt (pipeline/generation.py)
+        extra = {"use_cache": False} if prompt_learning(self.model) else {}
+        return generation_config(self.tok, job.max_new_tokens, job.temperature, job.top_p, **extra)
 
     def _run(self, job: Job) -> None:
         """In a worker thread: generate, streaming each token to the job as it is sampled."""
