@@ -30,11 +30,12 @@ def config(model: str, gather: bool = True) -> dict:
         {"stage": "sft", "model": "base", "data": {"train": "data/sft.jsonl"}, "max_length": 1024, **common},
         {"stage": "preferences", "data": {"path": "data/preferences.jsonl"}},
         {"stage": "reward", "model": "stage:sft", "preferences": "stage:preferences", "max_length": 1024, **common,
-         "optim": {"batch_size": 2}},
+         "optim": {"per_device_batch_size": 2}},
         {"stage": "dpo", "policy": "stage:sft", "preferences": "stage:preferences", "max_length": 1024, **common,
-         "optim": {"batch_size": 2}},
+         "optim": {"per_device_batch_size": 2}},
         {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "prompts": "data/prompts.jsonl",
          "value_model": "critic", **common, "rollout": {"prompts_per_step": 64, "max_new_tokens": 256, "gather_zero3": gather},
+         "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json"),  # gather_zero3 is a ZeRO-3 setting
          "ppo": {"minibatch_size": 16, "micro_batch_size": 2}}]}
 
 

@@ -37,8 +37,10 @@ VARIANTS = [  # name, ZeRO config or None, extra PPO keys
     ("one process", None, {}),
     ("ZeRO-2", "zero2", {}),
     ("ZeRO-3", "zero3", {}),
-    ("ZeRO-3 + frozen.offload", "zero3", {"frozen": {"zero3": True, "offload": True}}),
-    ("ZeRO-3, frozen whole", "zero3", {"frozen": {"zero3": False}}),
+    ("ZeRO-3 + frozen.offload", "zero3", {"frozen": {"zero3": True, "offload": True},
+                                          "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json")}),
+    ("ZeRO-3, frozen whole", "zero3", {"frozen": {"zero3": False},
+                                       "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json")}),
 ]
 BASELINE = "ZeRO-2"
 
@@ -69,7 +71,7 @@ def main() -> int:
     stages = [
         {"stage": "preferences", "data": {"path": "synthetic:preferences"}, "eval_fraction": 0.2},
         {"stage": "reward", "model": args.model, "preferences": "stage:preferences", "max_length": 64,
-         "precision": "fp32", "optim": {"lr": 1e-5, "max_steps": 2, "batch_size": 4, "logging_steps": 1}},
+         "precision": "fp32", "optim": {"lr": 1e-5, "max_steps": 2, "per_device_batch_size": 4, "logging_steps": 1}},
     ] + [{**ppo, "name": f"ppo_{i}", **extra} for i, (_, _, extra) in enumerate(VARIANTS)]
     cfg_path = Path(args.run_dir) / "bench.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,10 +66,10 @@ def prepare() -> Path:
     cfg = {"run_dir": str(run), "seed": 0, "models": {"base": "smollm2-135m-instruct"}, "stages": [
         {"stage": "sft", "model": "base", "data": {"train": "synthetic:sft", "max_rows": 128}, "tuning": "lora",
          "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "max_length": 64,
-         "precision": "fp32", "optim": {"lr": 1e-3, "epochs": 1, "batch_size": 8}},
+         "precision": "fp32", "optim": {"lr": 1e-3, "epochs": 1, "per_device_batch_size": 8}},
         {"stage": "preferences", "data": {"path": "synthetic:preferences"}},
         {"stage": "reward", "model": "stage:sft", "preferences": "stage:preferences", "max_length": 64,
-         "precision": "fp32", "optim": {"lr": 2e-5, "max_steps": 10, "batch_size": 8}}]}
+         "precision": "fp32", "optim": {"lr": 2e-5, "max_steps": 10, "per_device_batch_size": 8}}]}
     path = WORK / "ppo-vs-trl.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

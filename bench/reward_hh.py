@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/reward_hh.py [--steps N] [--max-length N] [--run-dir DIR]
 
-Imports the 1,194 valid pairs of ../shared/data/hh-rlhf-harmless-sample.jsonl (the 6 defective
-ones are rejected with reasons), splits them by prompt (10% held out), trains a LoRA reward
+Imports the valid pairs of ../shared/data/hh-rlhf-harmless-sample.jsonl (1,198 of 1,200 rows since rows with
+consecutive turns of one role are merged, not rejected; the defective ones are rejected with reasons), splits them by
+prompt (10% held out), trains a LoRA reward
 model, and prints held-out pairwise accuracy beside the untrained model's, and the time.
 Appends the result to bench/RESULTS.md.
 """
@@ -39,7 +40,7 @@ def main() -> int:
             {"stage": "reward", "model": "smollm2-135m-instruct", "preferences": "stage:preferences",
              "tuning": "lora", "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
              "max_length": args.max_length, "precision": "auto",
-             "optim": {"lr": 2e-4, "max_steps": args.steps, "batch_size": args.batch_size, "logging_steps": 10,
+             "optim": {"lr": 2e-4, "max_steps": args.steps, "per_device_batch_size": args.batch_size, "logging_steps": 10,
                        "warmup_ratio": 0.05}},
         ],
     }

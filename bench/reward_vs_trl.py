@@ -67,7 +67,7 @@ def ours_row(train: Path, evals: Path, max_length: int, name: str, fast: bool) -
              "eval_preferences": "stage:hh_eval", "tuning": "lora",
              "lora": {"r": 16, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
              "max_length": max_length, "precision": "fp32", "gradient_checkpointing": not fast,
-             "optim": {"lr": 2e-4 if fast else 1e-4, "epochs": 1, "batch_size": 8, "logging_steps": 10,
+             "optim": {"lr": 2e-4 if fast else 1e-4, "epochs": 1, "per_device_batch_size": 8, "logging_steps": 10,
                        "group_by_length": fast}}
     cfg = {"run_dir": str(run), "seed": 0, "stages": [
         {"stage": "preferences", "name": "hh_train", "data": {"path": str(train)}, "eval_fraction": 0},

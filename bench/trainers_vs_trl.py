@@ -58,7 +58,7 @@ def trl_row(method: str, model_dir: str) -> dict:
 
 def ours_row(method: str, tag: str) -> dict:
     run, name = WORK / "trainers-vs-trl", f"{method}_{tag}"
-    optim = {"lr": LR[method], "max_steps": STEPS, "batch_size": BATCH, "logging_steps": 1, "scheduler": "linear"}
+    optim = {"lr": LR[method], "max_steps": STEPS, "per_device_batch_size": BATCH, "logging_steps": 1, "scheduler": "linear"}
     if method == "sft":
         stage = {"stage": "sft", "name": name, "model": "smollm2-135m-instruct", "assistant_only_loss": False,
                  "data": {"train": "synthetic:sft", "eval_fraction": 0}, "precision": "fp32", "optim": optim}

@@ -1,18 +1,26 @@
 """Preference files in the shapes users have, turned into canonical `PreferencePair`s.
 
-Formats (detected from the first row, or given with `--format`):
+Formats (detected on every row, a file holding the one of its first row; or given with `--format`):
 - `pairs`: prompt / chosen / rejected strings; also the aliases question / response_chosen /
   response_rejected and chosen_response / rejected_response, or any names given in `keys`.
 - `messages`: {"role", "content"} lists: a `prompt` of shared turns with chosen/rejected replies,
   or two full conversations that share every turn but the last assistant one.
 - `hh`: Anthropic HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."), split into the
   shared dialogue (messages) and the two final assistant replies. Line endings are normalised
-  (\\r\\n and \\r to \\n) first; two turns of the same role in a row are an error (usually a
-  "Human:" or "Assistant:" inside a turn's text). Transcripts are detected even beside a `prompt`
+  (\\r\\n and \\r to \\n) first; consecutive turns of one role (real HH data has the assistant
+  continuing its own turn, or a "Human:" written without its blank line) are merged into one turn,
+  counted in a note, which is how TRL's prompt/reply split reads them. A turn marker quoted inside a
+  turn's text cannot be told from a real one. Transcripts are detected even beside a `prompt`
   column, which is then ignored (with a note): the transcripts hold the whole dialogue.
 - `ranked`: a prompt with several responses and ranks (1 = best) or scores (higher = better),
   expanded into all pairs or best-versus-rest; equal ranks become ties. A row mixing ranks and
-  scores is refused; so are non-finite values (NaN, Infinity), which would rank first or last.
+  scores is refused; so are non-finite values (NaN, Infinity), which would rank first or last. The
+  row's `id` names its pairs (`ID:1>3`: response 1 over response 3); a row-level `tie: true` or
+  `margin` is refused (ties and margins come from the ranks and scores).
+
+With `auto`, every row's format is detected: a file holds one format (pairs and messages rows may
+mix), and a row of another format than the first row's is rejected, naming that row, rather than
+read in the wrong shape (a later HH row read as pairs would import whole transcripts as replies).
 
 Texts are compared (chosen vs rejected, identical responses) on `schema.text_key`: Unicode NFC,
 whitespace collapsed. Each row yields a `Row`: its location, the pairs it expands to, or an error
@@ -22,13 +30,14 @@ whitespace collapsed. Each row yields a `Row`: its location, the pairs it expand
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from feedback.files import iter_records
-from feedback.schema import SOURCES, PreferencePair, check_text, text_key
+from feedback.schema import SOURCES, PreferencePair, check_text, is_blank, text_key
 
 FORMATS = ("auto", "pairs", "messages", "hh", "ranked")
 RANKED_MODES = ("all_pairs", "best_vs_rest")
@@ -101,8 +110,24 @@ def _optional(row: dict) -> dict:
             raise Bad("wrong_type", f"'source' must be 'human' or 'ai', got {v!r}")
         if k in ("id", "annotator") and not isinstance(v, (str, int)):
             raise Bad("wrong_type", f"'{k}' must be a string, got {type(v).__name__}")
+        if k in ("id", "annotator") and isinstance(v, str) and is_blank(v):
+            raise Bad("empty", f"'{k}' is blank; leave it out (or null) when there is none")
+        if k == "judge":
+            _check_judge(v)
         out[k] = str(v) if k in ("id", "annotator") else v
     return out
+
+
+def _check_judge(v: Any) -> None:
+    """A judge field is an object that can be written as JSON: no NaN or Infinity inside (a canonical file is JSON)."""
+    if not isinstance(v, dict):
+        raise Bad("wrong_type", f"'judge' must be an object, got {type(v).__name__}")
+    try:
+        json.dumps(v, allow_nan=False)
+    except ValueError:
+        raise Bad("not_finite", "'judge' holds a non-finite number (NaN or Infinity), which JSON cannot hold") from None
+    except TypeError as exc:
+        raise Bad("wrong_type", f"'judge' holds a value that is not JSON: {exc}") from None
 
 
 def _distinct(chosen: Any, rejected: Any) -> None:
@@ -129,9 +154,9 @@ def split_dialogues(chosen: list[dict], rejected: list[dict], what: str = "conve
     if not prompt:
         raise Bad("empty", f"the {what} have no turns before the final replies (empty prompt)")
     c, r = chosen[-1]["content"], rejected[-1]["content"]
-    if not c.strip():
+    if is_blank(c):
         raise Bad("empty", "empty chosen reply")
-    if not r.strip():
+    if is_blank(r):
         raise Bad("empty", "empty rejected reply")
     return prompt, c, r
 
@@ -152,21 +177,26 @@ def looks_hh(text: Any) -> bool:
     return human >= 0 and text.find("\n\nAssistant:", human) > human
 
 
-def parse_hh(transcript: str, name: str) -> list[dict]:
-    """A transcript -> messages. Turns must alternate: two of the same role in a row are an error naming the turn
-    (a "Human:" inside a turn's text would otherwise re-split the dialogue silently)."""
+def parse_hh(transcript: str, name: str, merged: list | None = None) -> list[dict]:
+    """A transcript -> messages. Consecutive turns of one role (real HH data has the assistant continuing its own
+    turn, and a "Human:" written inline leaves two Assistant markers in a row) are merged into one turn, their texts
+    joined by a blank line, as a reader splitting the transcript at its last shared turn reads them (TRL does);
+    `merged` (a list) receives `name` when that happened."""
     if not isinstance(transcript, str):
         raise Bad("wrong_type", f"'{name}' must be a transcript string, got {type(transcript).__name__}")
     parts = _HH_TURN.split(hh_text(transcript))
     if parts[0].strip():
         raise Bad("wrong_type", f"the {name} transcript does not start with a 'Human:' turn")
-    speakers = parts[1::2]
-    for i in range(1, len(speakers)):
-        if speakers[i] == speakers[i - 1]:
-            who = speakers[i]
-            raise Bad("hh_turns", f"the {name} transcript has two {who} turns in a row at turn {i + 1}: "
-                                  f"{'an' if who == 'Assistant' else 'a'} '{who}:' inside a turn's text?")
-    return [{"role": _HH_ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    turns: list[dict] = []
+    for i in range(1, len(parts), 2):
+        role, text = _HH_ROLES[parts[i]], parts[i + 1].strip()
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = f"{turns[-1]['content']}\n\n{text}".strip()
+            if merged is not None and name not in merged:
+                merged.append(name)
+        else:
+            turns.append({"role": role, "content": text})
+    return turns
 
 
 # --------------------------------------------------------------------------- per-format row readers
@@ -193,9 +223,9 @@ def read_messages_row(row: dict, keys=None, source="human") -> list[PreferencePa
     return [PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, **{"source": source, **_optional(row)})]
 
 
-def read_hh_row(row: dict, keys=None, source="human") -> list[PreferencePair]:
+def read_hh_row(row: dict, keys=None, source="human", merged: list | None = None) -> list[PreferencePair]:
     kc, kr = _find_key(row, "chosen", keys), _find_key(row, "rejected", keys)
-    chosen, rejected = parse_hh(row[kc], "chosen"), parse_hh(row[kr], "rejected")
+    chosen, rejected = parse_hh(row[kc], "chosen", merged), parse_hh(row[kr], "rejected", merged)
     prompt, c, r = split_dialogues(chosen, rejected, what="transcripts")
     _distinct(c, r)
     return [PreferencePair(prompt=prompt, chosen=c, rejected=r, **{"source": source, **_optional(row)})]
@@ -261,7 +291,13 @@ def read_ranked_row(row: dict, keys=None, source="human", mode="all_pairs") -> l
                 raise Bad("identical", f"responses {a + 1} and {b + 1} are identical"
                           + ("" if texts[a] == texts[b] else " once Unicode (NFC) and whitespace are normalised"))
     goodness = [v if higher_better else -v for v in values]
-    extra = {"source": source, **{k: v for k, v in _optional(row).items() if k not in ("id", "tie", "margin")}}
+    optional = _optional(row)
+    if optional.get("tie"):
+        raise Bad("wrong_type", "'tie' on a ranked row: ties come from equal ranks or scores; leave it out")
+    if optional.get("margin") is not None:
+        raise Bad("wrong_type", "'margin' on a ranked row: margins come from score differences; leave it out")
+    row_id = optional.get("id")
+    extra = {"source": source, **{k: v for k, v in optional.items() if k not in ("id", "tie", "margin")}}
     out = []
     order = sorted(range(len(texts)), key=lambda i: -goodness[i])
     if mode == "best_vs_rest":
@@ -271,7 +307,8 @@ def read_ranked_row(row: dict, keys=None, source="human", mode="all_pairs") -> l
     for i, j in combos:
         margin = float(goodness[i] - goodness[j]) if higher_better else None
         out.append(PreferencePair(prompt=prompt, chosen=texts[i], rejected=texts[j],
-                                  tie=goodness[i] == goodness[j], margin=margin, **extra))
+                                  tie=goodness[i] == goodness[j], margin=margin,
+                                  id=f"{row_id}:{i + 1}>{j + 1}" if row_id else "", **extra))
     return out
 
 
@@ -309,8 +346,10 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
     should know about how the file was read (dataset splits read and skipped, a prompt column ignored)."""
     notes = [] if notes is None else notes
     chosen_fmt = None if fmt == "auto" else fmt
+    first = None  # (auto) where the file's format was read from
     columns = [n for names in ALIASES.values() for n in names] + list((keys or {}).values())
     noted = False  # hh: the note about a prompt column is given once, from the first row
+    merged: list[str] = []  # hh: the rows whose transcripts had consecutive turns of one role
     for rec in iter_records(path, split=split, notes=notes, message_columns=columns):
         if rec.error:
             yield Row(rec.where, rec.line, error=(rec.code or "unreadable", rec.error), raw=rec.raw)
@@ -326,11 +365,32 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
                     "missing_key", f"cannot tell the format: no chosen/rejected or responses keys "
                     f"(found keys: {sorted(rec.value)}); use --format and --keys"))
                 continue
+            first = rec.where
             if detected is not None:
                 detected.append(chosen_fmt)
+        elif first is not None:
+            other = _other_format(rec.value, keys, chosen_fmt)
+            if other:
+                yield Row(rec.where, rec.line, raw=rec.raw, error=("mixed_format", (
+                    f"this row is in the {other} format but the file's first row ({first}) is {chosen_fmt}: a file "
+                    f"holds one format; split the file, or give --format (data.format) to read every row as one")))
+                continue
         if chosen_fmt == "hh" and not noted:
             noted = _note_ignored_prompt(path, rec.value, keys, notes)
-        yield _read_row(rec, chosen_fmt, keys, source, ranked)
+        row = _read_row(rec, chosen_fmt, keys, source, ranked, merged)
+        yield row
+    if merged:
+        loc = merged[0][len(str(path)) + 1:]
+        notes.append(f"{path}: {len(merged)} row{'s' * (len(merged) != 1)} of hh transcripts had consecutive turns "
+                     f"of one role (the first at {'line ' * loc.isdigit()}{loc}), merged into one turn each")
+
+
+def _other_format(row: Any, keys, fmt: str) -> str | None:
+    """The format of a row when it is not the file's (pairs and messages rows mix: the readers share their shape)."""
+    found = detect_format(row, keys)
+    if found is None or found == fmt or {found, fmt} <= {"pairs", "messages"}:
+        return None
+    return found
 
 
 def _note_ignored_prompt(path, row: dict, keys, notes: list) -> bool:
@@ -342,10 +402,15 @@ def _note_ignored_prompt(path, row: dict, keys, notes: list) -> bool:
     return True
 
 
-def _read_row(rec, fmt: str, keys, source: str, ranked: str) -> Row:
+def _read_row(rec, fmt: str, keys, source: str, ranked: str, merged: list) -> Row:
     try:
         if fmt == "ranked":
             pairs = read_ranked_row(rec.value, keys, source, ranked)
+        elif fmt == "hh":
+            turns: list = []
+            pairs = read_hh_row(rec.value, keys, source, turns)
+            if turns:
+                merged.append(rec.where)
         else:
             pairs = READERS[fmt](rec.value, keys, source)
         return Row(rec.where, rec.line, pairs=pairs, raw=rec.raw)

@@ -108,10 +108,17 @@ def prompt_key(prompt: Text) -> str:
     return text_key(prompt)
 
 
+def is_blank(s: str) -> bool:
+    """True when `s` shows nothing: only whitespace and invisible format characters (a zero-width space U+200B,
+    joiners, U+FEFF, a soft hyphen: Unicode category Cf), which str.strip() keeps."""
+    return not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in s)
+
+
 def check_text(value: Any, name: str) -> str | None:
-    """None if `value` is a non-empty string or a non-empty list of valid messages; otherwise the reason."""
+    """None if `value` is a non-empty string or a non-empty list of valid messages; otherwise the reason. Text of
+    only whitespace and invisible characters (a zero-width space) is empty."""
     if isinstance(value, str):
-        return None if value.strip() else f"empty {name}"
+        return None if not is_blank(value) else f"empty {name}"
     if isinstance(value, list):
         if not value:
             return f"empty {name}"
@@ -122,7 +129,7 @@ def check_text(value: Any, name: str) -> str | None:
                 return f"{name}[{j}].role is {m['role']!r}; expected one of {list(ROLES)}"
             if not isinstance(m["content"], str):
                 return f"{name}[{j}].content must be a string, got {type(m['content']).__name__}"
-        if not any(m["content"].strip() for m in value):
+        if all(is_blank(m["content"]) for m in value):
             return f"empty {name}"
         return None
     return f"'{name}' must be a string or a list of messages, got {type(value).__name__}"

@@ -103,10 +103,19 @@ class Strict(BaseModel):
         fields = type(self).model_fields
         return [n for n in names if getattr(self, n) != fields[n].get_default(call_default_factory=True)]
 
-    def refuse_unused(self, names: tuple[str, ...], unless: bool, why: str) -> None:
-        """A setting that does nothing is an error, not silently ignored: raise when any of `names` was
-        changed from its default while `unless` is false."""
-        if not unless and (set_ := self.changed(*names)):
+    def written(self, *names: str) -> list[str]:
+        """Those of `names` the config sets (in the YAML or with --set), to anything but null: what the user wrote,
+        even where it equals the default."""
+        return [n for n in names if n in self.model_fields_set and getattr(self, n) is not None]
+
+    def refuse_unused(self, names: tuple[str, ...], unless: bool, why: str, written: bool = False) -> None:
+        """A setting that does nothing is an error, not silently ignored: raise when any of `names` differs from its
+        default while `unless` is false; with `written`, also when it is written at its default value (a block such
+        as `lora:` whose mere presence says the user expects it to apply). Settings refused only when changed can
+        be reset with --set to their default; the written ones are removed from the YAML (or set to null)."""
+        found = {n for n in self.changed(*names) if getattr(self, n) is not None}  # null: unset, as if left out
+        found |= set(self.written(*names)) if written else set()
+        if not unless and (set_ := [n for n in names if n in found]):
             raise ValueError(f"{', '.join(set_)} {'has' if len(set_) == 1 else 'have'} no effect {why}")
 
 
@@ -135,14 +144,39 @@ class OptimConfig(ScheduleConfig):
     defaults (DPO's lr 5e-7, GRPO's 1e-6, ...), so a block that sets only some keys keeps the method's
     defaults for the others."""
 
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs")
-    batch_size: int = Field(8, ge=1, description="per device")
+    epochs: float | None = Field(1.0, gt=0, description="passes over the training data; refused beside max_steps > 0 "
+                                 "(null: unset, e.g. --set ...optim.epochs=null when capping a config with max_steps)")
+    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs; N > 0: N optimizer steps")
+    per_device_batch_size: int = Field(8, ge=1, description="examples (pairs, prompts) per forward on each "
+                                       "process; the global batch is this x grad_accum x processes")
     grad_accum: int = Field(1, ge=1)
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="None: evaluate at the end only")
     group_by_length: bool = Field(False, description="SFT and reward: batches of examples of similar length, in "
                                   "random order (less padding, same examples per epoch)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_batch_size(cls, data):
+        """`batch_size`, the name before `per_device_batch_size` (it always meant per device): still read, for one
+        release, with a warning."""
+        if isinstance(data, dict) and "batch_size" in data:
+            import warnings
+
+            if "per_device_batch_size" in data:
+                raise ValueError("optim: batch_size is the old name of per_device_batch_size; give only "
+                                 "per_device_batch_size")
+            data = {("per_device_batch_size" if k == "batch_size" else k): v for k, v in data.items()}
+            warnings.warn("optim.batch_size is deprecated and will be removed in the next release; write "
+                          "optim.per_device_batch_size (the same number: examples per forward on each process)",
+                          FutureWarning, stacklevel=2)
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        self.refuse_unused(("epochs",), self.max_steps <= 0, "with max_steps > 0 (max_steps says how long to train; "
+                           "leave epochs out, or set it to null)", written=True)
+        return self
 
 
 def optim_changes(optim: BaseModel) -> dict[str, tuple[Any, Any]]:
@@ -150,7 +184,7 @@ def optim_changes(optim: BaseModel) -> dict[str, tuple[Any, Any]]:
     OptimConfig's defaults (the method's own defaults and the user's settings); shown by `rlhf run --check`."""
     shared = OptimConfig()
     return {k: (getattr(optim, k), getattr(shared, k)) for k in type(optim).model_fields
-            if k in OptimConfig.model_fields and getattr(optim, k) != getattr(shared, k)}
+            if k in OptimConfig.model_fields and getattr(optim, k) not in (getattr(shared, k), None)}
 
 
 class LoraConfig(Strict):
@@ -164,8 +198,15 @@ class LoraConfig(Strict):
 class CheckpointConfig(Strict):
     """Periodic checkpoints of a training stage (pipeline/checkpoint.py); `rlhf run --resume` continues from them."""
 
-    every: int = Field(0, ge=0, description="save every N optimizer steps (0: no checkpoints)")
+    every: int = Field(0, ge=0, description="save every N steps, counted as the stage counts `step` in metrics.jsonl: "
+                       "optimizer steps in the TRL-based stages, PPO steps (a rollout and its updates) in ppo; "
+                       "0: no checkpoints")
     keep: int = Field(2, ge=1, description="keep the newest K complete checkpoints")
+
+    @model_validator(mode="after")
+    def _used(self):
+        self.refuse_unused(("keep",), self.every > 0, "without checkpoint.every (no checkpoints are written)")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -215,6 +256,9 @@ class TrainingBlock(StageBlock):
         # DPO's and the online stages' rows do not (PPO's optim block has no such key at all)
         if getattr(getattr(self, "optim", None), "group_by_length", False) and self.stage not in ("sft", "reward"):
             raise ValueError("optim.group_by_length: only the sft and reward stages group batches by length")
+        # forgetting `tuning: lora` would otherwise train every weight with the LoRA settings silently unused
+        self.refuse_unused(("lora",), self.tuning == "lora", f"with tuning: {self.tuning} (set tuning: lora)",
+                           written=True)
         return self
 
 
@@ -230,6 +274,8 @@ class RewardSourceConfig(Strict):
     def _one(self):
         if not self.model and not self.rule:
             raise ValueError("reward: give a reward model (model: stage:NAME), a rule (rule: module:function), or both")
+        self.refuse_unused(("normalize",), bool(self.model), "without a reward model (a rule's score is used as it is)",
+                           written=True)
         return self
 
 
@@ -327,6 +373,8 @@ class OnlineRLBlock(TrainingBlock):
     policy: str = Field(description="stage:NAME of a policy artifact (e.g. the SFT stage), a key of `models`, or a "
                         "model reference")
     prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
+                                      "(default: train)")
     reward: RewardSourceConfig = Field(description="a reward model (model: stage:NAME), a rule, or both (summed)")
     eval_rule: str | None = Field(None, description="a rule reported on held-out prompts (eval/rule_reward_mean)")
 

@@ -18,7 +18,7 @@ Each stage is a block of a YAML pipeline config and writes an artifact the next 
 examples:
   rlhf run configs/tiny.yaml                     run every stage (skips those up to date)
   rlhf run configs/tiny.yaml --stage sft --force rerun one stage
-  rlhf run configs/quickstart.yaml --set stages.sft.optim.max_steps=10
+  rlhf run configs/quickstart.yaml --set stages.sft.optim.epochs=0.5
   rlhf models prepare smollm2-135m-instruct      convert the embedded SmolLM2 once
   rlhf plan configs/quickstart.yaml --gpus 8 --gpu-memory 80GB   memory per GPU before launch
 """
@@ -32,13 +32,10 @@ def _cmd_run(args) -> int:
 
         raise UsageError("--processes N (N >= 1) goes with --check: a launched run takes its number of processes "
                          "from the launcher")
-    cfg = load_pipeline(args.config, args.set)
+    # --deepspeed goes to every selected training stage (data stages have no `deepspeed` key) before the checks
+    cfg = load_pipeline(args.config, args.set, deepspeed=args.deepspeed, only=args.stage)
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    if args.deepspeed:  # every selected training stage (data stages have no `deepspeed` key)
-        for st in cfg.stages:
-            if (not args.stage or st.name in args.stage) and "deepspeed" in type(st).model_fields:
-                st.deepspeed = args.deepspeed
     if args.check:
         from pipeline import distributed
         from pipeline.blocks import optim_changes
@@ -231,7 +228,8 @@ def _cmd_feedback_label(args) -> int:
     from pipeline.data import read_prompts, resolve_data_path
     from pipeline.stages.ai_preferences import CandidatesConfig, label_with_policy
 
-    prompts = read_prompts(resolve_data_path(args.prompts), args.max_prompts)
+    prompts = read_prompts(resolve_data_path(args.prompts), args.max_prompts, split=args.prompts_split,
+                           split_key="--prompts-split")
     from pipeline.blocks import validate
 
     cand = validate(CandidatesConfig, {name: getattr(args, name) for name in CandidatesConfig.model_fields},
@@ -291,6 +289,8 @@ def _cmd_eval(args) -> int:
     from pipeline.models import resolve as resolve_model
     from pipeline.stages.evaluate import EvaluateStageConfig, compare
 
+    from pipeline.config import ModelSpec
+
     policies = {}
     for spec in args.policies:
         name, sep, ref = spec.partition("=")
@@ -299,19 +299,28 @@ def _cmd_eval(args) -> int:
         policies[name] = ref
     block = {"stage": "evaluate", "policies": policies, "prompts": args.prompts, "eval_fraction": args.eval_fraction,
              "max_prompts": args.max_prompts, "rule": args.rule, "reference": args.reference, "judge": args.judge,
-             "baseline": args.baseline, "reward_model": args.reward_model,
+             "baseline": args.baseline, "reward_model": args.reward_model, "prompts_split": args.prompts_split,
              "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}}
     if args.few_shot:
-        block["few_shot"] = {"model": args.few_shot, "k": args.shots, "data": args.shot_data}
+        block["few_shot"] = {"model": args.few_shot, "k": args.shots, "data": args.shot_data, "split": args.shot_split}
     cfg = validate(EvaluateStageConfig, block, "rlhf eval")
-
+    refs = {**policies, **({cfg.few_shot.name: cfg.few_shot.model} if cfg.few_shot else {})}
+    revisions = dict(_name_value(spec, "--revision", refs) for spec in args.revision)
+    specs = {name: validate(ModelSpec, {"ref": ref, "trust_remote_code": args.trust_remote_code,
+                                        "revision": revisions.get(name)}, f"rlhf eval {name}")
+             for name, ref in refs.items()}
     trust = {"trust_remote_code": args.trust_remote_code}  # the flag decides, never an artifact's manifest
 
     def resolve(ref: str, role: str):
+        # role: "policies.NAME" or "few_shot.model"; the reference's own model spec (trust, revision) goes with it
+        spec = specs[role.split(".", 1)[1] if role.startswith("policies.") else cfg.few_shot.name]
         if (Path(ref) / "manifest.json").exists():
+            if spec.revision:
+                raise UsageError(f"{ref}: a policy artifact records its own base revision; --revision is for model "
+                                 "references")
             art = load_artifact(ref, "policy", role=role)
             return str(art.output("model")), {"ref": ref, **trust}, art.manifest
-        return resolve_model(ref), {"ref": ref, **trust}, None
+        return resolve_model(ref), {"ref": ref, **trust, "revision": spec.revision}, None
 
     reward = str(load_artifact(args.reward_model, "reward_model", role="--reward-model").path) if args.reward_model \
         else None
@@ -320,6 +329,16 @@ def _cmd_eval(args) -> int:
     write_json(out_dir / "eval.json", {"metrics": result["metrics"], **result["extra"], "counts": result["counts"]})
     print(f"wrote {out_dir / 'samples.jsonl'}, {out_dir / 'table.csv'} and {out_dir / 'eval.json'}")
     return 0
+
+
+def _name_value(spec: str, option: str, names) -> tuple[str, str]:
+    """NAME=VALUE of an option that names one of `names`."""
+    from pipeline.errors import UsageError
+
+    name, sep, value = spec.partition("=")
+    if not sep or not value or name not in names:
+        raise UsageError(f"{option} {spec}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+    return name, value
 
 
 def _cmd_export(args) -> int:
@@ -462,7 +481,8 @@ def _data_options(q, tokenizer: bool = True) -> None:
     from feedback.validate import DUPLICATES
 
     q.add_argument("file", help="the preference file or dataset directory")
-    q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected from the first row)")
+    q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected; a file holds "
+                   "the format of its first row, and a row of another is rejected)")
     q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
     q.add_argument("--ranked", default=RANKED_MODES[0], choices=RANKED_MODES, help="how ranked rows expand into pairs")
     q.add_argument("--source", default=SOURCES[0], choices=SOURCES, help="source recorded on each pair")
@@ -487,8 +507,8 @@ def _trust_option(q) -> None:
 
 def _add_data(sub) -> None:
     d = sub.add_parser("data", help="validate, import and describe preference files",
-                       description="Preference files: JSONL, JSON arrays, CSV, Parquet or a local dataset directory, "
-                       "in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
+                       description="Preference files: JSONL, JSON arrays, CSV, TSV (each also .gz), Parquet or a local "
+                       "dataset directory, in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dv = dsub.add_parser("validate", help="check every row; print FILE:LINE: reason and a summary line",
                          description="Check every row of a preference file. Prints each problem as FILE:LINE: reason "
@@ -539,6 +559,8 @@ def _add_feedback(sub) -> None:
                          "and OUT.judge.json with calls, retries, tokens, cost and position consistency).")
     fl.add_argument("--policy", required=True, help="policy artifact (RUN_DIR/sft), its model/ dir, or a model ref")
     fl.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
+    fl.add_argument("--prompts-split", metavar="NAME", help="--prompts is a DatasetDict directory: the split to read "
+                    "(default: train)")
     fl.add_argument("--judge", required=True, help="judge config, e.g. configs/judges/rule.yaml")
     fl.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     # the same candidates, with the same defaults, as the ai_preferences stage's `candidates:` block
@@ -576,8 +598,11 @@ def _add_eval(sub) -> None:
     e.add_argument("policies", nargs="+", metavar="NAME=REF",
                    help="a policy artifact (RUN_DIR/sft), a model directory, or a model reference")
     e.add_argument("--prompts", required=True, help="file of {'prompt': ...} rows (or synthetic:prompts)")
+    e.add_argument("--prompts-split", metavar="NAME", help="--prompts is a DatasetDict directory: the split to read "
+                   "(default: train)")
     e.add_argument("--eval-fraction", type=float, default=0.0,
-                   help="evaluate only this held-out share of the prompts (seeded split by prompt; default all)")
+                   help="evaluate only this held-out share of the prompts, the split PPO and GRPO hold out with the "
+                   "same seed (default 0: every prompt of the file)")
     e.add_argument("--max-prompts", type=int, default=64)
     e.add_argument("--reward-model", metavar="RUN_DIR/reward", help="a reward-model artifact: mean normalised score")
     e.add_argument("--rule", metavar="MODULE:FUNCTION", help="a rule reward, e.g. feedback.synthetic:rule_score")
@@ -587,6 +612,11 @@ def _add_eval(sub) -> None:
     e.add_argument("--few-shot", metavar="MODEL", help="also the base MODEL prompted with --shots SFT examples")
     e.add_argument("--shots", type=int, default=FewShotConfig.model_fields["k"].default)
     e.add_argument("--shot-data", default=FewShotConfig.model_fields["data"].default)
+    e.add_argument("--shot-split", metavar="NAME", help="--shot-data is a DatasetDict directory: the split to read "
+                   "(default: train)")
+    e.add_argument("--revision", action="append", default=[], metavar="NAME=REV",
+                   help="load the hub id of policy NAME (or of the few-shot model, named few_shot) at this branch, "
+                   "tag or commit (repeatable)")
     for name in ("temperature", "top_p", "max_new_tokens"):
         field = SamplingConfig.model_fields[name]
         e.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)

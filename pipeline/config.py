@@ -168,11 +168,29 @@ def _list_index(items: list, key: str, where: str) -> int:
 
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+def load_pipeline(path: str | Path, overrides: list[str] | None = None, deepspeed: str | None = None,
+                  only: list[str] | None = None) -> PipelineConfig:
+    """The validated config: the YAML, its --set overrides, and `deepspeed` (rlhf run --deepspeed) given to the
+    selected training stages (`only`, default all) before they are checked, since what DeepSpeed settings such as
+    PPO's `frozen` mean depends on it."""
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a pipeline config is a mapping with run_dir, models and stages")
     for assignment in overrides or []:
         apply_override(data, assignment)
+    if deepspeed:
+        _give_deepspeed(data, deepspeed, only)
     source = f"{path}" + (" (with --set overrides)" if overrides else "")
     return validate(PipelineConfig, data, source)
+
+
+def _give_deepspeed(data: dict, deepspeed: str, only: list[str] | None) -> None:
+    """Set `deepspeed` on every selected stage whose method has the key (the training stages)."""
+    from pipeline.stages import REGISTRY
+
+    for st in data.get("stages") or []:
+        if not isinstance(st, dict) or st.get("stage") not in REGISTRY:
+            continue  # validation says what is wrong with it
+        if (not only or (st.get("name") or st["stage"]) in only) and \
+                "deepspeed" in REGISTRY[st["stage"]].Config.model_fields:
+            st["deepspeed"] = deepspeed

@@ -4,6 +4,10 @@ held-out rule evaluation. Stages import these; they never import each other.
     resolve_data_path("synthetic:prompts")     # the shipped file; anything else is a path
     read_examples(path, "auto", "fail", [])    # SFT rows as {"messages": [...]}, every row checked
     read_prompts(path)                         # [prompt, ...] (strings or message lists), every row checked
+
+SFT and prompt files may be dataset directories (`save_to_disk`): a DatasetDict is read one split, the
+one the stage's split setting names, `train` by default (refused when there is none); a note says
+which splits were read and which were skipped, so a test split is never trained on unnoticed.
     split_by_prompt(pairs, 0.1, seed)          # seeded train/eval split, every item of a prompt on one side
     neutralised(tok, row)                      # a training row whose texts hold no control tokens
     rule_eval(model, tok, prompts, rule, ...)  # mean rule score of one sample per prompt
@@ -16,6 +20,8 @@ import random
 from pathlib import Path
 
 from pipeline.errors import InvalidInput, UsageError
+
+DEFAULT_SPLIT = "train"  # the split of a DatasetDict that SFT and prompt files read unless told otherwise
 
 
 def resolve_data_path(ref: str) -> Path:
@@ -46,7 +52,9 @@ def _check_messages(msgs) -> str | None:
             return f"messages[{j}].role is {m['role']!r}; expected one of {list(SFT_ROLES)}"
         if not isinstance(m["content"], str):
             return f"messages[{j}].content must be a string"
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+    from feedback.schema import is_blank
+
+    if not any(m["role"] == "assistant" and not is_blank(m["content"]) for m in msgs):
         return "no non-empty assistant message to learn from"
     return None
 
@@ -69,7 +77,9 @@ def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
         return None, f"missing key {missing[0]!r}; found keys {sorted(row)}"
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
-        if not prompt.strip() or not completion.strip():
+        from feedback.schema import is_blank
+
+        if is_blank(prompt) or is_blank(completion):
             return None, "empty prompt or completion"
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     elif isinstance(prompt, list) and isinstance(completion, list):
@@ -80,12 +90,26 @@ def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
     return (None, err) if err else ({"messages": msgs}, None)
 
 
-def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[list[dict], int]:
-    """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip)."""
+def _records(path, split: str | None, split_key: str, default_split: str | None = DEFAULT_SPLIT):
+    """The records of an SFT or prompt file: one split of a DatasetDict (`split`, else `default_split`); the note
+    naming the splits read and skipped is printed as soon as the file has been read."""
     from feedback.files import iter_records
+    from pipeline.distributed import say
 
+    notes: list[str] = []
+    yield from iter_records(path, split=split, notes=notes, default_split=default_split, split_key=split_key)
+    for note in notes:
+        say(f"note: {note}")
+
+
+def read_examples(path, fmt: str, on_error: str, rejected: list[dict], split: str | None = None,
+                  split_key: str = "data.split", default_split: str | None = DEFAULT_SPLIT,
+                  where: list | None = None) -> tuple[list[dict], int]:
+    """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip). A DatasetDict
+    is read one split: `split`, else `default_split` (None: the split must be named by `split_key`). `where` (a
+    list) receives each example's location (FILE:LINE), in the order of the examples."""
     examples, problems, n = [], [], 0
-    for rec in iter_records(path):
+    for rec in _records(path, split, split_key, default_split):
         n += 1
         ex, err = (None, rec.error) if rec.error else to_example(rec.value, fmt)
         if err:
@@ -93,6 +117,8 @@ def read_examples(path, fmt: str, on_error: str, rejected: list[dict]) -> tuple[
             rejected.append({"where": rec.where, "reason": err, "row": rec.raw})
         else:
             examples.append(ex)
+            if where is not None:
+                where.append(rec.where)
     if problems and on_error == "fail":
         shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
@@ -118,13 +144,13 @@ def neutralised(tokenizer, row: dict) -> dict:
     return {key: text(value) for key, value in row.items()}
 
 
-def read_prompts(path, limit: int | None = None) -> list:
-    """The `prompt` of every row of a prompt file; any bad row stops with FILE:LINE: reason."""
-    from feedback.files import iter_records
+def read_prompts(path, limit: int | None = None, split: str | None = None, split_key: str = "prompts_split") -> list:
+    """The `prompt` of every row of a prompt file (one split of a DatasetDict: `split`, default train); any bad row
+    stops with FILE:LINE: reason."""
     from feedback.schema import check_text
 
     prompts, problems = [], []
-    for rec in iter_records(path):
+    for rec in _records(path, split, split_key):
         row = rec.value
         err = rec.error or (None if isinstance(row, dict) and "prompt" in row
                             else f"expected an object with 'prompt'; found {type(row).__name__}"

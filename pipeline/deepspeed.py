@@ -71,10 +71,10 @@ def load_zero_config(path: str | Path, optim, precision: str, where: str, world:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     want = {
-        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "train_micro_batch_size_per_gpu": optim.per_device_batch_size,
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": optim.max_grad_norm,
-        "train_batch_size": optim.batch_size * optim.grad_accum * world,
+        "train_batch_size": optim.per_device_batch_size * optim.grad_accum * world,
     }
     for key, value in want.items():
         have = cfg.get(key, "auto")
@@ -177,7 +177,7 @@ def zero_batch(cfg, world: int) -> SimpleNamespace:
     share of a minibatch holds (local_sizes)."""
     _, mb = local_sizes(cfg, world)
     micro = cfg.ppo.micro_batch_size
-    return SimpleNamespace(batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm,
+    return SimpleNamespace(per_device_batch_size=micro, grad_accum=mb // micro, max_grad_norm=cfg.optim.max_grad_norm,
                            source="ppo.micro_batch_size, ppo.minibatch_size")
 
 
@@ -383,10 +383,11 @@ def full_state_dict(module) -> dict | None:
 # --------------------------------------------------------------------------- saving and tear-down
 
 
-def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False) -> bool:
+def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False,
+                       revision: str | None = None) -> bool:
     """A TRL/HF trainer's model under DeepSpeed: every rank takes part (ZeRO-3 weights are gathered) and rank 0
-    writes a plain safetensors model that loads without DeepSpeed, an adapter merged unless `merge` is false.
-    Returns True for an adapter."""
+    writes a plain safetensors model that loads without DeepSpeed, an adapter merged unless `merge` is false (kept,
+    it records its base's `revision`). Returns True for an adapter."""
     import os
     import shutil
 
@@ -394,6 +395,9 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_co
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
+    for config in (getattr(trainer.model, "peft_config", None) or {}).values():
+        if revision is not None:  # the adapter's base at its revision, not the hub's main, when loaded later
+            config.revision = revision
     trainer.save_model(str(tmp))  # collective under ZeRO-3; rank 0 writes
     is_peft = hasattr(trainer.model, "peft_config")
     if distributed.is_main():
@@ -432,7 +436,7 @@ def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, inf
 
             policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
         policy.load_state_dict(policy_sd)
-        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge)
+        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
         if head_sd is not None:
             save_file(head_sd, str(out_dir / "value_head.safetensors"))
         if critic_sd is not None:

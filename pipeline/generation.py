@@ -5,6 +5,14 @@ setting a GenerationConfig leaves unset from the model's own generation_config.j
 `repetition_penalty: 1.3` or `top_k: 20` shipped with a checkpoint would otherwise change the
 sampling distribution, and PPO's importance ratio with it), so `generate` samples with an explicit
 config while the model's own one is set aside.
+
+Batches are left-padded, except for peft prompt-learning models (prompt tuning): peft puts their virtual
+tokens before the whole input, padding included, and ignores position ids, so a padded row would be
+computed at other positions, after other context, than the same row alone. Those are sampled and
+scored in batches of equal length, with no padding at all, so a batch gives what one row alone gives.
+They also generate without a KV cache: with the installed peft and transformers, a prompt-tuned model
+sampling from its cache loses the prompt after the first tokens (each step sees the virtual tokens and
+the last token only), so what it samples is not what it scores; recomputing every step is correct.
 """
 
 from __future__ import annotations
@@ -62,6 +70,22 @@ def chat_ids(tokenizer, prompt) -> list[int]:
     return tokenizer("\n\n".join(m["content"] for m in msgs) + "\n\n")["input_ids"]
 
 
+def prompt_learning(model) -> bool:
+    """A peft prompt-learning model (prompt tuning, p-tuning, prefix tuning): it cannot take padded batches."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def batches(lengths: list[int], batch_size: int, unpadded: bool = False) -> list[list[int]]:
+    """Row indices in batches of at most batch_size: consecutive rows, or (unpadded) rows of equal length only,
+    so that no batch needs padding."""
+    if not unpadded:
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [rows[j : j + batch_size] for rows in groups.values() for j in range(0, len(rows), batch_size)]
+
+
 def left_pad(seqs: list[list[int]], pad_id: int):
     import torch
 
@@ -105,7 +129,13 @@ def own_settings_only(model):
 
 
 def generate(model, config, input_ids, attention_mask, **kwargs):
-    """model.generate with exactly `config` (see own_settings_only)."""
+    """model.generate with exactly `config` (see own_settings_only); without a KV cache for prompt-learning models
+    (see the module docstring)."""
+    if prompt_learning(model) and config.use_cache is not False:
+        import copy
+
+        config = copy.deepcopy(config)
+        config.use_cache = False
     with own_settings_only(model):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
 
@@ -114,7 +144,8 @@ def sample_ids(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, temper
                top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0,
                desc: str = "sampling") -> list[list[list[int]]]:
     """`n` responses per prompt as token ids, each cut after its first EOS (kept); greedy when temperature is 0.
-    Seeded, so the same prompts give the same samples."""
+    Seeded, so the same prompts give the same samples. Prompt-learning models sample prompts of equal length
+    together (no padding, see the module docstring)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -123,15 +154,15 @@ def sample_ids(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, temper
     device = next(model.parameters()).device
     config = generation_config(tokenizer, max_new_tokens, temperature, top_p, num_return_sequences=n)
     eos = tokenizer.eos_token_id
-    out: list[list[list[int]]] = []
+    out: list = [None] * len(prompt_ids)
+    groups = batches([len(p) for p in prompt_ids], batch_size, unpadded=prompt_learning(model))
     with torch.no_grad():
-        for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch",
-                      disable=len(prompt_ids) <= batch_size):
-            chunk = prompt_ids[i : i + batch_size]
-            ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        for rows in tqdm(groups, desc=desc, unit="batch", disable=len(groups) <= 1):
+            ids, mask = left_pad([prompt_ids[r] for r in rows], tokenizer.pad_token_id)
             gen = generate(model, config, ids.to(device), mask.to(device))[:, ids.shape[1]:].tolist()
             cut = [g[: g.index(eos) + 1] if eos in g else [t for t in g if t != tokenizer.pad_token_id] for g in gen]
-            out.extend(cut[j * n : (j + 1) * n] for j in range(len(chunk)))
+            for j, r in enumerate(rows):
+                out[r] = cut[j * n : (j + 1) * n]
     return out
 
 
@@ -146,21 +177,24 @@ def sample(model, tokenizer, prompts: list, n: int = 1, temperature: float = 1.0
 def response_logprobs(model, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]],
                       temperature: float = 1.0, batch_size: int = 16) -> list[float]:
     """log p(response | prompt) summed over the response's tokens, from logits / temperature (1 at temperature 0):
-    a sequence's log-probability under the distribution it was (or would be) sampled from."""
+    a sequence's log-probability under the distribution it was (or would be) sampled from. Prompt-learning models
+    score sequences of equal length together (no padding, see the module docstring)."""
     import torch
 
     t = temperature if temperature > 0 else 1.0
     device = next(model.parameters()).device
-    out: list[float] = []
+    out: list[float] = [0.0] * len(prompt_ids)
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(prompt_ids), batch_size):
-            seqs = [p + r for p, r in zip(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size])]
-            ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        for rows in batches([len(s) for s in seqs], batch_size, unpadded=prompt_learning(model)):
+            ids, mask = left_pad([seqs[r] for r in rows], tokenizer.pad_token_id)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+            kw = {} if prompt_learning(model) else {"position_ids": pos.to(device)}  # peft ignores them, and says so
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw).logits
             logits = logits[:, -ids.shape[1]:].float() / t  # prompt tuning prepends virtual tokens' logits
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
-            for j, r in enumerate(response_ids[i : i + batch_size]):
-                out.append(float(logp[j, logp.shape[1] - len(r):].sum()) if r else 0.0)
+            for j, r in enumerate(rows):
+                n = len(response_ids[r])
+                out[r] = float(logp[j, logp.shape[1] - n:].sum()) if n else 0.0
     return out

@@ -473,6 +473,11 @@ def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool =
         return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kw)
     except OSError as exc:
         raise UsageError(f"cannot load model '{path}': {exc}") from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UsageError(f"model '{path}' needs Python code it ships, which rlhf runs only when you say so: "
+                         f"{TRUST_HINT}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -9,14 +9,19 @@ The estimate is a sum of parts, per process (device), in bytes:
 - weights: every model the stage holds: the trained one (policy, or reward model), frozen ones (reference, reward
   model for PPO) and a critic; in the training precision (2 bytes in bf16/fp16, 4 in fp32);
 - mixed-precision master weights (4 bytes per trained parameter), gradients (2 or 4) and Adam's two moments (8):
-  the classic 16 bytes per trained parameter in mixed precision, 16 in fp32 too (4 + 4 + 8);
+  the classic 16 bytes per trained parameter in mixed precision, 16 in fp32 too (4 + 4 + 8); what is trained is
+  what the stage trains: every weight (full), LoRA's adapters, the layers above `freeze_layers` (freeze: the
+  embeddings frozen, and the output layer with them when tied), or prompt tuning's virtual tokens;
+- the precision the stage runs in: `precision` (auto: bf16 on GPUs), fp32 on a CPU, and fp32 for PPO without
+  DeepSpeed (it trains in fp32 on one process; `precision` applies under DeepSpeed);
 - ZeRO divides by the number of processes: stage 1 the optimizer states and master weights, stage 2 also the
   gradients, stage 3 also the weights (PPO's frozen models too, with frozen.zero3); offload moves the optimizer
   states and master weights (and under ZeRO-3 the weights) to CPU memory;
 - activations of one micro-batch: 34*s*b*h bytes per layer in 16-bit (Korthikanti et al., 2022, without the
   attention scores, which SDPA and flash attention do not keep), twice that in fp32; with gradient checkpointing
-  each layer's input plus one layer's full activations; plus the fp32 logits and their log-softmax ([b, s,
-  vocabulary]; PPO's on the response positions only; none for a reward model);
+  each layer's input plus one layer's full activations; with freeze, only the trained layers keep theirs (no
+  gradient flows below them); plus the fp32 logits and their log-softmax ([b, s, vocabulary]; PPO's on the
+  response positions only; none for a reward model);
 - generation (PPO, GRPO, RLOO): the KV cache, 2 * layers * kv heads * head dim * (prompt + new tokens) * batch;
   PPO under ZeRO-3 with rollout.gather_zero3 (the default) also holds the whole policy while it samples;
 - runtime: 1.0 GiB on a GPU (CUDA context and allocator slack); on a CPU run the libraries' resident memory;
@@ -69,13 +74,22 @@ class Shape:
         self.head_dim = self.head_dim or self.hidden // self.heads
 
     @property
-    def params(self) -> int:
-        """A Llama-style decoder: attention (q, o: h x h; k, v: h x kv), gated MLP (3 h x i), norms, embeddings."""
+    def layer_params(self) -> int:
+        """One decoder layer: attention (q, o: h x h; k, v: h x kv), gated MLP (3 h x i), two norms."""
         kv = self.kv_heads * self.head_dim
         q = self.heads * self.head_dim
-        per_layer = self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        """A Llama-style decoder: its layers, the embeddings (and an untied output layer), the final norm."""
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * per_layer + embed + self.hidden
+        return self.layers * self.layer_params + embed + self.hidden
+
+    def frozen_below(self, n: int) -> int:
+        """Trainable parameters with the embeddings and the lowest n layers frozen (tuning: freeze); tied output
+        weights are the embeddings, so they stay frozen too."""
+        return self.params - self.vocab * self.hidden - n * self.layer_params
 
     def lora_params(self, r: int, targets) -> int:
         """LoRA's trainable parameters: r * (in + out) for every targeted linear of every layer."""
@@ -129,6 +143,7 @@ class Work:
     gather_for_generation: bool = False  # PPO under ZeRO-3 with rollout.gather_zero3: the whole policy to sample
     lm_head: bool = True  # logits over the vocabulary (not for a reward model); PPO's on response positions only
     frozen_sharded: bool = True  # under ZeRO-3 the frozen models are sharded too (PPO: frozen.zero3)
+    grad_layers: int = 0  # layers that keep activations for the backward pass (0: all; freeze: those trained)
     notes: list = field(default_factory=list)
 
 
@@ -139,11 +154,16 @@ def work_of(stage, cfg, procs: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> W
     if method not in ("sft", "reward", "dpo", "ppo", "grpo", "rloo"):
         return None
     shape = shape_of(_model_ref(cfg, getattr(stage, "policy", None) or stage.model))
-    lora = getattr(stage, "tuning", "full") == "lora"
-    trainable = shape.lora_params(stage.lora.r, stage.lora.target_modules) if lora else shape.params
+    tuning = getattr(stage, "tuning", "full")
+    lora = tuning == "lora"
+    trainable = (shape.lora_params(stage.lora.r, stage.lora.target_modules) if lora
+                 else stage.prompt_tuning.num_virtual_tokens * shape.hidden if tuning == "prompt_tuning"
+                 else shape.frozen_below(stage.freeze_layers) if tuning == "freeze" else shape.params)
     w = Work(shape, method, trainable, checkpointing=getattr(stage, "gradient_checkpointing", False))
+    if tuning == "freeze":
+        w.grad_layers = shape.layers - stage.freeze_layers
     if method in ("sft", "reward", "dpo", "grpo", "rloo"):
-        w.batch, w.seq = stage.optim.batch_size, getattr(stage, "max_length", 512)
+        w.batch, w.seq = stage.optim.per_device_batch_size, getattr(stage, "max_length", 512)
     if method in ("reward", "dpo"):
         w.pairs = 2
     w.lm_head = method != "reward"
@@ -151,7 +171,7 @@ def work_of(stage, cfg, procs: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> W
         w.frozen_models = 1
     if method in ("grpo", "rloo"):
         w.seq, w.generate = prompt_tokens + stage.max_completion_length, stage.max_completion_length
-        w.gen_batch = stage.optim.batch_size
+        w.gen_batch = stage.optim.per_device_batch_size
         w.frozen_models = int(stage.beta > 0 and not lora) + int(bool(stage.reward.model))
     if method == "ppo":
         w.batch, w.seq = stage.ppo.micro_batch_size, prompt_tokens + stage.rollout.max_new_tokens
@@ -197,7 +217,8 @@ def estimate(w: Work, zero: int, offload: bool, procs: int, precision: str, on_c
     act_bytes = 2 if mixed else 4
     tokens = w.batch * w.pairs * w.seq
     per_layer = 17 * tokens * s.hidden * act_bytes  # 34 s b h bytes in 16-bit; SDPA keeps no s x s scores
-    activations = (tokens * s.hidden * act_bytes * s.layers + per_layer) if w.checkpointing else per_layer * s.layers
+    layers = w.grad_layers or s.layers  # frozen lower layers keep nothing for a backward pass that stops above them
+    activations = (tokens * s.hidden * act_bytes * layers + per_layer) if w.checkpointing else per_layer * layers
     logit_tokens = w.batch * w.pairs * (w.generate or w.seq) if w.lm_head else 0
     parts["activations"] = activations + 2 * logit_tokens * s.vocab * 4  # + fp32 logits and their log-softmax
     if on_cpu:  # glibc's heap does not reuse the activations freed during backward for the gradients made then
@@ -220,20 +241,23 @@ def host_bytes(w: Work, zero: int, procs: int, precision: str) -> float:
     return out
 
 
-def options(w: Work, procs: int, precision: str, on_cpu: bool, per_node: int = 1) -> list[dict]:
+def options(w: Work, procs: int, precision: str, on_cpu: bool, per_node: int = 1,
+            zero0_precision: str | None = None) -> list[dict]:
     """Every ZeRO stage with and without offload: its peak per process, the CPU memory offload needs per node,
-    and a rough speed rank."""
+    and a rough speed rank. `zero0_precision`: the precision of the ZeRO-0 option when it differs (PPO without
+    DeepSpeed)."""
     out = []
     for zero in (0, 1, 2, 3):
         for offload in (False, True):
             if offload and zero == 0:
                 continue
-            parts = estimate(w, zero, offload, procs, precision, on_cpu)
+            prec = zero0_precision if zero == 0 and zero0_precision else precision
+            parts = estimate(w, zero, offload, procs, prec, on_cpu)
             # faster first: no offload, then lower ZeRO stages (less communication)
             cost = zero + (4 if offload else 0)
             host = host_bytes(w, zero, procs, precision) * per_node if offload and not on_cpu else 0.0
-            out.append({"zero": zero, "offload": offload, "bytes": sum(parts.values()), "parts": parts,
-                        "host_bytes_per_node": host, "cost": cost})
+            out.append({"zero": zero, "offload": offload, "precision": prec, "bytes": sum(parts.values()),
+                        "parts": parts, "host_bytes_per_node": host, "cost": cost})
     return out
 
 
@@ -258,17 +282,18 @@ def plan(cfg, gpus: int, nodes: int, memory: float, on_cpu: bool = False, only=N
         if w is None:
             continue
         precision = _precision(st, on_cpu)
-        opts = options(w, procs, precision, on_cpu, gpus)
+        opts = options(w, procs, precision, on_cpu, gpus, zero0_precision=_precision(st, on_cpu, zero=0))
         fits = [o for o in opts if o["bytes"] <= memory]
         best = min(fits, key=lambda o: o["cost"]) if fits else None
-        rows.append({"stage": st.name, "method": st.stage, "precision": precision, "params": w.shape.params,
-                     "trainable": w.trainable + w.critic, "options": opts, "best": best})
+        rows.append({"stage": st.name, "method": st.stage, "precision": _precision(st, on_cpu, zero=1 if getattr(st, "deepspeed", None) else 0),
+                     "params": w.shape.params, "trainable": w.trainable + w.critic, "options": opts, "best": best})
     return rows
 
 
-def _precision(stage, on_cpu: bool) -> str:
-    """The precision a stage trains in: fp32 on a CPU; on GPUs `auto` is bf16."""
-    if on_cpu:
+def _precision(stage, on_cpu: bool, zero: int = 1) -> str:
+    """The precision a stage trains in under ZeRO stage `zero`: fp32 on a CPU; on GPUs `auto` is bf16; PPO without
+    DeepSpeed (ZeRO-0 and no `deepspeed:`) runs in fp32 whatever `precision` says."""
+    if on_cpu or (stage.stage == "ppo" and zero == 0 and not stage.deepspeed):
         return "fp32"
     return "bf16" if stage.precision == "auto" else stage.precision
 
@@ -343,14 +368,16 @@ def parse_memory_arg(text: str) -> float:
 def render(rows: list[dict], memory: float, procs: int) -> str:
     lines = [f"per device: {memory / GIB:.1f} GiB, {procs} process(es)"]
     for r in rows:
+        trained = f"{r['trainable'] / 1e6:,.1f}M" if r["trainable"] >= 1e6 else f"{r['trainable']:,}"
         lines.append(f"\n{r['stage']} ({r['method']}, {r['precision']}): {r['params'] / 1e9:.2f}B parameters, "
-                     f"{r['trainable'] / 1e6:,.1f}M trained")
+                     f"{trained} trained")
         for o in r["options"]:
             tag = "fits" if o["bytes"] <= memory else "too big"
             best = "  <- fastest that fits" if r["best"] is o else ""
             host = f"  (+{o['host_bytes_per_node'] / GIB:,.0f} GiB CPU memory per node)" if o["host_bytes_per_node"] else ""
+            prec = f"  ({o['precision']})" if o["precision"] != r["precision"] else ""
             lines.append(f"  ZeRO-{o['zero']}{' + offload' if o['offload'] else '          '}  "
-                         f"{o['bytes'] / GIB:8.1f} GiB  {tag}{best}{host}")
+                         f"{o['bytes'] / GIB:8.1f} GiB  {tag}{best}{host}{prec}")
         if r["best"] is None:
             lines.append("  nothing fits: more devices, LoRA, gradient checkpointing or a smaller batch")
     return "\n".join(lines)

@@ -327,8 +327,8 @@ class Engine:
 
     @property
     def worker_tok(self):
-        """The tokenizer of the calling generation worker (each has its own)."""
-        return self._local.tok
+        """The tokenizer of the calling generation worker (each has its own); the engine's own for any other caller."""
+        return getattr(self._local, "tok", None) or self.tok
 
     def decode(self, ids: list[int]) -> str:
         return self.worker_tok.decode(ids, skip_special_tokens=True)
@@ -364,12 +364,18 @@ class Engine:
         job.resolve()
         return True
 
+    def generation_config(self, job: Job):
+        """Greedy as far as generate() knows (a sampling request's tokens are drawn by _TokenChooser); a prompt-tuned
+        policy generates without a KV cache, which loses its prompt (pipeline/generation.py)."""
+        from pipeline.generation import generation_config, prompt_learning
+
+        extra = {"use_cache": False} if prompt_learning(self.model) else {}
+        return generation_config(self.worker_tok, job.max_new_tokens, 0.0, **extra)
+
     def _run(self, job: Job) -> None:
         """In a worker thread: tokenize, then generate, streaming each token to the job as it is sampled."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        from pipeline.generation import generation_config
 
         if job.cancelled.is_set():  # the client left while the request was queued
             job.resolve(APIError(499, "client closed the request"))
@@ -384,7 +390,7 @@ class Engine:
                 # greedy as far as generate() knows: a sampling request's token is drawn by the chooser, with the
                 # request's own random generator (no request waits for another's seed)
                 self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    generation_config=generation_config(self.worker_tok, job.max_new_tokens, 0.0),
+                                    generation_config=self.generation_config(job),
                                     logits_processor=LogitsProcessorList([chooser] if chooser else []),
                                     stopping_criteria=StoppingCriteriaList([_StopWhenCancelled(job)]),
                                     streamer=_JobStreamer(self, job, chooser))

@@ -46,13 +46,15 @@ def tiny_sft_block(**over):
         "data": {"train": "synthetic:sft", "eval_fraction": 0.1},
         "max_length": 64,
         "precision": "fp32",
-        "optim": {"lr": 3e-3, "epochs": 2, "batch_size": 16, "logging_steps": 5},
+        "optim": {"lr": 3e-3, "epochs": 2, "per_device_batch_size": 16, "logging_steps": 5},
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(block.get(k), dict):
             block[k] = {**block[k], **v}
         else:
             block[k] = v
+    if block["optim"].get("max_steps", -1) > 0 and "epochs" not in over.get("optim", {}):
+        del block["optim"]["epochs"]  # capped by steps, as a user writes it (epochs beside max_steps is refused)
     return block
 
 

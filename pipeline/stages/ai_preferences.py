@@ -34,8 +34,10 @@ class CandidatesConfig(Strict):
     batch_size: int = Field(16, ge=1)
 
     @model_validator(mode="after")
-    def _used(self):
-        self.refuse_unused(("top_p",), self.temperature > 0, "at temperature 0 (greedy decoding)")
+    def _sampled(self):
+        if self.temperature <= 0:  # transformers would refuse k > 1 greedy sequences, deep inside generate
+            raise ValueError("candidates.temperature: 0 is greedy decoding, which gives the k candidates of a prompt "
+                             "identical (nothing to judge); use a temperature > 0, e.g. 1.0")
         return self
 
 
@@ -43,6 +45,8 @@ class AIPreferencesStageConfig(StageBlock):
     stage: Literal["ai_preferences"]
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
+    prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
+                                      "(default: train)")
     judge: str = Field(description="a judge config, e.g. configs/judges/rule.yaml")
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     pairing: Literal["round_robin", "random"] = "round_robin"
@@ -80,7 +84,7 @@ def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
     from pipeline.artifacts import write_jsonl
     from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
-    prompts = read_prompts(resolve_data_path(cfg.prompts), cfg.max_prompts)
+    prompts = read_prompts(resolve_data_path(cfg.prompts), cfg.max_prompts, split=cfg.prompts_split)
     policy_path, info = ctx.model_path(cfg.policy, role="policy")
     pairs, unlabelled, stats, judge_id = label_with_policy(policy_path, prompts, cfg.judge, cfg.candidates,
                                                            cfg.pairing, ctx.seed, info.get("trust_remote_code", False),

@@ -7,7 +7,7 @@ manifest records.
     args = training_args(DPOConfig, cfg, ctx, precision, beta=cfg.beta, ...)
     fit(trainer, ctx, cfg)
     check_finite(ctx, {"train/loss": loss, "eval/loss": ...})
-    is_adapter = save_policy(trainer, model, tok, ctx.work_dir / "model", merge=cfg.lora.merge)
+    is_adapter = save_policy(trainer, model, tok, ctx.work_dir / "model", merge=cfg.lora.merge, revision=info["revision"])
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     return cls(
         output_dir=str(ctx.work_dir / "checkpoints"),
         learning_rate=o.lr,
-        num_train_epochs=o.epochs,
+        num_train_epochs=o.epochs if o.epochs is not None else 1.0,
         max_steps=o.max_steps,
-        per_device_train_batch_size=o.batch_size,
-        per_device_eval_batch_size=o.batch_size,
+        per_device_train_batch_size=o.per_device_batch_size,
+        per_device_eval_batch_size=o.per_device_batch_size,
         gradient_accumulation_steps=o.grad_accum,
         weight_decay=o.weight_decay,
         warmup_steps=o.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
@@ -161,8 +161,17 @@ def check_finite(ctx, values: dict) -> None:
             raise InvalidInput(f"[{ctx.name}] {name} is {shown}: training diverged; no artifact written")
 
 
-def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
-    """Save a model as safetensors + tokenizer; a peft model is merged or saved as an adapter. Returns is_adapter."""
+def pin_adapter_base(model, revision: str | None) -> None:
+    """Record the base model's revision in a peft model's adapter config (adapter_config.json), so that whatever
+    loads the adapter later loads its base at that revision, not at the hub's main."""
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if revision is not None:
+            config.revision = revision
+
+
+def save_model(model, tokenizer, out_dir, merge: bool, revision: str | None = None) -> bool:
+    """Save a model as safetensors + tokenizer; a peft model is merged or saved as an adapter, which records its base's
+    `revision` (a hub id's). Returns is_adapter."""
     import os
     import shutil
 
@@ -172,6 +181,7 @@ def save_model(model, tokenizer, out_dir, merge: bool) -> bool:
     if is_peft and merge and mergeable(model):
         model = model.merge_and_unload()
     merge = merge and (not is_peft or mergeable(model))  # prompt tuning stays an adapter: it has no weights to merge
+    pin_adapter_base(model, revision)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
@@ -184,16 +194,18 @@ def mergeable(model) -> bool:
     return all(str(getattr(c, "peft_type", "")).split(".")[-1] == "LORA" for c in configs.values())
 
 
-def save_policy(trainer, model, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False) -> bool:
+def save_policy(trainer, model, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False,
+                revision: str | None = None) -> bool:
     """The trained policy (or reward model) as safetensors + tokenizer in `out_dir`: under DeepSpeed gathered
     from the trainer's engine (pipeline/deepspeed.py), otherwise `model` (the trainer's, or a merged copy).
     An adapter is merged into its base unless `merge` is false (under DeepSpeed the base is loaded again, with
-    `trust_remote_code` as the stage loaded it). Returns True when an adapter was saved."""
+    `trust_remote_code` as the stage loaded it); kept, it records the base's `revision`. Returns True when an
+    adapter was saved."""
     if trainer is not None and trainer.is_deepspeed_enabled:
         from pipeline.deepspeed import save_trainer_model
 
-        return save_trainer_model(trainer, tokenizer, out_dir, merge, trust_remote_code)
-    return save_model(model, tokenizer, out_dir, merge)
+        return save_trainer_model(trainer, tokenizer, out_dir, merge, trust_remote_code, revision)
+    return save_model(model, tokenizer, out_dir, merge, revision)
 
 
 def weights_dtype(model) -> str:

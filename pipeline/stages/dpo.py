@@ -54,6 +54,8 @@ class DPOStageConfig(TrainingBlock):
     max_length: int = Field(512, ge=8)
     optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
+    eval_prompts_split: str | None = Field(None, description="eval_prompts is a DatasetDict directory: the split "
+                                           "to read (default: train)")
     eval_rule: str | None = None
     eval_max_new_tokens: int = Field(32, ge=1)
 
@@ -68,6 +70,7 @@ class DPOStageConfig(TrainingBlock):
             raise ValueError("eval_rule and eval_prompts work together (the rule scores samples on those prompts): "
                              "set both or neither")
         self.refuse_unused(("eval_max_new_tokens",), bool(self.eval_rule), "without eval_rule")
+        self.refuse_unused(("eval_prompts_split",), bool(self.eval_prompts), "without eval_prompts")
         return self
 
     def preflight(self, world: int) -> None:
@@ -149,7 +152,8 @@ def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> list:
     from feedback.schema import prompt_key
     from pipeline.data import read_prompts, resolve_data_path
 
-    prompts = read_prompts(resolve_data_path(cfg.eval_prompts))
+    prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
+                           split_key="eval_prompts_split")
     held = {prompt_key(p.prompt) for p in eval_pairs}
     return [p for p in prompts if prompt_key(p) in held] or prompts[:64]
 
@@ -206,7 +210,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
     is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
-                             trust_remote_code=info.get("trust_remote_code", False))
+                             trust_remote_code=info.get("trust_remote_code", False), revision=info.get("revision"))
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
                f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}" + rule.summary(metrics)

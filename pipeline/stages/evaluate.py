@@ -37,6 +37,11 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(32, ge=1)
 
+    @model_validator(mode="after")
+    def _used(self):
+        self.refuse_unused(("top_p",), self.temperature > 0, "at temperature 0 (greedy decoding)")
+        return self
+
 
 class FewShotConfig(Strict):
     """The base model prompted with k examples from the SFT data before each prompt (no training at all)."""
@@ -45,6 +50,8 @@ class FewShotConfig(Strict):
     model: str = Field(description="a key of `models` or a model reference (the base model)")
     k: int = Field(3, ge=1)
     data: str = Field("synthetic:sft", description="SFT rows (messages or prompt/completion) to take examples from")
+    split: str | None = Field(None, description="data is a DatasetDict directory: the split to read (default: "
+                              "train)")
 
 
 class EvaluateStageConfig(StageBlock):
@@ -52,6 +59,8 @@ class EvaluateStageConfig(StageBlock):
     policies: dict[str, str] = Field(description="name -> stage:NAME, a key of `models`, or a model reference")
     few_shot: FewShotConfig | None = None
     prompts: str = Field(description="file of {'prompt': ...} rows; its held-out split is evaluated")
+    prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
+                                      "(default: train)")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="the held-out share (the split PPO and GRPO hold out "
                                  "with the same seed); 0 evaluates every prompt")
     max_prompts: int = Field(64, ge=1)
@@ -315,10 +324,16 @@ def _fact(v) -> str:
     return f"{v:>13,d}" if isinstance(v, int) else f"{v:>13.3f}" if abs(v) < 100 else f"{v:>13,.0f}"
 
 
+def prompts_described(cfg: EvaluateStageConfig) -> str:
+    """What the evaluated prompts are: the held-out split, or (eval_fraction 0) every prompt of the file."""
+    return (f"held-out prompts (eval_fraction {cfg.eval_fraction} of {cfg.prompts})" if cfg.eval_fraction > 0
+            else f"prompts (every prompt of {cfg.prompts}: eval_fraction 0, none held out)")
+
+
 def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> list:
     from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 
-    prompts = read_prompts(resolve_data_path(cfg.prompts))
+    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     if cfg.eval_fraction > 0:
         _, prompts = split_by_prompt(prompts, cfg.eval_fraction, seed, prompt_of=lambda p: p)
     return prompts[: cfg.max_prompts]
@@ -347,7 +362,7 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
     if cfg.few_shot:
         fs = cfg.few_shot
         path, info, _ = resolve(fs.model, "few_shot.model")
-        rows, _ = read_examples(resolve_data_path(fs.data), "auto", "skip", [])
+        rows, _ = read_examples(resolve_data_path(fs.data), "auto", "skip", [], fs.split, "few_shot.split")
         policies.append(Policy(fs.name, path, info, few_shot_messages(rows, fs.k, seed),
                                ref=f"{fs.model} prompted with {fs.k} examples"))
         known[fs.name] = {"ref": f"{fs.model}, few-shot (k={fs.k})", "kind": "few_shot", "trainable": 0}
@@ -361,7 +376,7 @@ def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir,
 
     prompts = held_out_prompts(cfg, seed)
     policies, known = resolve_policies(cfg, resolve, seed)
-    say(f"[evaluate] {len(policies)} policies x {len(prompts)} held-out prompts")
+    say(f"[evaluate] {len(policies)} policies x {len(prompts)} {prompts_described(cfg)}")
     metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path, reward_trust)
     names = [p.name for p in policies]
     write_outputs(out_dir, rows, names)
@@ -385,5 +400,5 @@ def run(cfg: EvaluateStageConfig, ctx) -> dict:
     reward_art = ctx.artifact(cfg.reward_model, "reward_model", "reward_model") if cfg.reward_model else None
     out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed,
                   bool(cfg.reward_model) and ctx.trusts_remote_code(cfg.reward_model))
-    return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} held-out prompts; "
-                              f"table in {ctx.run_dir / ctx.name / 'table.csv'}"}
+    return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} "
+                              f"{prompts_described(cfg)}; table in {ctx.run_dir / ctx.name / 'table.csv'}"}

@@ -49,7 +49,9 @@ class GroupRLStageConfig(OnlineRLBlock):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference model)")
-    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    eval_fraction: float | None = Field(None, ge=0, lt=1, description="share of prompts held out (not trained on): "
+                                        "default 0.2 with eval_rule, none without; a value written is always "
+                                        "held out, so that a later evaluate stage scores unseen prompts")
     loss_type: str = Field("dapo", description="GRPO: how token losses are averaged (checked against the installed "
                            "TRL): grpo (per sequence, DeepSeekMath), dr_grpo (a constant, Dr. GRPO), dapo (tokens of "
                            "the whole accumulated batch, DAPO), bnpo (tokens of the local batch), cispo, sapo, ...")
@@ -88,8 +90,6 @@ class GroupRLStageConfig(OnlineRLBlock):
     def _check(self):
         if self.eval_rule and self.eval_fraction == 0:
             raise ValueError("eval_rule has no effect with eval_fraction: 0 (no held-out prompts to sample)")
-        self.refuse_unused(("eval_fraction",), bool(self.eval_rule), "without eval_rule (prompts are held out only "
-                           "for the rule to sample)")
         if self.optim.eval_steps is not None:
             raise ValueError("optim.eval_steps: GRPO and RLOO have no eval split to evaluate on (held-out prompts "
                              "are sampled before and after training with eval_rule)")
@@ -104,10 +104,11 @@ class GroupRLStageConfig(OnlineRLBlock):
         """TRL samples num_generations completions of each prompt within one generation batch, which is
         batch_size x grad_accum completions on each of the processes: their total must hold whole groups. And the
         loss type must be one the installed TRL implements."""
-        total = self.optim.batch_size * self.optim.grad_accum * world
+        total = self.optim.per_device_batch_size * self.optim.grad_accum * world
         if total % self.num_generations:
-            raise UsageError(f"stages.{self.name}.optim.batch_size: batch_size x grad_accum x processes "
-                             f"({self.optim.batch_size} x {self.optim.grad_accum} x {world} = {total}) must be a "
+            raise UsageError(f"stages.{self.name}.optim.per_device_batch_size: per_device_batch_size x grad_accum x "
+                             f"processes ({self.optim.per_device_batch_size} x {self.optim.grad_accum} x {world} = "
+                             f"{total}) must be a "
                              f"multiple of num_generations ({self.num_generations}): TRL samples whole groups")
         if self.stage == "grpo":
             from trl import GRPOConfig
@@ -118,6 +119,12 @@ class GroupRLStageConfig(OnlineRLBlock):
             if self.loss_type not in offered:
                 raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a GRPO loss of the installed "
                                  f"TRL; expected one of {list(offered)}")
+
+
+    @property
+    def held_out(self) -> float:
+        """The share of prompts held out: as written, else 0.2 for eval_rule to sample, else none."""
+        return self.eval_fraction if self.eval_fraction is not None else 0.2 if self.eval_rule else 0.0
 
 
 Config = GroupRLStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -200,10 +207,9 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
-    prompts = read_prompts(resolve_data_path(cfg.prompts))
-    # prompts are held out only for the evaluation that samples them (eval_rule); otherwise all are trained on
-    held = cfg.eval_fraction if cfg.eval_rule else 0.0
-    train_prompts, eval_prompts = split_by_prompt(prompts, held, ctx.seed, prompt_of=lambda p: p)
+    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
+    # prompts are held out when eval_fraction is written or eval_rule samples them; otherwise all are trained on
+    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.held_out, ctx.seed, prompt_of=lambda p: p)
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
     # TRL applies the chat template to these: special tokens in a prompt file stay text
@@ -236,7 +242,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     rule.after(ctx, trainer, model_out, tok, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)
     is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
-                             trust_remote_code=info.get("trust_remote_code", False))
+                             trust_remote_code=info.get("trust_remote_code", False), revision=info.get("revision"))
     steps = trainer.state.global_step
     summary = f"{steps} steps in {seconds:.1f}s{rule.summary(metrics)}; artifact: {ctx.run_dir / ctx.name / 'model'}"
     return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},

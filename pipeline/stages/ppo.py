@@ -25,19 +25,21 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import OnlineRLBlock, ScheduleConfig, Strict
+from pipeline.blocks import CheckpointConfig, OnlineRLBlock, ScheduleConfig, Strict
 from pipeline.errors import InvalidInput, UsageError
 
 
 class RolloutConfig(Strict):
-    prompts_per_step: int = Field(32, ge=1)
+    prompts_per_step: int = Field(32, ge=1, description="prompts sampled per PPO step, over all processes (each "
+                                  "takes its share)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (> 0); log-probs use logits / T. PPO "
                                "samples the full distribution at this temperature (no top-k or top-p: the importance "
                                "ratio needs each sampled token's probability under the policy)")
     max_new_tokens: int = Field(32, ge=1)
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score without EOS")
     gather_zero3: bool = Field(True, description="ZeRO-3: gather the policy's shards on every process to sample "
-                               "(fast); false samples on the shards, all processes stepping together (less memory)")
+                               "(fast); false samples on the shards, all processes stepping together (less memory); "
+                               "needs DeepSpeed")
 
     @model_validator(mode="after")
     def _full_distribution(self):
@@ -67,8 +69,9 @@ class KLConfig(Strict):
 
 class PPOHyperConfig(Strict):
     epochs: int = Field(4, ge=1)
-    minibatch_size: int = Field(16, ge=1)
-    micro_batch_size: int = Field(16, ge=1, description="gradient accumulation: minibatch_size / micro_batch_size")
+    minibatch_size: int = Field(16, ge=1, description="responses per optimizer step, over all processes")
+    micro_batch_size: int = Field(16, ge=1, description="responses per forward on each process: gradient "
+                                  "accumulation over minibatch_size / (processes x micro_batch_size)")
     forward_batch_size: int | None = Field(None, ge=1, description="the rollout's no-grad forwards (old and "
                                            "reference log-probs, values) in chunks of this many sequences; "
                                            "default: micro_batch_size")
@@ -84,7 +87,7 @@ class PPOHyperConfig(Strict):
 
 
 class FrozenConfig(Strict):
-    """Where the frozen models (reference, reward model) live under DeepSpeed."""
+    """Where the frozen models (reference, reward model) live under DeepSpeed ZeRO-3 (refused without DeepSpeed)."""
 
     zero3: bool = Field(True, description="under ZeRO-3, shard them too (inference-only ZeRO-3 engines); "
                         "false: a whole copy on every process")
@@ -100,11 +103,18 @@ class PPOOptimConfig(ScheduleConfig):
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "constant"
 
 
+class PPOCheckpointConfig(CheckpointConfig):
+    every: int = Field(0, ge=0, description="save every N PPO steps (each a rollout and its ppo.epochs of updates: "
+                       "the `step` of metrics.jsonl and of `steps`); 0: no checkpoints")
+
+
 class PPOStageConfig(OnlineRLBlock):
     stage: Literal["ppo"]
     eval_fraction: float = Field(0.2, ge=0, lt=1)
     max_eval_prompts: int = Field(64, ge=1)
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=1, description="PPO steps: each samples rollout.prompts_per_step prompts and runs "
+                       "ppo.epochs epochs of updates over them")
+    checkpoint: PPOCheckpointConfig = Field(default_factory=PPOCheckpointConfig)
     value_model: Literal["head", "critic"] = "head"
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
@@ -122,6 +132,15 @@ class PPOStageConfig(OnlineRLBlock):
         if "dropout" in self.lora.model_fields_set and self.lora.dropout > 0:
             raise ValueError("lora.dropout has no effect in PPO: every dropout is off while PPO trains (before the "
                              "first update the importance ratio must be exactly 1); remove the key")
+        self.refuse_unused(("eval_rule", "max_eval_prompts"), self.eval_fraction > 0,
+                           "with eval_fraction: 0 (no prompts are held out to evaluate)")
+        if self.deepspeed is None:  # both place models under ZeRO-3; one process holds everything whole
+            unused = [f"frozen.{n}" for n in self.frozen.written("zero3", "offload")] + \
+                [f"rollout.{n}" for n in self.rollout.written("gather_zero3")]
+            if unused or "frozen" in self.written("frozen"):
+                raise ValueError(f"{', '.join(unused) or 'frozen'} {'have' if len(unused) > 1 else 'has'} no effect "
+                                 "without DeepSpeed: they place the models under ZeRO-3; set deepspeed (or rlhf run "
+                                 "--deepspeed) or leave them out")
         return self
 
     def zero_batch(self, world: int):
@@ -285,7 +304,7 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
         precision = "fp32"
     per_rank, minibatch = (zero.local_sizes(cfg, world) if ds else
                            (cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size))
-    prompts = read_prompts(resolve_data_path(cfg.prompts))
+    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
     eval_prompts = eval_prompts[: cfg.max_eval_prompts]
     if len(train_prompts) < cfg.rollout.prompts_per_step:
@@ -464,7 +483,7 @@ def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_ar
         from pipeline.deepspeed import save_ppo_models
 
         return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info, critic_trust)
-    save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge)
+    save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
     if models.value_head is not None:
         save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
         return {"value_head": "value_head.safetensors"}

@@ -25,7 +25,11 @@ from pipeline.errors import InvalidInput
 
 class SFTDataConfig(Strict):
     train: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:sft")
+    split: str | None = Field(None, description="train is a DatasetDict directory: the split to read (default: "
+                              "train; refused without one when there is no train split)")
     eval: str | None = Field(None, description="held-out file; without it `eval_fraction` of train is held out")
+    eval_split: str | None = Field(None, description="eval is a DatasetDict directory: the split to read (no "
+                                   "default: a DatasetDict as data.eval needs it)")
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     on_error: Literal["fail", "skip"] = "fail"
@@ -34,6 +38,7 @@ class SFTDataConfig(Strict):
     @model_validator(mode="after")
     def _used(self):
         self.refuse_unused(("eval_fraction",), self.eval is None, "with an eval file (data.eval)")
+        self.refuse_unused(("eval_split",), self.eval is not None, "without an eval file (data.eval)")
         return self
 
 
@@ -63,6 +68,9 @@ class SFTStageConfig(TrainingBlock):
             raise ValueError("freeze_layers: tuning 'freeze' needs freeze_layers >= 1")
         self.refuse_unused(("freeze_layers",), self.tuning == "freeze", "without tuning: freeze")
         self.refuse_unused(("prompt_tuning",), self.tuning == "prompt_tuning", "without tuning: prompt_tuning")
+        if self.packing and self.optim.group_by_length:
+            raise ValueError("optim.group_by_length has no effect with packing: packed sequences are all max_length "
+                             "tokens long")
         if self.optim.eval_steps is not None and self.data.eval is None and self.data.eval_fraction == 0:
             raise ValueError("optim.eval_steps: there is no eval split (no data.eval and data.eval_fraction: 0)")
         return self
@@ -88,6 +96,52 @@ def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     k = max(1, int(round(len(rows) * fraction))) if fraction > 0 else 0
     held = set(order[:k])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def trl_drops(tokenizer, example: dict, max_length: int, assistant_only_loss: bool, packing: bool) -> str | None:
+    """Why TRL's SFTTrainer will not train on `example` ({"messages": [...]}), or None when it will. TRL tokenises
+    the conversation with the chat template (with its assistant-token mask when assistant_only_loss), truncates it
+    to max_length (not when packing: packing cuts sequences itself) and drops every example with no trained token
+    left, without a word: a long prompt leaves no assistant token."""
+    if packing:
+        return None
+    out = tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=assistant_only_loss)
+    if not assistant_only_loss:
+        return None if out["input_ids"][:max_length] else "no token to train on"
+    mask = list(out["assistant_masks"])
+    if 1 in mask[:max_length]:
+        return None
+    if 1 not in mask:
+        return "no assistant token (the chat template marks none: is its {% generation %} block missing?)"
+    return (f"no assistant token within max_length {max_length}: the conversation before the first assistant "
+            f"reply is {mask.index(1)} tokens")
+
+
+def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train: list, evals: list, counts: dict) -> tuple[list, list]:
+    """The examples TRL will train and evaluate on (plain {"messages"} rows); the ones it would drop are listed
+    with their reasons in skipped.jsonl and counted, never dropped unseen (as DPO does for its pairs)."""
+    from pipeline import artifacts
+    from pipeline.distributed import say
+
+    kept: dict[str, list] = {"train": [], "eval": []}
+    skipped = []
+    for split, rows in (("train", train), ("eval", evals)):
+        for where, ex in rows:
+            why = trl_drops(tokenizer, ex, cfg.max_length, cfg.assistant_only_loss, cfg.packing)
+            if why:
+                skipped.append({"where": where, "split": split, "reason": why})
+            else:
+                kept[split].append(ex)
+    if skipped:
+        artifacts.write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
+        say(f"[{ctx.name}] {len(skipped)} examples not trained on (no assistant token left within max_length "
+            f"{cfg.max_length}); reasons in skipped.jsonl")
+    if not kept["train"]:
+        raise InvalidInput(f"{cfg.data.train}: no example left to train on ({len(skipped)} skipped: see skipped.jsonl)")
+    counts.update({"train": len(kept["train"]), "eval": len(kept["eval"]), **({"skipped": len(skipped)} if skipped
+                                                                               else {})})
+    return kept["train"], kept["eval"]
 
 
 # --------------------------------------------------------------------------- model set-up
@@ -120,15 +174,23 @@ def freeze_lower(model, n: int) -> None:
 
 
 def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
-    """(train examples, eval examples, counts); rejected rows written to rejected.jsonl with their reasons."""
+    """(train, eval, counts), each example with its location ((where, example)); rejected rows written to
+    rejected.jsonl with their reasons."""
     from pipeline import artifacts
     from pipeline.data import read_examples, resolve_data_path
     from pipeline.distributed import say
 
     rejected: list[dict] = []
-    train, n_train = read_examples(resolve_data_path(cfg.data.train), cfg.data.format, cfg.data.on_error, rejected)
-    if cfg.data.eval:
-        evals, n_eval = read_examples(resolve_data_path(cfg.data.eval), cfg.data.format, cfg.data.on_error, rejected)
+    d = cfg.data
+    where: list[str] = []
+    train, n_train = read_examples(resolve_data_path(d.train), d.format, d.on_error, rejected, d.split, "data.split",
+                                   where=where)
+    train = list(zip(where, train))
+    if d.eval:
+        where = []
+        evals, n_eval = read_examples(resolve_data_path(d.eval), d.format, d.on_error, rejected, d.eval_split,
+                                      "data.eval_split", default_split=None, where=where)
+        evals = list(zip(where, evals))
     else:
         n_eval = 0
         train, evals = hold_out(train, cfg.data.eval_fraction, ctx.seed)
@@ -172,7 +234,9 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     train, evals, counts = _data(cfg, ctx)
     precision = resolve_precision(cfg.precision)
     path, model_info, tokenizer, model = load_policy(ctx, cfg.model, role="model", merged=False)
-    train, evals = [neutralised(tokenizer, ex) for ex in train], [neutralised(tokenizer, ex) for ex in evals]
+    # special-token strings in the data become plain text first (what TRL tokenises), then what TRL would drop
+    train, evals = ([(where, neutralised(tokenizer, ex)) for where, ex in rows] for rows in (train, evals))
+    train, evals = _trainable(cfg, ctx, tokenizer, train, evals, counts)
     if cfg.tuning == "freeze":
         freeze_lower(model, cfg.freeze_layers)
     args = training_args(SFTConfig, cfg, ctx, precision, max_length=cfg.max_length, packing=cfg.packing,
@@ -181,6 +245,12 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
                          eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tokenizer,
                          peft_config=_peft(cfg, path),
                          callbacks=[trainer_callback(ctx.metrics)])
+    if not cfg.packing:  # packed, TRL's rows are sequences of max_length tokens, not examples
+        for split, ours, theirs in (("train", train, trainer.train_dataset), ("eval", evals, trainer.eval_dataset)):
+            dropped = len(ours) - (len(theirs) if theirs is not None else 0)
+            if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was used
+                counts[f"dropped_by_trl_{split}"] = dropped
+                say(f"[{ctx.name}] warning: TRL dropped {dropped} more {split} examples than predicted")
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval examples; "
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
@@ -200,15 +270,19 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
     is_adapter = save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=cfg.lora.merge,
-                             trust_remote_code=model_info.get("trust_remote_code", False))
+                             trust_remote_code=model_info.get("trust_remote_code", False),
+                             revision=model_info.get("revision"))
     steps = trainer.state.global_step
     summary = (f"{steps} steps in {seconds:.1f}s; train/loss {ctx.metrics.last.get('train/loss', float('nan')):.4f}"
                + (f", eval/loss {metrics['eval/loss_initial']:.4f} -> {metrics['eval/loss']:.4f}"
                   if "eval/loss_initial" in metrics else f", eval/loss {metrics['eval/loss']:.4f}" if evals else "")
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    outputs = {"model": "model", "metrics": "metrics.jsonl"}
+    if (ctx.work_dir / "skipped.jsonl").exists():
+        outputs["skipped"] = "skipped.jsonl"
     return {
         "kind": "policy",
-        "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+        "outputs": outputs,
         "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
         "counts": counts,
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,

@@ -12,14 +12,14 @@ from pipeline.cli import main
 DIVERGE = {"lr": 1.0e30, "max_steps": 8, "logging_steps": 1}
 BLOCKS = {
     "sft": {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft", "eval_fraction": 0}, "max_length": 64,
-            "optim": {"batch_size": 8, **DIVERGE}},
+            "optim": {"per_device_batch_size": 8, **DIVERGE}},
     "reward": {"stage": "reward", "model": "stage:sft", "preferences": "stage:all_pairs", "max_length": 64,
-               "optim": {"batch_size": 8, **DIVERGE}},
+               "optim": {"per_device_batch_size": 8, **DIVERGE}},
     "dpo": {"stage": "dpo", "policy": "stage:sft", "preferences": "stage:all_pairs", "max_length": 64,
-            "optim": {"batch_size": 8, **DIVERGE}},
+            "optim": {"per_device_batch_size": 8, **DIVERGE}},
     "grpo": {"stage": "grpo", "policy": "stage:sft", "prompts": "synthetic:prompts",
              "reward": {"rule": "feedback.synthetic:rule_score"}, "num_generations": 4, "max_completion_length": 8,
-             "optim": {"batch_size": 4, **DIVERGE}},
+             "optim": {"per_device_batch_size": 4, **DIVERGE}},
 }
 BLOCKS["rloo"] = {**BLOCKS["grpo"], "stage": "rloo"}
 

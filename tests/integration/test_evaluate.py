@@ -58,3 +58,32 @@ def test_rlhf_eval_gives_the_stages_numbers_with_the_same_seed(tiny_run, tmp_pat
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+
+
+def test_rlhf_eval_says_whether_its_prompts_are_held_out(tmp_path, capsys):
+    """rlhf eval defaults --eval-fraction to 0: it evaluates every prompt of the file and says so, rather than
+    calling them held out (issue 20, item 13)."""
+    args = ["eval", "a=tiny", "b=tiny", "--prompts", "synthetic:prompts", "--max-prompts", "2", "--max-new-tokens", "2"]
+    assert main([*args, "-o", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert "2 policies x 2 prompts (every prompt of synthetic:prompts: eval_fraction 0, none held out)" in out
+    assert "held-out" not in out
+    assert main([*args, "--eval-fraction", "0.2", "-o", str(tmp_path / "held")]) == 0
+    assert "2 policies x 2 held-out prompts (eval_fraction 0.2 of synthetic:prompts)" in capsys.readouterr().out
+
+
+def test_rlhf_eval_reads_one_split_of_a_dataset_dict(tmp_path, capsys):
+    """A DatasetDict of prompts is read one split: train by default, --prompts-split names another (issue 20,
+    item 1); the note says which were read and skipped."""
+    from datasets import Dataset, DatasetDict
+
+    d = tmp_path / "prompts"
+    DatasetDict({"train": Dataset.from_list([{"prompt": f"Tell me about the river {i}."} for i in range(5)]),
+                 "test": Dataset.from_list([{"prompt": "Tell me about the hill."}])}).save_to_disk(str(d))
+    args = ["eval", "a=tiny", "b=tiny", "--prompts", str(d), "--max-new-tokens", "2"]
+    assert main([*args, "-o", str(tmp_path / "train")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {d}: read split train; skipped test" in out and "2 policies x 5 prompts" in out
+    assert main([*args, "--prompts-split", "test", "-o", str(tmp_path / "test")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "test" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Tell me about the hill."]

@@ -113,7 +113,8 @@ def test_dpo_raises_held_out_rule_reward(tmp_path):
     # LoRA with the reference given by the disabled adapter, IPO loss: runs and writes a merged policy
     assert main(["run", str(ROOT / "configs" / "tiny-dpo.yaml"), "--run-dir", str(run), "--stage", "dpo",
                  "--set", "stages.dpo.tuning=lora", "--set", "stages.dpo.loss_type=ipo",
-                 "--set", "stages.dpo.optim.max_steps=3", "--set", "stages.dpo.eval_rule=null",
+                 "--set", "stages.dpo.optim.max_steps=3", "--set", "stages.dpo.optim.epochs=null",
+                 "--set", "stages.dpo.eval_rule=null",
                  "--set", "stages.dpo.eval_prompts=null", "--set", "stages.dpo.eval_max_new_tokens=32"]) == 0
     lora = artifacts.load_artifact(run / "dpo", "policy").manifest
     assert lora["model"]["tuning"] == "lora" and lora["model"]["loss_type"] == "ipo"

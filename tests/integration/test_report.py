@@ -356,8 +356,9 @@ def test_wandb_offline_one_run_per_stage_under_the_run_dir_grouped_with_the_plot
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     run = tmp_path / "tracked"
-    sets = ["tracking.wandb=true", "stages.sft.optim.max_steps=6", "stages.sft.optim.logging_steps=2",
-            "stages.reward.optim.max_steps=4", "stages.reward.optim.logging_steps=2", "stages.ppo.steps=3",
+    sets = ["tracking.wandb=true", "stages.sft.optim.max_steps=6", "stages.sft.optim.epochs=null",
+            "stages.sft.optim.logging_steps=2", "stages.reward.optim.max_steps=4", "stages.reward.optim.epochs=null",
+            "stages.reward.optim.logging_steps=2", "stages.ppo.steps=3",
             "stages.ppo.rollout.prompts_per_step=8", "stages.ppo.ppo.minibatch_size=8",
             "stages.ppo.ppo.micro_batch_size=8", "stages.ppo.max_eval_prompts=8"]
     args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run)]

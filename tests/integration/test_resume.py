@@ -17,7 +17,7 @@ from tests.conftest import ROOT, tiny_sft_block, write_yaml
 
 # 24 training rows, batch 8: 3 steps an epoch, so steps 1-2 are epoch 0 and step 4 is epoch 1
 SFT = tiny_sft_block(data={"train": "synthetic:sft", "eval_fraction": 0.1, "max_rows": 24},
-                     optim={"lr": 5e-3, "max_steps": 4, "batch_size": 8, "logging_steps": 1},
+                     optim={"lr": 5e-3, "max_steps": 4, "per_device_batch_size": 8, "logging_steps": 1},
                      checkpoint={"every": 2, "keep": 2})
 
 

@@ -25,7 +25,7 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 def test_full_sft_learns_saves_reloads_and_skips(tmp_path, tiny_path, capsys):
-    block = tiny_sft_block(optim={"lr": 5e-3, "epochs": 5, "batch_size": 8})  # as configs/tiny.yaml
+    block = tiny_sft_block(optim={"lr": 5e-3, "epochs": 5, "per_device_batch_size": 8})  # as configs/tiny.yaml
     code, run = _run(tmp_path, [block])
     assert code == 0
     art = artifacts.load_artifact(run / "sft", "policy")
@@ -57,7 +57,7 @@ def test_full_sft_learns_saves_reloads_and_skips(tmp_path, tiny_path, capsys):
     assert "up to date, skipped" in capsys.readouterr().out
     assert artifacts.read_manifest(run / "sft")["created_at"] == created
 
-    assert _run(tmp_path, [block], "--set", "stages.sft.optim.max_steps=5")[0] == 0
+    assert _run(tmp_path, [block], "--set", "stages.sft.optim.max_steps=5", "--set", "stages.sft.optim.epochs=null")[0] == 0
     assert "config changed: rerunning" in capsys.readouterr().out
     m2 = artifacts.read_manifest(run / "sft")
     assert m2["config_hash"] != m["config_hash"]
@@ -134,3 +134,25 @@ def test_bad_data_row_stops_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{data}:1: no non-empty assistant message" in err and "1 rows: 0 valid, 1 invalid" in err
     assert not (run / "sft").exists()
+
+
+def test_rows_trl_drops_are_listed_and_not_counted_as_trained(tmp_path):
+    """44 rows, 4 of them with a prompt long enough that truncation to max_length 64 leaves no assistant token: TRL
+    drops those silently, so the stage lists them in skipped.jsonl and counts what TRL really uses (issue 20, 3)."""
+    rows = [{"prompt": f"Tell me about the river {i}.", "completion": "The river is calm."} for i in range(40)]
+    rows += [{"prompt": "Tell me about the river. " * 20 + f"({i})", "completion": "The river is calm."}
+             for i in range(4)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    block = tiny_sft_block(data={"train": str(data), "eval_fraction": 0.1}, max_length=64,
+                           optim={"max_steps": 1, "per_device_batch_size": 4})
+    code, run = _run(tmp_path, [block])
+    assert code == 0
+    m = artifacts.load_artifact(run / "sft", "policy").manifest
+    skipped = [json.loads(x) for x in (run / "sft" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(s["where"] for s in skipped) == [f"{data}:{i}" for i in (41, 42, 43, 44)]
+    assert all("no assistant token within max_length 64" in s["reason"] for s in skipped)
+    held = sum(s["split"] == "eval" for s in skipped)
+    assert m["counts"]["train"] + m["counts"]["eval"] == 40 and m["counts"]["skipped"] == 4
+    assert m["counts"]["eval"] == 4 - held and m["outputs"]["skipped"] == "skipped.jsonl"
+    assert not any(k.startswith("dropped_by_trl") for k in m["counts"]), m["counts"]  # our count is TRL's

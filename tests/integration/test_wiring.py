@@ -80,7 +80,7 @@ OPTIM = {
     "optim.scheduler": ("cosine", lambda t: str(getattr(t.args.lr_scheduler_type, "value", t.args.lr_scheduler_type))),
     "optim.max_grad_norm": (0.5, lambda t: t.args.max_grad_norm),
     "optim.epochs": (3.0, lambda t: t.args.num_train_epochs),
-    "optim.batch_size": (4, lambda t: (t.args.per_device_train_batch_size, t.args.per_device_eval_batch_size), (4, 4)),
+    "optim.per_device_batch_size": (4, lambda t: (t.args.per_device_train_batch_size, t.args.per_device_eval_batch_size), (4, 4)),
     "optim.grad_accum": (2, lambda t: t.args.gradient_accumulation_steps),
     "optim.logging_steps": (3, lambda t: t.args.logging_steps),
     "optim.eval_steps": (5, lambda t: (str(getattr(t.args.eval_strategy, "value", t.args.eval_strategy)),
@@ -155,6 +155,8 @@ NOT_TRAINER_CONFIG = {
     "lora.merge": "how the adapter is saved (test_ppo_details: adapters merged)",
     "data.train": "SFT data read (test_sft)", "data.eval": "SFT data read", "data.eval_fraction": "SFT split",
     "data.format": "SFT rows read (test_sft_data)", "data.on_error": "SFT rows read", "data.max_rows": "SFT rows read",
+    "data.split": "a dataset dict's split read (test_read_as_written)", "data.eval_split": "a dataset dict's split read",
+    "prompts_split": "a dataset dict's split read (test_read_as_written)", "eval_prompts_split": "the split read",
     "eval_preferences": "the reward model's held-out pairs (test_rlaif)",
     "calibration_buckets": "the reward manifest's calibration table (test_reward)",
     "eval_prompts": "prompts sampled before and after (test_stage_settings)", "eval_rule": "held-out rule reward",
@@ -175,7 +177,8 @@ PPO_NOT_SETUP = {
     "kl.on_ceiling": "stop or warn at the ceiling", "lora.merge": "how the adapter is saved",
     "reward.model": "reward functions", "reward.rule": "reward functions", "reward.normalize": "reward functions",
     "stage": "picks the stage", "name": "the artifact's directory", "policy": "the model loaded",
-    "prompts": "the data read", "deepspeed": "the ZeRO config (tests/distributed)",
+    "prompts": "the data read", "prompts_split": "the split read (test_read_as_written)",
+    "deepspeed": "the ZeRO config (tests/distributed)",
 }
 
 
@@ -293,7 +296,7 @@ def test_group_methods_sample_from_a_neutral_config_with_dropout_off(tiny_run, t
     (policy / "generation_config.json").write_text(json.dumps({**gen, **own}))
     block = {"stage": stage, "name": f"neutral_{stage}", "policy": str(policy), "prompts": "synthetic:prompts",
              "reward": {"rule": "feedback.synthetic:rule_score"}, "num_generations": 2, "max_completion_length": 8,
-             "precision": "fp32", "optim": {"max_steps": 1, "batch_size": 2}}
+             "precision": "fp32", "optim": {"max_steps": 1, "per_device_batch_size": 2}}
     trainer = _build(tiny_run, tmp_path, monkeypatch, block)
     assert trainer.args.disable_dropout is True
     during = trainer.model.generation_config

@@ -154,12 +154,12 @@ def test_settings_that_do_nothing_are_refused(tmp_path, capsys):
         ([tiny_sft_block(freeze_layers=2)], "freeze_layers has no effect without tuning: freeze"),
         ([tiny_sft_block(data={"train": "synthetic:sft", "eval": "synthetic:sft", "eval_fraction": 0.3})],
          "eval_fraction has no effect with an eval file"),
-        ([prefs, {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "lora": {"merge": False}}],
-         "lora.merge: false has no effect here"),
+        ([prefs, {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "tuning": "lora",
+                  "lora": {"merge": False}}], "lora.merge: false has no effect here"),
         ([{"stage": "grpo", "policy": "tiny", "prompts": "synthetic:prompts", "reward": {"rule": "feedback.synthetic:rule_score"},
            "eval_rule": "feedback.synthetic:rule_score", "eval_fraction": 0}], "eval_rule has no effect with eval_fraction: 0"),
         ([{"stage": "ai_preferences", "policy": "tiny", "prompts": "synthetic:prompts", "judge": "j.yaml",
-           "candidates": {"temperature": 0, "top_p": 0.9}}], "top_p has no effect at temperature 0"),
+           "candidates": {"temperature": 0, "top_p": 0.9}}], "candidates.temperature: 0 is greedy decoding"),
     ]
     for stages, message in cases:
         cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": stages})

@@ -158,12 +158,21 @@ def test_sequence_of_dict_columns_become_message_lists(tmp_path):
 # --------------------------------------------------------------------------- 11. HH transcripts
 
 
-def test_hh_consecutive_same_role_turns_are_errors():
-    assert errors(edge("hh-turns.jsonl"), fmt="hh") == {
-        "1": "the chosen transcript has two Assistant turns in a row at turn 3: an 'Assistant:' inside a turn's text?",
-        "2": "the chosen transcript has two Human turns in a row at turn 2: a 'Human:' inside a turn's text?",
-        "3": "the chosen transcript has two Human turns in a row at turn 4: a 'Human:' inside a turn's text?",
-    }
+def test_hh_consecutive_turns_of_one_role_are_merged_and_noted():
+    """Real HH data has the assistant continuing its own turn (and a 'Human:' written inline): such rows are read,
+    the consecutive turns merged into one, as a split at the last shared turn reads them, and counted in a note."""
+    p = edge("hh-turns.jsonl")
+    report = validate_file(p, fmt="hh")
+    assert report.summary() == "3 rows: 3 valid, 0 invalid"
+    first, second, third = report.pairs
+    assert first.prompt == [{"role": "user", "content": "Hi"}]
+    assert first.chosen == [{"role": "assistant", "content": "Hello\n\nAnything else?"}]
+    assert first.rejected == [{"role": "assistant", "content": "Hello\n\nGo away"}]
+    assert second.prompt == [{"role": "user", "content": "Say 'x'\n\nquoted"}]
+    assert [m["role"] for m in third.prompt] == ["user", "assistant", "user"]
+    assert third.prompt[-1]["content"] == "Bye\n\nagain"
+    assert report.notes == [f"{p}: 3 rows of hh transcripts had consecutive turns of one role (the first at line 1), "
+                            "merged into one turn each"]
 
 
 def test_hh_line_endings_are_normalised_before_detection_and_parsing():

@@ -48,7 +48,7 @@ def test_group_methods_need_whole_groups_over_all_processes(tmp_path, capsys):
     processes, although 2 x 1 alone does not (a config TRL accepts on 2 processes used to be refused)."""
     grpo = {"stage": "grpo", "policy": "stage:sft", "prompts": "synthetic:prompts",
             "reward": {"rule": "feedback.synthetic:rule_score"}, "num_generations": 4,
-            "optim": {"batch_size": 2, "grad_accum": 1}}
+            "optim": {"per_device_batch_size": 2, "grad_accum": 1}}
     cfg = _cfg(tmp_path, grpo)
     assert main(["run", cfg, "--check", "--processes", "2"]) == 0
     assert main(["run", cfg, "--check"]) == 2

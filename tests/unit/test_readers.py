@@ -204,16 +204,21 @@ def test_real_hh_sample(capsys, tmp_path):
     cap = capsys.readouterr()
     lines = cap.out.splitlines()
     assert "format: hh" in cap.err
-    assert lines[-1] == "1200 rows: 1193 valid, 7 invalid"
+    assert lines[-1] == "1200 rows: 1198 valid, 2 invalid"
     bad = {int(line.split(":")[1]): line.split(": ", 1)[1] for line in lines[:-1]}
-    assert sorted(bad) == [221, 317, 335, 763, 827, 939, 1013]
-    assert bad[335] == bad[1013] == "empty chosen reply"
-    assert all("two Assistant turns in a row" in bad[i] for i in (221, 317, 763, 827, 939))
+    assert bad == {335: "empty chosen reply", 1013: "empty chosen reply"}
+    # rows where the assistant continues its own turn (221, 317, 763, 827, 939) are read, merged, and noted
+    assert "5 rows of hh transcripts had consecutive turns of one role (the first at line 221)" in cap.err
     out = tmp_path / "hh.jsonl"
     assert main(["data", "import", str(src), "-o", str(out), "--on-error", "skip"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     rejected = [json.loads(x) for x in (tmp_path / "hh.rejected.jsonl").read_text().splitlines()]
-    assert len(rows) == 1193 and len(rejected) == 7
+    assert len(rows) == 1198 and len(rejected) == 2
+    row_221 = json.loads(src.read_text().splitlines()[220])
+    merged = next(r for r in rows if r["rejected"][0]["content"] == row_221["rejected"].rsplit("Assistant: ", 1)[1])
+    assert merged["chosen"][0]["content"].startswith("Human: I think there's an easier way")
+    assert merged["chosen"][0]["content"].endswith("then we can talk more about it later?")
+    assert [m["role"] for m in merged["prompt"]] == ["user", "assistant", "user"]
     first = json.loads(src.read_text().splitlines()[0])
     assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["prompt"][-1]["role"] == "user"
     assert rows[0]["chosen"][0]["role"] == rows[0]["rejected"][0]["role"] == "assistant"

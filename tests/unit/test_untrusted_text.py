@@ -105,7 +105,7 @@ def test_sft_and_dpo_train_on_special_tokens_as_text(tmp_path, monkeypatch):
     prefs.write_text("".join(json.dumps({"prompt": p, "chosen": BENIGN, "rejected": r}) + "\n" for p, r in (
         ("Tell me about the river.", INJECTED), (INJECTED, "The river is dull."))))
     run = tmp_path / "run"
-    one_step = {"max_steps": 1, "batch_size": 2, "logging_steps": 1}
+    one_step = {"max_steps": 1, "per_device_batch_size": 2, "logging_steps": 1}
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "stages": [
         tiny_sft_block(data={"train": str(sft), "eval_fraction": 0}, max_length=128, optim=one_step),
         {"stage": "preferences", "data": {"path": str(prefs)}, "eval_fraction": 0},
@@ -132,7 +132,7 @@ def test_grpo_prompts_hold_special_tokens_as_text(tmp_path, monkeypatch):
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "stages": [
         {"stage": "grpo", "policy": "tiny", "prompts": str(prompts), "reward": {"rule": "feedback.synthetic:rule_score"},
          "num_generations": 2, "max_completion_length": 4, "precision": "fp32",
-         "optim": {"max_steps": 1, "batch_size": 2, "logging_steps": 1}}]})
+         "optim": {"max_steps": 1, "per_device_batch_size": 2, "logging_steps": 1}}]})
     assert main(["run", str(cfg)]) == 0
     contents = [m["content"] for row in seen["GRPOTrainer"]["prompt"] for m in row]
     assert len(contents) == 2 and not any("<|im_start|>" in c or "<|im_end|>" in c for c in contents)
