@@ -402,10 +402,11 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_co
     is_peft = hasattr(trainer.model, "peft_config")
     if distributed.is_main():
         if is_peft and merge:
-            from pipeline.models import load_causal_lm
+            from pipeline.models import load_model
 
-            # an adapter directory loads merged into its base (at the revision its adapter_config records)
-            merged = load_causal_lm(str(tmp), "fp32", trust_remote_code)
+            # an adapter directory loads merged into its base (at the revision its adapter_config records), with the
+            # head its task has: a reward model's adapter carries its trained score head
+            merged = load_model(str(tmp), "fp32", trust_remote_code, head="auto")
             shutil.rmtree(tmp)
             merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

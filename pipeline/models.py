@@ -455,24 +455,37 @@ def load_causal_lm(path: str, precision: str = "fp32", trust_remote_code: bool =
     with the adapter on top, merged into the weights (`adapter="merge"`: what training on top of an adapter
     artifact needs, so that a new adapter or a reference starts from the adapted policy, not the base) or
     kept as a frozen peft model (`adapter="keep"`)."""
-    from transformers import AutoModelForCausalLM
+    return load_model(path, precision, trust_remote_code, revision, adapter, head="lm")
 
-    kw = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code}
+
+def load_model(path: str, precision: str = "fp32", trust_remote_code: bool = False, revision: str | None = None,
+               adapter: str = "merge", head: str = "lm"):
+    """A causal LM (`head="lm"`) or a one-output sequence classifier, a reward model (`head="score"`), from a
+    resolved path, an adapter directory loaded onto its base as load_causal_lm describes. `head="auto"`: what an
+    adapter directory's task type says (a reward model's adapter carries its score head), else a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     base = _adapter_base(path)
+    if head == "auto":
+        task = _json_file(Path(path) / "adapter_config.json").get("task_type") if base else None
+        head = "score" if task == "SEQ_CLS" else "lm"
+    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if head == "score" \
+        else (AutoModelForCausalLM, {})
+    kw = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code, **extra}
     refuse_custom_code(base[0] if base else path, trust_remote_code)
     try:
         if base is not None:
             from peft import PeftModel
 
-            model = AutoModelForCausalLM.from_pretrained(base[0], revision=base[1], **kw)
+            model = auto.from_pretrained(base[0], revision=base[1], **kw)
             model = PeftModel.from_pretrained(model, path, is_trainable=False)
             if adapter != "merge" or _peft_type(path) != "LORA":  # prompt tuning has no weights to merge into
                 return model
             # peft froze the weights it loaded; the merged model is a plain model again, trainable as any
             return model.merge_and_unload().requires_grad_(True)
-        return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kw)
+        return auto.from_pretrained(path, revision=revision, **kw)
     except OSError as exc:
-        raise UsageError(f"cannot load model '{path}': {exc}") from None
+        raise UsageError(f"cannot load {'reward ' if head == 'score' else ''}model '{path}': {exc}") from None
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise

@@ -82,14 +82,8 @@ class RewardScorer:
 
 def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: bool = False,
                       revision: str | None = None):
-    from transformers import AutoModelForSequenceClassification
+    """A reward model (one-output sequence classifier) from a model directory, a LoRA adapter of one (merged with
+    its score head), or a hub id."""
+    from pipeline.models import load_model
 
-    from pipeline.errors import UsageError
-    from pipeline.models import refuse_custom_code, torch_dtype
-
-    refuse_custom_code(path, trust_remote_code)
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code, revision=revision)
-    except OSError as exc:
-        raise UsageError(f"cannot load reward model '{path}': {exc}") from None
+    return load_model(path, precision, trust_remote_code, revision, head="score")

@@ -32,6 +32,10 @@ STAGES = [
      "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 2},
      "optim": {"lr": 1e-4, "scheduler": "cosine", "warmup_ratio": 0.3}, "precision": "fp32",
      "checkpoint": {"every": 2, "keep": 1}},
+    # a LoRA reward model: saved merged with its trained score head (it was merged as a causal LM, losing the head)
+    {"stage": "reward", "name": "reward_lora", "model": "stage:sft", "preferences": "stage:preferences",
+     "max_length": 64, "precision": "fp32", "tuning": "lora", "lora": {"r": 4, "alpha": 8},
+     "optim": {"lr": 2e-3, "max_steps": 4, "per_device_batch_size": 8, "logging_steps": 1}},
 ]
 # the same SFT and PPO with checkpoints, to stop after step 2 and resume
 RESUMED = [{**STAGES[0], "name": "sft_b", "checkpoint": {"every": 2, "keep": 1}}, {**STAGES[4], "name": "ppo_b"}]
@@ -69,7 +73,7 @@ def test_stages_under_zero_save_models_that_reload_and_resume(tmp_path, zero):
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": STAGES + RESUMED})
     _launch(cfg, zero, *[a for s in STAGES for a in ("--stage", s.get("name", s["stage"]))])
     for name, loader in (("sft", load_causal_lm), ("reward", load_reward_model), ("dpo", load_causal_lm),
-                         ("ppo", load_causal_lm)):
+                         ("ppo", load_causal_lm), ("reward_lora", load_reward_model)):
         art = artifacts.load_artifact(run / name, ("policy", "reward_model"))
         model_dir = str(art.output("model"))
         assert not list(Path(model_dir).glob("*.pt")) and list(Path(model_dir).glob("*.safetensors"))
