@@ -226,8 +226,9 @@ class StageBlock(Strict):
     def inputs(self) -> dict[str, tuple[str, str]]:
         return {}
 
-    def preflight(self, world: int) -> None:
-        """Checks that need more than the config: the number of processes, or what the installed libraries offer.
+    def preflight(self, world: int, zero: dict | None = None) -> None:
+        """Checks that need more than the config: the number of processes, the stage's DeepSpeed config (`zero`, read
+        and filled for that many processes; None without one), or what the installed libraries offer.
         `rlhf run` runs them for every selected stage before the first one starts (a launch that cannot work fails
         at once, not after the stages before it have trained), and so does `rlhf run --check --processes N`. Raise
         UsageError naming the key. Methods extend it."""

@@ -139,12 +139,13 @@ def preflight(stages: list, world: int) -> None:
     filled for that many processes. A launch that cannot work then fails at once, not after the stages before it
     have trained. `rlhf run --check --processes N` runs the same checks."""
     for st in stages:
-        st.preflight(world)
+        zero = None
         if getattr(st, "deepspeed", None):
             from pipeline.deepspeed import zero_config
             from pipeline.models import resolve_precision
 
-            zero_config(st, resolve_precision(st.precision), world)
+            zero = zero_config(st, resolve_precision(st.precision), world)
+        st.preflight(world, zero)
 
 
 def selected_stages(cfg: PipelineConfig, only: list[str] | None) -> list:

@@ -54,15 +54,19 @@ from pipeline.rl import losses
 
 
 # attribute names of the rates stochastic layers read in training mode: dropout (Llama's attention_dropout,
-# peft's lora_dropout rates), layerdrop (OPT, BioGPT, wav2vec-style decoders skip whole layers) and drop-path /
-# stochastic depth (DropPath modules' drop_prob)
-_STOCHASTIC = ("dropout", "layerdrop", "drop_path", "drop_prob")
+# peft's lora_dropout rates), layerdrop (OPT, BioGPT, wav2vec-style decoders skip whole layers), drop-path /
+# stochastic depth (DropPath modules' drop_prob) and the noise mixture-of-experts routers add (Mixtral's
+# router_jitter_noise, PhiMoE's input_jitter_noise, DBRX's moe_jitter_eps)
+_STOCHASTIC = ("dropout", "layerdrop", "drop_path", "drop_prob", "jitter")
 
 
-def disable_dropout(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module):
     """Every stochastic layer off for good (not only in eval mode): every dropout module (LoRA's lora_dropout
-    included) and every float rate named like dropout, layerdrop, drop_path or drop_prob on any module, and on the
-    model's config. check_deterministic then proves nothing random is left."""
+    included) and every float rate named like dropout, layerdrop, drop_path, drop_prob or jitter on any module, and
+    on the model's config (some layers read it at each forward). check_deterministic then proves nothing random is
+    left. Returns a function that puts the config's own rates back, for saving: a model trained here keeps the
+    dropout its config had for whoever trains it next."""
+    saved: list[tuple[object, str, float]] = []
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
@@ -72,8 +76,39 @@ def disable_dropout(model: nn.Module) -> None:
         config = getattr(m, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             for name, value in config.to_dict().items():
-                if any(k in name for k in _STOCHASTIC) and isinstance(value, float):
+                if any(k in name for k in _STOCHASTIC) and isinstance(value, float) and value:
+                    saved.append((config, name, value))
                     setattr(config, name, 0.0)
+
+    def restore() -> None:
+        for config, name, value in saved:
+            setattr(config, name, value)
+
+    return restore
+
+
+def refuse_random_forwards(run, modules: list, what: str) -> None:
+    """Run `run()` (a list of output tensors) twice with `modules` in training mode; the outputs must agree to the
+    rounding of their dtype (a few units in the last place, so that a GPU's reductions in another order pass) or
+    something still draws random numbers: refused, saying so. Every process calls it (ZeRO-3: collective)."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.train(True)
+    try:
+        with torch.no_grad():
+            first, second = run(), run()
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    for a, b in zip(first, second):
+        tol = 8 * torch.finfo(a.dtype).eps * max(1.0, a.float().abs().max().item())
+        diff = (a.float() - b.float()).abs().max().item()
+        if diff > tol:
+            raise InvalidInput(
+                f"{what} is not deterministic in training mode: two forwards of the same input differ by {diff:.3g} "
+                "with dropout, layerdrop, drop-path and router jitter switched off. Some layer draws random numbers "
+                "under another name, which would make the importance ratio and the KL to the reference noise; find "
+                "it and set its rate to 0 in the model's config")
 
 
 class ValueHead(nn.Module):
@@ -114,8 +149,8 @@ def _base(model):
 def response_hidden(model, input_ids, attention_mask, position_ids, start: int) -> torch.Tensor:
     """The last hidden states at the positions predicting the tokens from `start` on (the value head's input):
     the decoder alone, no vocabulary projection."""
-    h = _base(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids).last_hidden_state
+    h = _base(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
     return h[:, start - 1 : -1]
 
 
@@ -194,17 +229,17 @@ class PPOModels:
         if not temperature > 0:
             raise ValueError("PPO needs a sampling temperature > 0 (greedy decoding has no log-probabilities)")
         self.tok, self.lora, self.temperature = tokenizer, lora, temperature
-        for m in (policy, critic, reference):
-            if m is not None:
-                disable_dropout(m)
+        # every stochastic layer off; the configs' own rates go back before anything is saved (restore_configs)
+        self._restore = [disable_dropout(m) for m in (policy, critic, reference) if m is not None]
         if lora:
             self.reference = None
         else:
             self.reference = reference if reference is not None else copy.deepcopy(policy)
             self.reference.eval().requires_grad_(False)
-        cfg = policy.config if hasattr(policy, "config") else policy.base_model.config
         dtype = next(policy.parameters()).dtype  # one dtype per engine (DeepSpeed flattens them together)
-        head = ValueHead(cfg.hidden_size).to(dtype) if value_model == "head" else None
+        # the value head reads what the LM head reads: its input width (OPT-350m projects 1024 to 512 before it)
+        width = _base(policy).get_output_embeddings().in_features
+        head = ValueHead(width).to(dtype) if value_model == "head" else None
         self.actor_module = Actor(policy, head)
         self.critic_module = Critic(critic, *critic_scale) if critic is not None else None
         self.actor, self.critic = self.actor_module, self.critic_module
@@ -238,30 +273,26 @@ class PPOModels:
                 m.train(mode)
 
     def check_deterministic(self) -> None:
-        """Two train-mode forwards of the trained models on the same input must agree exactly: a stochastic layer
-        that disable_dropout did not find (a rate under another name, a custom module) would add noise to the
-        importance ratio and the KL. Every process calls it (under ZeRO-3 the forwards are collective)."""
+        """Two train-mode forwards of the trained models on the same input must agree: a stochastic layer that
+        disable_dropout did not find (a rate under another name, a custom module) would add noise to the importance
+        ratio and the KL. Every process calls it (under ZeRO-3 the forwards are collective)."""
         ids = self.tok("Tell me about the river and the old stone bridge.")["input_ids"][:16]
         ids = torch.tensor([ids if len(ids) > 1 else [0, 0]], device=self.device)
         att = torch.ones_like(ids)
         pos = position_ids(att)
-        runs = []
-        self.train(True)
-        try:
-            with torch.no_grad():
-                for _ in range(2):
-                    logits, values = self.actor(ids, att, pos, 1)
-                    critic = self.critic(ids, att, pos, 1) if self.critic is not None else None
-                    runs.append([t.float() for t in (logits, values, critic) if t is not None])
-        finally:
-            self.train(False)
-        diff = max((a - b).abs().max().item() for a, b in zip(*runs))
-        if diff > 0:
-            raise InvalidInput(
-                f"the policy (or its value model) is not deterministic in training mode: two forwards of the same "
-                f"input differ by {diff:.3g} with dropout, layerdrop and drop-path switched off. Some layer of "
-                f"{type(_base(self.policy)).__name__} draws random numbers under another name, which would make "
-                "PPO's importance ratio and KL noise; find it and set its rate to 0 in the model's config")
+
+        def run():
+            logits, values = self.actor(ids, att, pos, 1)
+            critic = self.critic(ids, att, pos, 1) if self.critic is not None else None
+            return [t for t in (logits, values, critic) if t is not None]
+
+        refuse_random_forwards(run, [m for m in (self.actor_module, self.critic_module) if m is not None],
+                               f"the policy ({type(_base(self.policy)).__name__}) or its value model")
+
+    def restore_configs(self) -> None:
+        """The models' configs get their own dropout rates back (before saving; the live modules keep theirs off)."""
+        for restore in self._restore:
+            restore()
 
     def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -389,16 +420,20 @@ def row_seeds(seed: int, step, rows) -> list[int]:
 
 class RowSampler:
     """A logits processor that samples every row from softmax(logits / T) with the row's own random stream (one
-    uniform per token, inverse-CDF sampling, as torch.multinomial does), and hands generate() that choice as the
-    only finite score, so generate runs greedy on it. A response then depends on its prompt and its seed alone,
+    uniform per token, drawn for all `steps` at once from a generator seeded by the row's seed; inverse-CDF
+    sampling, as torch.multinomial does), and hands generate() that choice as the only finite score, so generate
+    runs greedy on it. A response then depends on its prompt and its seed alone,
     never on the other rows of the batch or on the number of processes. With `record`, it also keeps each sampled
     token's log-probability under logits / T, the sampler's own (PPO's old log-probs: TRL 1.12 takes them from the
     sampler's logits too), one row of logits per sequence where `output_scores` would keep all of them; call
     `finish` with the last sampled tokens afterwards."""
 
-    def __init__(self, temperature: float, seeds: list[int], record: bool = False):
-        self.temperature, self.seeds, self.record = temperature, seeds, record
-        self.generators: list | None = None
+    def __init__(self, temperature: float, seeds: list[int], steps: int, record: bool = False):
+        # each row's uniforms for every step at once (float64, from a CPU generator of its own): one draw per row
+        # per generate() call rather than per token, the same numbers on any device
+        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                                     for s in seeds]) if seeds else torch.zeros(0, steps, dtype=torch.float64)
+        self.temperature, self.record, self.step = temperature, record, 0
         self.rows, self.out = None, []
 
     def _collect(self, tokens: torch.Tensor) -> None:
@@ -407,16 +442,16 @@ class RowSampler:
             self.out.append(logits.gather(1, tokens[:, None].to(logits.device)).squeeze(1) - lse)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        if self.uniforms.device != scores.device:
+            self.uniforms = self.uniforms.to(scores.device)
         if self.record:
             self._collect(input_ids[:, -1])  # the token sampled from the previous row
         logits = scores.float() / self.temperature
         lse = torch.logsumexp(logits, -1)
         if self.record:
             self.rows = (logits, lse)
-        u = torch.stack([torch.rand((), generator=g, device=scores.device, dtype=torch.float64)
-                         for g in self.generators])
+        u = self.uniforms[:, min(self.step, self.uniforms.shape[1] - 1)]
+        self.step += 1
         cdf = torch.exp(logits.double() - lse.double()[:, None]).cumsum(-1)
         # the first token whose cumulative probability exceeds u (scaled by the total, which rounding keeps near 1)
         chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[1] - 1)
@@ -440,7 +475,7 @@ def generate(models: PPOModels, prompts: list, max_new_tokens: int, keep_scores:
     query, qmask = query.to(models.device), qmask.to(models.device)
     if seeds is None:
         seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
-    sampler = RowSampler(models.temperature, seeds, record=keep_scores)
+    sampler = RowSampler(models.temperature, seeds, max_new_tokens, record=keep_scores)
     config = generation_config(tok, max_new_tokens, 0.0, 1.0, return_dict_in_generate=True)  # greedy on RowSampler
     models.train(False)
     with torch.no_grad(), models.generation() as policy:

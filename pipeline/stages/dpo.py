@@ -73,7 +73,7 @@ class DPOStageConfig(TrainingBlock):
         self.refuse_unused(("eval_prompts_split",), bool(self.eval_prompts), "without eval_prompts")
         return self
 
-    def preflight(self, world: int) -> None:
+    def preflight(self, world: int, zero: dict | None = None) -> None:
         if self.loss_type not in trl_loss_types():
             raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a DPO loss of the installed "
                              f"TRL; expected one of {list(trl_loss_types())}")

@@ -13,8 +13,9 @@ before the first stage starts: `loss_type` (how token losses are averaged: grpo,
 bnpo, cispo, sapo, ... whatever the installed TRL implements), `scale_rewards`, `epsilon` and
 `epsilon_high` (clip-higher), `importance_sampling_level` (token, or sequence: GSPO) and
 `mask_truncated_completions`; README "GRPO and RLOO: the loss choices" says what each is for.
-As in our PPO, dropout is off in the policy and the reference, and sampling reads nothing from
-the model's generation_config.json but its eos, pad and bos tokens.
+As in our PPO, every stochastic layer (dropout rates, layerdrop) is off in the policy, checked by
+two training-mode forwards at start-up, and sampling reads nothing from the model's
+generation_config.json but its eos, pad and bos tokens; the saved policy keeps its own config.
 
     RUN_DIR/grpo/ (or rloo/)
       manifest.json    # kind: policy; train/reward, eval/rule_reward_mean before and after with eval_rule
@@ -100,7 +101,7 @@ class GroupRLStageConfig(OnlineRLBlock):
             raise ValueError("loss_type 'vespo' weighs whole sequences itself: leave importance_sampling_level at token")
         return self
 
-    def preflight(self, world: int) -> None:
+    def preflight(self, world: int, zero: dict | None = None) -> None:
         """TRL samples num_generations completions of each prompt within one generation batch, which is
         batch_size x grad_accum completions on each of the processes: their total must hold whole groups. And the
         loss type must be one the installed TRL implements."""
@@ -197,11 +198,13 @@ def neutral_generation_config(model):
 
 
 def run(cfg: GroupRLStageConfig, ctx) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
+    from pipeline.rl.ppo import disable_dropout, refuse_random_forwards
     from pipeline.distributed import say
     from pipeline.models import count_parameters, resolve_precision
     from pipeline.tracking import trainer_callback
@@ -223,21 +226,31 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     rule.before(model, tok, metrics)
     ConfigCls, TrainerCls = (GRPOConfig, GRPOTrainer) if cfg.stage == "grpo" else (RLOOConfig, RLOOTrainer)
     args = trl_config(ConfigCls, cfg, ctx, precision, info)
-    # sampling reads nothing from the model's generation_config.json but its special tokens: transformers fills
-    # every setting TRL leaves unset (min_p, no_repeat_ngram_size, suppress_tokens, ...) from it, while TRL's
-    # log-probs apply the temperature only. The model's own is put back before it is saved.
+    # As in our PPO, nothing random in the policy's forwards: TRL's disable_dropout zeroes dropout modules only, not
+    # the rates attention layers read (Llama's attention_dropout) or layerdrop, which would put noise into the
+    # importance ratio and the KL. And sampling reads nothing from the model's generation_config.json but its
+    # special tokens: transformers fills every setting TRL leaves unset (min_p, no_repeat_ngram_size,
+    # suppress_tokens, ...) from it, while TRL's log-probs apply the temperature only. Both are the model's own
+    # again before it is saved, whatever happens in between.
+    restore_rates = disable_dropout(model)
     own_generation_config = neutral_generation_config(model)
-    trainer = TrainerCls(model=model, reward_funcs=funcs if len(funcs) > 1 else funcs[0], args=args,
-                         train_dataset=Dataset.from_list(train), processing_class=tok,
-                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
-                         callbacks=[trainer_callback(ctx.metrics)])
-    total, trainable = count_parameters(trainer.model)
-    say(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
-        f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
-    t0 = time.time()
-    fit(trainer, ctx, cfg)
-    seconds = time.time() - t0
-    _base_model(trainer.model).generation_config = own_generation_config
+    try:
+        trainer = TrainerCls(model=model, reward_funcs=funcs if len(funcs) > 1 else funcs[0], args=args,
+                             train_dataset=Dataset.from_list(train), processing_class=tok,
+                             peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+                             callbacks=[trainer_callback(ctx.metrics)])
+        ids = torch.tensor([tok("Tell me about the river and the old stone bridge.")["input_ids"][:16]])
+        ids = ids.to(next(trainer.model.parameters()).device)
+        refuse_random_forwards(lambda: [trainer.model(input_ids=ids).logits], [trainer.model], "the policy")
+        total, trainable = count_parameters(trainer.model)
+        say(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
+            f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
+        t0 = time.time()
+        fit(trainer, ctx, cfg)
+        seconds = time.time() - t0
+    finally:
+        restore_rates()
+        _base_model(model).generation_config = own_generation_config
     model_out = final_model(trainer, cfg.lora.merge)
     rule.after(ctx, trainer, model_out, tok, metrics)
     ctx.metrics.log(metrics, step=trainer.state.global_step)

@@ -148,18 +148,20 @@ class PPOStageConfig(OnlineRLBlock):
 
         return zero_batch(self, world)
 
-    def preflight(self, world: int) -> None:
+    def preflight(self, world: int, zero: dict | None = None) -> None:
         """On several processes PPO runs on DeepSpeed engines (they reduce the gradients over the processes), and every
         process takes an equal share of each step's prompts and of each minibatch, in equal micro-batches
-        (pipeline.deepspeed.local_sizes)."""
+        (pipeline.deepspeed.local_sizes, through zero_batch when `zero` was filled); frozen.offload keeps ZeRO-3
+        shards, so it needs ZeRO-3 and frozen.zero3."""
+        from pipeline.deepspeed import zero_stage
+
+        if self.frozen.offload and not (zero_stage(zero) == 3 and self.frozen.zero3):
+            raise UsageError(f"stages.{self.name}.frozen.offload: needs a ZeRO-3 config (--deepspeed "
+                             "configs/deepspeed/zero3.json) and frozen.zero3: true")
         if world > 1 and not self.deepspeed:
             raise UsageError(f"stages.{self.name}: PPO on {world} processes runs under DeepSpeed, whose engines reduce "
                              "the gradients over the processes: add --deepspeed configs/deepspeed/zero2.json (or a "
                              "`deepspeed:` key)")
-        if self.deepspeed:
-            from pipeline.deepspeed import local_sizes
-
-            local_sizes(self, world)
 
 
 Config = PPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -194,9 +196,6 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
                                "use value_model: head")
     zero3 = zero.zero_stage(ds) == 3
     shard_frozen = zero3 and cfg.frozen.zero3
-    if cfg.frozen.offload and not shard_frozen:
-        raise InvalidInput(f"stages.{ctx.name}.frozen.offload: needs a ZeRO-3 config (--deepspeed "
-                           "configs/deepspeed/zero3.json) and frozen.zero3: true")
     lora = cfg.tuning == "lora"
     needs_reference = ds is not None and not lora  # one process: a copy of the policy, made below
     reward_fn = reference = None
@@ -436,6 +435,7 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     from pipeline.stages.common import logits_fingerprint, memory_metrics, peak_memory
 
     fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
+    s.models.restore_configs()  # the saved policy keeps the dropout rates its config had
     memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
     outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,

@@ -169,13 +169,19 @@ def test_a_nonfinite_gradient_is_refused_before_the_update_on_every_process(stag
     assert main["good_update_applied"] and not main["bad_update_applied"], main
 
 
-@pytest.mark.parametrize("value_model", ["head", "critic"])
-def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, value_model):
-    """The same PPO step (one rollout of 8 prompts, two epochs of two minibatches of 4) from the same SFT policy, on
-    one process and on two (ZeRO-2, each process sampling and scoring half the prompts, then taking half of every
-    minibatch): the weight updates agree within 1%. The responses are the same (each is sampled from its own
-    seed), the minibatches are the same rows in the same order, the loss is the minibatch's token mean, and a
-    critic's gradients are clipped apart from the policy's on one process as in its own engine."""
+@pytest.mark.parametrize("value_model,zero,placement", [
+    ("head", "zero2", {}), ("critic", "zero2", {}),
+    # ZeRO-3 sampling on the shards, every process stepping together, and the frozen models' shards in CPU memory
+    ("critic", "zero3", {"rollout": {"gather_zero3": False}, "frozen": {"zero3": True, "offload": True}})],
+    ids=["head-zero2", "critic-zero2", "critic-zero3-sharded"])
+def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, value_model, zero, placement):
+    """The same PPO step (one rollout of 16 prompts, two epochs of two minibatches of 8) from the same SFT policy, on
+    one process (micro-batches of 8) and on two (ZeRO-2, each process sampling and scoring half the prompts, then
+    taking half of every minibatch in two micro-batches of 2, so DeepSpeed accumulates): the gradient norms agree
+    to 1e-4 and the weight updates within 1%. The responses are the same (each is sampled from its own seed), the
+    minibatches are the same rows in the same order, the loss is the minibatch's token mean (DeepSpeed's division
+    by its accumulation steps and processes undone), and a critic's gradients are clipped apart from the policy's
+    on one process as in its own engine."""
     from safetensors.torch import load_file
 
     from pipeline.cli import main
@@ -183,13 +189,16 @@ def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, valu
     run = tmp_path / "run"
     ppo = {"stage": "ppo", "policy": "stage:sft", "reward": {"model": "stage:reward"}, "value_model": value_model,
            "prompts": "synthetic:prompts", "steps": 1, "precision": "fp32", "max_eval_prompts": 4,
-           "rollout": {"prompts_per_step": 8, "max_new_tokens": 12},
-           "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, "optim": {"lr": 1e-3, "max_grad_norm": 0.1}}
+           "rollout": {"prompts_per_step": 16, "max_new_tokens": 12},
+           "ppo": {"epochs": 2, "minibatch_size": 8, "micro_batch_size": 8}, "optim": {"lr": 1e-3, "max_grad_norm": 0.1}}
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
-        *STAGES[:3], {**ppo, "name": "ppo_one"}, {**ppo, "name": "ppo_two"}]})
+        *STAGES[:3], {**ppo, "name": "ppo_one"},
+        {**ppo, "name": "ppo_two", "ppo": {**ppo["ppo"], "micro_batch_size": 2},
+         "deepspeed": str(ROOT / "configs" / "deepspeed" / f"{zero}.json"),
+         **{k: {**ppo.get(k, {}), **v} for k, v in placement.items()}}]})
     assert main(["run", str(cfg), "--stage", "sft", "--stage", "preferences", "--stage", "reward",
                  "--stage", "ppo_one"]) == 0
-    _launch(cfg, "zero2", "--stage", "ppo_two")
+    _launch(cfg, zero, "--stage", "ppo_two")
     start = load_file(str(run / "sft" / "model" / "model.safetensors"))
     updates, rewards = [], []
     for name in ("ppo_one", "ppo_two"):
@@ -197,6 +206,8 @@ def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, valu
         updates.append(torch.cat([(weights[k] - start[k]).flatten() for k in sorted(start)]))
         rewards.append(_metric(run, name, "ppo/reward_mean")[1])
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6), "the same responses on one and two processes"
+    norms = [_metric(run, name, "ppo/grad_norm")[1] for name in ("ppo_one", "ppo_two")]
+    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-4), norms
     assert updates[0].norm() > 0
     rel = ((updates[0] - updates[1]).norm() / updates[0].norm()).item()
     assert rel <= 1e-2, rel

@@ -1,5 +1,6 @@
-"""PPO on model families that post-process their logits or skip layers at random: Gemma 2 (final_logit_softcapping),
-Granite (logits_scaling), Cohere (logit_scale) and OPT (layerdrop). Tiny random models built offline from their
+"""PPO on model families that post-process their logits or draw random numbers in training mode: Gemma 2
+(final_logit_softcapping), Granite (logits_scaling), Cohere (logit_scale), OPT (layerdrop; and OPT-350m's narrower LM
+head input, which the value head reads too) and Mixtral (router jitter). Tiny random models built offline from their
 configs, with the tiny model's tokenizer. The log-probs PPO trains on (old, new, reference) are the sampler's
 own, and two training-mode forwards agree (before: 2.5-2.8 nats apart on these models; OPT skipped layers)."""
 
@@ -15,7 +16,7 @@ PROMPTS = ["Tell me about the river.", "Describe the sea and the sky.", "What is
 
 
 def _config(family: str, tok):
-    from transformers import CohereConfig, Gemma2Config, GraniteConfig, OPTConfig
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig, MixtralConfig, OPTConfig
 
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                bos_token_id=tok.bos_token_id, max_position_embeddings=256)
@@ -26,7 +27,13 @@ def _config(family: str, tok):
             "granite": lambda: GraniteConfig(logits_scaling=4.0, **llama_like),
             "cohere": lambda: CohereConfig(logit_scale=0.25, **llama_like),
             "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                     word_embed_proj_dim=32, layerdrop=0.5, init_std=0.2, **ids)}[family]()
+                                     word_embed_proj_dim=32, layerdrop=0.5, init_std=0.2, **ids),
+            # OPT-350m's shape: the LM head reads a 16-wide projection of the 32-wide hidden state (the value head too)
+            "opt_projected": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                               word_embed_proj_dim=16, init_std=0.2, **ids),
+            # a mixture of experts whose router adds noise in training mode
+            "mixtral": lambda: MixtralConfig(num_local_experts=2, num_experts_per_tok=1, router_jitter_noise=0.1,
+                                             **llama_like)}[family]()
 
 
 def _model(family: str, tiny_path):
@@ -39,7 +46,7 @@ def _model(family: str, tiny_path):
     return AutoModelForCausalLM.from_config(_config(family, tok), attn_implementation="eager"), tok
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere", "opt"])
+@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere", "opt", "opt_projected", "mixtral"])
 def test_log_probs_are_the_models_own_on_every_family(tiny_path, family):
     policy, tok = _model(family, tiny_path)
     models = PPOModels(policy, tok, "head", temperature=0.7)

@@ -227,3 +227,46 @@ def test_ppo_step_uses_the_kl_coefficient_it_is_given(tiny_path):
         assert out["ppo/kl"] == pytest.approx(0.1 * ro.mask.sum(1).mean().item(), abs=1e-5)
         results[coef] = out["ppo/return_mean"]
     assert results[0.05] < results[0.0] - 0.01
+
+
+def test_ppo_turns_dropout_off_checks_it_and_saves_the_policys_own_rates(tiny_run, tmp_path, monkeypatch, capsys):
+    """A policy whose config has attention_dropout 0.1: PPO trains with it off (the stage's start-up check would
+    refuse it left on, as it does when disable_dropout is skipped), and the saved policy's config keeps 0.1."""
+    import shutil
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_run / "sft" / "model", policy)
+    config = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    ppo = {"stage": "ppo", "name": "ppo_dropout", "policy": str(policy), "reward": {"rule": "feedback.synthetic:rule_score"},
+           "prompts": "synthetic:prompts", "steps": 1, "max_eval_prompts": 4,
+           "rollout": {"prompts_per_step": 8, "max_new_tokens": 8},
+           "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 8}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": [ppo]})
+    assert main(["run", str(cfg)]) == 0
+    saved = json.loads((tmp_path / "run" / "ppo_dropout" / "model" / "config.json").read_text())
+    assert saved["attention_dropout"] == 0.1
+    import pipeline.rl.ppo as ppo_loop
+
+    monkeypatch.setattr(ppo_loop, "disable_dropout", lambda model: (lambda: None))
+    assert main(["run", str(cfg), "--force"]) == 1
+    assert "is not deterministic in training mode" in capsys.readouterr().err
+
+
+def test_rollout_length_and_the_missing_eos_penalty_reach_the_loop(tiny_run, tmp_path):
+    """rollout.max_new_tokens caps every response (2 tokens here: most have no EOS yet), and
+    rollout.missing_eos_penalty is taken off each response without one. Both runs sample the same responses (each
+    from its own seed), so their mean rewards differ by exactly penalty x (1 - EOS rate)."""
+    ppo = {"stage": "ppo", "policy": "stage:sft", "reward": {"rule": "feedback.synthetic:rule_score"},
+           "prompts": "synthetic:prompts", "steps": 1, "max_eval_prompts": 4,
+           "rollout": {"prompts_per_step": 8, "max_new_tokens": 2},
+           "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 8}}
+    penalised = {**ppo, "name": "ppo_penalised", "rollout": {**ppo["rollout"], "missing_eos_penalty": 5.0}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tiny_run), "seed": 0, "stages": [
+        {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}}, {**ppo, "name": "ppo_plain"}, penalised]})
+    assert main(["run", str(cfg), "--stage", "ppo_plain", "--stage", "ppo_penalised"]) == 0
+    plain, pen = (json.loads((tiny_run / name / "metrics.jsonl").read_text().splitlines()[0])
+                  for name in ("ppo_plain", "ppo_penalised"))
+    assert plain["ppo/response_length"] <= 2 and pen["ppo/response_length"] <= 2
+    assert plain["ppo/eos_rate"] == pen["ppo/eos_rate"] < 1
+    assert plain["ppo/reward_mean"] - pen["ppo/reward_mean"] == pytest.approx(5.0 * (1 - pen["ppo/eos_rate"]), abs=1e-5)

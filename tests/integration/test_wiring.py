@@ -25,8 +25,9 @@ class Built(Exception):
         self.value = value
 
 
-def _build(tiny_run, tmp_path, monkeypatch, block: dict):
-    """Run one stage of a config over tiny_run's artifacts until training would start; return what it built."""
+def _build(tiny_run, tmp_path, monkeypatch, block: dict, at_fit=None):
+    """Run one stage of a config over tiny_run's artifacts until training would start; return what it built (or
+    what `at_fit(trainer)` reads at that moment: a stage may put things back once training stops)."""
     module = REGISTRY[block["stage"]]
     if block["stage"] == "ppo":
         def stop(cfg, ctx, s):
@@ -35,7 +36,7 @@ def _build(tiny_run, tmp_path, monkeypatch, block: dict):
         monkeypatch.setattr(module, "_loop", stop)
     else:
         def stop(trainer, ctx, cfg):
-            raise Built(trainer)
+            raise Built(at_fit(trainer) if at_fit else trainer)
 
         monkeypatch.setattr(module, "fit", stop)
     name = block["name"]
@@ -171,9 +172,13 @@ REFUSED = {"dpo": {"optim.group_by_length"}, "grpo": {"optim.group_by_length", "
 PPO_NOT_SETUP = {
     "steps": "the loop's steps (test_policy)", "eval_rule": "held-out rule reward (test_policy)",
     "eval_fraction": "held-out prompts", "max_eval_prompts": "held-out prompts", "log_samples_every": "samples.jsonl",
-    "rollout.max_new_tokens": "generate (test_ppo_invariance)", "rollout.missing_eos_penalty": "score_rollout",
-    "rollout.gather_zero3": "ZeRO-3 sampling (tests/distributed)", "frozen.zero3": "ZeRO-3 placement (tests/distributed)",
-    "frozen.offload": "ZeRO-3 placement", "kl.ceiling": "stop at a KL ceiling (test_policy)",
+    "rollout.max_new_tokens": "generate (test_ppo_details: rollout length and missing EOS penalty)",
+    "rollout.missing_eos_penalty": "score_rollout (test_ppo_details: rollout length and missing EOS penalty)",
+    "rollout.gather_zero3": "ZeRO-3 sampling (test_zero: critic-zero3-sharded)",
+    "frozen.zero3": "ZeRO-3 placement (test_zero: critic-zero3-sharded)", "frozen.offload": "the same",
+    "precision": "DeepSpeed only: one process trains in fp32 (README, PPO under DeepSpeed)",
+    "checkpoint.every": "the loop's checkpoints (test_resume: PPO keeps the newest)", "checkpoint.keep": "the same",
+    "kl.ceiling": "stop at a KL ceiling (test_policy)",
     "kl.on_ceiling": "stop or warn at the ceiling", "lora.merge": "how the adapter is saved",
     "reward.model": "reward functions", "reward.rule": "reward functions", "reward.normalize": "reward functions",
     "stage": "picks the stage", "name": "the artifact's directory", "policy": "the model loaded",
@@ -246,17 +251,14 @@ PPO = {
     "lora.r": (4, lambda s, hp: s.models.policy.peft_config["default"].r),
     "lora.alpha": (8, lambda s, hp: s.models.policy.peft_config["default"].lora_alpha),
     "lora.target_modules": (["q_proj", "v_proj"], lambda s, hp: sorted(s.models.policy.peft_config["default"].target_modules)),
-    "precision": ("fp32", lambda s, hp: str(next(s.models.policy.parameters()).dtype)),
     "gradient_checkpointing": (True, lambda s, hp: s.models.policy.get_base_model().is_gradient_checkpointing),
-    "checkpoint.every": (2, lambda s, hp: "loop"), "checkpoint.keep": (3, lambda s, hp: "loop"),
     **{f"ppo.{k}": (v, (lambda k: lambda s, hp: getattr(hp, k))(k)) for k, v in {
         "epochs": 2, "minibatch_size": 8, "micro_batch_size": 4, "forward_batch_size": 2, "clip": 0.3,
         "dual_clip": 3.0, "value_clip": 0.5, "vf_coef": 0.2, "entropy_coef": 0.01, "gamma": 0.99, "lam": 0.9,
         "whiten_advantages": False, "reward_clip": 5.0}.items()},
 }
 PPO_EXPECT = {"optim.warmup_ratio": 2, "kl.adaptive": "AdaptiveKLController", "value_model": "Critic",
-              "tuning": "LoraConfig", "precision": "torch.float32", "checkpoint.every": "loop",
-              "checkpoint.keep": "loop"}
+              "tuning": "LoraConfig"}
 
 
 def test_every_ppo_setting_reaches_its_loop(tiny_run, tmp_path, monkeypatch):
@@ -273,8 +275,6 @@ def test_every_ppo_setting_reaches_its_loop(tiny_run, tmp_path, monkeypatch):
     for field, (value, read) in PPO.items():
         got, want = read(s, hp), PPO_EXPECT.get(field, value)
         assert _same(got, want), f"stages.ppo.{field}: set to {value!r}, PPO runs with {got!r}"
-    # the checkpoint settings are read by the loop: the stage's checkpoint block is what it has
-    assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (2, 3)
     unlisted = set(_fields(REGISTRY["ppo"].Config)) - set(PPO) - set(PPO_NOT_SETUP) - {"lora.dropout"}
     assert not unlisted, f"ppo: fields neither checked here nor listed as read by the loop: {unlisted}"
 
@@ -282,9 +282,10 @@ def test_every_ppo_setting_reaches_its_loop(tiny_run, tmp_path, monkeypatch):
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_group_methods_sample_from_a_neutral_config_with_dropout_off(tiny_run, tmp_path, monkeypatch, stage):
     """A policy whose generation_config.json sets min_p, no_repeat_ngram_size, min_new_tokens and suppress_tokens
-    (which transformers would fill into TRL's sampling, while TRL's log-probs apply the temperature only): GRPO and
-    RLOO train with a generation config holding only its eos, pad and bos tokens, and with dropout off; the saved
-    policy keeps its own generation config."""
+    (which transformers would fill into TRL's sampling, while TRL's log-probs apply the temperature only), and whose
+    config.json has attention_dropout 0.1 (a rate TRL's disable_dropout does not reach): GRPO and RLOO train with a
+    generation config holding only its eos, pad and bos tokens and with every dropout off, so the first step's KL
+    to the reference is 0; the saved policy keeps its own generation config and dropout rate."""
     import json
     import shutil
 
@@ -294,12 +295,18 @@ def test_group_methods_sample_from_a_neutral_config_with_dropout_off(tiny_run, t
     gen = json.loads((policy / "generation_config.json").read_text()) if (policy / "generation_config.json").exists() \
         else {}
     (policy / "generation_config.json").write_text(json.dumps({**gen, **own}))
+    config = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
     block = {"stage": stage, "name": f"neutral_{stage}", "policy": str(policy), "prompts": "synthetic:prompts",
              "reward": {"rule": "feedback.synthetic:rule_score"}, "num_generations": 2, "max_completion_length": 8,
-             "precision": "fp32", "optim": {"max_steps": 1, "per_device_batch_size": 2}}
-    trainer = _build(tiny_run, tmp_path, monkeypatch, block)
+             "beta": 0.1, "precision": "fp32", "optim": {"max_steps": 1, "per_device_batch_size": 2, "logging_steps": 1}}
+    import copy
+
+    trainer, during, rates = _build(tiny_run, tmp_path, monkeypatch, block, at_fit=lambda t: (
+        t, copy.deepcopy(t.model.generation_config),
+        {layer.self_attn.attention_dropout for layer in t.model.model.layers} | {t.model.config.attention_dropout}))
     assert trainer.args.disable_dropout is True
-    during = trainer.model.generation_config
+    assert rates == {0.0}
     assert all(getattr(during, k) in (None, 0, []) for k in own), {k: getattr(during, k) for k in own}
     assert during.eos_token_id is not None and during.pad_token_id is not None
     monkeypatch.undo()
@@ -307,3 +314,6 @@ def test_group_methods_sample_from_a_neutral_config_with_dropout_off(tiny_run, t
     run_pipeline(load_pipeline(path), only=[f"neutral_{stage}"], echo=lambda *a, **k: None)
     saved = json.loads((tiny_run / f"neutral_{stage}" / "model" / "generation_config.json").read_text())
     assert {k: saved.get(k) for k in own} == own
+    assert json.loads((tiny_run / f"neutral_{stage}" / "model" / "config.json").read_text())["attention_dropout"] == 0.1
+    kl = [json.loads(line) for line in (tiny_run / f"neutral_{stage}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/kl"] for r in kl if "train/kl" in r][0] == pytest.approx(0.0, abs=1e-6)

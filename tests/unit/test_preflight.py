@@ -38,6 +38,11 @@ def test_check_takes_the_number_of_processes(tmp_path, capsys):
     # two processes without DeepSpeed: PPO has nothing to reduce its gradients with
     assert main(["run", cfg, "--check", "--processes", "2"]) == 2
     assert "stages.ppo: PPO on 2 processes runs under DeepSpeed" in capsys.readouterr().err
+    # ZeRO-3 shards in CPU memory need ZeRO-3: said before the first stage, not after SFT has trained
+    assert main(["run", cfg, "--check", "--deepspeed", ZERO2, "--set", "stages.ppo.frozen.offload=true"]) == 2
+    assert "stages.ppo.frozen.offload: needs a ZeRO-3 config" in capsys.readouterr().err
+    zero3 = ZERO2.replace("zero2", "zero3")
+    assert main(["run", cfg, "--check", "--deepspeed", zero3, "--set", "stages.ppo.frozen.offload=true"]) == 0
     for bad in (["--processes", "0", "--check"], ["--processes", "2"]):
         assert main(["run", cfg, *bad]) == 2
         assert "--processes N (N >= 1) goes with --check" in capsys.readouterr().err
