@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -226,6 +226,18 @@ class StageBlock(Strict):
     def inputs(self) -> dict[str, tuple[str, str]]:
         return {}
 
+    def memory(self, procs: int, prompt_tokens: int) -> dict | None:
+        """What the planner (`rlhf plan`, `--plan-check`) needs to know of this stage's work on each of `procs`
+        processes, beyond its model and how that is tuned; None: it trains nothing. The keys (pipeline.plan.Work):
+        batch (sequences per micro-batch), seq (tokens per sequence), pairs (2: chosen and rejected forwarded
+        together), lm_head (False: no vocabulary logits, a reward model), frozen_models (whole frozen copies: a
+        reference, a reward model), critic (True: a second trained model of the policy's size), generate (new
+        tokens sampled per sequence) and gen_batch (sequences sampled at once), gather_for_generation (ZeRO-3: the
+        whole policy gathered to sample), frozen_sharded (ZeRO-3 shards the frozen models too), own_loop (our own
+        loop, not a TRL trainer), fp32_without_deepspeed (trains in fp32 unless under DeepSpeed). `prompt_tokens`
+        stands for the longest prompt of a stage that samples (it has no length setting of its own)."""
+        return None
+
     def preflight(self, world: int, zero: dict | None = None) -> None:
         """Checks that need more than the config: the number of processes, the stage's DeepSpeed config (`zero`, read
         and filled for that many processes; None without one), or what the installed libraries offer.
@@ -245,6 +257,12 @@ class TrainingBlock(StageBlock):
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about 20% slower)")
+    # what a method declares about itself, for the checks and the planner (not settings)
+    groups_by_length: ClassVar[bool] = False  # its rows have one length each: optim.group_by_length applies
+
+    def memory(self, procs: int, prompt_tokens: int) -> dict | None:
+        """A TRL trainer's micro-batch of per_device_batch_size sequences of max_length tokens (StageBlock.memory)."""
+        return {"batch": self.optim.per_device_batch_size, "seq": getattr(self, "max_length", 512)}
 
     def zero_batch(self, world: int):
         """What one process runs per optimizer step, for the stage's ZeRO config (pipeline.deepspeed.zero_config):
@@ -253,10 +271,11 @@ class TrainingBlock(StageBlock):
 
     @model_validator(mode="after")
     def _length_grouping(self):
-        # transformers' length-grouped sampler needs one length per row: SFT's examples and reward pairs have one,
-        # DPO's and the online stages' rows do not (PPO's optim block has no such key at all)
-        if getattr(getattr(self, "optim", None), "group_by_length", False) and self.stage not in ("sft", "reward"):
-            raise ValueError("optim.group_by_length: only the sft and reward stages group batches by length")
+        # transformers' length-grouped sampler needs one length per row: a stage whose rows have one says so
+        # (groups_by_length: SFT's examples, reward pairs); DPO's and the online stages' rows do not
+        if getattr(getattr(self, "optim", None), "group_by_length", False) and not self.groups_by_length:
+            raise ValueError(f"optim.group_by_length: the {self.stage} stage's rows have no single length to group "
+                             "batches by (the sft and reward stages do)")
         # forgetting `tuning: lora` would otherwise train every weight with the LoRA settings silently unused
         self.refuse_unused(("lora",), self.tuning == "lora", f"with tuning: {self.tuning} (set tuning: lora)",
                            written=True)

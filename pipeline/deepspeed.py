@@ -44,16 +44,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import UsageError
-
-
-def init_process_group() -> None:
-    """The process group for a launched run: gloo on CPUs, nccl on GPUs (reads the launcher's variables)."""
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-# --------------------------------------------------------------------------- configs and the safe reader
+from pipeline.strategy import DataParallel, Local, Optim, local_sizes  # noqa: F401  (local_sizes: PPO's shares)
 
 
 def load_zero_config(path: str | Path, optim, precision: str, where: str, world: int | None = None) -> dict:
@@ -158,20 +149,6 @@ def zero_config(cfg, precision: str, world: int | None = None) -> dict | None:
 # --------------------------------------------------------------------------- PPO's engines
 
 
-def local_sizes(cfg, world: int) -> tuple[int, int]:
-    """(prompts per process per step, minibatch per process); uneven shares are refused."""
-    pps, mb, micro = cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size
-    where = f"stages.{cfg.name or 'ppo'}"
-    if pps % world or mb % world:
-        raise UsageError(f"{where}: rollout.prompts_per_step ({pps}) and ppo.minibatch_size ({mb}) must divide "
-                         f"by the number of processes ({world})")
-    if (pps // world) % (mb // world) or (mb // world) % micro:
-        raise UsageError(f"{where}: under DeepSpeed every process runs the same number of equal micro-batches: "
-                         f"need prompts_per_step/processes ({pps // world}) divisible by minibatch_size/processes "
-                         f"({mb // world}), and that by ppo.micro_batch_size ({micro})")
-    return pps // world, mb // world
-
-
 def zero_batch(cfg, world: int) -> SimpleNamespace:
     """PPO's per-process batch for its ZeRO config: micro-batches of ppo.micro_batch_size, as many as this process's
     share of a minibatch holds (local_sizes)."""
@@ -232,80 +209,154 @@ def frozen_engine(model, ds_inference: dict, keep: list):
     return engine.module
 
 
-def _optimizer_factory(ds: dict, lr: float, weight_decay: float):
+def _optimizer_factory(ds: dict, optim: Optim):
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return lambda params: DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
-    from pipeline.rl.ppo import adamw
-
-    return lambda params: adamw(params, lr, weight_decay)
+        return lambda params: DeepSpeedCPUAdam(params, lr=optim.lr, weight_decay=optim.weight_decay, adamw_mode=True)
+    return optim.optimizer
 
 
-class EngineOptimizer:
-    """The PPO update through DeepSpeed engines. Every micro-batch runs engine.backward; the engines step
-    between micro-batches (no update: DeepSpeed accumulates) but not after the last one, where the gradients
-    are reduced and about to be applied: step() first checks that every gradient is finite on every process
-    (as the one-process path does with the clipped norm), then lets the engines apply the update (clipping
-    by the config's gradient_clipping, stepping the learning-rate schedule)."""
+class DeepSpeed(Local):
+    """The strategy on DeepSpeed engines (see pipeline/strategy.py): each trained model in an engine of its own
+    (its optimizer state and gradients partitioned under ZeRO-1/2, its weights too under ZeRO-3), the frozen models
+    as inference-only ZeRO-3 engines when sharded (`frozen.zero3`, `frozen.offload` keeping the shards in CPU
+    memory) or whole copies, and under ZeRO-3 the models built sharded from the start (transformers' zero.Init
+    through HfDeepSpeedConfig), so that no process loads a whole model. For sampling the policy's shards are gathered
+    on every process (`gather: true`, TRL's approach), or sampling runs on the shards with every process stepping
+    together.
 
-    def __init__(self, actor, critic=None):
-        self.actor, self.critic = actor, critic
+    Each micro-batch's loss is its share of the minibatch's: the engine neither divides it by the accumulation
+    steps (scale_wrt_gas=False) nor averages the gradients over the processes (its all-reduce does, so the loss
+    is multiplied by their number first). The engines step between micro-batches (no update: DeepSpeed
+    accumulates) but not after the last one, where the gradients are reduced and about to be applied: step()
+    first checks that every gradient is finite on every process, then lets the engines apply the update
+    (clipping by the config's gradient_clipping, stepping the learning-rate schedule)."""
 
-    @property
-    def engines(self) -> list:
-        return [e for e in (self.actor, self.critic) if e is not None]
+    def __init__(self, ds: dict, frozen_zero3: bool = True, frozen_offload: bool = False, gather: bool = True):
+        import deepspeed
+
+        super().__init__()
+        # DeepSpeed's communication layer over the process group the run set up (pipeline.distributed): its configs
+        # read the number of processes from it, zero.Init's too
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.ds, self.stage = ds, zero_stage(ds)
+        self.shards_weights = self.stage == 3
+        self.shards_frozen = self.shards_weights and frozen_zero3
+        self.frozen_offload, self.gather = frozen_offload, gather
+        self.sync_generation = self.shards_weights and not gather and distributed.world_size() > 1
+        self.engines: dict[str, object] = {}
+        self.frozen: list = []  # inference engines, kept alive for as long as their modules are used
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage}, {distributed.world_size()} processes"
+
+    @contextlib.contextmanager
+    def loading(self):
+        """Under ZeRO-3, while open, transformers builds models sharded (the HfDeepSpeedConfig object must live)."""
+        alive = zero3_loading(self.ds) if self.shards_weights else None
+        try:
+            yield
+        finally:
+            del alive
+
+    def place_frozen(self, module):
+        if module is None or not self.shards_frozen:
+            return super().place_frozen(module)
+        return frozen_engine(module, inference_config(self.ds, self.frozen_offload), self.frozen)
+
+    def prepare(self, modules: dict, optim: Optim) -> list:
+        import deepspeed
+
+        make_opt = _optimizer_factory(self.ds, optim)
+        out = []
+        for name, module in modules.items():
+            if module is None:
+                out.append(None)
+                continue
+            # the schedule: a callable optimizer -> LR scheduler; the engine steps it with each applied update and
+            # keeps its state in its checkpoints
+            engine, *_ = deepspeed.initialize(model=module, optimizer=make_opt, config=self.ds,
+                                              lr_scheduler=optim.schedule,
+                                              model_parameters=[p for p in module.parameters() if p.requires_grad])
+            self.names.append(name)
+            self.engines[name] = engine
+            out.append(engine)
+        self.device = self.engines[self.names[0]].device
+        return out
 
     @property
     def lr(self) -> float:
-        return float(self.actor.get_lr()[0])
+        return float(self.engines[self.names[0]].get_lr()[0])
 
     def zero_grad(self) -> None:  # the engines zero their gradients after each update
         pass
 
-    def backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor) -> None:
-        """One micro-batch's share of the minibatch's losses (its token sums over the minibatch's token count over
-        every process): summed as they are, the micro-batches' gradients over all processes make the minibatch's."""
-        if self.critic is None:
-            _micro_step(self.actor, policy_loss + value_loss)
-        else:
-            _micro_step(self.actor, policy_loss)
-            _micro_step(self.critic, value_loss)
+    def backward(self, losses: dict) -> None:
+        for name, loss in losses.items():
+            engine = self.engines[name]
+            engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
+            if not engine.is_gradient_accumulation_boundary():
+                engine.step()
 
     def step(self, check) -> float:
-        bad = [nonfinite_gradients(e) for e in self.engines]  # every engine on every process: collectives
+        bad = [nonfinite_gradients(e) for e in self.engines.values()]  # every engine, every process: collectives
         check(grad_norm=float("inf") if any(bad) else 0.0)  # raises before any engine applies the update
-        for e in self.engines:
+        for e in self.engines.values():
             e.step()
-        norms = [e.get_global_grad_norm() for e in self.engines]
+        norms = [e.get_global_grad_norm() for e in self.engines.values()]
         norms = [float(n) for n in norms if n is not None]
         return sum(n * n for n in norms) ** 0.5 if norms else 0.0
 
     def save(self, path) -> None:
         """Each engine's checkpoint (ZeRO shards of weights and optimizer from every process)."""
-        self.actor.save_checkpoint(str(path / "actor"), tag="state")
-        if self.critic is not None:
-            self.critic.save_checkpoint(str(path / "critic"), tag="state")
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(path / name), tag="state")
 
     def load(self, path) -> None:
         # DeepSpeed's reader, made to use torch.load(weights_only=True) by load_zero_config
-        for name, engine in (("actor", self.actor), ("critic", self.critic)):
-            if engine is None:
-                continue
+        for name, engine in self.engines.items():
             loaded, _ = engine.load_checkpoint(str(path / name), tag="state")
             if loaded is None:
                 raise UsageError(f"--resume: {path / name} holds no DeepSpeed checkpoint for this run")
 
+    def plain(self, module, rebuild):
+        """Every process takes part (ZeRO-3 shards gathered one submodule at a time); rank 0 loads the gathered
+        weights into rebuild(), a plain model that loads without DeepSpeed."""
+        if module is None:
+            return None
+        state = full_state_dict(module)
+        if not distributed.is_main():
+            return None
+        plain = rebuild()
+        plain.load_state_dict(state)
+        return plain
 
-def _micro_step(engine, loss: torch.Tensor) -> None:
-    """Backward for one micro-batch; step the engine unless this micro-batch ends the accumulation (then the
-    reduced gradients wait for EngineOptimizer.step's check). The loss is already its share of the minibatch's:
-    the engine must neither divide it by the accumulation steps (scale_wrt_gas=False) nor average the gradients
-    over the processes, which its all-reduce does (so the loss is multiplied by their number first)."""
-    engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
-    if not engine.is_gradient_accumulation_boundary():
-        engine.step()
+    @contextlib.contextmanager
+    def whole(self, prepared):
+        """Under ZeRO-3 with gather: every shard gathered on every process and the engine's hooks removed (so that
+        generate's many small forwards do not gather again), put back afterwards."""
+        if not (self.shards_weights and self.gather):
+            yield prepared
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(prepared.module.parameters())):
+            remove_hooks(prepared)
+            try:
+                yield prepared
+            finally:
+                add_hooks(prepared)
+
+
+def select(ds: dict | None, frozen_zero3: bool = True, frozen_offload: bool = False, gather: bool = True) -> Local:
+    """The strategy for this launch: DeepSpeed with a ZeRO config, data parallel on several processes without one,
+    one process otherwise."""
+    if ds is not None:
+        return DeepSpeed(ds, frozen_zero3, frozen_offload, gather)
+    return DataParallel() if distributed.world_size() > 1 else Local()
 
 
 def nonfinite_gradients(engine) -> bool:
@@ -317,49 +368,6 @@ def nonfinite_gradients(engine) -> bool:
         return bool(engine.optimizer.has_overflow(partition_gradients=stage >= 2))
     local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in engine.module.parameters())
     return distributed.any_rank(local)
-
-
-def build(models, cfg, precision: str, ds: dict, scheduler=None):
-    """Wrap the trained models of `models` (PPOModels) in DeepSpeed engines; returns an EngineOptimizer.
-    `scheduler` (optimizer -> LR scheduler) gives each engine its learning-rate schedule."""
-    import deepspeed
-
-    make_opt = _optimizer_factory(ds, cfg.optim.lr, cfg.optim.weight_decay)
-
-    def engine(module):
-        # scheduler: a callable optimizer -> LR scheduler; the engine steps it with each applied update and
-        # keeps its state in its checkpoints
-        e, *_ = deepspeed.initialize(model=module, optimizer=make_opt, config=ds, lr_scheduler=scheduler,
-                                     model_parameters=[p for p in module.parameters() if p.requires_grad])
-        models.engines.append(e)
-        return e
-
-    actor = engine(models.actor_module)
-    models.actor, models.device = actor, actor.device
-    critic = engine(models.critic_module) if models.critic_module is not None else None
-    if critic is not None:
-        models.critic = critic
-    if zero_stage(ds) == 3:
-        if cfg.rollout.gather_zero3:
-            models.generation = lambda: gathered_for_generation(actor)
-        else:
-            models.sync_generation = distributed.world_size() > 1
-    return EngineOptimizer(actor, critic)
-
-
-@contextlib.contextmanager
-def gathered_for_generation(engine):
-    """The whole policy on every process while sampling: ZeRO-3 shards gathered, the engine's hooks removed
-    (so that generate's many small forwards do not gather again), put back afterwards."""
-    import deepspeed
-    from trl.models.utils import add_hooks, remove_hooks
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        remove_hooks(engine)
-        try:
-            yield engine.module.policy
-        finally:
-            add_hooks(engine)
 
 
 def full_state_dict(module) -> dict | None:
@@ -413,40 +421,6 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_co
         os.replace(tmp, out_dir)
     distributed.barrier()
     return is_peft and not merge
-
-
-def save_ppo_models(models, cfg, tok, out_dir, policy_path: str, reward_art, info: dict,
-                    critic_trust: bool = False) -> dict:
-    """PPO's trained models under DeepSpeed: every process takes part (ZeRO-3 shards are gathered one submodule
-    at a time) and rank 0 rebuilds plain models from the gathered weights and writes them, so they load
-    without DeepSpeed. Returns the outputs written (value head or critic)."""
-    from safetensors.torch import save_file
-
-    from pipeline.models import load_causal_lm
-    from pipeline.stages.common import save_model
-
-    policy_sd = full_state_dict(models.policy)
-    head_sd = full_state_dict(models.value_head) if models.value_head is not None else None
-    critic_sd = full_state_dict(models.critic_module.model) if models.critic_module is not None else None
-    if distributed.is_main():
-        policy = load_causal_lm(policy_path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
-        if cfg.tuning == "lora":
-            from peft import get_peft_model
-
-            from pipeline.stages.common import peft_config
-
-            policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
-        policy.load_state_dict(policy_sd)
-        save_model(policy, tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
-        if head_sd is not None:
-            save_file(head_sd, str(out_dir / "value_head.safetensors"))
-        if critic_sd is not None:
-            from reward.scoring import load_reward_model
-
-            critic = load_reward_model(str(reward_art.output("model")), "fp32", critic_trust)
-            critic.load_state_dict(critic_sd)
-            critic.save_pretrained(out_dir / "critic", safe_serialization=True)
-    return {"value_head": "value_head.safetensors"} if head_sd is not None else {"critic": "critic"}
 
 
 def forget() -> None:

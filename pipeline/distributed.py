@@ -32,13 +32,15 @@ def init() -> None:
     """Set up the process group when launched on several processes (gloo on CPU, nccl on GPUs)."""
     if world_size() <= 1:
         return
+    import torch
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return
-    from pipeline.deepspeed import init_process_group
-
-    init_process_group()
+    # the launcher's MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE (env://); DeepSpeed's engines use this group
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def shutdown() -> None:

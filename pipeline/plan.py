@@ -44,7 +44,7 @@ from pipeline.errors import UsageError
 GIB = 1024**3
 # The libraries' resident memory on a CPU run (measured here with the tiny model, whose weights are negligible):
 # torch, transformers, peft, TRL's trainers and datasets for the TRL-based stages; PPO imports no trainer.
-CPU_RUNTIME = {"trl": 540 * 2**20, "ppo": 420 * 2**20}
+CPU_RUNTIME = {"trl": 540 * 2**20, "own": 420 * 2**20}  # a TRL trainer's process, our own loop's (PPO)
 GPU_RUNTIME = 1.0 * GIB
 PROMPT_TOKENS = 256  # the longest prompt assumed for online stages (rlhf plan --prompt-tokens)
 
@@ -144,42 +144,31 @@ class Work:
     lm_head: bool = True  # logits over the vocabulary (not for a reward model); PPO's on response positions only
     frozen_sharded: bool = True  # under ZeRO-3 the frozen models are sharded too (PPO: frozen.zero3)
     grad_layers: int = 0  # layers that keep activations for the backward pass (0: all; freeze: those trained)
+    own_loop: bool = False  # our own training loop (PPO) rather than a TRL trainer: its process's runtime memory
     notes: list = field(default_factory=list)
 
 
 def work_of(stage, cfg, procs: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> Work | None:
-    """The Work of a training stage config, per process; None for stages that do not train. Online stages
-    (PPO, GRPO, RLOO) have no prompt-length setting: `prompt_tokens` stands for their longest prompt."""
-    method = stage.stage
-    if method not in ("sft", "reward", "dpo", "ppo", "grpo", "rloo"):
+    """The Work of a training stage config, per process; None for stages that do not train. What the stage computes
+    is what it declares (StageBlock.memory: batch, sequence, pairs, generation, frozen models, ...); what it trains
+    follows from its model and tuning (full, lora, freeze, prompt_tuning). Online stages (PPO, GRPO, RLOO) have no
+    prompt-length setting: `prompt_tokens` stands for their longest prompt."""
+    declared = stage.memory(procs, prompt_tokens)
+    if declared is None:
         return None
-    shape = shape_of(_model_ref(cfg, getattr(stage, "policy", None) or stage.model))
+    ref = next(r for r, kind in stage.inputs().values() if kind == "model")
+    shape = shape_of(_model_ref(cfg, ref))
     tuning = getattr(stage, "tuning", "full")
-    lora = tuning == "lora"
-    trainable = (shape.lora_params(stage.lora.r, stage.lora.target_modules) if lora
+    trainable = (shape.lora_params(stage.lora.r, stage.lora.target_modules) if tuning == "lora"
                  else stage.prompt_tuning.num_virtual_tokens * shape.hidden if tuning == "prompt_tuning"
                  else shape.frozen_below(stage.freeze_layers) if tuning == "freeze" else shape.params)
-    w = Work(shape, method, trainable, checkpointing=getattr(stage, "gradient_checkpointing", False))
+    declared = dict(declared)
+    critic = declared.pop("critic", False)
+    declared.pop("fp32_without_deepspeed", None)
+    w = Work(shape, stage.stage, trainable, checkpointing=getattr(stage, "gradient_checkpointing", False), **declared)
+    w.critic = shape.params if critic else 0
     if tuning == "freeze":
         w.grad_layers = shape.layers - stage.freeze_layers
-    if method in ("sft", "reward", "dpo", "grpo", "rloo"):
-        w.batch, w.seq = stage.optim.per_device_batch_size, getattr(stage, "max_length", 512)
-    if method in ("reward", "dpo"):
-        w.pairs = 2
-    w.lm_head = method != "reward"
-    if method == "dpo" and not lora and not stage.precompute_ref_log_probs:
-        w.frozen_models = 1
-    if method in ("grpo", "rloo"):
-        w.seq, w.generate = prompt_tokens + stage.max_completion_length, stage.max_completion_length
-        w.gen_batch = stage.optim.per_device_batch_size
-        w.frozen_models = int(stage.beta > 0 and not lora) + int(bool(stage.reward.model))
-    if method == "ppo":
-        w.batch, w.seq = stage.ppo.micro_batch_size, prompt_tokens + stage.rollout.max_new_tokens
-        w.generate, w.gen_batch = stage.rollout.max_new_tokens, max(1, stage.rollout.prompts_per_step // procs)
-        w.frozen_models = int(not lora) + int(bool(stage.reward.model))
-        w.critic = shape.params if stage.value_model == "critic" else 0
-        w.gather_for_generation = stage.rollout.gather_zero3
-        w.frozen_sharded = stage.frozen.zero3
     return w
 
 
@@ -227,7 +216,7 @@ def estimate(w: Work, zero: int, offload: bool, procs: int, precision: str, on_c
         parts["KV cache"] = 2 * s.layers * s.kv_heads * s.head_dim * w.seq * w.gen_batch * wbytes
     if zero == 3 and w.gather_for_generation and procs > 1:  # sampling gathers every shard of the policy
         parts["gathered policy"] = s.params * wbytes * (1 - 1 / procs)
-    parts["runtime"] = (CPU_RUNTIME["ppo" if w.method == "ppo" else "trl"]) if on_cpu else GPU_RUNTIME
+    parts["runtime"] = (CPU_RUNTIME["own" if w.own_loop else "trl"]) if on_cpu else GPU_RUNTIME
     return parts
 
 
@@ -291,9 +280,11 @@ def plan(cfg, gpus: int, nodes: int, memory: float, on_cpu: bool = False, only=N
 
 
 def _precision(stage, on_cpu: bool, zero: int = 1) -> str:
-    """The precision a stage trains in under ZeRO stage `zero`: fp32 on a CPU; on GPUs `auto` is bf16; PPO without
-    DeepSpeed (ZeRO-0 and no `deepspeed:`) runs in fp32 whatever `precision` says."""
-    if on_cpu or (stage.stage == "ppo" and zero == 0 and not stage.deepspeed):
+    """The precision a stage trains in under ZeRO stage `zero`: fp32 on a CPU; on GPUs `auto` is bf16; a stage that
+    declares it trains in fp32 without DeepSpeed (PPO) does so at ZeRO-0 with no `deepspeed:`, whatever `precision`
+    says."""
+    fp32_alone = (stage.memory(1, PROMPT_TOKENS) or {}).get("fp32_without_deepspeed", False)
+    if on_cpu or (fp32_alone and zero == 0 and not stage.deepspeed):
         return "fp32"
     return "bf16" if stage.precision == "auto" else stage.precision
 

@@ -39,6 +39,16 @@ def ppo_hyper(**ppo):
     return _Hyper(cfg)
 
 
+def prepared(models, make_optimizer, max_grad_norm: float = 1.0):
+    """PPOModels handed to the one-process strategy with the optimizer `make_optimizer(params)` (e.g. SGD at lr 0,
+    to read gradients): the strategy ppo_step takes."""
+    from pipeline.strategy import Local, Optim
+
+    strategy = Local()
+    models.prepare(strategy, Optim(lr=0.0, max_grad_norm=max_grad_norm, make=make_optimizer))
+    return strategy
+
+
 def tiny_sft_block(**over):
     block = {
         "stage": "sft",

@@ -84,6 +84,45 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     )
 
 
+def pair_rows(ctx, cfg, splits: dict, convert, what: str = "pairs") -> tuple[dict, dict, dict]:
+    """The rows a pairwise trainer (reward model, DPO; KTO-style methods alike) takes, from preference pairs by split
+    ({"train": (file, pairs), "eval": (file, pairs)}). `convert(pair, split)` gives (row, None), or (None, reason) for a pair
+    the method cannot learn from (a tie, a prompt that leaves no response token): those are listed in skipped.jsonl
+    with their split and reason and counted, never dropped silently. No pair left to train on, or optim.eval_steps
+    with no eval pair, is an error naming the file. Returns (rows by split, the kept pairs by split, counts:
+    read / kept by split, skipped, skipped by reason)."""
+    from pipeline.artifacts import write_jsonl
+    from pipeline.distributed import say
+
+    rows: dict[str, list] = {}
+    kept: dict[str, list] = {}
+    skipped: list[dict] = []
+    for split, (_, pairs) in splits.items():
+        rows[split], kept[split] = [], []
+        for pair in pairs:
+            row, reason = convert(pair, split)
+            if reason is not None:
+                skipped.append({"id": pair.id, "split": split, "reason": reason})
+            else:
+                rows[split].append(row)
+                kept[split].append(pair)
+    if skipped:
+        write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
+        reasons = sorted({s["reason"].split(":")[0] for s in skipped})
+        say(f"[{ctx.name}] {len(skipped)} {what} not used ({'; '.join(reasons)}); reasons in skipped.jsonl")
+    if not rows["train"]:
+        raise InvalidInput(f"{splits['train'][0]}: no {what} to train on ({len(skipped)} skipped: see skipped.jsonl)")
+    if getattr(cfg.optim, "eval_steps", None) is not None and not rows.get("eval"):
+        raise InvalidInput(f"optim.eval_steps: {splits['eval'][0]} holds no usable eval {what} to evaluate on")
+    by_reason: dict[str, int] = {}
+    for s_ in skipped:
+        key = s_["reason"].split(":")[0]
+        by_reason[key] = by_reason.get(key, 0) + 1
+    counts = {"read": {k: len(v[1]) for k, v in splits.items()}, "kept": {k: len(v) for k, v in rows.items()},
+              "skipped": len(skipped), "skipped_by_reason": by_reason}
+    return rows, kept, counts
+
+
 def trl_choices(config_cls, field: str) -> tuple[str, ...]:
     """The values a TRL config documents for `field` ("Possible values are: `'sigmoid'`, ..." or "Supported values
     are 'grpo', ..., and 'vespo'."), so that a stage's setting is checked against the TRL that is installed. TRL

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput, UsageError
 from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
-                                    memory_metrics, peft_config, save_policy, training_args, trl_choices,
+                                    memory_metrics, pair_rows, peft_config, save_policy, training_args, trl_choices,
                                     weights_dtype)
 
 def trl_loss_types() -> tuple[str, ...]:
@@ -73,6 +73,12 @@ class DPOStageConfig(TrainingBlock):
         self.refuse_unused(("eval_prompts_split",), bool(self.eval_prompts), "without eval_prompts")
         return self
 
+    def memory(self, procs: int, prompt_tokens: int) -> dict:
+        # chosen and rejected forwarded together; a frozen copy of the policy as the reference, unless the reference is
+        # the disabled adapter (LoRA) or its log-probs are computed once beforehand
+        reference = int(self.tuning != "lora" and not self.precompute_ref_log_probs)
+        return {**super().memory(procs, prompt_tokens), "pairs": 2, "frozen_models": reference}
+
     def preflight(self, world: int, zero: dict | None = None) -> None:
         if self.loss_type not in trl_loss_types():
             raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a DPO loss of the installed "
@@ -112,37 +118,26 @@ def prompt_tokens(tok, row: dict) -> int:
 
 
 def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: list) -> tuple[list, list, dict]:
-    """The pairs DPO trains and evaluates on, as TRL rows. Pairs it cannot use are listed with reasons in
-    skipped.jsonl and counted, never dropped silently: ties (no preferred response), and pairs whose prompt
-    alone reaches max_length (TRL drops them: no response token would be left)."""
-    from pipeline.artifacts import write_jsonl
+    """The pairs DPO trains and evaluates on, as TRL rows (common.pair_rows: what is not used is listed and
+    counted): not ties (no preferred response), nor pairs whose prompt alone reaches max_length (TRL drops them:
+    no response token would be left)."""
     from pipeline.data import neutralised
-    from pipeline.distributed import say
 
-    kept: dict[str, list] = {"train": [], "eval": []}
-    skipped = []
-    for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-        for p in pairs:
-            if p.tie:
-                skipped.append({"id": p.id, "split": split, "reason": "tie: DPO needs a preferred response"})
-                continue
-            row = neutralised(tok, to_dpo_row(p))  # special tokens in the pair's text stay text
-            n = prompt_tokens(tok, row)
-            if n >= cfg.max_length:
-                skipped.append({"id": p.id, "split": split, "reason": f"the prompt alone is {n} tokens, max_length "
-                                f"{cfg.max_length}: no response token would be trained on"})
-                continue
-            kept[split].append(row)
-    if skipped:
-        write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
-        say(f"[{ctx.name}] {len(skipped)} pairs not used (ties or prompts over max_length); reasons in skipped.jsonl")
-    if not kept["train"]:
-        raise InvalidInput(f"{prefs.output('train')}: no pairs to train on ({len(skipped)} skipped: see skipped.jsonl)")
-    if cfg.optim.eval_steps is not None and not kept["eval"]:
-        raise InvalidInput(f"optim.eval_steps: {prefs.output('eval')} holds no usable eval pairs to evaluate on")
-    counts = {"train_pairs": len(kept["train"]), "eval_pairs": len(kept["eval"]), "skipped": len(skipped),
-              "ties_skipped": sum(s["reason"].startswith("tie") for s in skipped)}
-    return kept["train"], kept["eval"], counts
+    def convert(p, split):
+        if p.tie:
+            return None, "tie: DPO needs a preferred response"
+        row = neutralised(tok, to_dpo_row(p))  # special tokens in the pair's text stay text
+        n = prompt_tokens(tok, row)
+        if n >= cfg.max_length:
+            return None, (f"prompt over max_length: the prompt alone is {n} tokens, max_length {cfg.max_length}, so no "
+                          "response token would be trained on")
+        return row, None
+
+    rows, _, c = pair_rows(ctx, cfg, {"train": (prefs.output("train"), train_pairs),
+                                      "eval": (prefs.output("eval"), eval_pairs)}, convert)
+    counts = {"train_pairs": c["kept"]["train"], "eval_pairs": c["kept"]["eval"], "skipped": c["skipped"],
+              "ties_skipped": c["skipped_by_reason"].get("tie", 0)}
+    return rows["train"], rows["eval"], counts
 
 
 def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> list:

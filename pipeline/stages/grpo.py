@@ -101,6 +101,14 @@ class GroupRLStageConfig(OnlineRLBlock):
             raise ValueError("loss_type 'vespo' weighs whole sequences itself: leave importance_sampling_level at token")
         return self
 
+    def memory(self, procs: int, prompt_tokens: int) -> dict:
+        # sampling completions of max_completion_length after the prompt; a reference with beta > 0 (full tuning) and
+        # a reward model, whole
+        frozen = int(self.beta > 0 and self.tuning != "lora") + int(bool(self.reward.model))
+        return {"batch": self.optim.per_device_batch_size, "seq": prompt_tokens + self.max_completion_length,
+                "generate": self.max_completion_length, "gen_batch": self.optim.per_device_batch_size,
+                "frozen_models": frozen}
+
     def preflight(self, world: int, zero: dict | None = None) -> None:
         """TRL samples num_generations completions of each prompt within one generation batch, which is
         batch_size x grad_accum completions on each of the processes: their total must hold whole groups. And the
@@ -204,7 +212,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
-    from pipeline.rl.ppo import disable_dropout, refuse_random_forwards
+    from pipeline.rl.models import disable_dropout, refuse_random_forwards
     from pipeline.distributed import say
     from pipeline.models import count_parameters, resolve_precision
     from pipeline.tracking import trainer_callback

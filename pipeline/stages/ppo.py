@@ -21,12 +21,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline import distributed
 from pipeline.blocks import CheckpointConfig, OnlineRLBlock, ScheduleConfig, Strict
 from pipeline.errors import InvalidInput, UsageError
+
+if TYPE_CHECKING:  # annotations only: the registry imports every stage module to read configs, without torch
+    from transformers import PreTrainedTokenizerBase
+
+    from pipeline.artifacts import Artifact
+    from pipeline.rl.losses import AdaptiveKLController, FixedKLController
+    from pipeline.rl.models import PPOModels
+    from pipeline.rl.rollout import RewardFunction
+    from pipeline.strategy import Local
 
 
 class RolloutConfig(Strict):
@@ -148,20 +158,28 @@ class PPOStageConfig(OnlineRLBlock):
 
         return zero_batch(self, world)
 
+    def memory(self, procs: int, prompt_tokens: int) -> dict:
+        # our own loop: micro-batches of ppo.micro_batch_size, this process's share of the prompts sampled at once, a
+        # reference (full tuning) and a reward model, a critic of the policy's size with value_model: critic
+        return {"batch": self.ppo.micro_batch_size, "seq": prompt_tokens + self.rollout.max_new_tokens,
+                "generate": self.rollout.max_new_tokens, "gen_batch": max(1, self.rollout.prompts_per_step // procs),
+                "frozen_models": int(self.tuning != "lora") + int(bool(self.reward.model)),
+                "critic": self.value_model == "critic", "gather_for_generation": self.rollout.gather_zero3,
+                "frozen_sharded": self.frozen.zero3, "own_loop": True, "fp32_without_deepspeed": True}
+
     def preflight(self, world: int, zero: dict | None = None) -> None:
-        """On several processes PPO runs on DeepSpeed engines (they reduce the gradients over the processes), and every
-        process takes an equal share of each step's prompts and of each minibatch, in equal micro-batches
-        (pipeline.deepspeed.local_sizes, through zero_batch when `zero` was filled); frozen.offload keeps ZeRO-3
+        """On several processes (data parallel, or DeepSpeed) every process takes an equal share of each step's prompts
+        and of each minibatch, in equal micro-batches (pipeline.strategy.local_sizes); frozen.offload keeps ZeRO-3
         shards, so it needs ZeRO-3 and frozen.zero3."""
         from pipeline.deepspeed import zero_stage
 
         if self.frozen.offload and not (zero_stage(zero) == 3 and self.frozen.zero3):
             raise UsageError(f"stages.{self.name}.frozen.offload: needs a ZeRO-3 config (--deepspeed "
                              "configs/deepspeed/zero3.json) and frozen.zero3: true")
-        if world > 1 and not self.deepspeed:
-            raise UsageError(f"stages.{self.name}: PPO on {world} processes runs under DeepSpeed, whose engines reduce "
-                             "the gradients over the processes: add --deepspeed configs/deepspeed/zero2.json (or a "
-                             "`deepspeed:` key)")
+        if world > 1:
+            from pipeline.strategy import local_sizes
+
+            local_sizes(self, world)
 
 
 Config = PPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -176,12 +194,12 @@ class _Hyper:
         self.forward_batch_size = cfg.ppo.forward_batch_size or cfg.ppo.micro_batch_size
 
 
-def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, policy_path: str, reward_art, info: dict):
-    """(PPOModels, RewardFunction, tokenizer, where each model lives, frozen models sharded?); under ZeRO-3
-    the models are built sharded (pipeline/deepspeed.py)."""
-    from pipeline import deepspeed as zero
+def _load_models(cfg: PPOStageConfig, ctx, precision: str, strategy, policy_path: str, reward_art, info: dict):
+    """(PPOModels, RewardFunction, tokenizer, where each model lives); the strategy decides how they are held
+    (under ZeRO-3 built sharded, the frozen ones as inference engines: pipeline/deepspeed.py)."""
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.rl.ppo import PPOModels, RewardFunction
+    from pipeline.rl.models import PPOModels
+    from pipeline.rl.rollout import RewardFunction
     from pipeline.stages.common import peft_config
 
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
@@ -194,70 +212,64 @@ def _load_models(cfg: PPOStageConfig, ctx, precision: str, ds: dict | None, poli
         if load_tokenizer(rm_dir, rm_trust).get_vocab() != tok.get_vocab():
             raise InvalidInput("value_model: critic needs a reward model that shares the policy's tokenizer; "
                                "use value_model: head")
-    zero3 = zero.zero_stage(ds) == 3
-    shard_frozen = zero3 and cfg.frozen.zero3
     lora = cfg.tuning == "lora"
-    needs_reference = ds is not None and not lora  # one process: a copy of the policy, made below
-    reward_fn = reference = None
-    if not shard_frozen:  # whole copies on every process, loaded before sharded loading starts
-        reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, trust_remote_code=rm_trust)
-        reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference and zero3 else None
-    sharded = zero.zero3_loading(ds) if zero3 else None  # while alive, transformers loads models sharded
-    policy = load_causal_lm(policy_path, precision, trust, revision)
-    if lora:
-        from peft import get_peft_model
+    # the reference: the disabled adapter with LoRA; a copy of the policy when it is whole on this process;
+    # loaded again when the policy is sharded (ZeRO-3)
+    load_reference = strategy.shards_weights and not lora
 
-        # dropout is off in every model while PPO trains (a set lora.dropout is refused): the adapter says so too
-        policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
-    critic = None
-    if rm_dir:
-        from reward.scoring import load_reward_model
-
-        critic = load_reward_model(rm_dir, precision, rm_trust)
-    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under ZeRO-3
-        for m in (policy, critic):
-            if m is not None:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if shard_frozen:
+    def frozen_models():
         reward_fn = RewardFunction(reward_path, cfg.reward.rule, cfg.reward.normalize, precision, rm_trust)
-        reference = load_causal_lm(policy_path, precision, trust, revision) if needs_reference else None
-    del sharded
+        return reward_fn, load_causal_lm(policy_path, precision, trust, revision) if load_reference else None
+
+    if not strategy.shards_frozen:  # whole copies on every process, loaded before sharded loading starts
+        reward_fn, reference = frozen_models()
+    with strategy.loading():  # ZeRO-3: transformers builds these sharded
+        policy = load_causal_lm(policy_path, precision, trust, revision)
+        if lora:
+            from peft import get_peft_model
+
+            # dropout is off in every model while PPO trains (a set lora.dropout is refused): the adapter says so
+            policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
+        critic = None
+        if rm_dir:
+            from reward.scoring import load_reward_model
+
+            critic = load_reward_model(rm_dir, precision, rm_trust)
+        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under ZeRO-3
+            for m in (policy, critic):
+                if m is not None:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if strategy.shards_frozen:
+            reward_fn, reference = frozen_models()
     norm = (reward_art.manifest.get("normalization") or {}) if rm_dir and cfg.reward.normalize else {}
     models = PPOModels(policy, tok, cfg.value_model, critic, lora=lora, reference=reference,
                        temperature=cfg.rollout.temperature,
                        critic_scale=(norm.get("mean", 0.0), norm.get("std", 1.0)))
-    if shard_frozen:
-        inference = zero.inference_config(ds, cfg.frozen.offload)
-        if models.reference is not None:
-            models.reference = zero.frozen_engine(models.reference, inference, models.engines)
-        if reward_fn.scorer is not None:
-            reward_fn.scorer.model = zero.frozen_engine(reward_fn.scorer.model, inference, models.engines)
-    frozen = ("ZeRO-3 shards" + (" in CPU memory" if cfg.frozen.offload else "") if shard_frozen
-              else "a whole copy" + (" on every process" if ds else ""))
+    frozen = ("ZeRO-3 shards" + (" in CPU memory" if cfg.frozen.offload else "") if strategy.shards_frozen
+              else "a whole copy" + (" on every process" if distributed.world_size() > 1 else ""))
     placement = {
-        "policy": f"DeepSpeed engine, ZeRO-{zero.zero_stage(ds)}" if ds else "one process",
-        "values": cfg.value_model + (" (own engine)" if ds and rm_dir else ""),
+        "policy": strategy.describe(),
+        "values": cfg.value_model + (" (its own engine)" if rm_dir and strategy.shards_weights else ""),
         "reference": "the policy with its adapter disabled" if lora else frozen,
         "reward_model": frozen if reward_path else "none (rule)"}
-    return models, reward_fn, tok, placement, shard_frozen
+    return models, reward_fn, tok, placement
 
 
 @dataclass
 class _Setup:
     """What the PPO loop works with, built by _setup."""
 
-    models: object  # PPOModels
-    optimizer: object  # LocalOptimizer or (DeepSpeed) EngineOptimizer
-    reward_fn: object  # RewardFunction
-    kl_ctl: object
-    tok: object
-    eval_rule: object
+    models: PPOModels
+    strategy: Local  # one process, data parallel or DeepSpeed (pipeline/strategy.py, pipeline/deepspeed.py)
+    reward_fn: RewardFunction
+    kl_ctl: FixedKLController | AdaptiveKLController
+    tok: PreTrainedTokenizerBase
+    eval_rule: Callable | None
     train_prompts: list
     eval_prompts: list
     info: dict
     policy_path: str
-    reward_art: object
-    ds: dict | None
+    reward_art: Artifact | None
     per_rank: int
     minibatch: int
 
@@ -279,30 +291,25 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
 
 
 def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
-    """Prompts split by prompt, the four models placed (one process or DeepSpeed), optimizer and schedule."""
-    import torch
-
+    """Prompts split by prompt, the strategy and the four models placed by it, optimizers and schedule."""
     from feedback.judges.rule import load_callable
-    from pipeline import distributed
-    from pipeline.models import count_parameters, hidden_size, resolve_precision
     from pipeline import deepspeed as zero
-    from pipeline.rl import losses
-    from pipeline.rl.ppo import LocalOptimizer, adamw
     from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
+    from pipeline.models import count_parameters, hidden_size, resolve_precision
+    from pipeline.rl import losses
+    from pipeline.strategy import Optim, local_sizes
 
     world, say = distributed.world_size(), distributed.say
     precision = resolve_precision(cfg.precision)
     policy_path, info = ctx.model_path(cfg.policy, role="policy", merged=True)
     reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
-    ds = None
-    if cfg.deepspeed:
-        ds = zero.ds_config(cfg, precision, hidden_size(policy_path))
-    else:
+    ds = zero.ds_config(cfg, precision, hidden_size(policy_path)) if cfg.deepspeed else None
+    if ds is None:
         if precision != "fp32":
-            say(f"[{ctx.name}] note: PPO runs in fp32 on one process; precision {precision} applies under DeepSpeed")
+            say(f"[{ctx.name}] note: PPO runs in fp32 without DeepSpeed; precision {precision} applies under DeepSpeed")
         precision = "fp32"
-    per_rank, minibatch = (zero.local_sizes(cfg, world) if ds else
-                           (cfg.rollout.prompts_per_step, cfg.ppo.minibatch_size))
+    strategy = zero.select(ds, cfg.frozen.zero3, cfg.frozen.offload, cfg.rollout.gather_zero3)
+    per_rank, minibatch = local_sizes(cfg, world)
     prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
     eval_prompts = eval_prompts[: cfg.max_eval_prompts]
@@ -310,24 +317,13 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
                            f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
 
-    models, reward_fn, tok, placement, shard_frozen = _load_models(cfg, ctx, precision, ds, policy_path, reward_art,
-                                                                   info)
-    schedule = _scheduler_factory(cfg, minibatch, per_rank)
-    if ds:
-        optimizer = zero.build(models, cfg, precision, ds, schedule)  # the engines put the models on their device
-    else:
-        models.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        for m in (models.actor_module, models.critic_module):
-            if m is not None:
-                m.to(models.device)
-        adam = adamw(models.trainable_parameters(), cfg.optim.lr, cfg.optim.weight_decay)
-        optimizer = LocalOptimizer(models, adam, cfg.optim.max_grad_norm, schedule(adam))
+    models, reward_fn, tok, placement = _load_models(cfg, ctx, precision, strategy, policy_path, reward_art, info)
+    models.prepare(strategy, Optim(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.max_grad_norm,
+                                   _scheduler_factory(cfg, minibatch, per_rank)))
     models.check_deterministic()  # every process: under ZeRO-3 the forwards are collective
-    if not shard_frozen:  # whole frozen copies join the trained models on their device
-        if models.reference is not None:
-            models.reference.to(models.device)
-        if reward_fn.scorer is not None:
-            reward_fn.scorer.model.to(models.device)
+    models.reference = strategy.place_frozen(models.reference)  # on the device, or ZeRO-3 shards
+    if reward_fn.scorer is not None:
+        reward_fn.scorer.model = strategy.place_frozen(reward_fn.scorer.model)
     kl_ctl = (losses.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else losses.FixedKLController(cfg.kl.coef))
     total, trainable = count_parameters(models.policy)
@@ -335,10 +331,10 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
             "adapter": cfg.tuning == "lora" and not cfg.lora.merge}
     say(f"[{ctx.name}] {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; {trainable:,} of "
         f"{total:,} policy parameters trainable ({cfg.tuning}); values: {cfg.value_model}"
-        + (f"; {world} processes, ZeRO-{zero.zero_stage(ds)}, {per_rank} prompts each per step" if ds else ""))
+        + (f"; {world} processes, {per_rank} prompts each per step" if world > 1 else ""))
     say(f"[{ctx.name}] models: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in placement.items()))
-    return _Setup(models, optimizer, reward_fn, kl_ctl, tok, load_callable(cfg.eval_rule) if cfg.eval_rule else None,
-                  train_prompts, eval_prompts, info, policy_path, reward_art, ds, per_rank, minibatch)
+    return _Setup(models, strategy, reward_fn, kl_ctl, tok, load_callable(cfg.eval_rule) if cfg.eval_rule else None,
+                  train_prompts, eval_prompts, info, policy_path, reward_art, per_rank, minibatch)
 
 
 def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]:
@@ -346,9 +342,9 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
     Returns (eval before, eval after, the last step's metrics, training seconds)."""
     from tqdm.auto import tqdm
 
-    from pipeline import checkpoint, distributed
-    from pipeline.rl.ppo import (cycle_batches, evaluate, gather_rollout, generate, load_state, ppo_step, row_seeds,
-                                 save_state, score_rollout)
+    from pipeline import checkpoint
+    from pipeline.rl.ppo import cycle_batches, evaluate, load_state, ppo_step, save_state
+    from pipeline.rl.rollout import gather_rollout, generate, row_seeds, score_rollout
 
     main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
     ro_cfg, models = cfg.rollout, s.models
@@ -360,7 +356,7 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
                                  max_new_tokens=ro_cfg.max_new_tokens, seed=ctx.seed) if s.eval_prompts else {})
     first = 1
     if ctx.resume_from is not None:
-        state = load_state(ctx.resume_from, models, s.optimizer, s.kl_ctl)
+        state = load_state(ctx.resume_from, s.strategy, s.kl_ctl)
         before, first = state["before"], state["step"] + 1
         for _ in range(state["step"]):  # the data position: the same prompts in the same order
             next(batches)
@@ -384,7 +380,7 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
         phases = score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step, hp.forward_batch_size)
         t_score = time.perf_counter()
         ro = gather_rollout(ro, s.tok.pad_token_id)
-        last = ppo_step(models, s.optimizer, ro, hp, s.kl_ctl, step)
+        last = ppo_step(models, s.strategy, ro, hp, s.kl_ctl, step)
         # where a step's time goes (seconds, this process): sampling, the reward, the no-grad forwards for old
         # log-probs and values and for the reference, the PPO epochs of updates
         last.update({"ppo/time/generate": t_gen - t_step, **phases, "ppo/time/update": time.perf_counter() - t_score,
@@ -398,7 +394,7 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
         every = cfg.checkpoint.every
         if (every and step % every == 0) or step == stop:
             checkpoint.save_atomic(ckpt_dir, step, ctx.checkpoint_meta(step), lambda d: save_state(
-                d, models, s.optimizer, s.kl_ctl, step, {"before": before}), cfg.checkpoint.keep)
+                d, s.strategy, s.kl_ctl, step, {"before": before}), cfg.checkpoint.keep)
         if step == stop and step < cfg.steps:
             raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {step} (RLHF_STOP_AFTER_STEP); "
                                      "continue with --resume")
@@ -430,30 +426,27 @@ def _check_kl_ceiling(cfg: PPOStageConfig, ctx, step: int, kl: float) -> None:
 
 def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last: dict, seconds: float) -> dict:
     """Save the policy (and value head or critic), and the stage's result for the manifest."""
-    from pipeline import deepspeed as zero
-    from pipeline import distributed
     from pipeline.stages.common import logits_fingerprint, memory_metrics, peak_memory
 
     fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
     s.models.restore_configs()  # the saved policy keeps the dropout rates its config had
     memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
-    outputs.update(_save(s.models, cfg, s.tok, ctx.work_dir, s.policy_path, s.reward_art,
-                         under_deepspeed=s.ds is not None, info=s.info,
-                         critic_trust=bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)))
+    outputs.update(_save(cfg, ctx, s))
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
     summary = (f"{cfg.steps} steps in {seconds:.1f}s; held-out {key.split('/')[1]} "
                f"{before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
                f"KL {after.get('eval/kl', float('nan')):.3f}; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    zero = getattr(s.strategy, "stage", 0)
     return {"kind": "policy", "outputs": outputs, "metrics": metrics,
             "counts": {"train_prompts": len(s.train_prompts), "eval_prompts": len(s.eval_prompts),
                        "rollouts": cfg.steps * cfg.rollout.prompts_per_step},
             "extra": {"ppo_state": {"kl_coef": s.kl_ctl.value, "kl": s.kl_ctl.state_dict()},
                       "model": s.info,
                       "check": {"logits_fingerprint": fingerprint},
-                      "distributed": {"world_size": distributed.world_size(), "zero_stage": zero.zero_stage(s.ds),
+                      "distributed": {"world_size": distributed.world_size(), "zero_stage": zero,
                                       "memory_per_process": memory}},
             "summary": summary}
 
@@ -471,21 +464,40 @@ def _scheduler_factory(cfg: PPOStageConfig, minibatch: int, per_rank: int):
                                            num_training_steps=total)
 
 
-def _save(models, cfg: PPOStageConfig, tok, out_dir, policy_path: str, reward_art, under_deepspeed: bool,
-          info: dict, critic_trust: bool = False) -> dict:
-    """The policy (safetensors + tokenizer), and the value head or critic. Under DeepSpeed every process takes
-    part and rank 0 writes plain models (pipeline.deepspeed.save_ppo_models): they load without DeepSpeed."""
+def _save(cfg: PPOStageConfig, ctx, s: _Setup) -> dict:
+    """The policy (safetensors + tokenizer; LoRA merged unless lora.merge is false), and the value head or the critic,
+    as plain models that load without DeepSpeed: the strategy hands rank 0 each trained module as a plain model
+    (under ZeRO its gathered weights in a model rebuilt from the policy's or reward model's path), one path for
+    every strategy. Every process calls it; rank 0 writes."""
     from safetensors.torch import save_file
 
-    from pipeline.stages.common import save_model
+    from pipeline.models import load_causal_lm
+    from pipeline.rl.models import ValueHead
+    from pipeline.stages.common import peft_config, save_model
 
-    if under_deepspeed:
-        from pipeline.deepspeed import save_ppo_models
+    models, out_dir, info = s.models, ctx.work_dir, s.info
 
-        return save_ppo_models(models, cfg, tok, out_dir, policy_path, reward_art, info, critic_trust)
-    save_model(models.policy, tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
-    if models.value_head is not None:
-        save_file(models.value_head.state_dict(), str(out_dir / "value_head.safetensors"))
-        return {"value_head": "value_head.safetensors"}
-    models.critic_module.model.save_pretrained(out_dir / "critic", safe_serialization=True)
-    return {"critic": "critic"}
+    def policy_skeleton():
+        policy = load_causal_lm(s.policy_path, "fp32", info.get("trust_remote_code", False), info.get("revision"))
+        if cfg.tuning == "lora":
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, peft_config(cfg.lora.model_copy(update={"dropout": 0.0})))
+        return policy
+
+    def critic_skeleton():
+        from reward.scoring import load_reward_model
+
+        trust = bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)
+        return load_reward_model(str(s.reward_art.output("model")), "fp32", trust)
+
+    policy = s.strategy.plain(models.policy, policy_skeleton)
+    head = s.strategy.plain(models.value_head, lambda: ValueHead(models.head_width))
+    critic = s.strategy.plain(models.critic_module.model if models.critic_module else None, critic_skeleton)
+    if distributed.is_main():
+        save_model(policy, s.tok, out_dir / "model", merge=cfg.lora.merge, revision=info.get("revision"))
+        if head is not None:
+            save_file(head.state_dict(), str(out_dir / "value_head.safetensors"))
+        if critic is not None:
+            critic.save_pretrained(out_dir / "critic", safe_serialization=True)
+    return {"value_head": "value_head.safetensors"} if models.value_head is not None else {"critic": "critic"}

@@ -19,18 +19,19 @@ dropped silently: ties, and pairs that truncation makes empty or identical.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, TrainingBlock
 from pipeline.errors import InvalidInput
-from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, peft_config, save_policy,
-                                    training_args, weights_dtype)
+from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, pair_rows, peft_config,
+                                    save_policy, training_args, weights_dtype)
 
 
 class RewardStageConfig(TrainingBlock):
     stage: Literal["reward"]
+    groups_by_length: ClassVar[bool] = True  # one length per row (blocks.TrainingBlock)
     model: str = Field(description="stage:NAME (e.g. the SFT policy), a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
     eval_preferences: str | None = Field(None, description="stage:NAME whose eval split is the held-out set "
@@ -48,6 +49,10 @@ class RewardStageConfig(TrainingBlock):
                              "score head and the adapter in one model); leave lora.merge at true")
         return self
 
+    def memory(self, procs: int, prompt_tokens: int) -> dict:
+        # chosen and rejected forwarded together; a score head, no vocabulary logits
+        return {**super().memory(procs, prompt_tokens), "pairs": 2, "lm_head": False}
+
     def inputs(self) -> dict[str, tuple[str, str]]:
         out = {"model": (self.model, "model"), "preferences": (self.preferences, "artifact")}
         if self.eval_preferences:
@@ -59,33 +64,30 @@ Config = RewardStageConfig  # the registry's handle (pipeline/stages/__init__.py
 
 
 def _pairs(cfg: RewardStageConfig, ctx, tokenizer):
-    """(train rows, eval rows, kept train pairs, kept eval pairs, counts, eval artifact); pairs not trained on
-    (ties, truncated) listed in skipped.jsonl with their reasons."""
+    """(train rows, eval rows, kept train pairs, kept eval pairs, counts); pairs not trained on (ties, truncated)
+    listed in skipped.jsonl with their reasons (common.pair_rows)."""
     from feedback.schema import read_pairs
-    from pipeline.artifacts import write_jsonl
-    from pipeline.distributed import say
-    from reward.pairs import encode_pairs
+    from reward.pairs import NoMargin, encode_pair
 
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
     eval_art = ctx.artifact(cfg.eval_preferences, "preferences", "eval_preferences") if cfg.eval_preferences else prefs
     train_pairs, eval_pairs = list(read_pairs(prefs.output("train"))), list(read_pairs(eval_art.output("eval")))
-    train_rows, train_kept, skipped = encode_pairs(train_pairs, tokenizer, cfg.max_length, cfg.use_margin)
-    eval_rows, eval_kept, eval_skipped = encode_pairs(eval_pairs, tokenizer, cfg.max_length, False)
-    if cfg.optim.group_by_length:  # what a batch is padded to: the longer side of each pair (transformers groups
-        # the evaluation batches too)
-        train_rows, eval_rows = ([{**r, "length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows]
-                                 for rows in (train_rows, eval_rows))
-    skipped = [{**s, "split": "train"} for s in skipped] + [{**s, "split": "eval"} for s in eval_skipped]
-    if skipped:
-        write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
-        say(f"[{ctx.name}] {len(skipped)} pairs not used (ties or truncation); reasons in skipped.jsonl")
-    if not train_rows:
-        raise InvalidInput(f"{prefs.output('train')}: no trainable pairs (all ties or truncated)")
-    if cfg.optim.eval_steps is not None and not eval_rows:
-        raise InvalidInput(f"optim.eval_steps: {eval_art.output('eval')} holds no usable eval pairs to evaluate on")
-    counts = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": len(train_rows),
-              "evaluated_on": len(eval_rows), "skipped": len(skipped)}
-    return train_rows, eval_rows, train_kept, eval_kept, counts
+
+    def convert(p, split):
+        row, reason = encode_pair(p, tokenizer, cfg.max_length, cfg.use_margin and split == "train")
+        if row is not None and cfg.optim.group_by_length:
+            # what a batch is padded to: the longer side of each pair (transformers groups eval batches too)
+            row["length"] = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        return row, reason
+
+    try:
+        rows, kept, c = pair_rows(ctx, cfg, {"train": (prefs.output("train"), train_pairs),
+                                             "eval": (eval_art.output("eval"), eval_pairs)}, convert)
+    except NoMargin as exc:
+        raise InvalidInput(str(exc)) from None
+    counts = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": c["kept"]["train"],
+              "evaluated_on": c["kept"]["eval"], "skipped": c["skipped"]}
+    return rows["train"], rows["eval"], kept["train"], kept["eval"], counts
 
 
 def run(cfg: RewardStageConfig, ctx) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -52,6 +52,7 @@ class PromptTuningConfig(Strict):
 
 class SFTStageConfig(TrainingBlock):
     stage: Literal["sft"]
+    groups_by_length: ClassVar[bool] = True  # one length per row (blocks.TrainingBlock)
     model: str = Field(description="a key of `models`, stage:NAME, or a model reference")
     data: SFTDataConfig
     tuning: Literal["full", "lora", "freeze", "prompt_tuning"] = "full"

@@ -1,5 +1,5 @@
-"""Run by test_zero.py under `torchrun --nproc_per_node 2`: one minibatch of two micro-batches through
-EngineOptimizer on a small model, ZeRO stage from argv; the second minibatch gets an infinite gradient on
+"""Run by test_zero.py under `torchrun --nproc_per_node 2`: one minibatch of two micro-batches through the
+DeepSpeed strategy on a small model, ZeRO stage from argv; the second minibatch gets an infinite gradient on
 rank 1 only. Writes OUT/rank-N.json per rank: was the bad update refused on every rank, weights unchanged."""
 
 import json
@@ -10,26 +10,25 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import InvalidInput
-from pipeline.deepspeed import EngineOptimizer, full_state_dict
+from pipeline.deepspeed import DeepSpeed, full_state_dict
 from pipeline.rl.ppo import check_finite
+from pipeline.strategy import Optim
 
 
 def main(stage: int, out_dir: Path) -> None:
-    import deepspeed
-
     distributed.init()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
-    engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=list(model.parameters()),
-                                      optimizer=lambda p: torch.optim.AdamW(p, lr=0.1))
-    opt = EngineOptimizer(engine)
+    opt = DeepSpeed(ds)
+    (engine,) = opt.prepare({"model": model}, Optim(lr=0.1, max_grad_norm=1.0,
+                                                    make=lambda p: torch.optim.AdamW(p, lr=0.1)))
     x = torch.randn(4, 4) + distributed.rank()
 
     def minibatch(rows, step):
         for i in rows:
-            opt.backward(engine(x[i : i + 1]).pow(2).sum() / len(rows), torch.zeros(()))  # its share of the mean
+            opt.backward({"model": engine(x[i : i + 1]).pow(2).sum() / len(rows)})  # its share of the mean
         return opt.step(lambda **v: check_finite(step, **v))
 
     start = full_state_dict(engine.module)

@@ -50,9 +50,9 @@ def _launcher() -> str:
 
 def _launch(cfg, zero: str, *args, env=None, code: int = 0):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **(env or {})}
+    ds = ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{zero}.json")] if zero else []  # None: data parallel
     cmd = [_launcher(), "--num_gpus", "2", "--no_local_rank", "--master_port", str(random.randint(29600, 29999)),
-           "--module", "pipeline", "run", str(cfg), "--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{zero}.json"),
-           *args]
+           "--module", "pipeline", "run", str(cfg), *ds, *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == code, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -170,14 +170,16 @@ def test_a_nonfinite_gradient_is_refused_before_the_update_on_every_process(stag
 
 
 @pytest.mark.parametrize("value_model,zero,placement", [
+    ("head", None, {}), ("critic", None, {}),  # two processes without DeepSpeed: data parallel
     ("head", "zero2", {}), ("critic", "zero2", {}),
     # ZeRO-3 sampling on the shards, every process stepping together, and the frozen models' shards in CPU memory
     ("critic", "zero3", {"rollout": {"gather_zero3": False}, "frozen": {"zero3": True, "offload": True}})],
-    ids=["head-zero2", "critic-zero2", "critic-zero3-sharded"])
+    ids=["head-data-parallel", "critic-data-parallel", "head-zero2", "critic-zero2", "critic-zero3-sharded"])
 def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, value_model, zero, placement):
     """The same PPO step (one rollout of 16 prompts, two epochs of two minibatches of 8) from the same SFT policy, on
-    one process (micro-batches of 8) and on two (ZeRO-2, each process sampling and scoring half the prompts, then
-    taking half of every minibatch in two micro-batches of 2, so DeepSpeed accumulates): the gradient norms agree
+    one process (micro-batches of 8) and on two (data parallel without DeepSpeed, ZeRO-2 or ZeRO-3; each process
+    sampling and scoring half the prompts, then taking half of every minibatch in two micro-batches of 2, so the
+    gradients accumulate): the gradient norms agree
     to 1e-4 and the weight updates within 1%. The responses are the same (each is sampled from its own seed), the
     minibatches are the same rows in the same order, the loss is the minibatch's token mean (DeepSpeed's division
     by its accumulation steps and processes undone), and a critic's gradients are clipped apart from the policy's
@@ -194,7 +196,7 @@ def test_one_ppo_step_is_the_same_update_on_one_and_two_processes(tmp_path, valu
     cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "seed": 0, "stages": [
         *STAGES[:3], {**ppo, "name": "ppo_one"},
         {**ppo, "name": "ppo_two", "ppo": {**ppo["ppo"], "micro_batch_size": 2},
-         "deepspeed": str(ROOT / "configs" / "deepspeed" / f"{zero}.json"),
+         **({"deepspeed": str(ROOT / "configs" / "deepspeed" / f"{zero}.json")} if zero else {}),
          **{k: {**ppo.get(k, {}), **v} for k, v in placement.items()}}]})
     assert main(["run", str(cfg), "--stage", "sft", "--stage", "preferences", "--stage", "reward",
                  "--stage", "ppo_one"]) == 0

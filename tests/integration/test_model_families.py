@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from pipeline.rl import losses
-from pipeline.rl.ppo import LocalOptimizer, PPOModels, RewardFunction, generate, ppo_step, score_rollout
-from tests.conftest import ppo_hyper
+from pipeline.rl.models import PPOModels
+from pipeline.rl.ppo import ppo_step
+from pipeline.rl.rollout import RewardFunction, generate, score_rollout
+from tests.conftest import ppo_hyper, prepared
 
 PROMPTS = ["Tell me about the river.", "Describe the sea and the sky.", "What is the forest like?",
            "Talk about the old stone bridge."]
@@ -70,7 +72,7 @@ def test_first_update_sees_ratio_one_on_every_family(tiny_path, family):
     models = PPOModels(policy, tok, "head")
     ro = generate(models, PROMPTS * 2, 12, keep_scores=True, seeds=list(range(8)))
     score_rollout(models, ro, RewardFunction(rule="feedback.synthetic:rule_score"), None, 1)
-    opt = LocalOptimizer(models, torch.optim.SGD(models.trainable_parameters(), lr=0.0), 1.0)
+    opt = prepared(models, lambda p: torch.optim.SGD(p, lr=0.0), 1.0)
     out = ppo_step(models, opt, ro, ppo_hyper(),
                    losses.FixedKLController(0.05), 1)
     assert out["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.cli import main
-from pipeline.rl.ppo import PPOModels
+from pipeline.rl.models import PPOModels
 from tests.conftest import ROOT, write_yaml
 
 DESIGN_PPO_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss",
@@ -81,7 +81,7 @@ def test_ppo_lora_reference_is_the_disabled_adapter(tiny_run, tmp_path):
     from peft import get_peft_model
 
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.rl.ppo import generate
+    from pipeline.rl.rollout import generate
     from pipeline.stages.common import peft_config
     from pipeline.blocks import LoraConfig
 

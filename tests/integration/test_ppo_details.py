@@ -11,8 +11,10 @@ import torch
 from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.rl import losses
-from pipeline.rl.ppo import LocalOptimizer, PPOModels, RewardFunction, generate, ppo_step, score_rollout
-from tests.conftest import ppo_hyper, tiny_sft_block, write_yaml
+from pipeline.rl.models import PPOModels
+from pipeline.rl.ppo import ppo_step
+from pipeline.rl.rollout import RewardFunction, generate, score_rollout
+from tests.conftest import ppo_hyper, prepared, tiny_sft_block, write_yaml
 
 PROMPTS = ["Tell me about the river.", "Describe the mountain.", "What is the forest like?", "Talk about the sea."]
 
@@ -64,7 +66,7 @@ def test_no_dropout_anywhere_so_the_first_update_has_ratio_one(tiny_path, monkey
             if p.requires_grad:
                 p.add_(0.3)  # a non-trivial adapter: dropout on its input changes the output
     models = PPOModels(policy, tok, "head", lora=True)
-    opt = LocalOptimizer(models, torch.optim.AdamW(models.trainable_parameters(), lr=0.0), 1.0)
+    opt = prepared(models, lambda p: torch.optim.AdamW(p, lr=0.0), 1.0)
     torch.manual_seed(0)
     ro = generate(models, PROMPTS * 2, 12)
     score_rollout(models, ro, RewardFunction(rule="feedback.synthetic:rule_score"), None, 1)
@@ -216,7 +218,7 @@ def test_ppo_step_uses_the_kl_coefficient_it_is_given(tiny_path):
         ro = generate(models, PROMPTS * 2, 8, keep_scores=True, seeds=list(range(8)))
         score_rollout(models, ro, RewardFunction(rule="feedback.synthetic:rule_score"), None, 1)
         ro.ref_logp = ro.logp - 0.1 * ro.mask
-        opt = LocalOptimizer(models, torch.optim.SGD(models.trainable_parameters(), lr=0.0), 1.0)
+        opt = prepared(models, lambda p: torch.optim.SGD(p, lr=0.0), 1.0)
         hp = ppo_hyper(gamma=1.0, lam=1.0, whiten_advantages=False, reward_clip=None)
         out = ppo_step(models, opt, ro, hp, losses.FixedKLController(coef), 1)
         want, n = 0.0, 0
@@ -246,9 +248,9 @@ def test_ppo_turns_dropout_off_checks_it_and_saves_the_policys_own_rates(tiny_ru
     assert main(["run", str(cfg)]) == 0
     saved = json.loads((tmp_path / "run" / "ppo_dropout" / "model" / "config.json").read_text())
     assert saved["attention_dropout"] == 0.1
-    import pipeline.rl.ppo as ppo_loop
+    import pipeline.rl.models as rl_models
 
-    monkeypatch.setattr(ppo_loop, "disable_dropout", lambda model: (lambda: None))
+    monkeypatch.setattr(rl_models, "disable_dropout", lambda model: (lambda: None))
     assert main(["run", str(cfg), "--force"]) == 1
     assert "is not deterministic in training mode" in capsys.readouterr().err
 

@@ -8,8 +8,10 @@ from safetensors.torch import load_file
 from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.rl import losses
-from pipeline.rl.ppo import LocalOptimizer, PPOModels, RewardFunction, generate, ppo_step, score_rollout
-from tests.conftest import ppo_hyper, write_yaml
+from pipeline.rl.models import PPOModels
+from pipeline.rl.ppo import ppo_step
+from pipeline.rl.rollout import RewardFunction, generate, score_rollout
+from tests.conftest import ppo_hyper, prepared, write_yaml
 
 PROMPTS = ["Tell me about the river.", "Describe the mountain.", "What is the forest like?", "Talk about the sea.",
            "Tell me about the library.", "Describe the lake.", "What is the city like?", "Talk about the rain."]
@@ -31,8 +33,9 @@ def _gradient(tiny_run, micro: int, value_model: str = "head") -> tuple[torch.Te
     ro.response = ro.response.masked_fill(ro.mask == 0, models.tok.pad_token_id)
     assert ro.mask.sum(1).tolist()[:5] == [1, 2, 3, 4, 5], ro.mask.sum(1)
     score_rollout(models, ro, RewardFunction(rule="feedback.synthetic:rule_score"), None, 1)
-    params = models.trainable_parameters()
-    opt = LocalOptimizer(models, torch.optim.SGD(params, lr=0.0), max_grad_norm=1e9)
+    opt = prepared(models, lambda p: torch.optim.SGD(p, lr=0.0), 1e9)
+    params = [p for m in (models.actor_module, models.critic_module) if m is not None for p in m.parameters()
+              if p.requires_grad]
     hp = ppo_hyper(epochs=1, minibatch_size=8, micro_batch_size=micro, entropy_coef=0.01)
     out = ppo_step(models, opt, ro, hp, losses.FixedKLController(0.05), 1)
     return torch.cat([p.grad.flatten() for p in params]), out

@@ -69,7 +69,7 @@ def _peft(trainer):
 
 
 def _lr_lambda(s):
-    return s.optimizer.scheduler.lr_lambdas[0]
+    return s.strategy.schedulers["actor"].lr_lambdas[0]
 
 
 # Where each field lands: {field: (value set, how to read it back from the trainer[, what that reads when it is not
@@ -236,11 +236,11 @@ def test_every_setting_reaches_the_trl_config(tiny_run, tmp_path, monkeypatch, s
 
 
 PPO = {
-    "optim.lr": (1e-4, lambda s, hp: s.optimizer.scheduler.base_lrs[0]),
-    "optim.weight_decay": (0.01, lambda s, hp: s.optimizer.optimizer.param_groups[0]["weight_decay"]),
+    "optim.lr": (1e-4, lambda s, hp: s.strategy.schedulers["actor"].base_lrs[0]),
+    "optim.weight_decay": (0.01, lambda s, hp: s.strategy.optimizers["actor"].param_groups[0]["weight_decay"]),
     "optim.scheduler": ("cosine", lambda s, hp: "cosine" if "cosine" in _lr_lambda(s).func.__name__ else "other"),
     "optim.warmup_ratio": (0.25, lambda s, hp: _lr_lambda(s).keywords["num_warmup_steps"]),
-    "optim.max_grad_norm": (0.5, lambda s, hp: s.optimizer.max_grad_norm),
+    "optim.max_grad_norm": (0.5, lambda s, hp: s.strategy.max_grad_norm),
     "rollout.prompts_per_step": (16, lambda s, hp: s.per_rank),
     "rollout.temperature": (0.7, lambda s, hp: s.models.temperature),
     "kl.coef": (0.1, lambda s, hp: s.kl_ctl.value), "kl.adaptive": (True, lambda s, hp: type(s.kl_ctl).__name__),

@@ -103,3 +103,62 @@ def test_a_stage_is_added_through_the_registry_alone(tmp_path, monkeypatch, caps
     # a typo in the toy block is reported like any other stage's
     bad = write_yaml(tmp_path / "bad.yaml", {"run_dir": str(run), "stages": [{"stage": "toy", "promt": "x"}]})
     assert main(["run", str(bad), "--check"]) == 2 and "stages[0].promt: unknown key" in capsys.readouterr().err
+
+
+TOY_TRAINING_STAGE = '''
+"""A toy training stage: language-model fine-tuning on one repeated text, on TRL's SFTTrainer, through the shared
+stage steps (pipeline.stages.common). What it declares is all the planner needs."""
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.blocks import OptimConfig, TrainingBlock
+
+
+class Config(TrainingBlock):
+    stage: Literal["toy_lm"]
+    model: str
+    text: str = "The river is calm and the library is quiet."
+    max_length: int = Field(32, ge=8)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    def inputs(self):
+        return {"model": (self.model, "model")}
+
+
+def run(cfg, ctx):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.stages.common import fit, load_policy, save_policy, training_args
+
+    _, info, tok, model = load_policy(ctx, cfg.model, role="model", merged=False)
+    args = training_args(SFTConfig, cfg, ctx, "fp32", max_length=cfg.max_length, dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": cfg.text}] * 8),
+                         processing_class=tok)
+    fit(trainer, ctx, cfg)
+    save_policy(trainer, trainer.model, tok, ctx.work_dir / "model", merge=True)
+    return {"kind": "policy", "outputs": {"model": "model"}, "summary": f"{trainer.state.global_step} steps"}
+'''
+
+
+def test_a_training_stage_is_added_through_the_registry_alone_and_planned(tmp_path, monkeypatch, capsys):
+    """A new training stage needs its module and one registry line: it trains through the shared steps, and
+    `rlhf plan` plans it from what its config declares (TrainingBlock.memory), with no change to the planner."""
+    from pipeline import artifacts
+    from pipeline.stages import REGISTRY
+
+    (tmp_path / "toy_lm_stage.py").write_text(TOY_TRAINING_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import toy_lm_stage
+
+    monkeypatch.setitem(REGISTRY, "toy_lm", toy_lm_stage)  # the one registry line
+    run = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(run), "stages": [
+        {"stage": "toy_lm", "model": "tiny", "precision": "fp32", "optim": {"max_steps": 2, "per_device_batch_size": 4}}]})
+    assert main(["run", str(cfg)]) == 0
+    assert artifacts.load_artifact(run / "toy_lm", "policy").output("model").is_dir()
+    capsys.readouterr()
+    assert main(["plan", str(cfg), "--gpus", "1", "--gpu-memory", "24GB", "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "toy_lm (toy_lm, fp32): 0.00B parameters, 287,104 trained" in out and "fastest that fits" in out, out

@@ -28,16 +28,18 @@ def test_a_bad_later_stage_stops_the_run_before_the_first_stage_trains(tmp_path,
 
 
 def test_check_takes_the_number_of_processes(tmp_path, capsys):
-    """PPO's micro-batch arithmetic under DeepSpeed: 8 prompts, minibatch 8, micro-batches of 8 fit one process
-    but not two (4 each). As a user following the README would launch it, the refusal now comes first."""
+    """PPO's micro-batch arithmetic on several processes: 8 prompts, minibatch 8, micro-batches of 8 fit one process
+    but not two (4 each), under DeepSpeed or not. As a user following the README would launch it, the refusal now
+    comes first."""
     cfg = _cfg(tmp_path, PPO)
     assert main(["run", cfg, "--check", "--deepspeed", ZERO2]) == 0
     assert "checked for 1 process" in capsys.readouterr().out
     assert main(["run", cfg, "--check", "--deepspeed", ZERO2, "--processes", "2"]) == 2
     assert "by ppo.micro_batch_size (8)" in capsys.readouterr().err
-    # two processes without DeepSpeed: PPO has nothing to reduce its gradients with
+    # two processes without DeepSpeed (data parallel): the same shares
     assert main(["run", cfg, "--check", "--processes", "2"]) == 2
-    assert "stages.ppo: PPO on 2 processes runs under DeepSpeed" in capsys.readouterr().err
+    assert "by ppo.micro_batch_size (8)" in capsys.readouterr().err
+    assert main(["run", cfg, "--check", "--processes", "2", "--set", "stages.ppo.ppo.micro_batch_size=4"]) == 0
     # ZeRO-3 shards in CPU memory need ZeRO-3: said before the first stage, not after SFT has trained
     assert main(["run", cfg, "--check", "--deepspeed", ZERO2, "--set", "stages.ppo.frozen.offload=true"]) == 2
     assert "stages.ppo.frozen.offload: needs a ZeRO-3 config" in capsys.readouterr().err
