@@ -350,13 +350,15 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_serve_judge(args) -> int:
-    from pipeline.serve import ServeOptions, serve_judge
+    from pipeline.serve.launch import serve_judge
+    from pipeline.serve.options import ServeOptions
 
     return serve_judge(args.model, ServeOptions.from_args(args))
 
 
 def _cmd_serve_policy(args) -> int:
-    from pipeline.serve import ServeOptions, serve_policy
+    from pipeline.serve.launch import serve_policy
+    from pipeline.serve.options import ServeOptions
 
     return serve_policy(args.policy, ServeOptions.from_args(args))
 
