@@ -8,8 +8,8 @@ With `tracking: {wandb: true}` each stage gets one wandb run (stage_wandb, calle
 the stage, grouped by the run directory, its files under RUN_DIR/wandb; once the stage completes, the report's
 plots and tables go to it (log_report, given them by pipeline.report.log_to_wandb) and the run is finished.
 
-wandb, transformers and PIL are imported inside the functions that use them (import cost: wandb and transformers
-take seconds, and this module is imported by every stage and by `rlhf` itself, with tracking on or off).
+wandb, transformers and PIL are imported inside the functions that use them, for their import cost (transformers
+takes seconds, wandb a few tenths): this module is imported by every stage and by `rlhf` itself, tracking on or off.
 """
 
 from __future__ import annotations

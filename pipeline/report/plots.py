@@ -52,7 +52,7 @@ def curve_groups(rows: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
 
 
 def _pyplot():
-    # deferred: matplotlib costs about a second to import, and `rlhf` imports this package for every command
+    # deferred for its import cost (a few tenths of a second): `rlhf` imports this package for every command
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

@@ -1,12 +1,10 @@
-"""The model behind the server: `Engine` (a causal LM in eval mode, a bounded pool of generation threads,
-admission control) and `Job` (one admitted request travelling from the event loop to a worker and back).
+"""The model behind the server: `Engine` (a causal LM in eval mode, admission control, a bounded pool of
+generation threads) and `Job` (one admitted request, travelling from the event loop to a worker and back).
 
-- Admission (`Engine.submit`) counts requests from the moment their body is parsed: at most
-  `--concurrency + --queue` are tokenizing, generating or waiting for a worker; the rest get 503 with Retry-After.
-- Tokenizing happens in the generation worker, with a tokenizer of the worker's own (a fast tokenizer cannot be
-  used by two threads at once), so it counts against admission and no lock is shared by all requests.
+- At most `--concurrency + --queue` requests are admitted (tokenizing, generating or waiting for a worker); the
+  rest get 503 with Retry-After. A prompt is tokenized in its worker, with a tokenizer of the worker's own.
 - Generation runs in a thread pool of `--concurrency` workers (torch releases the GIL), so a short request never
-  waits behind a long one. Each sampling request draws its tokens with a random generator of its own
+  waits behind a long one. A sampling request draws its tokens with a random generator of its own
   (`_TokenChooser`, seeded by its `seed`), so no request waits for another's. Each request builds a fresh
   `GenerationConfig`, and the model's own generation_config.json is replaced by a neutral one at load, because
   transformers fills every field a request leaves unset from the model's file (a repetition_penalty there would
@@ -14,8 +12,8 @@ admission control) and `Job` (one admitted request travelling from the event loo
 - Tokens reach the event loop as they are sampled (`_JobStreamer` -> `Job.emit`); a client that leaves sets
   `Job.cancelled`, and generation stops at the next token.
 
-A finished Job holds what the traffic log (the next step of issue 22) will record: its messages, prompt ids,
-tokens, text, logprobs and finish reason.
+A finished Job holds what the traffic log (issue 22's next step) will record: messages, prompt ids, tokens, text,
+logprobs and finish reason.
 """
 
 from __future__ import annotations
