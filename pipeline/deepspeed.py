@@ -391,6 +391,21 @@ def full_state_dict(module) -> dict | None:
 # --------------------------------------------------------------------------- saving and tear-down
 
 
+@contextlib.contextmanager
+def built_whole():
+    """While open, transformers builds models whole on this process even while a ZeRO-3 config is active (the global a
+    trainer's arguments set): for work one process does alone, such as merging an adapter on rank 0, where building
+    sharded (zero.Init) would wait forever for the other processes."""
+    from transformers.integrations import deepspeed as hf
+
+    saved = hf._hf_deepspeed_config_weak_ref
+    hf.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf._hf_deepspeed_config_weak_ref = saved
+
+
 def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_code: bool = False,
                        revision: str | None = None) -> bool:
     """A TRL/HF trainer's model under DeepSpeed: every rank takes part (ZeRO-3 weights are gathered) and rank 0
@@ -414,7 +429,8 @@ def save_trainer_model(trainer, tokenizer, out_dir, merge: bool, trust_remote_co
 
             # an adapter directory loads merged into its base (at the revision its adapter_config records), with the
             # head its task has: a reward model's adapter carries its trained score head
-            merged = load_model(str(tmp), "fp32", trust_remote_code, head="auto")
+            with built_whole():  # rank 0 alone: under ZeRO-3 a sharded build would wait for the others
+                merged = load_model(str(tmp), "fp32", trust_remote_code, head="auto")
             shutil.rmtree(tmp)
             merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

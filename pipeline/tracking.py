@@ -5,18 +5,26 @@ maps them to our names (`train/loss`, `eval/loss`, `eval/rewards/margins`) so th
 metrics.jsonl, wandb and the manifest use one vocabulary.
 
 With `tracking: {wandb: true}` each stage gets one wandb run (stage_wandb, called by the runner), named after
-the stage, grouped by the run directory, its files under RUN_DIR/wandb; pipeline/report.py adds the report's
-plots to it when the stage completes.
+the stage, grouped by the run directory, its files under RUN_DIR/wandb; once the stage completes, the report's
+plots and tables go to it (log_report, given them by pipeline.report.log_to_wandb) and the run is finished.
+
+wandb, transformers and PIL are imported inside the functions that use them, for their import cost (transformers
+takes seconds, wandb a few tenths): this module is imported by every stage and by `rlhf` itself, tracking on or off.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
+
+from pipeline.distributed import is_main
 
 # Whole key names that hold secrets: api_key, openai_api_key, token, hf_token, access_token, secret,
 # client_secret, password, authorization, bearer. Not settings that merely contain such a word
@@ -55,8 +63,6 @@ class MetricsLog:
         self.wandb = None
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
-        from pipeline.distributed import is_main
-
         row: dict[str, Any] = {} if step is None else {"step": step}
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -114,19 +120,15 @@ def wandb_init_args(tracking: dict, run_dir: str | Path, name: str) -> dict:
 
 def stage_wandb(tracking, run_dir: str | Path, name: str, config: dict | None = None):
     """Before a stage runs (the runner calls it): open the stage's own wandb run, one per stage. The HF callback
-    of the TRL stages logs into the run that is open, PPO's `wandb_run` hands it out, and `report.log_to_wandb`
-    adds the report's plots and finishes it once the stage is complete. The run is opened here, with explicit
+    of the TRL stages logs into the run that is open, PPO's `wandb_run` hands it out, and `log_report` adds the
+    report's plots and finishes it once the stage is complete. The run is opened here, with explicit
     arguments, because wandb reads WANDB_* variables once per process and `wandb.init` returns the run already
     open: left to the HF callback, every stage after the first would log into the first stage's run. A run left
     open (a stage that failed) is finished first. WANDB_DIR, WANDB_RUN_GROUP and WANDB_NAME are set as well, for
     any process the stage starts. Returns the run; None when tracking is off or on ranks other than 0."""
-    from pipeline.distributed import is_main
-
     if not tracking.wandb or not is_main():
         return None
     report_to(tracking)
-    import uuid
-
     import wandb
 
     if wandb.run is not None:
@@ -137,8 +139,8 @@ def stage_wandb(tracking, run_dir: str | Path, name: str, config: dict | None = 
 
 
 class _StageRun:
-    """The stage's wandb run as the stage sees it: everything goes through but finish(), which the runner does
-    after adding the report's plots (report.log_to_wandb)."""
+    """The stage's wandb run as the stage sees it: everything goes through but finish(), which log_report does
+    after adding the report's plots (the runner calls pipeline.report.log_to_wandb)."""
 
     def __init__(self, run):
         self._run = run
@@ -156,8 +158,6 @@ def wandb_run(tracking, name: str, config: dict, work_dir: str | Path):
     RUN_DIR/.NAME.partial. Under the runner this is the stage's run that stage_wandb opened; otherwise a new one
     with the same settings (files under RUN_DIR/wandb, the run directory's group). None when tracking is off or
     on processes other than rank 0. The caller finishes it."""
-    from pipeline.distributed import is_main
-
     if not tracking.wandb or not is_main():
         return None
     report_to(tracking)
@@ -170,14 +170,42 @@ def wandb_run(tracking, name: str, config: dict, work_dir: str | Path):
     return wandb.init(config=redact(config), **args)
 
 
+def log_report(tracking: dict, run_dir: str | Path, name: str, plots: dict[str, bytes],
+               tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
+    """Log a completed stage's report to the stage's wandb run, then finish that run: one wandb run per stage.
+    `tracking` is the stage's resolved `tracking` block, `plots` {title: PNG} (logged as wandb.Image under
+    report/<title>), `tables` {key: (header, rows)} (wandb.Table under report/<key>). The run is the one
+    stage_wandb opened for the stage (reopened if the stage finished it), or, outside the runner, a new run named
+    after the stage in the run directory's group."""
+    import wandb
+    from PIL import Image
+
+    args = wandb_init_args(tracking, run_dir, name)
+    run = wandb.run if wandb.run is not None and wandb.run.id == args.get("id") else None
+    if run is None:
+        if wandb.run is not None:
+            wandb.run.finish()  # another stage's run, left open: never log into it
+        run = wandb.init(**args)
+    try:
+        values: dict[str, Any] = {"report/" + re.sub(r"\W+", "_", title.lower()): wandb.Image(
+            Image.open(io.BytesIO(png)), caption=f"{name}: {title}") for title, png in plots.items()}
+        for key, (header, rows) in tables.items():
+            values[f"report/{key}"] = wandb.Table(columns=header, data=[[_wandb_cell(v) for v in r] for r in rows])
+        if values:
+            run.log(values)
+    finally:
+        run.finish()
+
+
+def _wandb_cell(v: Any) -> Any:
+    return v if v is None or isinstance(v, (int, float, str)) else str(v)
+
+
 def quiet_libraries() -> None:
     """Keep a run's output to what a user acts on: transformers' and datasets' info chatter, per-dataset progress
     bars and load reports (e.g. the freshly initialised score head of a reward model, which the reward stage
     states in one line itself) and library deprecation notices are silenced; training progress bars and our own
-    messages stay. RLHF_VERBOSE=1 keeps everything. Called first by `rlhf` (pipeline/cli.py main)."""
-    import os
-    import warnings
-
+    messages stay. RLHF_VERBOSE=1 keeps everything. Called first by `rlhf` (pipeline.cli.main)."""
     if os.environ.get("RLHF_VERBOSE"):
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

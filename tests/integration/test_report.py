@@ -241,6 +241,28 @@ def test_ai_labels_judge_agreement_and_a_stage_not_run_yet(tmp_path):
     assert "agreement.json" in agreement and "0.92" in agreement and "0.84" in agreement
 
 
+def test_any_stage_samples_show_the_last_step_each_label_and_every_field(tmp_path):
+    """The Samples section reads what a stage logged, not PPO's row shape: a stage (here a GRPO-like one) whose rows
+    hold `completion` and `reward`, labelled held-out rows, and rows of earlier steps that are left out."""
+    d = tmp_path / "run" / "grpo"
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"stage": "grpo", "kind": "policy", "status": "complete",
+                                                 "created_at": "2026-01-01T00:00:00Z", "metrics": {}}))
+    write_yaml(d / "config.yaml", {"stage": "grpo", "name": "grpo"})
+    rows = [{"step": s, "prompt": f"prompt {s}.{i}", "completion": f"answer {s}.{i} {XSS}", "reward": 0.25 * i}
+            for s in (10, 20) for i in range(7)]
+    rows += [{"step": "held-out", "prompt": f"held {i}", "completion": f"kept {i}"} for i in range(7)]
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(tmp_path / "run")]) == 0
+    section = _section((tmp_path / "run" / "report.html").read_text(), "grpo")
+    table = section[section.index("<h3>Samples</h3>"):]
+    assert "<th>step</th><th>prompt</th><th>completion</th><th>reward</th>" in table
+    assert [f"answer 20.{i}" in table for i in range(7)] == [True] * 5 + [False] * 2  # the last step's first rows
+    assert [f"kept {i}" in table for i in range(7)] == [True] * 5 + [False] * 2  # then the first of each label
+    assert "answer 10." not in table and "<td>1.5</td>" not in table and "<td>1</td>" in table
+    assert XSS not in table and "&lt;script&gt;" in table
+
+
 def test_not_a_run_directory_is_a_usage_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert main(["report", str(tmp_path)]) == 1 and "no stages found" in capsys.readouterr().err

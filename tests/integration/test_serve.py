@@ -1,4 +1,4 @@
-"""`rlhf serve judge` / `rlhf serve policy` (pipeline/serve.py) as a real subprocess on the tiny model,
+"""`rlhf serve judge` / `rlhf serve policy` (pipeline/serve/) as a real subprocess on the tiny model,
 driven by the official `openai` client and by raw sockets for what a client library would never send.
 
     pytest -q tests/integration/test_serve.py      # about 25 s on 2 cores
@@ -477,7 +477,7 @@ def test_flood_of_slow_and_oversized_requests(server):
 
 
 def test_control_characters_are_escaped_in_the_log(server):
-    from pipeline.serve import _escape
+    from pipeline.serve.schema import escape as _escape
 
     assert _escape(b"/a\r\nFAKE 200\x1b[31m\x7f") == "/a\\r\\nFAKE 200\\x1b[31m\\x7f"
     response = server.raw(b"GET /v1/\x1b[31mred\rFAKE LINE HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % server.port)

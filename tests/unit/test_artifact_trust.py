@@ -28,7 +28,7 @@ def test_links_inside_an_artifact_leak_no_file(tmp_path, tiny_path, capsys):
     was embedded in `rlhf report`. Now an artifact holding links is refused (export, serve, every stage input), and
     the report skips links with a warning."""
     from pipeline.errors import InvalidInput
-    from pipeline.serve import policy_model
+    from pipeline.serve.launch import policy_model
 
     secret = tmp_path / "secret.txt"
     secret.write_text(CANARY)

@@ -92,7 +92,9 @@ def test_a_served_prompt_tuned_policy_answers_what_its_forward_pass_gives(models
     import asyncio
 
     from pipeline.generation import chat_ids
-    from pipeline.serve import Engine, Job, Message, ServeOptions
+    from pipeline.serve.engine import Engine, Job
+    from pipeline.serve.options import ServeOptions
+    from pipeline.serve.schema import Message
 
     tok, tuned, _ = models
     tuned.get_base_model().save_pretrained(tmp_path / "base")  # the contextual base, which the adapter names

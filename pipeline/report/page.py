@@ -1,20 +1,11 @@
-"""The static HTML report of a run: one self-contained page per run directory.
+"""The report page: one self-contained HTML string for a run directory (`render`), written atomically
+(`write_report`). A header with the run and a table of its stages, judge agreement if the run holds any, then a
+section per stage: its curves, final metrics, counts, the data it left out with reasons, the extra manifest
+blocks, the samples it logged and its resolved config; an eval stage shows its per-policy table, win rates and
+answers side by side instead.
 
-    rlhf report runs/tiny              # writes runs/tiny/report.html
-    rlhf report runs/tiny -o out.html
-
-The page reads only what the run wrote (manifests, config.yaml, metrics.jsonl, samples and the rows
-left out) and shows: the run (directory, dates, git sha, versions) and its stages in config order
-with their status; per stage the training curves (PNG plots made with matplotlib, embedded as data
-URIs), final metrics, time, peak memory, counts, the extra manifest blocks and the resolved config;
-the data (rows accepted and rejected by reason, skipped pairs, AI labels, judge agreement); and for
-an `eval` stage the per-policy table, win rates with their 95% intervals and sample answers side by
-side. It works on a partial run (stages not run yet, in progress or killed are marked) and on
-DeepSpeed runs (memory per process). There is no JavaScript and no external URL; every piece of
-text taken from the run is escaped: model outputs and data files are untrusted.
-
-With `tracking: {wandb: true}` the runner calls `log_to_wandb` after each stage: the same plots (and
-the evaluate table) go to that stage's wandb run.
+Every piece of text taken from the run goes through `_e` (model outputs and data files are untrusted), and a
+Content-Security-Policy forbids any script; the page has no JavaScript and no external URL.
 """
 
 from __future__ import annotations
@@ -22,179 +13,21 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import json
 import math
 import re
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InvalidInput, UsageError
+from pipeline.artifacts import write_atomic
+from pipeline.report.plots import stage_plots, win_rate_chart
+from pipeline.report.run import Stage, eval_policies, read_json, read_jsonl, read_run
 
-MANIFEST = "manifest.json"
 SAMPLE_ROWS = 5  # rows shown of skipped/rejected/unlabelled files, samples, and evaluate prompts
 # manifest keys every stage has; the others (model, normalization, judge, ...) are shown as extra blocks
 STANDARD_KEYS = {"schema_version", "stage", "kind", "status", "created_at", "config_hash", "inputs", "outputs",
                  "metrics", "counts", "versions", "git_sha", "check", "evaluate"}
 LEFT_OUT = ("rejected.jsonl", "skipped.jsonl", "unlabelled.jsonl")
-
-# One plot per group of related metrics: (title, pattern on the metric name). First match wins.
-GROUPS = (
-    ("Loss", r"^(train|eval)/loss$"),
-    ("PPO losses", r"^ppo/(policy|value)_loss$"),
-    ("Reward", r"(^|/)(reward|rewards|reward_mean|rule_reward_mean|mean_reward|margin|margin_mean)$|"
-               r"(^|/)rewards/(chosen|rejected|margins)$"),
-    ("Accuracy", r"(^|/)(accuracy|accuracies|mean_token_accuracy)$"),
-    ("KL", r"(^|/)(kl|approx_kl)$"),
-    ("KL coefficient", r"(^|/)kl_coef$"),
-    ("Clip fraction", r"(^|/)(clipfrac|vf_clipfrac)$|clip_ratio"),
-    ("Entropy", r"(^|/)entropy$"),
-    ("Response length", r"(^|/)response_length$|completions/mean_length$"),
-    ("Learning rate", r"(^|/)(learning_rate|lr)$"),
-)
-
-
-# --------------------------------------------------------------------------- reading the run
-
-
-@dataclass
-class Stage:
-    """What the run directory holds for one stage name."""
-
-    name: str
-    status: str  # complete | incomplete | in progress or killed | not run yet
-    dir: Path | None = None  # where its files are read from: the artifact, else the partial directory
-    manifest: dict | None = None
-    config: dict = field(default_factory=dict)
-    config_text: str = ""
-    note: str = ""
-    started: float = 0.0  # config.yaml's mtime: when the stage started (orders stages with no dependency)
-
-    @property
-    def kind(self) -> str:
-        return (self.manifest or {}).get("kind") or ("eval" if self.config.get("stage") == "evaluate" else "")
-
-
-def _read_json(path: Path) -> dict | None:
-    if path.is_symlink():  # a link in a run directory could show any file of this machine (see _stage)
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    """The JSON objects of a JSONL file; unreadable lines (a stage killed mid-write) are left out."""
-    rows: list[dict] = []
-    if not path.is_file() or path.is_symlink():
-        return rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
-
-
-def _read_config(stage: Stage) -> None:
-    from pipeline.blocks import load_yaml_text
-    from pipeline.errors import UsageError
-
-    path = stage.dir / "config.yaml" if stage.dir else None
-    if path is None or not path.is_file() or path.is_symlink():
-        return
-    stage.config_text = path.read_text(encoding="utf-8", errors="replace")
-    stage.started = path.stat().st_mtime
-    try:
-        loaded = load_yaml_text(stage.config_text, str(path))  # refuses alias bombs, which walking would expand
-    except UsageError:
-        loaded = None
-    stage.config = loaded if isinstance(loaded, dict) else {}
-
-
-def _stage(run_dir: Path, name: str) -> Stage:
-    """One stage's status: its complete artifact, else its partial directory, else whatever is left."""
-    final, partial = run_dir / name, run_dir / f".{name}.partial"
-    manifest = _read_json(final / MANIFEST) if (final / MANIFEST).is_file() else None
-    if manifest is not None and manifest.get("status") == "complete":
-        st = Stage(name, "complete", final, manifest)
-        if partial.is_dir():
-            st.note = f"a rerun is in progress or was killed ({partial.name}); showing the previous complete artifact"
-    elif partial.is_dir():
-        st = Stage(name, "in progress or killed", partial, note=f"no complete artifact; files read from {partial.name}")
-    else:
-        why = "unreadable manifest" if (final / MANIFEST).is_file() else f"no {MANIFEST}"
-        st = Stage(name, "incomplete", final, manifest, note=f"{why}: the artifact is not complete")
-    links = [p.name for p in st.dir.iterdir() if p.is_symlink()] if st.dir and st.dir.is_dir() else []
-    if links:  # skipped, never followed: an artifact from elsewhere could link its config.yaml to a key
-        st.note = (st.note + "; " if st.note else "") + f"symbolic links not read: {', '.join(sorted(links))}"
-        print(f"warning: {st.dir}: symbolic links not read: {', '.join(sorted(links))}", file=sys.stderr)
-    _read_config(st)
-    return st
-
-
-def _references(stage: Stage) -> set[str]:
-    """The stages this stage reads (`stage:NAME` values anywhere in its config)."""
-    found: set[str] = set()
-
-    def walk(v):
-        if isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-        elif isinstance(v, str) and v.startswith("stage:"):
-            found.add(v[6:])
-
-    walk(stage.config)
-    return found - {stage.name}
-
-
-def _in_config_order(stages: dict[str, Stage]) -> list[Stage]:
-    """Stages in the order the pipeline config runs them: every stage after the stages it reads (config order
-    guarantees that), the others by when they started. Stages named by a reference but absent are 'not run yet'."""
-    for st in list(stages.values()):
-        for ref in _references(st):
-            if ref not in stages:
-                stages[ref] = Stage(ref, "not run yet", note=f"read by {st.name}; nothing in the run directory yet")
-    deps = {n: _references(st) & set(stages) for n, st in stages.items()}
-    order: list[Stage] = []
-    done: set[str] = set()
-    while len(order) < len(stages):
-        ready = [st for n, st in stages.items() if n not in done and deps[n] <= done]
-        ready = ready or [st for n, st in stages.items() if n not in done]  # a cycle: never expected, never stuck
-        nxt = min(ready, key=lambda s: (s.status == "not run yet", s.started or math.inf, s.name))
-        order.append(nxt)
-        done.add(nxt.name)
-    return order
-
-
-def read_run(run_dir: str | Path) -> list[Stage]:
-    """The run's stages: directories holding a manifest or a config.yaml, `.NAME.partial` work directories, and
-    stages referenced by those, in config order."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: not a directory (expected a run directory, e.g. runs/tiny)")
-    names = set()
-    for p in run_dir.iterdir():
-        m = re.fullmatch(r"\.([A-Za-z0-9_-]+)\.partial", p.name)
-        if m and p.is_dir():
-            names.add(m.group(1))
-        elif p.is_dir() and not p.name.startswith(".") and ((p / MANIFEST).exists() or (p / "config.yaml").exists()):
-            names.add(p.name)
-    if not names:
-        raise InvalidInput(f"{run_dir}: no stages found (no */{MANIFEST}, */config.yaml or .NAME.partial/)")
-    return _in_config_order({n: _stage(run_dir, n) for n in names})
 
 
 # --------------------------------------------------------------------------- formatting
@@ -274,132 +107,11 @@ def _plain(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def curve_groups(rows: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
-    """metrics.jsonl rows -> {plot title: {metric: (steps, values)}} for the metrics a stage logged, grouped by
-    GROUPS; metrics that are not curves (`*_initial`, runtimes, counts) are left out."""
-    series: dict[str, tuple[list, list]] = {}
-    for i, row in enumerate(rows):
-        step = row.get("step", i)
-        if not isinstance(step, (int, float)) or isinstance(step, bool):
-            continue
-        for k, v in row.items():
-            if k == "step" or k.endswith("_initial") or not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
-            if math.isfinite(v):
-                xs, ys = series.setdefault(k, ([], []))
-                xs.append(step)
-                ys.append(v)
-    groups: dict[str, dict[str, tuple[list, list]]] = {}
-    for name in sorted(series):
-        for title, pattern in GROUPS:
-            if re.search(pattern, name):
-                groups.setdefault(title, {})[name] = series[name]
-                break
-    return {title: groups[title] for title, _ in GROUPS if title in groups}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
-    return buf.getvalue()
-
-
-def plot_curves(title: str, series: dict[str, tuple[list, list]]) -> bytes:
-    """One small PNG: the curves of a group of related metrics against the step."""
-    from matplotlib.ticker import MaxNLocator
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(3.8, 2.5), layout="constrained")  # three to a row
-    densest = max(len(xs) for xs, _ in series.values())
-    for name, (xs, ys) in series.items():
-        sparse = len(xs) * 4 <= densest  # e.g. eval/loss before and after training: points, not a trend
-        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=4 if sparse else 3,
-                linestyle="none" if sparse else "-", linewidth=1.4, label=name)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    if title == "Learning rate":
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
-
-
-def plot_win_rates(names: list[str], rates: list[float], lows: list[float], highs: list[float],
-                   baseline: str) -> bytes:
-    """Win rate of each policy against the baseline with its 95% interval as error bars; 0.5 is a draw."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 2.8), layout="constrained")
-    err = [[max(r - lo, 0) for r, lo in zip(rates, lows)], [max(hi - r, 0) for r, hi in zip(rates, highs)]]
-    bars = ax.bar(range(len(names)), rates, yerr=err, capsize=5, color="#4c78a8", width=0.6)
-    for bar, rate in zip(bars, rates):  # the value at the foot of its bar, clear of the error bar and 0.5 line
-        ax.text(bar.get_x() + bar.get_width() / 2, 0.03, f"{rate:.2f}", ha="center", color="white", fontsize=8)
-    ax.axhline(0.5, color="#888", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel(f"win rate vs {baseline}", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.set_title("Win rate (95% interval)", fontsize=10)
-    return _png(fig)
-
-
 def _img(png: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{_e(alt)}">'
 
 
-def stage_plots(stage: Stage) -> dict[str, bytes]:
-    """{title: PNG} for a stage: its curve groups, and the win-rate chart of an eval stage."""
-    out = {title: plot_curves(title, series)
-           for title, series in curve_groups(read_jsonl(stage.dir / "metrics.jsonl") if stage.dir else []).items()}
-    if stage.kind == "eval" and stage.manifest:
-        chart = _win_rate_chart(stage.manifest)
-        if chart:
-            out["Win rate"] = chart
-    return out
-
-
 # --------------------------------------------------------------------------- the evaluate stage
-
-
-def eval_policies(manifest: dict) -> list[str]:
-    """The evaluated policies: those the manifest describes, then any other named in its metrics; baseline first."""
-    ev = manifest.get("evaluate") or {}
-    names = list((ev.get("policies") or {}).keys())
-    for key in manifest.get("metrics") or {}:
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "eval" and parts[1] not in names:
-            names.append(parts[1])
-    base = ev.get("baseline")
-    return ([base] if base in names else []) + [n for n in names if n != base]
-
-
-def _win_rate_chart(manifest: dict) -> bytes | None:
-    m = manifest.get("metrics") or {}
-    names = [n for n in eval_policies(manifest) if isinstance(m.get(f"eval/{n}/win_rate"), (int, float))]
-    if not names:
-        return None
-
-    def get(n, k):
-        v = m.get(f"eval/{n}/{k}")
-        return v if isinstance(v, (int, float)) else m[f"eval/{n}/win_rate"]
-
-    return plot_win_rates(names, [get(n, "win_rate") for n in names], [get(n, "win_rate_low") for n in names],
-                          [get(n, "win_rate_high") for n in names], str((manifest.get("evaluate") or {}).get(
-                              "baseline", "baseline")))
 
 
 EVAL_COLUMNS = (("reward", "reward_mean"), ("rule reward", "rule_reward_mean"), ("KL", "kl"),
@@ -476,7 +188,7 @@ def _eval_body(stage: Stage) -> str:
     parts = ["<h3>Policies</h3>", _eval_policy_table(m), _kv_table(facts, per_row=4)]
     if judge:
         parts += ["<h4>judge</h4>", _kv_table(_flatten(judge), per_row=3)]
-    chart = _win_rate_chart(m)
+    chart = win_rate_chart(m)
     if chart:
         parts += ["<h3>Win rates against the baseline</h3>", f"<div class=plots>{_img(chart, 'win rates')}</div>"]
     else:
@@ -559,17 +271,33 @@ def _extras(manifest: dict) -> str:
     return "".join(parts)
 
 
-def _ppo_samples(stage: Stage) -> str:
-    """The last training step's logged samples and the first held-out (final-eval) samples."""
+def _is_step(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _samples(stage: Stage) -> str:
+    """The samples a stage logged while it ran (samples.jsonl: rows with a prompt and a response, a `step`, and
+    any scores): the rows of the last numbered step, then the first rows of each other step label (e.g. held-out
+    samples labelled `final-eval`), or the first rows when there are no steps. Every field the rows hold is a
+    column: text as text, numbers formatted."""
     rows = read_jsonl(stage.dir / "samples.jsonl")
     if not rows:
         return ""
-    final = [r for r in rows if r.get("step") == "final-eval"][:SAMPLE_ROWS]
-    steps = [r.get("step") for r in rows if isinstance(r.get("step"), int)]
-    last = [r for r in rows if steps and r.get("step") == max(steps)][:SAMPLE_ROWS]
-    table = _table(["step", "prompt", "response", "score"], [[_e(r.get("step")), _e(_plain(r.get("prompt"))),
-                                                             _e(_plain(r.get("response"))), _fmt(r.get("score"))]
-                                                            for r in last + final], cls="grid samples")
+    steps = [r["step"] for r in rows if _is_step(r.get("step"))]
+    shown = [r for r in rows if steps and r.get("step") == max(steps)][:SAMPLE_ROWS]
+    others: dict[str, list[dict]] = {}  # by label (str: a label read from a file may be any JSON value)
+    for r in rows:
+        if not _is_step(r.get("step")):
+            others.setdefault(str(r.get("step")), []).append(r)
+    for labelled in others.values():
+        shown += labelled[:SAMPLE_ROWS]
+    columns = list(dict.fromkeys(["step", *(k for r in shown for k in r)] if any("step" in r for r in shown)
+                                 else [k for r in shown for k in r]))
+
+    def cell(v: Any) -> str:
+        return _fmt(v) if v is None or isinstance(v, (bool, int, float)) else _e(_plain(v))
+
+    table = _table(columns, [[cell(r.get(c)) for c in columns] for r in shown], cls="grid samples")
     return "<h3>Samples</h3>" + table
 
 
@@ -634,7 +362,7 @@ def _agreement(run_dir: Path) -> str:
                     *run_dir.glob("*/agreement.json")})
     rows = []
     for path in files:
-        a = _read_json(path)
+        a = read_json(path)
         if a is None or "accuracy" not in a:
             continue
         judge = a.get("judge") or {}
@@ -679,7 +407,7 @@ def _stage_section(stage: Stage) -> str:
         if extras:
             parts.append("<h3>Details</h3>" + extras)
         if stage.dir:
-            parts.append(_ppo_samples(stage))
+            parts.append(_samples(stage))
     if stage.config_text:
         parts.append(f"<details><summary>resolved config (config.yaml)</summary><pre>{_e(stage.config_text)}</pre>"
                      "</details>")
@@ -723,8 +451,6 @@ def render(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the report of `run_dir` to `output` (default RUN_DIR/report.html), atomically; returns its path."""
-    from pipeline.artifacts import write_atomic
-
     out = Path(output) if output else Path(run_dir) / "report.html"
     write_atomic(out, render(run_dir))
     return out
@@ -763,58 +489,3 @@ details{margin-top:12px}summary{cursor:pointer;color:#33415c}details pre{backgro
 .verdict.abstain,.verdict.none{background:#f4f4f4;color:#777}.verdict.baseline{background:#e8eefb;color:#2b4a8b}
 a{color:#2456b3;text-decoration:none}
 """
-
-
-# --------------------------------------------------------------------------- wandb
-
-
-def tracking_on(stage: Stage) -> bool:
-    """Whether the run was configured with `tracking: {wandb: true}` (the stage's resolved config says)."""
-    tracking = stage.config.get("tracking") or {}
-    return bool(tracking.get("wandb")) and tracking.get("wandb_mode") != "disabled"
-
-
-def log_to_wandb(run_dir: str | Path, name: str) -> bool:
-    """Log a completed stage's plots (wandb.Image) and, for an eval stage, its per-policy table (wandb.Table) to
-    the stage's wandb run, then finish that run: one wandb run per stage. The run is the one
-    pipeline.tracking.stage_wandb opened for the stage (reopened if the stage finished it), or, outside the runner,
-    a new run named after the stage in the run directory's group. Returns whether the stage's run was logged to."""
-    import wandb
-
-    from pipeline.tracking import wandb_init_args
-
-    run_dir = Path(run_dir)
-    stage = _stage(run_dir, name)
-    if not tracking_on(stage) or stage.status != "complete":
-        return False
-    args = wandb_init_args(stage.config.get("tracking") or {}, run_dir, name)
-    run = wandb.run if wandb.run is not None and wandb.run.id == args.get("id") else None
-    if run is None:
-        if wandb.run is not None:
-            wandb.run.finish()  # another stage's run, left open: never log into it
-        run = wandb.init(**args)
-    try:
-        values = _wandb_values(stage)
-        if values:
-            run.log(values)
-    finally:
-        run.finish()
-    return True
-
-
-def _wandb_values(stage: Stage) -> dict[str, Any]:
-    """{key: wandb.Image | wandb.Table}: the stage's plots as report/<title>, an eval stage's table as
-    report/evaluate."""
-    import wandb
-    from PIL import Image
-
-    values: dict[str, Any] = {"report/" + re.sub(r"\W+", "_", title.lower()): wandb.Image(
-        Image.open(io.BytesIO(png)), caption=f"{stage.name}: {title}") for title, png in stage_plots(stage).items()}
-    if stage.kind == "eval" and stage.manifest:
-        header, rows = eval_table(stage.manifest)
-        values["report/evaluate"] = wandb.Table(columns=header, data=[[_wandb_cell(v) for v in r] for r in rows])
-    return values
-
-
-def _wandb_cell(v: Any) -> Any:
-    return v if v is None or isinstance(v, (int, float, str)) else str(v)
