@@ -159,14 +159,14 @@ def from_dict(d: dict) -> tuple[PreferencePair | None, str | None]:
 
 
 def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> int:
-    from pipeline.artifacts import write_jsonl
+    from rlhf.io import write_jsonl
 
     return write_jsonl(path, (p.to_dict() for p in pairs))
 
 
 def read_pairs(path: str | Path) -> Iterator[PreferencePair]:
     """Read a canonical JSONL file written by this project; any bad row is an error naming its line."""
-    from pipeline.errors import InvalidInput
+    from rlhf.errors import InvalidInput
 
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):

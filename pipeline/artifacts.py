@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
+from rlhf.io import write_atomic, write_json, write_jsonl  # noqa: F401  (artifacts write with these)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -104,26 +105,6 @@ def follow_umask(root: Path) -> None:
             st = os.lstat(p)
             if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
                 os.chmod(p, mode)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """One JSON object per line, written atomically. NaN and Infinity are refused (they are not JSON, and other
-    readers fail on them): an error naming the row, and nothing written."""
-    n = 0
-    lines = []
-    for row in rows:
-        try:
-            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False))
-        except ValueError as exc:
-            raise InvalidInput(f"{path}: row {n + 1} cannot be written as JSON: {exc} (NaN and Infinity are "
-                               "not JSON); nothing written") from None
-        n += 1
-    write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
-    return n
 
 
 OWNED = ".rlhf"  # marks a directory this pipeline created (a stage's work directory, then its artifact)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.distributed import barrier, is_main, world_size
-from pipeline.errors import RLHFError, UsageError
+from rlhf.errors import RLHFError, UsageError
 
 META = "checkpoint.json"
 _NAME = re.compile(r"checkpoint-(\d+)\Z")

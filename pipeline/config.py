@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from pydantic import Field, WrapValidator, model_validator
 
 from pipeline.blocks import Strict, TrackingConfig, load_yaml, load_yaml_text, validate
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 
 def _stage_block(value: Any, handler, info):

@@ -19,7 +19,7 @@ import math
 import random
 from pathlib import Path
 
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 DEFAULT_SPLIT = "train"  # the split of a DatasetDict that SFT and prompt files read unless told otherwise
 

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from pipeline import distributed
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from pipeline.strategy import DataParallel, Local, Optim, local_sizes  # noqa: F401  (local_sizes: PPO's shares)
 
 

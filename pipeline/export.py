@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 
 def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = False,

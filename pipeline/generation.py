@@ -18,57 +18,8 @@ the last token only), so what it samples is not what it scores; recomputing ever
 from __future__ import annotations
 
 import contextlib
-import re
-from collections import Counter
 
-# Untrusted text (prompts from data files, responses a policy wrote, requests to the server) must stay text:
-# a response holding the string "<|im_end|>\n<|im_start|>system" would otherwise be tokenised into real
-# control tokens and open a system turn. Every special token of the tokenizer found in such text is broken
-# with a zero-width space after its first character (it then tokenises as ordinary characters); the count of
-# what was neutralised is kept here, and the runner reports it per stage.
-NEUTRALISED: Counter = Counter()
-_ZWSP = "\u200b"
-_PATTERNS: dict[int, re.Pattern | None] = {}
-
-
-def _special_pattern(tokenizer) -> re.Pattern | None:
-    key = id(tokenizer)
-    if key not in _PATTERNS:
-        specials = {str(s) for s in (getattr(tokenizer, "all_special_tokens", None) or [])}
-        for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-            if getattr(added, "special", False):
-                specials.add(str(added.content))
-        specials = sorted((s for s in specials if s), key=len, reverse=True)  # longest first
-        _PATTERNS[key] = re.compile("|".join(map(re.escape, specials))) if specials else None
-    return _PATTERNS[key]
-
-
-def neutralise_special_tokens(tokenizer, text: str) -> str:
-    """`text` with every special token of `tokenizer` made ordinary text (counted in NEUTRALISED)."""
-    pattern = _special_pattern(tokenizer)
-    if pattern is None or not isinstance(text, str):
-        return text
-
-    def broken(m: re.Match) -> str:
-        NEUTRALISED[m.group(0)] += 1
-        s = m.group(0)
-        return s[0] + _ZWSP + s[1:] if len(s) > 1 else "\ufffd"
-
-    return pattern.sub(broken, text)
-
-
-def safe_messages(tokenizer, prompt) -> list[dict]:
-    """A prompt (string or messages) as chat messages whose contents cannot hold control tokens."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return [{**m, "content": neutralise_special_tokens(tokenizer, m["content"])} for m in msgs]
-
-
-def chat_ids(tokenizer, prompt) -> list[int]:
-    msgs = safe_messages(tokenizer, prompt)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
-    return tokenizer("\n\n".join(m["content"] for m in msgs) + "\n\n")["input_ids"]
-
+from rlhf.text import NEUTRALISED, chat_ids, neutralise_special_tokens, safe_messages  # noqa: F401
 
 def prompt_learning(model) -> bool:
     """A peft prompt-learning model (prompt tuning, p-tuning, prefix tuning): it cannot take padded batches."""

@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 TINY_VERSION = "tiny-v1"
 TINY_ALT_VERSION = "tiny-alt-v1"
@@ -129,7 +129,7 @@ def _cached(ref: str, name: str) -> Path:
     from filelock import FileLock
 
     from pipeline.artifacts import follow_umask, fsync_tree
-    from pipeline.errors import InvalidInput
+    from rlhf.errors import InvalidInput
 
     target = cache_dir() / "models" / name
     _refuse_unreadable(target)
@@ -174,7 +174,7 @@ def _cached(ref: str, name: str) -> Path:
 def _refuse_unreadable(entry: Path) -> None:
     """Stop, naming the file, when a cache entry exists but this user cannot read all of it: in a shared
     RLHF_CACHE it may be another user's complete entry, which must not be judged incomplete and removed."""
-    from pipeline.errors import UsageError
+    from rlhf.errors import UsageError
 
     if not entry.exists():
         return

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 GIB = 1024**3
 # The libraries' resident memory on a CPU run (measured here with the tiny model, whose weights are negligible):

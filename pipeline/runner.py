@@ -17,7 +17,7 @@ from pipeline import artifacts
 from pipeline.blocks import config_hash, dump_yaml
 from pipeline.config import PipelineConfig
 from pipeline.data import resolve_data_path
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from pipeline.tracking import MetricsLog, redact, stage_wandb
 
 @dataclass

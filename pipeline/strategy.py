@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import distributed
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

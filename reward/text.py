@@ -15,13 +15,13 @@ def as_messages(prompt, response, tokenizer=None) -> list[dict]:
     r = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
     if tokenizer is None:
         return p + r
-    from pipeline.generation import safe_messages
+    from rlhf.text import safe_messages
 
     return safe_messages(tokenizer, p + r)
 
 
 def _flat(x, tokenizer) -> str:
-    from pipeline.generation import neutralise_special_tokens
+    from rlhf.text import neutralise_special_tokens
 
     text = x if isinstance(x, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in x)
     return neutralise_special_tokens(tokenizer, text)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.judges.prompting import Template, build_messages, parse_choice, select_principles
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -9,24 +9,23 @@ from __future__ import annotations
 
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.judges.prompting import Template, build_messages, select_principles
+from rlhf.text import chat_ids
 
 
 class LocalJudge(Judge):
     name = "local"
 
-    def __init__(self, model_ref: str, template: Template, principles: list[str], principle_mode: str = "all",
-                 n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8, trust_remote_code: bool = False,
+    def __init__(self, model, tokenizer, model_ref: str, template: Template, principles: list[str],
+                 principle_mode: str = "all", n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8,
                  revision: str | None = None):
+        """`model` and `tokenizer` loaded by the caller (pipeline.judging, from the judge config); `model_ref` and
+        `revision` name them in the judge's identity."""
         import torch
-
-        from pipeline.models import load_causal_lm, load_tokenizer, resolve
 
         self.ref, self.template, self.principles = model_ref, template, principles
         self.mode, self.n, self.tie_band, self.batch_size = principle_mode, n_principles, tie_band, batch_size
         self.revision = revision
-        path = resolve(model_ref)
-        self.tok = load_tokenizer(path, trust_remote_code, revision)
-        self.model = load_causal_lm(path, "fp32", trust_remote_code, revision).eval()
+        self.tok, self.model = tokenizer, model.eval()
         self.choice_ids = [self._first_token(c) for c in template.choices[:2]]
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"the choices {template.choices[:2]} share their first token")
@@ -41,8 +40,6 @@ class LocalJudge(Judge):
 
     def prompt_ids(self, it: JudgeItem) -> list[int]:
         principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))
-        from pipeline.generation import chat_ids
-
         msgs = build_messages(self.template, it.prompt, it.response_a, it.response_b, principles)
         return chat_ids(self.tok, msgs)  # special tokens in the (untrusted) prompt and responses stay text
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedback.schema import canonical
+from rlhf.errors import UsageError
+from rlhf.yaml import load_yaml
 
 _FENCE_LIKE = re.compile(r"^(\s*)(<{3,}|>{3,}|={3,}|`{3,}|#{3,}\s*(END|BEGIN))", re.M | re.I)
 
@@ -31,9 +33,6 @@ class Template:
 
 
 def load_template(path: str | Path) -> Template:
-    from pipeline.blocks import load_yaml
-    from pipeline.errors import UsageError
-
     data = load_yaml(path)
     if not isinstance(data, dict) or not {"system", "user"} <= set(data):
         raise UsageError(f"{path}: a judge template needs 'system' and 'user'")
@@ -48,9 +47,6 @@ def load_template(path: str | Path) -> Template:
 
 
 def load_principles(path: str | Path) -> list[str]:
-    from pipeline.blocks import load_yaml
-    from pipeline.errors import UsageError
-
     data = load_yaml(path)
     principles = data.get("principles") if isinstance(data, dict) else None
     if not isinstance(principles, list) or not all(isinstance(p, str) and p.strip() for p in principles):

@@ -10,17 +10,10 @@ from feedback.judges import Judge, JudgeItem, Verdict
 class RewardModelJudge(Judge):
     name = "reward_model"
 
-    def __init__(self, path: str, tie_band: float = 0.0, batch_size: int = 32, trust_remote_code: bool = False):
-        from pipeline.artifacts import manifest_hash
-        from reward.scoring import RewardScorer
-
-        self.path, self.tie_band = path, tie_band
-        # trust_remote_code comes from the judge config (the user's), never from the artifact's manifest
-        self.scorer = RewardScorer.from_artifact(path, batch_size=batch_size, trust_remote_code=trust_remote_code)
-        try:
-            self._id = manifest_hash(path)
-        except OSError:
-            self._id = str(path)
+    def __init__(self, scorer, identity: str, tie_band: float = 0.0):
+        """`scorer` scores (prompt, response) pairs (reward.scoring.RewardScorer, loaded by pipeline.judging);
+        `identity` names the reward model in the judge's identity (its artifact's manifest hash)."""
+        self.scorer, self._id, self.tie_band = scorer, identity, tie_band
 
     def identity(self) -> dict:
         return {"type": "reward_model", "manifest": self._id}

@@ -18,7 +18,7 @@ import os
 
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.schema import reply_text
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 
 TRUSTED_ENV = "RLHF_TRUSTED_MODULES"

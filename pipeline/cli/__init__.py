@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.cli.parser import build_parser
-from pipeline.errors import RLHFError
+from rlhf.errors import RLHFError
 from pipeline.tracking import quiet_libraries
 
 __all__ = ["build_parser", "main"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from feedback.agree import agreement
 from feedback.files import iter_records
-from feedback.judges.config import build_judge
+from pipeline.judging import build_judge
 from feedback.schema import write_pairs
 from feedback.stats import file_stats
 from feedback.validate import validate_file
@@ -22,7 +22,7 @@ from pipeline.artifacts import MANIFEST, load_artifact, write_json, write_jsonl
 from pipeline.blocks import optim_changes, validate
 from pipeline.config import ModelSpec, load_pipeline
 from pipeline.data import read_prompts, resolve_data_path
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 from pipeline.export import export_policy
 from pipeline.models import BUILTIN, cache_dir, load_tokenizer, resolve
 from pipeline.report import write_report

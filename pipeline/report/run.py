@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST
 from pipeline.blocks import load_yaml_text
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 
 @dataclass

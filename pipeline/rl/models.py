@@ -22,7 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 from pipeline.rl import losses
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import distributed
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 from pipeline.rl import losses
 from pipeline.rl.rollout import check_finite, generate, row_seeds  # noqa: F401  (check_finite: the loop's)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import distributed
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 from pipeline.generation import chat_ids, generation_config, left_pad
 from pipeline.generation import generate as generate_with
 from pipeline.rl import losses

@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from pipeline.artifacts import MANIFEST, load_artifact
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from pipeline.models import BUILTIN, resolve
 from pipeline.serve.app import build_app
 from pipeline.serve.engine import Engine

@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from feedback.judges.http import read_api_key
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 MIB = 1024 * 1024
 

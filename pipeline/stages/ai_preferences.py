@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import StageBlock, Strict
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 
 
 class CandidatesConfig(Strict):
@@ -63,7 +63,7 @@ Config = AIPreferencesStageConfig  # the registry's handle (pipeline/stages/__in
 def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: CandidatesConfig, pairing: str,
                       seed: int, trust_remote_code: bool = False, revision: str | None = None):
     """Sample candidates, judge them; returns (pairs, unlabelled, stats, judge identity)."""
-    from feedback.judges.config import build_judge
+    from pipeline.judging import build_judge
     from feedback.label import label
     from pipeline.generation import sample
     from pipeline.models import load_causal_lm, load_tokenizer

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from pipeline.blocks import LoraConfig
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 
 
 def load_policy(ctx, ref: str, role: str = "policy", merged: bool = True, precision: str = "fp32"):

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, TrainingBlock
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
                                     memory_metrics, pair_rows, peft_config, save_policy, training_args, trl_choices,
                                     weights_dtype)

@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import StageBlock, Strict
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 
 NAME = r"^[A-Za-z0-9_-]+$"  # for pydantic (Rust regex: "$" is the end of the text); Python code uses STAGE_NAME
 
@@ -215,7 +215,7 @@ def judge_against(judge_path: str, baseline: str, samples: dict, prompts: list) 
     """({name: [win | loss | tie | abstain per prompt]}, judge identity): every policy against the baseline, each
     pair judged in both orders (position bias becomes ties)."""
     from feedback.judges import JudgeItem, judge_both_orders
-    from feedback.judges.config import build_judge
+    from pipeline.judging import build_judge
 
     judge, jcfg, _ = build_judge(judge_path)
     verdicts = {}

@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OnlineRLBlock, OptimConfig
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from pipeline.stages.common import (RuleReward, final_model, fit, load_policy, memory_metrics,
                                     peft_config, save_policy, training_args, weights_dtype)
 

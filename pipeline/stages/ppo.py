@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from pipeline import distributed
 from pipeline.blocks import CheckpointConfig, OnlineRLBlock, ScheduleConfig, Strict
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 if TYPE_CHECKING:  # annotations only: the registry imports every stage module to read configs, without torch
     from transformers import PreTrainedTokenizerBase

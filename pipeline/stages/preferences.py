@@ -24,7 +24,7 @@ from feedback.readers import FORMATS, RANKED_MODES
 from feedback.schema import SOURCES
 from feedback.validate import DUPLICATES
 from pipeline.blocks import StageBlock, Strict
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 
 
 class PreferenceDataConfig(Strict):

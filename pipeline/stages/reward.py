@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, TrainingBlock
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, pair_rows, peft_config,
                                     save_policy, training_args, weights_dtype)
 

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OptimConfig, Strict, TrainingBlock
 from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, memory_metrics, peft_config,
                                     save_policy, training_args, weights_dtype)
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 
 
 

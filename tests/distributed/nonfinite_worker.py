@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 from pipeline.deepspeed import DeepSpeed, full_state_dict
 from pipeline.rl.ppo import check_finite
 from pipeline.strategy import Optim

@@ -120,7 +120,7 @@ def test_stages_under_zero_save_models_that_reload_and_resume(tmp_path, zero):
 def test_zero_config_disagreement_is_an_error_before_launch(tmp_path):
     from pipeline.deepspeed import load_zero_config
     from pipeline.blocks import OptimConfig
-    from pipeline.errors import UsageError
+    from rlhf.errors import UsageError
 
     ds = tmp_path / "z.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))

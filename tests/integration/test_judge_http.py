@@ -10,7 +10,7 @@ import pytest
 
 from feedback.judges import CHOICES, JudgeItem, judge_both_orders
 from feedback.judges.cache import CachedJudge, VerdictCache
-from feedback.judges.config import build_judge
+from pipeline.judging import build_judge
 from feedback.judges.http import HTTPJudge
 from feedback.judges.prompting import load_template
 from pipeline.cli import main

@@ -9,11 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from feedback.judges import JudgeItem
-from feedback.judges.config import HTTPConfig
+from pipeline.judging import HTTPConfig
 from feedback.judges.http import HTTPJudge
 from feedback.judges.prompting import load_template
 from pipeline.blocks import validate
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from tests.conftest import ROOT
 
 TEMPLATE = load_template(ROOT / "configs" / "judges" / "pairwise.yaml")

@@ -83,7 +83,7 @@ def test_first_update_sees_ratio_one_on_every_family(tiny_path, family):
 
 def test_a_random_layer_the_checks_do_not_know_is_refused(tiny_path):
     """A stochastic layer under a name disable_dropout does not know: PPO refuses to start, saying why."""
-    from pipeline.errors import InvalidInput
+    from rlhf.errors import InvalidInput
     from pipeline.models import load_causal_lm, load_tokenizer
 
     policy = load_causal_lm(tiny_path)

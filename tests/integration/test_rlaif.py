@@ -3,7 +3,7 @@
 import json
 
 from feedback.judges import JudgeItem, judge_both_orders
-from feedback.judges.config import build_judge
+from pipeline.judging import build_judge
 from feedback.schema import read_pairs
 from pipeline import artifacts
 from pipeline.cli import main

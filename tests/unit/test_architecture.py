@@ -48,7 +48,7 @@ def test_the_config_tree_imports_no_stage_and_feedback_no_torch():
     code = ("import sys, json, importlib\n"
             "out = {}\n"
             "for name in ('pipeline.blocks', 'pipeline.config', 'feedback', 'feedback.readers', 'feedback.validate',"
-            " 'feedback.judges.config'):\n"
+            " 'pipeline.judging'):\n"
             "    importlib.import_module(name)\n"
             "    out[name] = sorted(m for m in sys.modules if m.startswith('pipeline.stages') or m == 'torch')\n"
             "print(json.dumps(out))")

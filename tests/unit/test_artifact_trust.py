@@ -27,7 +27,7 @@ def test_links_inside_an_artifact_leak_no_file(tmp_path, tiny_path, capsys):
     """A model/chat_template.jinja linked to a secret was copied by `rlhf export`, and a config.yaml linked to one
     was embedded in `rlhf report`. Now an artifact holding links is refused (export, serve, every stage input), and
     the report skips links with a warning."""
-    from pipeline.errors import InvalidInput
+    from rlhf.errors import InvalidInput
     from pipeline.serve.launch import policy_model
 
     secret = tmp_path / "secret.txt"

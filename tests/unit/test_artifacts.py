@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pipeline import artifacts
-from pipeline.errors import InvalidInput, UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 
 def test_write_atomic_leaves_no_temporary(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.blocks import load_yaml_text
 from pipeline.config import apply_override, load_pipeline
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from tests.conftest import ROOT, tiny_sft_block, write_yaml
 
 # pipeline configs; configs/judges/ has its own test

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import distributed
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from pipeline import deepspeed as engines
 from pipeline.stages.ppo import PPOStageConfig
 from tests.conftest import ROOT

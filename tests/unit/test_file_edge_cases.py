@@ -113,7 +113,7 @@ def test_parquet_nan_margin_is_rejected(tmp_path):
 
 def test_write_jsonl_refuses_nan(tmp_path):
     from pipeline.artifacts import write_jsonl
-    from pipeline.errors import InvalidInput
+    from rlhf.errors import InvalidInput
 
     out = tmp_path / "out.jsonl"
     with pytest.raises(InvalidInput, match="row 2 cannot be written as JSON"):

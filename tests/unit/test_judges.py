@@ -4,11 +4,11 @@ import pytest
 
 from feedback.agree import cohen_kappa
 from feedback.judges import JudgeItem, Verdict, combine, judge_both_orders
-from feedback.judges.config import build_judge, load_judge_config
+from pipeline.judging import build_judge, load_judge_config
 from feedback.judges.prompting import Template, build_messages, parse_choice
 from feedback.judges.rule import RuleJudge
 from feedback.label import label
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 from tests.conftest import ROOT, write_yaml
 
 V = Verdict
@@ -121,7 +121,7 @@ def test_a_local_judge_pins_its_revision(tmp_path, monkeypatch, tiny_path):
     """A local judge with trust_remote_code ran code from the hub's default branch: a judge config had no
     `revision`. Now the pin reaches both loads and the judge's identity (another revision is another judge, whose
     cached verdicts are not reused); where it would pin nothing it is refused."""
-    import pipeline.models as models
+    import pipeline.judging as models  # where the judge's loads are made
 
     seen = []
     real_tok, real_lm = models.load_tokenizer, models.load_causal_lm

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import models
-from pipeline.errors import UsageError
+from rlhf.errors import UsageError
 
 
 def test_tiny_model_and_tokenizer(tiny_path):

@@ -59,7 +59,7 @@ def test_sft_and_prompt_files_read_the_train_split_of_a_dataset_dict(tmp_path, c
 
 def test_a_dataset_dict_without_a_train_split_needs_the_split_named(tmp_path):
     from pipeline.data import read_examples, read_prompts
-    from pipeline.errors import UsageError
+    from rlhf.errors import UsageError
 
     d = _dataset_dict(tmp_path / "d", validation=[{"prompt": "Q", "completion": "A"}])
     with pytest.raises(UsageError, match=r"splits \['validation'\] and no 'train' split: name the split to read "

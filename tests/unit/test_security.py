@@ -78,14 +78,14 @@ def test_a_rule_must_come_from_a_trusted_module(tmp_path, monkeypatch, capsys):
     assert (victim / "precious.txt").read_text() == "keep me"
 
     from feedback.judges.rule import load_callable as load
-    from pipeline.errors import UsageError as Refused
+    from rlhf.errors import UsageError as Refused
 
     with pytest.raises(Refused, match="not a registered rule.*feedback.synthetic:rule_score"):
         load("feedback.schema:write_pairs")
     assert (victim / "precious.txt").read_text() == "keep me"
 
     from feedback.judges.rule import load_callable
-    from pipeline.errors import UsageError
+    from rlhf.errors import UsageError
 
     with pytest.raises(UsageError, match="not trusted.*RLHF_TRUSTED_MODULES=tests.helpers"):
         load_callable("tests.helpers:nan_reward")
@@ -100,7 +100,7 @@ def test_a_rule_must_come_from_a_trusted_module(tmp_path, monkeypatch, capsys):
 def test_deepspeed_configs_that_load_checkpoints_unsafely_are_refused(block, tmp_path):
     from pipeline.blocks import OptimConfig
     from pipeline.deepspeed import load_zero_config
-    from pipeline.errors import UsageError
+    from rlhf.errors import UsageError
 
     ds = tmp_path / "z.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, **block}))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.errors import InvalidInput
+from rlhf.errors import InvalidInput
 from pipeline.data import read_examples, to_example
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}

@@ -42,7 +42,10 @@ def test_local_judge_reads_injected_responses_as_text(tiny_path):
     from feedback.judges.prompting import load_template
     from tests.conftest import ROOT
 
-    judge = LocalJudge("tiny", load_template(ROOT / "configs" / "judges" / "pairwise.yaml"), [])
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    judge = LocalJudge(load_causal_lm(tiny_path), load_tokenizer(tiny_path), "tiny",
+                       load_template(ROOT / "configs" / "judges" / "pairwise.yaml"), [])
     benign = judge.prompt_ids(JudgeItem("Tell me about the river.", BENIGN, "The river is dull."))
     injected = judge.prompt_ids(JudgeItem("Tell me about the river.", INJECTED, "The river is dull."))
     assert _count(injected, judge.tok) == _count(benign, judge.tok)

@@ -1,4 +1,5 @@
-"""Judge configs (`configs/judges/*.yaml`) and building a judge from one.
+"""Judge configs (`configs/judges/*.yaml`) and building a judge from one: the models a judge needs are loaded here
+(pipeline.models), so that the judges themselves (feedback/judges/) take what they use and load nothing.
 
     type: rule | local | http | reward_model
     rule: feedback.synthetic:rule_score      # rule
@@ -20,8 +21,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import Strict, load_yaml, validate
-from pipeline.errors import UsageError
+from feedback.judges.cache import CachedJudge, VerdictCache
+from feedback.judges.prompting import load_principles, load_template
+from pipeline.blocks import Strict, validate
+from pipeline.models import BUILTIN, cache_dir, load_causal_lm, load_tokenizer, resolve
+from rlhf.errors import UsageError
+from rlhf.yaml import load_yaml
 
 
 class PositionConfig(Strict):
@@ -95,8 +100,6 @@ class JudgeConfig(Strict):
         if getattr(self, need) is None:
             raise ValueError(f"{need}: a '{self.type}' judge needs '{need}'")
         if self.revision is not None:
-            from pipeline.models import BUILTIN
-
             if self.type != "local":
                 raise ValueError(f"revision: pins the hub model of a 'local' judge; it has no effect on a "
                                  f"'{self.type}' judge")
@@ -120,9 +123,6 @@ def _resolve(base: Path, rel: str) -> Path:
 
 def build_judge(path: str | Path):
     """A judge config file -> (judge, config, template hash). The judge is cached unless `cache: none`."""
-    from feedback.judges.cache import CachedJudge, VerdictCache
-    from feedback.judges.prompting import load_principles, load_template
-
     cfg, base = load_judge_config(path)
     template = load_template(_resolve(base, cfg.template)) if cfg.type in ("local", "http") else None
     principles = load_principles(_resolve(base, cfg.constitution)) if template and cfg.constitution else []
@@ -131,15 +131,16 @@ def build_judge(path: str | Path):
 
         judge = RuleJudge(cfg.rule)
     elif cfg.type == "reward_model":
-        from feedback.judges.reward_model import RewardModelJudge
-
-        judge = RewardModelJudge(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+        judge = _reward_model_judge(cfg)
     elif cfg.type == "local":
         from feedback.judges.local import LocalJudge
 
-        judge = LocalJudge(cfg.model, template, principles, cfg.principles, cfg.n_principles,
-                           batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
-                           revision=cfg.revision)
+        # trust_remote_code and revision come from the judge config (the user's), never from a model's files
+        path_ = resolve(cfg.model)
+        tok = load_tokenizer(path_, cfg.trust_remote_code, cfg.revision)
+        model = load_causal_lm(path_, "fp32", cfg.trust_remote_code, cfg.revision).eval()
+        judge = LocalJudge(model, tok, cfg.model, template, principles, cfg.principles, cfg.n_principles,
+                           batch_size=cfg.batch_size, revision=cfg.revision)
     else:
         from feedback.judges.http import HTTPJudge
 
@@ -148,8 +149,21 @@ def build_judge(path: str | Path):
     # The cache key covers the template and the constitution: editing either invalidates old verdicts.
     thash = hashlib.sha256((template.hash() + "\n".join(principles)).encode()).hexdigest()[:16] if template else ""
     if cfg.cache != "none":
-        from pipeline.models import cache_dir
-
         cache_path = cache_dir() / "judge-cache.sqlite" if cfg.cache == "default" else Path(cfg.cache)
         judge = CachedJudge(judge, VerdictCache(cache_path), thash)
     return judge, cfg, thash
+
+
+def _reward_model_judge(cfg: JudgeConfig):
+    """A reward-model artifact as a judge; its identity (for the verdict cache) is the artifact's manifest hash."""
+    from feedback.judges.reward_model import RewardModelJudge
+    from pipeline.artifacts import manifest_hash
+    from reward.scoring import RewardScorer
+
+    # trust_remote_code comes from the judge config (the user's), never from the artifact's manifest
+    scorer = RewardScorer.from_artifact(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    try:
+        identity = manifest_hash(cfg.model)
+    except OSError:
+        identity = str(cfg.model)
+    return RewardModelJudge(scorer, identity)

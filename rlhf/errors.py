@@ -1,7 +1,7 @@
 """Errors that end a command with a clear message instead of a traceback.
 
-Exit codes follow DESIGN.md: 1 when the input was read but is invalid (bad rows, failed
-checks, an input artifact of the wrong kind), 2 for a usage error or an unreadable input.
+Exit codes: 1 when the input was read but is invalid (bad rows, failed checks, an input artifact of the wrong
+kind), 2 for a usage error or an unreadable input (docs/design.md).
 """
 
 

@@ -1,0 +1,59 @@
+"""Atomic files: written to a temporary file beside the target, flushed to disk, then renamed over it, so that a
+crash or a kill leaves either the old file or the new one, never half of one.
+
+    write_atomic(path, text_or_bytes)
+    write_json(path, obj)
+    write_jsonl(path, rows)      # NaN and Infinity refused, naming the row; nothing written then
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from rlhf.errors import InvalidInput, UsageError
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it. Only rank 0 writes (the launcher's RANK,
+    as pipeline.distributed reads it): every process of a launched run calls the same writes."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    path = Path(path)
+    if path.is_dir():  # an output path (-o) that names a directory: never replace what we did not write
+        raise UsageError(f"{path} is a directory; give a file name to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable once its directory is flushed
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """One JSON object per line, written atomically. NaN and Infinity are refused (they are not JSON, and other
+    readers fail on them): an error naming the row, and nothing written."""
+    n = 0
+    lines = []
+    for row in rows:
+        try:
+            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False))
+        except ValueError as exc:
+            raise InvalidInput(f"{path}: row {n + 1} cannot be written as JSON: {exc} (NaN and Infinity are "
+                               "not JSON); nothing written") from None
+        n += 1
+    write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+    return n
