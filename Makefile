@@ -3,6 +3,7 @@
 # make demo:  setup, then run the quickstart (configs/quickstart.yaml: the whole chain) and write its report.
 # make test:  setup, then run the tests.
 # make bench: setup, then the benchmarks (bench/RESULTS.md); make bench QUICK=1: the PPO one only, short.
+# make docs:  setup, then regenerate docs/config-reference.md from the typed configs (pipeline/reference.py).
 # GPU users: install your CUDA build of torch into .venv first, then `make setup TORCH=`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 setup: $(STAMP)
 
@@ -40,6 +41,9 @@ else
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
 endif
+
+docs: setup
+	$(PY) -m pipeline.reference
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,5 +1,5 @@
 """`rlhf plan`'s estimates for Llama-2 7B, 13B and 70B, PPO and DPO with full fine-tuning, on one node of
-8 x 80 GB GPUs: the table in the README (section "Planning memory"). No GPU and no download needed: the shapes of
+8 x 80 GB GPUs: the table in docs/planning.md. No GPU and no download needed: the shapes of
 these models are known to pipeline/plan.py.
 
     .venv/bin/python bench/plan_table.py            # prints the Markdown table

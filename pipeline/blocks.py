@@ -56,11 +56,12 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class ScheduleConfig(Strict):
     """The optimiser and learning-rate schedule every training stage has (PPO's optim block is just this)."""
 
-    lr: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the optimizer steps spent warming up")
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="learning-rate schedule, stepped once per optimizer step; constant allows no warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
 
     @model_validator(mode="after")
     def _warmup_needs_a_schedule(self):
@@ -80,8 +81,8 @@ class OptimConfig(ScheduleConfig):
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs; N > 0: N optimizer steps")
     per_device_batch_size: int = Field(8, ge=1, description="examples (pairs, prompts) per forward on each "
                                        "process; the global batch is this x grad_accum x processes")
-    grad_accum: int = Field(1, ge=1)
-    logging_steps: int = Field(10, ge=1)
+    grad_accum: int = Field(1, ge=1, description="forward/backward passes accumulated per optimizer step")
+    logging_steps: int = Field(10, ge=1, description="log train metrics to metrics.jsonl every N optimizer steps")
     eval_steps: int | None = Field(None, ge=1, description="None: evaluate at the end only")
     group_by_length: bool = Field(False, description="SFT and reward: batches of examples of similar length, in "
                                   "random order (less padding, same examples per epoch)")
@@ -119,10 +120,13 @@ def optim_changes(optim: BaseModel) -> dict[str, tuple[Any, Any]]:
 
 
 class LoraConfig(Strict):
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: int = Field(8, ge=1, description="rank of the low-rank update")
+    alpha: int = Field(16, ge=1, description="scaling of the update (alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input while training (PPO "
+                           "refuses a written value above 0: it turns every dropout off)")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names that get an "
+                                                              "adapter, or all-linear (every linear layer but "
+                                                              "the output head)")
     merge: bool = Field(True, description="merge the adapter into the weights when saving; false keeps an adapter")
 
 
@@ -141,9 +145,11 @@ class CheckpointConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    wandb: bool = False
-    wandb_project: str = "rlhf"
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb: bool = Field(False, description="log every stage to wandb as well (one wandb run per stage, files under "
+                        "RUN_DIR/wandb/)")
+    wandb_project: str = Field("rlhf", description="the wandb project the runs go to")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline: local files "
+                                                                "only; online: uploads; disabled: no wandb")
 
 
 class StageBlock(Strict):
@@ -181,10 +187,13 @@ class TrainingBlock(StageBlock):
     """What every training stage has, with one meaning everywhere: how the model is tuned, its LoRA settings,
     precision, checkpoints, DeepSpeed, and activation checkpointing (off unless asked for)."""
 
-    tuning: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    precision: Precision = "auto"
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tuning: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train a LoRA "
+                                            "adapter (the `lora` block)")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings; only with tuning: lora")
+    precision: Precision = Field("auto", description="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or "
+                                 "fp16; the manifest records what was used")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="periodic checkpoints for "
+                                         "rlhf run --resume")
     deepspeed: str | None = Field(None, description="a ZeRO config (configs/deepspeed/*.json); or rlhf run --deepspeed")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about 20% slower)")

@@ -46,7 +46,8 @@ def _stage_block(value: Any, handler, info):
 
 class ModelSpec(Strict):
     ref: str = Field(description="tiny | smollm2-135m-instruct | a local directory | a hub id")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="let the model run the Python code it ships (auto_map); only "
+                                    "your config or command line turns it on, never an artifact")
     revision: str | None = Field(None, description="a hub id's branch, tag or commit (pins what is downloaded)")
 
     @model_validator(mode="after")
@@ -60,14 +61,20 @@ class ModelSpec(Strict):
 
 
 class PipelineConfig(Strict):
-    run_dir: str
-    seed: int = 0
-    models: dict[str, ModelSpec] = Field(default_factory=dict)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run_dir: str = Field(description="directory of the run: one subdirectory per stage (rlhf run --run-dir overrides "
+                         "it)")
+    seed: int = Field(0, description="seed of every stage (sampling, splits, initialisation); part of each stage's "
+                      "config hash")
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="named model references the stages use by "
+                                         "name; a plain string is short for {ref: ...}")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="where metrics go besides each "
+                                     "stage's metrics.jsonl")
     trusted_modules: list[str] = Field(default_factory=list, description="modules whose functions rules may "
                                        "name (module:function): rules are code; besides these, only the rules "
                                        "registered with @rule (feedback/rules.py)")
-    stages: list[Annotated[Any, WrapValidator(_stage_block)]] = Field(min_length=1)
+    stages: list[Annotated[Any, WrapValidator(_stage_block)]] = Field(min_length=1, description="the stages, run in "
+                                                                      "this order; `stage:` in each picks its method "
+                                                                      "(below)")
 
     @model_validator(mode="before")
     @classmethod

@@ -28,10 +28,11 @@ from rlhf.errors import InvalidInput
 
 class CandidatesConfig(Strict):
     k: int = Field(4, ge=2, description="responses sampled per prompt")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of the candidates; must be > 0 (at 0 the "
+                               "k candidates are identical)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the candidates (1: off)")
+    max_new_tokens: int = Field(32, ge=1, description="longest candidate response, in tokens")
+    batch_size: int = Field(16, ge=1, description="prompts sampled together (each with its k candidates)")
 
     @model_validator(mode="after")
     def _sampled(self):
@@ -42,16 +43,19 @@ class CandidatesConfig(Strict):
 
 
 class AIPreferencesStageConfig(StageBlock):
-    stage: Literal["ai_preferences"]
+    stage: Literal["ai_preferences"] = Field(description="the method: AI-judge labels of the policy's samples (RLAIF)")
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     prompts: str = Field(description="file of {'prompt': ...} rows, e.g. synthetic:prompts")
     prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
                                       "(default: train)")
     judge: str = Field(description="a judge config, e.g. configs/judges/rule.yaml")
-    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
-    pairing: Literal["round_robin", "random"] = "round_robin"
-    max_prompts: int | None = Field(None, ge=1)
-    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig, description="how the candidate responses "
+                                         "are sampled")
+    pairing: Literal["round_robin", "random"] = Field("round_robin", description="round_robin: judge every pair, keep "
+                                                      "best vs worst; random: judge random disjoint pairs")
+    max_prompts: int | None = Field(None, ge=1, description="label only the first N prompts of the file (default: "
+                                    "all)")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts whose pairs go to the eval split")
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         return {"policy": (self.policy, "model"), "prompts": (self.prompts, "data"), "judge": (self.judge, "data")}

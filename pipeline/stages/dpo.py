@@ -35,7 +35,7 @@ def trl_loss_types() -> tuple[str, ...]:
 
 
 class DPOOptimConfig(OptimConfig):
-    lr: float = Field(5e-7, gt=0)
+    lr: float = Field(5e-7, gt=0, description="peak learning rate (DPO's own default)")
 
 
 # Losses whose formula reads label_smoothing (TRL's dpo_trainer): elsewhere it would be ignored.
@@ -43,21 +43,26 @@ SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 class DPOStageConfig(TrainingBlock):
-    stage: Literal["dpo"]
+    stage: Literal["dpo"] = Field(description="the method: direct preference optimisation (TRL's DPOTrainer)")
     policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
     loss_type: str = Field("sigmoid", description="any of TRL's DPO losses (checked against TRL when the stage "
                            "starts): sigmoid, ipo, hinge, robust, ...")
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    precompute_ref_log_probs: bool = False
-    max_length: int = Field(512, ge=8)
-    optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference (higher: stay closer)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed share of flipped labels; only the robust, "
+                                   "exo_pair, aot and aot_unpaired losses use it")
+    precompute_ref_log_probs: bool = Field(False, description="compute the reference's log-probs once before training "
+                                           "(no reference model kept during training)")
+    max_length: int = Field(512, ge=8, description="prompt + response tokens per side; pairs whose prompt alone fills "
+                            "it are skipped")
+    optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig, description="optimiser, schedule and batches (lr "
+                                  "5e-7 by default)")
     eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
     eval_prompts_split: str | None = Field(None, description="eval_prompts is a DatasetDict directory: the split "
                                            "to read (default: train)")
-    eval_rule: str | None = None
-    eval_max_new_tokens: int = Field(32, ge=1)
+    eval_rule: str | None = Field(None, description="module:function(prompt, response) -> float reported on "
+                                  "eval_prompts before and after training")
+    eval_max_new_tokens: int = Field(32, ge=1, description="longest sampled response for eval_rule, in tokens")
 
     @model_validator(mode="after")
     def _used(self):

@@ -33,9 +33,9 @@ NAME = r"^[A-Za-z0-9_-]+$"  # for pydantic (Rust regex: "$" is the end of the te
 
 class SamplingConfig(Strict):
     temperature: float = Field(1.0, ge=0, description="0: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(32, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1: off); refused at temperature 0")
+    max_new_tokens: int = Field(32, ge=1, description="longest answer, in tokens")
+    batch_size: int = Field(32, ge=1, description="prompts sampled together")
 
     @model_validator(mode="after")
     def _used(self):
@@ -46,25 +46,27 @@ class SamplingConfig(Strict):
 class FewShotConfig(Strict):
     """The base model prompted with k examples from the SFT data before each prompt (no training at all)."""
 
-    name: str = Field("few_shot", pattern=NAME)
+    name: str = Field("few_shot", pattern=NAME, description="its name in the table")
     model: str = Field(description="a key of `models` or a model reference (the base model)")
-    k: int = Field(3, ge=1)
+    k: int = Field(3, ge=1, description="examples (user and assistant turns) before each prompt")
     data: str = Field("synthetic:sft", description="SFT rows (messages or prompt/completion) to take examples from")
     split: str | None = Field(None, description="data is a DatasetDict directory: the split to read (default: "
                               "train)")
 
 
 class EvaluateStageConfig(StageBlock):
-    stage: Literal["evaluate"]
+    stage: Literal["evaluate"] = Field(description="the method: compare policies on the same held-out prompts")
     policies: dict[str, str] = Field(description="name -> stage:NAME, a key of `models`, or a model reference")
-    few_shot: FewShotConfig | None = None
+    few_shot: FewShotConfig | None = Field(None, description="also the base model prompted with k SFT examples (the "
+                                           "in-context baseline)")
     prompts: str = Field(description="file of {'prompt': ...} rows; its held-out split is evaluated")
     prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
                                       "(default: train)")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="the held-out share (the split PPO and GRPO hold out "
                                  "with the same seed); 0 evaluates every prompt")
-    max_prompts: int = Field(64, ge=1)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    max_prompts: int = Field(64, ge=1, description="evaluate at most the first N held-out prompts")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="the same sampling settings for "
+                                     "every policy")
     reward_model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
     rule: str | None = Field(None, description="module:function(prompt, response) -> float")
     reference: str | None = Field(None, description="the policy KL is measured against (a name above)")

@@ -36,7 +36,7 @@ from pipeline.stages.common import (RuleReward, final_model, fit, load_policy, m
 
 
 class GroupRLOptimConfig(OptimConfig):
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(1e-6, gt=0, description="peak learning rate (GRPO's and RLOO's own default)")
 
 
 # settings only TRL's GRPO loss has (RLOOTrainer has no such choice)
@@ -44,11 +44,12 @@ GRPO_ONLY = ("loss_type", "scale_rewards", "importance_sampling_level")
 
 
 class GroupRLStageConfig(OnlineRLBlock):
-    stage: Literal["grpo", "rloo"]
-    num_generations: int = Field(4, ge=2)
-    max_completion_length: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    stage: Literal["grpo", "rloo"] = Field(description="the method: GRPO or RLOO (TRL's GRPOTrainer, RLOOTrainer)")
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (the group the baseline is "
+                                 "taken over)")
+    max_completion_length: int = Field(32, ge=1, description="longest completion, in tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the completions (1: off)")
     beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference model)")
     eval_fraction: float | None = Field(None, ge=0, lt=1, description="share of prompts held out (not trained on): "
                                         "default 0.2 with eval_rule, none without; a value written is always "
@@ -66,7 +67,9 @@ class GroupRLStageConfig(OnlineRLBlock):
                                                                     "ratio per token, or per sequence (GSPO)")
     mask_truncated_completions: bool = Field(False, description="leave completions cut at max_completion_length "
                                              "out of the loss (DAPO's overlong filtering)")
-    optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig)
+    optim: GroupRLOptimConfig = Field(default_factory=GroupRLOptimConfig, description="optimiser, schedule and "
+                                      "batches (lr 1e-6 by default); per_device_batch_size x grad_accum x processes a "
+                                      "multiple of num_generations")
 
     @model_validator(mode="before")
     @classmethod

@@ -45,7 +45,7 @@ class RolloutConfig(Strict):
     temperature: float = Field(1.0, ge=0, description="sampling temperature (> 0); log-probs use logits / T. PPO "
                                "samples the full distribution at this temperature (no top-k or top-p: the importance "
                                "ratio needs each sampled token's probability under the policy)")
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="longest response, in tokens")
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score without EOS")
     gather_zero3: bool = Field(True, description="ZeRO-3: gather the policy's shards on every process to sample "
                                "(fast); false samples on the shards, all processes stepping together (less memory); "
@@ -62,13 +62,13 @@ class RolloutConfig(Strict):
 
 
 class KLConfig(Strict):
-    coef: float = Field(0.05, ge=0)
-    estimator: Literal["k1", "k2", "k3"] = "k1"
-    adaptive: bool = False
-    target: float = Field(6.0, gt=0)
-    horizon: int = Field(10000, ge=1)
+    coef: float = Field(0.05, ge=0, description="the KL coefficient: -coef x KL per token is added to the reward")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator (Schulman's k1, k2, k3)")
+    adaptive: bool = Field(False, description="adapt coef towards `target` KL (Ziegler et al.'s controller)")
+    target: float = Field(6.0, gt=0, description="with adaptive: the KL the controller aims for")
+    horizon: int = Field(10000, ge=1, description="with adaptive: the controller's horizon, in responses")
     ceiling: float | None = Field(None, gt=0, description="stop (or warn) when the mean KL exceeds this")
-    on_ceiling: Literal["stop", "warn"] = "stop"
+    on_ceiling: Literal["stop", "warn"] = Field("stop", description="with ceiling: stop the stage, or warn and go on")
 
     @model_validator(mode="after")
     def _used(self):
@@ -78,22 +78,25 @@ class KLConfig(Strict):
 
 
 class PPOHyperConfig(Strict):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(4, ge=1, description="passes of updates over each step's rollout")
     minibatch_size: int = Field(16, ge=1, description="responses per optimizer step, over all processes")
     micro_batch_size: int = Field(16, ge=1, description="responses per forward on each process: gradient "
                                   "accumulation over minibatch_size / (processes x micro_batch_size)")
     forward_batch_size: int | None = Field(None, ge=1, description="the rollout's no-grad forwards (old and "
                                            "reference log-probs, values) in chunks of this many sequences; "
                                            "default: micro_batch_size")
-    clip: float = Field(0.2, gt=0)
-    dual_clip: float | None = Field(None, gt=1)
-    value_clip: float | None = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    entropy_coef: float = Field(0.0, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool = True
-    reward_clip: float | None = Field(10.0, gt=0)
+    clip: float = Field(0.2, gt=0, description="policy ratio clipped to [1 - clip, 1 + clip]")
+    dual_clip: float | None = Field(None, gt=1, description="for advantages A < 0 the loss is also capped at "
+                                    "-dual_clip x A (Ye et al. 2020; null: off)")
+    value_clip: float | None = Field(0.2, gt=0, description="values clipped to the old value +- this (null: "
+                                     "unclipped)")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    entropy_coef: float = Field(0.0, ge=0, description="weight of the entropy bonus")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount of GAE")
+    lam: float = Field(0.95, ge=0, le=1, description="lambda of GAE")
+    whiten_advantages: bool = Field(True, description="advantages normalised to mean 0, std 1 over the rollout")
+    reward_clip: float | None = Field(10.0, gt=0, description="scores clipped to +- this before shaping (null: "
+                                      "unclipped)")
 
 
 class FrozenConfig(Strict):
@@ -109,8 +112,9 @@ class PPOOptimConfig(ScheduleConfig):
     steps x ppo.epochs x (prompts_per_step / minibatch_size) of them). Epochs, batch sizes and logging live
     in `steps`, `rollout` and `ppo`."""
 
-    lr: float = Field(1e-5, gt=0)
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "constant"
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (PPO's own default)")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "constant", description="learning-rate schedule, stepped once per optimizer step")
 
 
 class PPOCheckpointConfig(CheckpointConfig):
@@ -119,19 +123,26 @@ class PPOCheckpointConfig(CheckpointConfig):
 
 
 class PPOStageConfig(OnlineRLBlock):
-    stage: Literal["ppo"]
-    eval_fraction: float = Field(0.2, ge=0, lt=1)
-    max_eval_prompts: int = Field(64, ge=1)
+    stage: Literal["ppo"] = Field(description="the method: our PPO (pipeline/rl/)")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out and evaluated before and "
+                                 "after (0: none)")
+    max_eval_prompts: int = Field(64, ge=1, description="evaluate at most the first N held-out prompts")
     steps: int = Field(20, ge=1, description="PPO steps: each samples rollout.prompts_per_step prompts and runs "
                        "ppo.epochs epochs of updates over them")
-    checkpoint: PPOCheckpointConfig = Field(default_factory=PPOCheckpointConfig)
-    value_model: Literal["head", "critic"] = "head"
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    kl: KLConfig = Field(default_factory=KLConfig)
-    ppo: PPOHyperConfig = Field(default_factory=PPOHyperConfig)
-    optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
-    frozen: FrozenConfig = Field(default_factory=FrozenConfig)
-    log_samples_every: int = Field(5, ge=1)
+    checkpoint: PPOCheckpointConfig = Field(default_factory=PPOCheckpointConfig, description="periodic checkpoints, "
+                                            "every N PPO steps")
+    value_model: Literal["head", "critic"] = Field("head", description="head: a linear value head on the policy; "
+                                                   "critic: a separate model initialised from the reward model")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="how responses are sampled each step")
+    kl: KLConfig = Field(default_factory=KLConfig, description="the KL penalty to the reference, and its ceiling")
+    ppo: PPOHyperConfig = Field(default_factory=PPOHyperConfig, description="the update: epochs, batches, clipping, "
+                                "GAE")
+    optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig, description="AdamW and the schedule (no batch keys: "
+                                  "see rollout and ppo)")
+    frozen: FrozenConfig = Field(default_factory=FrozenConfig, description="where the reference and reward model live "
+                                 "under DeepSpeed ZeRO-3")
+    log_samples_every: int = Field(5, ge=1, description="write sample responses to samples.jsonl every N steps (and "
+                                   "step 1)")
 
     @model_validator(mode="after")
     def _check(self):

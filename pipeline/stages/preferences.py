@@ -29,11 +29,17 @@ from rlhf.errors import InvalidInput
 
 class PreferenceDataConfig(Strict):
     path: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:preferences")
-    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]  (the one list: feedback/readers.py)
-    keys: dict[Literal["prompt", "chosen", "rejected"], str] = Field(default_factory=dict)
-    ranked: Literal[RANKED_MODES] = "all_pairs"  # type: ignore[valid-type]
-    source: Literal[SOURCES] = "human"  # type: ignore[valid-type]
-    on_error: Literal["fail", "skip"] = "fail"
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]  (the one list: feedback/readers.py)
+        "auto", description="row format; auto detects it from the first row (docs/data-formats.md)")
+    keys: dict[Literal["prompt", "chosen", "rejected"], str] = Field(default_factory=dict, description="the file's "
+                                                                     "own names for prompt, chosen, rejected")
+    ranked: Literal[RANKED_MODES] = Field(  # type: ignore[valid-type]
+        "all_pairs", description="how a ranked row becomes pairs: all_pairs (every pair) or best_vs_rest (the best "
+        "against each of the others)")
+    source: Literal[SOURCES] = Field(  # type: ignore[valid-type]
+        "human", description="the source recorded on each pair")
+    on_error: Literal["fail", "skip"] = Field("fail", description="fail: stop on any bad row; skip: leave bad rows "
+                                              "out, listed with their reasons in rejected.jsonl")
     duplicates: Literal[DUPLICATES] = Field(  # type: ignore[valid-type]
         "fail", description="repeated pairs: fail (conflicts are rejected), first (keep the first), majority (keep "
         "the label most annotators gave)")
@@ -41,8 +47,8 @@ class PreferenceDataConfig(Strict):
 
 
 class PreferencesStageConfig(StageBlock):
-    stage: Literal["preferences"]
-    data: PreferenceDataConfig
+    stage: Literal["preferences"] = Field(description="the method: import a human preference file")
+    data: PreferenceDataConfig = Field(description="the file and how to read it")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
     tokenizer: str | None = Field(None, description="model (or stage:NAME) whose tokenizer checks truncation")
     max_length: int | None = Field(None, ge=8, description="with tokenizer: flag pairs empty/identical once truncated")

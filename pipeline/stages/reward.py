@@ -30,7 +30,7 @@ from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memor
 
 
 class RewardStageConfig(TrainingBlock):
-    stage: Literal["reward"]
+    stage: Literal["reward"] = Field(description="the method: a Bradley-Terry reward model (TRL's RewardTrainer)")
     groups_by_length: ClassVar[bool] = True  # one length per row (blocks.TrainingBlock)
     model: str = Field(description="stage:NAME (e.g. the SFT policy), a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of a preferences artifact")
@@ -38,9 +38,10 @@ class RewardStageConfig(TrainingBlock):
                                          "(e.g. human pairs for a model trained on AI labels)")
     use_margin: bool = Field(False, description="subtract each pair's margin inside the loss (pairs need margins)")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="penalise (r_c + r_r)^2 to centre rewards")
-    max_length: int = Field(512, ge=8)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    calibration_buckets: int = Field(4, ge=1)
+    max_length: int = Field(512, ge=8, description="tokens per side (prompt + response), right-truncated")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimiser, schedule and batches")
+    calibration_buckets: int = Field(4, ge=1, description="held-out accuracy is also reported per quantile bucket of "
+                                     "|margin|, this many")
 
     @model_validator(mode="after")
     def _used(self):

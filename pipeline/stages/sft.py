@@ -30,9 +30,12 @@ class SFTDataConfig(Strict):
     eval: str | None = Field(None, description="held-out file; without it `eval_fraction` of train is held out")
     eval_split: str | None = Field(None, description="eval is a DatasetDict directory: the split to read (no "
                                    "default: a DatasetDict as data.eval needs it)")
-    eval_fraction: float = Field(0.1, ge=0, lt=1)
-    format: Literal["auto", "messages", "prompt_completion"] = "auto"
-    on_error: Literal["fail", "skip"] = "fail"
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="without data.eval: share of the training rows held out "
+                                 "(seeded)")
+    format: Literal["auto", "messages", "prompt_completion"] = Field("auto", description="row format; auto: messages "
+                                                                     "if the row has it, else prompt/completion")
+    on_error: Literal["fail", "skip"] = Field("fail", description="fail: stop on any bad row; skip: leave bad rows "
+                                              "out, listed with their reasons in rejected.jsonl")
     max_rows: int | None = Field(None, ge=1, description="use only the first N valid training rows")
 
     @model_validator(mode="after")
@@ -45,23 +48,27 @@ class SFTDataConfig(Strict):
 class PromptTuningConfig(Strict):
     """peft's prompt tuning: `num_virtual_tokens` trained embeddings put before every input (the model is frozen)."""
 
-    num_virtual_tokens: int = Field(8, ge=1)
+    num_virtual_tokens: int = Field(8, ge=1, description="trained embeddings put before every input")
     init_text: str | None = Field(None, description="initialise the virtual tokens from this text's embeddings "
                                   "(default: random)")
 
 
 class SFTStageConfig(TrainingBlock):
-    stage: Literal["sft"]
+    stage: Literal["sft"] = Field(description="the method: supervised fine-tuning (TRL's SFTTrainer)")
     groups_by_length: ClassVar[bool] = True  # one length per row (blocks.TrainingBlock)
     model: str = Field(description="a key of `models`, stage:NAME, or a model reference")
-    data: SFTDataConfig
-    tuning: Literal["full", "lora", "freeze", "prompt_tuning"] = "full"
-    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
+    data: SFTDataConfig = Field(description="the demonstrations and how to read them")
+    tuning: Literal["full", "lora", "freeze", "prompt_tuning"] = Field("full", description="full, lora, freeze (the "
+                                                                       "lowest freeze_layers frozen) or prompt_tuning "
+                                                                       "(the model frozen, virtual tokens trained)")
+    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig, description="peft's prompt tuning; "
+                                              "only with tuning: prompt_tuning")
     freeze_layers: int = Field(0, ge=0, description="with tuning: freeze, the lowest N decoder layers (and embeddings)")
-    assistant_only_loss: bool = True
-    packing: bool = False
-    max_length: int = Field(512, ge=8)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
+    assistant_only_loss: bool = Field(True, description="the loss covers the assistant's tokens only (through the "
+                                      "chat template's generation markers)")
+    packing: bool = Field(False, description="pack several examples into each max_length sequence")
+    max_length: int = Field(512, ge=8, description="tokens per example (or per packed sequence)")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimiser, schedule and batches")
 
     @model_validator(mode="after")
     def _check(self):

@@ -176,7 +176,7 @@ PPO_NOT_SETUP = {
     "rollout.missing_eos_penalty": "score_rollout (test_ppo_details: rollout length and missing EOS penalty)",
     "rollout.gather_zero3": "ZeRO-3 sampling (test_zero: critic-zero3-sharded)",
     "frozen.zero3": "ZeRO-3 placement (test_zero: critic-zero3-sharded)", "frozen.offload": "the same",
-    "precision": "DeepSpeed only: one process trains in fp32 (README, PPO under DeepSpeed)",
+    "precision": "DeepSpeed only: one process trains in fp32 (docs/deepspeed.md, PPO under DeepSpeed)",
     "checkpoint.every": "the loop's checkpoints (test_resume: PPO keeps the newest)", "checkpoint.keep": "the same",
     "kl.ceiling": "stop at a KL ceiling (test_policy)",
     "kl.on_ceiling": "stop or warn at the ceiling", "lora.merge": "how the adapter is saved",

@@ -1,4 +1,4 @@
-"""The structure the code promises (README "Architecture"): every module imports on its own in any order, the
+"""The structure the code promises (docs/design.md): every module imports on its own in any order, the
 config tree's leaves import no stage, `feedback` imports no torch, and a stage is added through the registry
 alone: its module and one entry."""
 

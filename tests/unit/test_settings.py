@@ -29,7 +29,7 @@ def _stages(*blocks, overrides=()):
 def test_a_partial_optim_block_keeps_the_methods_own_defaults(tmp_path, capsys):
     assert _stages(PREFS, {**DPO, "optim": {"per_device_batch_size": 4}})[1].optim.lr == 5e-7
     assert _stages(PREFS, DPO, overrides=["stages.dpo.optim.per_device_batch_size=4"])[1].optim.lr == 5e-7
-    # the README's GRPO example
+    # the GRPO example of docs/grpo.md
     grpo = _stages({**GRPO, "optim": {"per_device_batch_size": 16, "max_steps": 24, "logging_steps": 2}})[0]
     assert grpo.optim.lr == 1e-6 and grpo.optim.per_device_batch_size == 16
     assert _stages({**PPO, "optim": {"max_grad_norm": 0.5}})[0].optim.lr == 1e-5
