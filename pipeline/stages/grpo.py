@@ -12,7 +12,7 @@ The choices TRL's GRPO loss offers are typed settings here, checked against the 
 before the first stage starts: `loss_type` (how token losses are averaged: grpo, dr_grpo, dapo,
 bnpo, cispo, sapo, ... whatever the installed TRL implements), `scale_rewards`, `epsilon` and
 `epsilon_high` (clip-higher), `importance_sampling_level` (token, or sequence: GSPO) and
-`mask_truncated_completions`; README "GRPO and RLOO: the loss choices" says what each is for.
+`mask_truncated_completions`; docs/grpo.md ("The loss choices") says what each is for.
 As in our PPO, every stochastic layer (dropout rates, layerdrop) is off in the policy, checked by
 two training-mode forwards at start-up, and sampling reads nothing from the model's
 generation_config.json but its eos, pad and bos tokens; the saved policy keeps its own config.
