@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-from rlhf.errors import UsageError
+from rlhf.errors import InvalidInput, UsageError
 
 # CSV columns that may hold a JSON list of {"role", "content"} messages (readers add their aliases and --keys)
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected", "messages", "completion")
@@ -98,8 +98,6 @@ def iter_records(path: str | Path, split: str | None = None, notes: list[str] | 
     `notes` (a list) receives what the reader wants the user to know (splits read and skipped, the encoding
     or delimiter used, a file read as another type than its suffix says); `message_columns` names further CSV
     columns that may hold message lists (e.g. the names given with --keys)."""
-    from rlhf.errors import InvalidInput
-
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: file not found")

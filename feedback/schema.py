@@ -23,6 +23,8 @@ import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+from rlhf.errors import InvalidInput
+from rlhf.io import write_jsonl
 
 Text = str | list  # a string or a list of {"role", "content"} messages
 
@@ -159,15 +161,11 @@ def from_dict(d: dict) -> tuple[PreferencePair | None, str | None]:
 
 
 def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> int:
-    from rlhf.io import write_jsonl
-
     return write_jsonl(path, (p.to_dict() for p in pairs))
 
 
 def read_pairs(path: str | Path) -> Iterator[PreferencePair]:
     """Read a canonical JSONL file written by this project; any bad row is an error naming its line."""
-    from rlhf.errors import InvalidInput
-
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():

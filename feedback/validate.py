@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from feedback.readers import Row, read_rows
 from feedback.schema import PreferencePair, canonical, text_key
+from reward.text import encode
 
 DUPLICATES = ("fail", "first", "majority")
 
@@ -239,8 +240,6 @@ def _check_ids(rows: list[Row], path: str) -> None:
 
 
 def _check_truncation(rows: list[Row], tokenizer, max_length: int) -> None:
-    from reward.text import encode
-
     for row in rows:
         if row.error:
             continue

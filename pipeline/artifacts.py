@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 from rlhf.errors import InvalidInput, UsageError
 from rlhf.io import write_atomic, write_json, write_jsonl  # noqa: F401  (artifacts write with these)
+from pipeline.distributed import is_main
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,8 +41,6 @@ KINDS = ("policy", "reward_model", "preferences", "eval")
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it. Only rank 0 writes."""
-    from pipeline.distributed import is_main
-
     if not is_main():
         return
     path = Path(path)

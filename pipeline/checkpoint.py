@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.distributed import barrier, is_main, world_size
 from rlhf.errors import RLHFError, UsageError
+from pipeline.artifacts import write_json
 
 META = "checkpoint.json"
 _NAME = re.compile(r"checkpoint-(\d+)\Z")
@@ -51,8 +52,6 @@ def meta(step: int, config_hash: str, config: dict, extra: dict | None = None) -
 
 
 def mark_complete(path: Path, info: dict) -> None:
-    from pipeline.artifacts import write_json
-
     write_json(path / META, info)
 
 

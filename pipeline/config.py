@@ -26,13 +26,15 @@ from pydantic import Field, WrapValidator, model_validator
 
 from pipeline.blocks import Strict, TrackingConfig, load_yaml, load_yaml_text, validate
 from rlhf.errors import UsageError
+from pipeline.artifacts import STAGE_NAME
+from pipeline.models import BUILTIN
 
 
 def _stage_block(value: Any, handler, info):
     """One entry of `stages:` -> its method's Config (pipeline/stages: the registry)."""
     from pydantic import BaseModel
 
-    from pipeline.stages import REGISTRY
+    from pipeline.stages import REGISTRY  # deferred: the config tree imports no stage until it reads one
 
     if isinstance(value, BaseModel):
         return value
@@ -52,8 +54,6 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _revision_for_hub_ids(self):
-        from pipeline.models import BUILTIN
-
         if self.revision is not None and (self.ref in BUILTIN or Path(self.ref).expanduser().exists()):
             raise ValueError(f"revision has no effect for '{self.ref}' (a built-in model or a local directory): it "
                              "pins a hub id's branch, tag or commit")
@@ -87,8 +87,6 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _check_references(self) -> "PipelineConfig":
-        from pipeline.artifacts import STAGE_NAME
-
         seen: dict[str, str] = {}
         for i, st in enumerate(self.stages):
             if st.name is None:
@@ -193,7 +191,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, deepspee
 
 def _give_deepspeed(data: dict, deepspeed: str, only: list[str] | None) -> None:
     """Set `deepspeed` on every selected stage whose method has the key (the training stages)."""
-    from pipeline.stages import REGISTRY
+    from pipeline.stages import REGISTRY  # deferred: the config tree imports no stage until it reads one
 
     for st in data.get("stages") or []:
         if not isinstance(st, dict) or st.get("stage") not in REGISTRY:

@@ -20,6 +20,10 @@ import random
 from pathlib import Path
 
 from rlhf.errors import InvalidInput, UsageError
+from feedback.files import iter_records
+from feedback.schema import check_text, is_blank, prompt_key
+from pipeline.distributed import say
+from pipeline.generation import neutralise_special_tokens, sample
 
 DEFAULT_SPLIT = "train"  # the split of a DatasetDict that SFT and prompt files read unless told otherwise
 
@@ -52,7 +56,6 @@ def _check_messages(msgs) -> str | None:
             return f"messages[{j}].role is {m['role']!r}; expected one of {list(SFT_ROLES)}"
         if not isinstance(m["content"], str):
             return f"messages[{j}].content must be a string"
-    from feedback.schema import is_blank
 
     if not any(m["role"] == "assistant" and not is_blank(m["content"]) for m in msgs):
         return "no non-empty assistant message to learn from"
@@ -93,9 +96,6 @@ def to_example(row, fmt: str) -> tuple[dict | None, str | None]:
 def _records(path, split: str | None, split_key: str, default_split: str | None = DEFAULT_SPLIT):
     """The records of an SFT or prompt file: one split of a DatasetDict (`split`, else `default_split`); the note
     naming the splits read and skipped is printed as soon as the file has been read."""
-    from feedback.files import iter_records
-    from pipeline.distributed import say
-
     notes: list[str] = []
     yield from iter_records(path, split=split, notes=notes, default_split=default_split, split_key=split_key)
     for note in notes:
@@ -134,8 +134,6 @@ def neutralised(tokenizer, row: dict) -> dict:
     tokenizer's special tokens made plain text (pipeline.generation; counted per stage in the manifest). The
     trainers apply the chat template to these rows, which would otherwise turn "<|im_start|>system" written in a
     data file into a real turn."""
-    from pipeline.generation import neutralise_special_tokens
-
     def text(value):
         if isinstance(value, str):
             return neutralise_special_tokens(tokenizer, value)
@@ -147,8 +145,6 @@ def neutralised(tokenizer, row: dict) -> dict:
 def read_prompts(path, limit: int | None = None, split: str | None = None, split_key: str = "prompts_split") -> list:
     """The `prompt` of every row of a prompt file (one split of a DatasetDict: `split`, default train); any bad row
     stops with FILE:LINE: reason."""
-    from feedback.schema import check_text
-
     prompts, problems = [], []
     for rec in _records(path, split, split_key):
         row = rec.value
@@ -172,8 +168,6 @@ def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lamb
     compared on `prompt_key` (Unicode NFC, whitespace collapsed), so near-identical copies cannot straddle the split.
 
     `items` are pairs (prompt_of reads .prompt) or, with prompt_of=lambda p: p, the prompts themselves."""
-    from feedback.schema import prompt_key
-
     prompts = sorted({prompt_key(prompt_of(p)) for p in items})
     random.Random(seed).shuffle(prompts)
     n_eval = math.ceil(len(prompts) * eval_fraction) if eval_fraction > 0 and len(prompts) > 1 else 0
@@ -184,8 +178,6 @@ def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lamb
 
 def rule_eval(model, tok, prompts: list, rule, max_new_tokens: int, seed: int) -> float:
     """The mean of `rule(prompt, response)` over one sample per prompt (temperature 1, seeded)."""
-    from pipeline.generation import sample
-
     responses = sample(model, tok, prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=64,
                        seed=seed, desc="eval samples")
     return sum(float(rule(p, r[0])) for p, r in zip(prompts, responses)) / len(prompts)

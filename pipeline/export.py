@@ -14,16 +14,14 @@ import shutil
 from pathlib import Path
 
 from rlhf.errors import InvalidInput, UsageError
+from pipeline.artifacts import load_artifact, refuse_links
+from pipeline.models import load_causal_lm, load_tokenizer
 
 
 def export_policy(artifact_dir: str | Path, out: str | Path, adapter: bool = False,
                   trust_remote_code: bool = False) -> Path:
     """Write the policy of `artifact_dir` (a policy artifact, or its model/ directory) to the new directory `out`,
     built beside it and renamed into place; an existing non-empty `out` is refused, never replaced."""
-    from pipeline.artifacts import load_artifact
-
-    from pipeline.artifacts import refuse_links
-
     src, out = Path(artifact_dir), Path(out)
     if (src / "manifest.json").exists():
         src = load_artifact(src, "policy", role="export").output("model")
@@ -67,8 +65,6 @@ def _copy_adapter(src: Path, tmp: Path, is_adapter: bool) -> None:
 
 
 def _write_merged(src: Path, tmp: Path, is_adapter: bool, trust_remote_code: bool = False) -> None:
-    from pipeline.models import load_causal_lm, load_tokenizer
-
     if is_adapter and json.loads((src / "adapter_config.json").read_text()).get("peft_type") != "LORA":
         raise InvalidInput(f"{src} is a prompt-tuning adapter, which cannot be merged into plain weights; export it "
                            "with --adapter (it loads on its base with peft)")

@@ -27,6 +27,9 @@ from pipeline.blocks import Strict, validate
 from pipeline.models import BUILTIN, cache_dir, load_causal_lm, load_tokenizer, resolve
 from rlhf.errors import UsageError
 from rlhf.yaml import load_yaml
+from feedback.judges.reward_model import RewardModelJudge
+from pipeline.artifacts import manifest_hash
+from reward.scoring import RewardScorer
 
 
 class PositionConfig(Strict):
@@ -156,10 +159,6 @@ def build_judge(path: str | Path):
 
 def _reward_model_judge(cfg: JudgeConfig):
     """A reward-model artifact as a judge; its identity (for the verdict cache) is the artifact's manifest hash."""
-    from feedback.judges.reward_model import RewardModelJudge
-    from pipeline.artifacts import manifest_hash
-    from reward.scoring import RewardScorer
-
     # trust_remote_code comes from the judge config (the user's), never from the artifact's manifest
     scorer = RewardScorer.from_artifact(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     try:

@@ -23,7 +23,9 @@ import os
 import shutil
 from pathlib import Path
 
-from rlhf.errors import UsageError
+from rlhf.errors import InvalidInput, UsageError
+from feedback.synthetic import corpus
+from pipeline.artifacts import follow_umask, fsync_tree
 
 TINY_VERSION = "tiny-v1"
 TINY_ALT_VERSION = "tiny-alt-v1"
@@ -128,9 +130,6 @@ def _cached(ref: str, name: str) -> Path:
     """The complete cache entry `name` for the built-in `ref`, built (once, by one process) if needed."""
     from filelock import FileLock
 
-    from pipeline.artifacts import follow_umask, fsync_tree
-    from rlhf.errors import InvalidInput
-
     target = cache_dir() / "models" / name
     _refuse_unreadable(target)
     if not missing_parts(target):
@@ -174,8 +173,6 @@ def _cached(ref: str, name: str) -> Path:
 def _refuse_unreadable(entry: Path) -> None:
     """Stop, naming the file, when a cache entry exists but this user cannot read all of it: in a shared
     RLHF_CACHE it may be another user's complete entry, which must not be judged incomplete and removed."""
-    from rlhf.errors import UsageError
-
     if not entry.exists():
         return
     paths = [entry]
@@ -215,8 +212,6 @@ def _build_tiny(out: Path, alt: bool = False) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from feedback.synthetic import corpus
 
     specials = ["<pad>", "</s>"] if alt else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())

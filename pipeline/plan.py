@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.errors import UsageError
+from pipeline.models import resolve
 
 GIB = 1024**3
 # The libraries' resident memory on a CPU run (measured here with the tiny model, whose weights are negligible):
@@ -106,8 +107,6 @@ def shape_of(ref: str) -> Shape:
     if ref in KNOWN:
         return Shape(**KNOWN[ref])
     import json
-
-    from pipeline.models import resolve
 
     path = Path(resolve(ref))
     cfg_file = path / "config.json"
@@ -293,7 +292,7 @@ def chosen(stage) -> tuple[int, bool]:
     """(ZeRO stage, offload) of a stage's `deepspeed:` JSON; (0, False) without one."""
     import json
 
-    from pipeline.deepspeed import zero_stage
+    from pipeline.deepspeed import zero_stage  # deferred: it imports torch
 
     if not getattr(stage, "deepspeed", None):
         return 0, False

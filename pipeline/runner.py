@@ -13,12 +13,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import artifacts
+from pipeline import artifacts, checkpoint, distributed
 from pipeline.blocks import config_hash, dump_yaml
 from pipeline.config import PipelineConfig
 from pipeline.data import resolve_data_path
 from rlhf.errors import UsageError
 from pipeline.tracking import MetricsLog, redact, stage_wandb
+from feedback.judges.rule import trust_modules
+from pipeline.checkpoint import meta
+from pipeline.generation import NEUTRALISED
+from pipeline.models import load_causal_lm, load_tokenizer, missing_parts, resolve
+from pipeline.stages import REGISTRY
+from pipeline.stages.common import reset_peak_memory
 
 @dataclass
 class StageContext:
@@ -35,8 +41,6 @@ class StageContext:
     resume_from: Path | None = None  # a complete checkpoint to continue from (rlhf run --resume)
 
     def checkpoint_meta(self, step: int, extra: dict | None = None) -> dict:
-        from pipeline.checkpoint import meta
-
         return meta(step, self.config_hash, self.stage_config, extra)
 
     @property
@@ -62,8 +66,6 @@ class StageContext:
         model by path (a reward model's head, TRL rebuilding a reference from the policy's path) gets the
         adapted policy, never the bare base.
         """
-        from pipeline.models import resolve
-
         if ref.startswith("stage:"):
             art = self.artifact(ref, ("policy", "reward_model"), role)
             # a model trained from a custom-code base needs that code again: trusted when this config trusts the
@@ -88,9 +90,6 @@ class StageContext:
     def _merge_adapter(self, path: str, role: str, info: dict) -> str:
         """The adapter at `path` merged into its base, saved as a plain model in WORK/.inputs/ROLE (rank 0 writes;
         the runner removes .inputs/ before the artifact is promoted)."""
-        from pipeline import distributed
-        from pipeline.models import load_causal_lm, load_tokenizer, missing_parts
-
         out = self.work_dir / ".inputs" / role
         if distributed.is_main() and missing_parts(out):
             tmp = out.with_name(out.name + ".tmp")
@@ -128,8 +127,6 @@ def _input_entry(cfg: PipelineConfig, ref: str, kind: str) -> dict:
 
 def stage_module(method: str):
     """The module that runs a stage method (the registry in pipeline/stages)."""
-    from pipeline.stages import REGISTRY
-
     return REGISTRY[method]
 
 
@@ -159,9 +156,6 @@ def selected_stages(cfg: PipelineConfig, only: list[str] | None) -> list:
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False, resume: bool = False,
                  echo=print) -> list[dict]:
-    from feedback.judges.rule import trust_modules
-    from pipeline import distributed
-
     trust_modules(cfg.trusted_modules)
     stages = selected_stages(cfg, only)
     preflight(stages, distributed.world_size())
@@ -193,15 +187,11 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
 
 
 def _has_checkpoints(work: Path) -> bool:
-    from pipeline import checkpoint
-
     return bool(checkpoint.scan(work / "checkpoints", echo=lambda *_: None))
 
 
 def _prepare_work_dir(work: Path, st, chash: str, resolved: dict, resume: bool, must_resume: bool, echo):
     """The partial directory: fresh, or kept to resume from its newest complete checkpoint."""
-    from pipeline import checkpoint
-
     ckpts = work / "checkpoints"
     if resume and (must_resume or _has_checkpoints(work)):
         path = checkpoint.latest(ckpts, st.name, echo)
@@ -241,7 +231,6 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     run_dir = Path(cfg.run_dir)
     work = run_dir / f".{st.name}.partial"
     resolved = {"seed": cfg.seed, "tracking": cfg.tracking.model_dump(mode="json"), **st.model_dump(mode="json")}
-    from pipeline import distributed
 
     resume_from = _prepare_work_dir(work, st, chash, resolved, resume, must_resume, echo) \
         if distributed.is_main() else None
@@ -255,8 +244,6 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
                        stage_config=resolved, resume_from=resume_from)
     t0 = time.time()
     echo(f"[{st.name}] running stage '{st.stage}' -> {run_dir / st.name}")
-    from pipeline.generation import NEUTRALISED
-    from pipeline.stages.common import reset_peak_memory
 
     NEUTRALISED.clear()
     reset_peak_memory()

@@ -12,12 +12,11 @@ by reward.scoring.RewardScorer (and by PPO's critic).
 from __future__ import annotations
 
 import math
+from reward.scoring import score_ids
 
 
 def evaluate(model, rows, pairs, pad_id: int, buckets: int) -> tuple[dict, list[float]]:
     """Score encoded pairs with the same code users and PPO call: (pairwise metrics, every reward scored)."""
-    from reward.scoring import score_ids
-
     rc = score_ids(model, [r["chosen_ids"] for r in rows], pad_id)
     rr = score_ids(model, [r["rejected_ids"] for r in rows], pad_id)
     return pairwise_metrics(rc, rr, [p.source for p in pairs], buckets), rc + rr

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from reward.text import encode
+from pipeline.artifacts import load_artifact
+from pipeline.models import load_model, load_tokenizer
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int):
@@ -55,9 +57,6 @@ class RewardScorer:
                       trust_remote_code: bool = False) -> "RewardScorer":
         """A reward-model artifact directory (RUN_DIR/reward) or its model/ directory. trust_remote_code is the
         caller's: the user's config or command line, never the artifact's manifest (see pipeline/models.py)."""
-        from pipeline.artifacts import load_artifact
-        from pipeline.models import load_tokenizer
-
         path = Path(path)
         if (path / "manifest.json").exists():
             art = load_artifact(path, "reward_model", role="reward model")
@@ -84,6 +83,4 @@ def load_reward_model(path: str, precision: str = "fp32", trust_remote_code: boo
                       revision: str | None = None):
     """A reward model (one-output sequence classifier) from a model directory, a LoRA adapter of one (merged with
     its score head), or a hub id."""
-    from pipeline.models import load_model
-
     return load_model(path, precision, trust_remote_code, revision, head="score")

@@ -6,6 +6,7 @@ when the policy that wrote the response uses another tokenizer.
 """
 
 from __future__ import annotations
+from rlhf.text import neutralise_special_tokens, safe_messages
 
 
 def as_messages(prompt, response, tokenizer=None) -> list[dict]:
@@ -15,14 +16,11 @@ def as_messages(prompt, response, tokenizer=None) -> list[dict]:
     r = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
     if tokenizer is None:
         return p + r
-    from rlhf.text import safe_messages
 
     return safe_messages(tokenizer, p + r)
 
 
 def _flat(x, tokenizer) -> str:
-    from rlhf.text import neutralise_special_tokens
-
     text = x if isinstance(x, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in x)
     return neutralise_special_tokens(tokenizer, text)
 

@@ -19,6 +19,8 @@ import os
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.schema import reply_text
 from rlhf.errors import UsageError
+from feedback import synthetic
+from feedback.rules import RULES
 
 
 TRUSTED_ENV = "RLHF_TRUSTED_MODULES"
@@ -38,8 +40,6 @@ def trusted_modules() -> tuple[str, ...]:
 
 
 def load_callable(spec: str):
-    from feedback.rules import RULES
-
     module, _, func = spec.partition(":")
     if not module or not func or not func.isidentifier() or func.startswith("_"):
         raise UsageError(f"rule '{spec}': expected 'module:function' naming a public function")
@@ -64,9 +64,6 @@ def load_callable(spec: str):
 
 
 def _allowed(trusted: tuple[str, ...]) -> str:
-    from feedback import synthetic  # noqa: F401  (registers the shipped rules, so the message can list them)
-    from feedback.rules import RULES
-
     mine = f"; or functions of {', '.join(trusted)}" if trusted else ""
     return f"the registered rules ({', '.join(sorted(RULES))}){mine}"
 

@@ -310,13 +310,13 @@ def cmd_export(args) -> int:
 # pipeline.serve.launch is imported by the serve commands alone: it loads FastAPI, uvicorn and torch, which no
 # other command needs and `rlhf --help` should not wait for.
 def cmd_serve_judge(args) -> int:
-    from pipeline.serve.launch import serve_judge
+    from pipeline.serve.launch import serve_judge  # deferred: it imports torch
 
     return serve_judge(args.model, ServeOptions.from_args(args))
 
 
 def cmd_serve_policy(args) -> int:
-    from pipeline.serve.launch import serve_policy
+    from pipeline.serve.launch import serve_policy  # deferred: it imports torch
 
     return serve_policy(args.policy, ServeOptions.from_args(args))
 

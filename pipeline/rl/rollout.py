@@ -24,6 +24,7 @@ from pipeline.generation import chat_ids, generation_config, left_pad
 from pipeline.generation import generate as generate_with
 from pipeline.rl import losses
 from pipeline.rl.models import disable_dropout
+from feedback.judges.rule import load_callable
 
 
 @dataclass
@@ -161,8 +162,6 @@ class RewardFunction:
 
     def __init__(self, model_path: str | None = None, rule: str | None = None, normalize: bool = True,
                  precision: str = "fp32", trust_remote_code: bool = False):
-        from feedback.judges.rule import load_callable
-
         self.scorer = None
         if model_path:
             from reward.scoring import RewardScorer

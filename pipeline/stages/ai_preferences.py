@@ -24,6 +24,13 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import StageBlock, Strict
 from rlhf.errors import InvalidInput
+from feedback.label import label
+from feedback.schema import write_pairs
+from pipeline.artifacts import write_jsonl
+from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
+from pipeline.generation import sample
+from pipeline.judging import build_judge
+from pipeline.models import load_causal_lm, load_tokenizer
 
 
 class CandidatesConfig(Strict):
@@ -67,11 +74,6 @@ Config = AIPreferencesStageConfig  # the registry's handle (pipeline/stages/__in
 def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: CandidatesConfig, pairing: str,
                       seed: int, trust_remote_code: bool = False, revision: str | None = None):
     """Sample candidates, judge them; returns (pairs, unlabelled, stats, judge identity)."""
-    from pipeline.judging import build_judge
-    from feedback.label import label
-    from pipeline.generation import sample
-    from pipeline.models import load_causal_lm, load_tokenizer
-
     judge, jcfg, _ = build_judge(judge_config)  # before sampling: a bad judge config fails fast
     tok = load_tokenizer(policy_path, trust_remote_code, revision)
     model = load_causal_lm(policy_path, "fp32", trust_remote_code, revision)
@@ -84,10 +86,6 @@ def label_with_policy(policy_path: str, prompts: list, judge_config: str, cand: 
 
 
 def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
-    from feedback.schema import write_pairs
-    from pipeline.artifacts import write_jsonl
-    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
-
     prompts = read_prompts(resolve_data_path(cfg.prompts), cfg.max_prompts, split=cfg.prompts_split)
     policy_path, info = ctx.model_path(cfg.policy, role="policy")
     pairs, unlabelled, stats, judge_id = label_with_policy(policy_path, prompts, cfg.judge, cfg.candidates,

@@ -16,14 +16,19 @@ import math
 
 from pipeline.blocks import LoraConfig
 from rlhf.errors import InvalidInput
+from feedback.judges.rule import load_callable
+from pipeline import checkpoint
+from pipeline.artifacts import write_jsonl
+from pipeline.data import rule_eval
+from pipeline.distributed import any_rank, gather, say
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.tracking import report_to
 
 
 def load_policy(ctx, ref: str, role: str = "policy", merged: bool = True, precision: str = "fp32"):
     """(path, model info for the manifest, tokenizer, causal LM) for a stage's `policy:`/`model:` value, loaded
     with its trust_remote_code and revision; an adapter artifact is merged into its base first (merged=True,
     see StageContext.model_path). Weights are fp32 unless asked: bf16/fp16 train as mixed precision."""
-    from pipeline.models import load_causal_lm, load_tokenizer
-
     path, info = ctx.model_path(ref, role=role, merged=merged)
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
     return path, info, load_tokenizer(path, trust, revision), load_causal_lm(path, precision, trust, revision)
@@ -42,8 +47,7 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     """TRL config shared by the TRL-based stages: explicit precision, seeds, our logging, no hub."""
     import torch
 
-    from pipeline.deepspeed import zero_config
-    from pipeline.tracking import report_to
+    from pipeline.deepspeed import zero_config  # deferred: it imports torch
 
     o = cfg.optim
     return cls(
@@ -91,9 +95,6 @@ def pair_rows(ctx, cfg, splits: dict, convert, what: str = "pairs") -> tuple[dic
     with their split and reason and counted, never dropped silently. No pair left to train on, or optim.eval_steps
     with no eval pair, is an error naming the file. Returns (rows by split, the kept pairs by split, counts:
     read / kept by split, skipped, skipped by reason)."""
-    from pipeline.artifacts import write_jsonl
-    from pipeline.distributed import say
-
     rows: dict[str, list] = {}
     kept: dict[str, list] = {}
     skipped: list[dict] = []
@@ -142,8 +143,6 @@ def fit(trainer, ctx, cfg):
     """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set, stopped at the first
     non-finite training loss or gradient norm it logs (training_args turns off transformers' filter that would
     log a NaN loss as the mean of the earlier ones), and refused when the trained weights are not all finite."""
-    from pipeline import checkpoint
-
     stop = checkpoint.stop_after_step()
     trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
                                                 cfg.checkpoint.keep, stop))
@@ -181,8 +180,6 @@ def _check_weights_finite(name: str, model) -> None:
     """Every trained weight finite on every process (under ZeRO-3 each checks its own shards), before anything is
     saved: a NaN that never showed in a logged loss still never reaches an artifact."""
     import torch
-
-    from pipeline.distributed import any_rank
 
     bad = next((n for n, p in model.named_parameters()  # ZeRO-3: the shard this process holds (ds_tensor)
                 if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), None)
@@ -268,14 +265,10 @@ class RuleReward:
     after it (eval/rule_reward_mean); DPO, GRPO and RLOO report it with `eval_rule`."""
 
     def __init__(self, spec: str | None, prompts: list, max_new_tokens: int, seed: int):
-        from feedback.judges.rule import load_callable
-
         self.rule = load_callable(spec) if spec and prompts else None
         self.prompts, self.max_new_tokens, self.seed = prompts, max_new_tokens, seed
 
     def _measure(self, model, tok) -> float:
-        from pipeline.data import rule_eval
-
         return rule_eval(model, tok, self.prompts, self.rule, self.max_new_tokens, self.seed)
 
     def before(self, model, tok, metrics: dict) -> None:
@@ -283,8 +276,6 @@ class RuleReward:
             metrics["eval/rule_reward_mean_initial"] = self._measure(model, tok)
 
     def after(self, ctx, trainer, model, tok, metrics: dict) -> None:
-        from pipeline.distributed import say
-
         if self.rule and trainer.is_deepspeed_enabled:
             say(f"[{ctx.name}] note: the held-out rule reward after training is not sampled under DeepSpeed")
             self.rule = None
@@ -340,8 +331,6 @@ def _peak_rss_mib() -> float:
 def peak_memory() -> dict[str, list[float]]:
     """Peak resident memory (and GPU memory) of each process during this stage, in MiB, in rank order."""
     import torch
-
-    from pipeline.distributed import gather
 
     out = {"peak_rss_mib": gather(torch.tensor([_peak_rss_mib()]))}
     if torch.cuda.is_available():

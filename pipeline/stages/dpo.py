@@ -25,6 +25,11 @@ from rlhf.errors import InvalidInput, UsageError
 from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
                                     memory_metrics, pair_rows, peft_config, save_policy, training_args, trl_choices,
                                     weights_dtype)
+from feedback.schema import prompt_key, read_pairs
+from pipeline.data import neutralised, read_prompts, resolve_data_path
+from pipeline.distributed import say
+from pipeline.models import count_parameters, resolve_precision
+from pipeline.tracking import trainer_callback
 
 def trl_loss_types() -> tuple[str, ...]:
     """The DPO losses the installed TRL implements, read from its DPOConfig's own documentation of `loss_type`
@@ -126,8 +131,6 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
     """The pairs DPO trains and evaluates on, as TRL rows (common.pair_rows: what is not used is listed and
     counted): not ties (no preferred response), nor pairs whose prompt alone reaches max_length (TRL drops them:
     no response token would be left)."""
-    from pipeline.data import neutralised
-
     def convert(p, split):
         if p.tie:
             return None, "tie: DPO needs a preferred response"
@@ -149,8 +152,6 @@ def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> list:
     """eval_prompts restricted to the held-out pairs' prompts (the first 64 when none of them are held out)."""
     if not cfg.eval_prompts:
         return []
-    from feedback.schema import prompt_key
-    from pipeline.data import read_prompts, resolve_data_path
 
     prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
                            split_key="eval_prompts_split")
@@ -162,11 +163,6 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     from datasets import Dataset
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
-
-    from feedback.schema import read_pairs
-    from pipeline.distributed import say
-    from pipeline.models import count_parameters, resolve_precision
-    from pipeline.tracking import trainer_callback
 
     set_seed(ctx.seed)
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")

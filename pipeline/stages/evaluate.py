@@ -27,6 +27,14 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import StageBlock, Strict
 from rlhf.errors import InvalidInput
+from feedback.judges import JudgeItem, judge_both_orders
+from feedback.judges.rule import load_callable
+from pipeline.artifacts import STAGE_NAME, write_atomic, write_jsonl
+from pipeline.data import read_examples, read_prompts, resolve_data_path, split_by_prompt
+from pipeline.distributed import say
+from pipeline.generation import chat_ids, response_logprobs, sample_ids
+from pipeline.judging import build_judge
+from pipeline.models import load_causal_lm, load_tokenizer
 
 NAME = r"^[A-Za-z0-9_-]+$"  # for pydantic (Rust regex: "$" is the end of the text); Python code uses STAGE_NAME
 
@@ -75,8 +83,6 @@ class EvaluateStageConfig(StageBlock):
 
     @model_validator(mode="after")
     def _check(self):
-        from pipeline.artifacts import STAGE_NAME
-
         names = list(self.policies) + ([self.few_shot.name] if self.few_shot else [])
         bad = [n for n in names if not STAGE_NAME.match(n)]
         if bad:
@@ -160,14 +166,10 @@ class Policy:
         self.name, self.path, self.info, self.context, self.ref = name, path, info, context or [], ref
 
     def load(self):
-        from pipeline.models import load_causal_lm, load_tokenizer
-
         trust, revision = self.info.get("trust_remote_code", False), self.info.get("revision")
         return load_tokenizer(self.path, trust, revision), load_causal_lm(self.path, "fp32", trust, revision)
 
     def prompt_ids(self, tok, prompt) -> list[int]:
-        from pipeline.generation import chat_ids
-
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return chat_ids(tok, self.context + msgs)
 
@@ -178,9 +180,6 @@ class Policy:
 def sample_policies(policies: list[Policy], prompts: list, sampling: SamplingConfig, seed: int) -> dict:
     """{name: {"tok", "prompt_ids", "ids", "texts", "logp"}}: each policy answers every prompt with the same seed;
     its own log-probability of each answer is kept for the KL. One model in memory at a time."""
-    from pipeline.distributed import say
-    from pipeline.generation import response_logprobs, sample_ids
-
     out = {}
     for pol in policies:
         say(f"[evaluate] sampling {pol.name} ({pol.ref})")
@@ -199,8 +198,6 @@ def sample_policies(policies: list[Policy], prompts: list, sampling: SamplingCon
 def kl_to_reference(reference: Policy, samples: dict, prompts: list, sampling: SamplingConfig) -> dict:
     """{name: [sequence KL]}: log p_policy(y|x) - log p_reference(y|x) for each policy's own samples (a one-sample
     estimate of KL(policy || reference)); None for policies whose tokenizer differs from the reference's."""
-    from pipeline.generation import response_logprobs
-
     tok, model = reference.load()
     out = {}
     for name, s in samples.items():
@@ -216,9 +213,6 @@ def kl_to_reference(reference: Policy, samples: dict, prompts: list, sampling: S
 def judge_against(judge_path: str, baseline: str, samples: dict, prompts: list) -> tuple[dict, dict]:
     """({name: [win | loss | tie | abstain per prompt]}, judge identity): every policy against the baseline, each
     pair judged in both orders (position bias becomes ties)."""
-    from feedback.judges import JudgeItem, judge_both_orders
-    from pipeline.judging import build_judge
-
     judge, jcfg, _ = build_judge(judge_path)
     verdicts = {}
     base = samples[baseline]["texts"]
@@ -239,8 +233,6 @@ def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, se
              reward_trust: bool = False):
     """The whole comparison: (metrics {eval/<policy>/<name>: value}, per-prompt rows, judge identity).
     reward_trust: whether the user lets the reward model run its own code (their config or flag)."""
-    from feedback.judges.rule import load_callable
-
     samples = sample_policies(policies, prompts, cfg.sampling, seed)
     by_name = {p.name: p for p in policies}
     kls = kl_to_reference(by_name[cfg.reference], samples, prompts, cfg.sampling) if cfg.reference else {}
@@ -277,7 +269,6 @@ def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, se
 
 def write_outputs(out_dir, rows: list[dict], names: list[str]) -> None:
     """samples.jsonl (one row per prompt) and table.csv (the same, flat: a column per policy and score)."""
-    from pipeline.artifacts import write_atomic, write_jsonl
     import io
 
     write_jsonl(out_dir / "samples.jsonl", rows)
@@ -333,8 +324,6 @@ def prompts_described(cfg: EvaluateStageConfig) -> str:
 
 
 def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> list:
-    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
-
     prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     if cfg.eval_fraction > 0:
         _, prompts = split_by_prompt(prompts, cfg.eval_fraction, seed, prompt_of=lambda p: p)
@@ -354,8 +343,6 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
     """The policies, and what is known of each (an artifact's training facts) for the manifest.
     resolve(ref, role) -> (model path, model info, the artifact's manifest or None): through the run for the stage
     (stage:NAME artifacts, model keys), through paths for `rlhf eval`."""
-    from pipeline.data import read_examples, resolve_data_path
-
     policies, known = [], {}
     for name, ref in cfg.policies.items():
         path, info, manifest = resolve(ref, f"policies.{name}")
@@ -374,8 +361,6 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
 def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir, seed: int,
             reward_trust: bool = False) -> dict:
     """Run the comparison and write its outputs (samples.jsonl, table.csv) into out_dir: the stage's result."""
-    from pipeline.distributed import say
-
     prompts = held_out_prompts(cfg, seed)
     policies, known = resolve_policies(cfg, resolve, seed)
     say(f"[evaluate] {len(policies)} policies x {len(prompts)} {prompts_described(cfg)}")

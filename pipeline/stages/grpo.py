@@ -33,6 +33,10 @@ from pipeline.blocks import OnlineRLBlock, OptimConfig
 from rlhf.errors import UsageError
 from pipeline.stages.common import (RuleReward, final_model, fit, load_policy, memory_metrics,
                                     peft_config, save_policy, training_args, weights_dtype)
+from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
+from pipeline.distributed import say
+from pipeline.models import count_parameters, resolve_precision
+from pipeline.tracking import trainer_callback
 
 
 class GroupRLOptimConfig(OptimConfig):
@@ -214,11 +218,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
-    from pipeline.rl.models import disable_dropout, refuse_random_forwards
-    from pipeline.distributed import say
-    from pipeline.models import count_parameters, resolve_precision
-    from pipeline.tracking import trainer_callback
+    from pipeline.rl.models import disable_dropout, refuse_random_forwards  # deferred: it imports torch
 
     set_seed(ctx.seed)
     prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)

@@ -25,9 +25,16 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline import distributed
+from pipeline import checkpoint, distributed
 from pipeline.blocks import CheckpointConfig, OnlineRLBlock, ScheduleConfig, Strict
 from rlhf.errors import InvalidInput, UsageError
+from feedback.judges.rule import load_callable
+from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
+from pipeline.distributed import say
+from pipeline.models import count_parameters, hidden_size, load_causal_lm, load_tokenizer, resolve_precision
+from pipeline.stages.common import logits_fingerprint, memory_metrics, peak_memory, peft_config, save_model
+from pipeline.tracking import wandb_run
+from reward.scoring import load_reward_model
 
 if TYPE_CHECKING:  # annotations only: the registry imports every stage module to read configs, without torch
     from transformers import PreTrainedTokenizerBase
@@ -165,7 +172,7 @@ class PPOStageConfig(OnlineRLBlock):
         return self
 
     def zero_batch(self, world: int):
-        from pipeline.deepspeed import zero_batch
+        from pipeline.deepspeed import zero_batch  # deferred: it imports torch
 
         return zero_batch(self, world)
 
@@ -182,7 +189,7 @@ class PPOStageConfig(OnlineRLBlock):
         """On several processes (data parallel, or DeepSpeed) every process takes an equal share of each step's prompts
         and of each minibatch, in equal micro-batches (pipeline.strategy.local_sizes); frozen.offload keeps ZeRO-3
         shards, so it needs ZeRO-3 and frozen.zero3."""
-        from pipeline.deepspeed import zero_stage
+        from pipeline.deepspeed import zero_stage  # deferred: it imports torch
 
         if self.frozen.offload and not (zero_stage(zero) == 3 and self.frozen.zero3):
             raise UsageError(f"stages.{self.name}.frozen.offload: needs a ZeRO-3 config (--deepspeed "
@@ -208,10 +215,8 @@ class _Hyper:
 def _load_models(cfg: PPOStageConfig, ctx, precision: str, strategy, policy_path: str, reward_art, info: dict):
     """(PPOModels, RewardFunction, tokenizer, where each model lives); the strategy decides how they are held
     (under ZeRO-3 built sharded, the frozen ones as inference engines: pipeline/deepspeed.py)."""
-    from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.rl.models import PPOModels
-    from pipeline.rl.rollout import RewardFunction
-    from pipeline.stages.common import peft_config
+    from pipeline.rl.models import PPOModels  # deferred: it imports torch
+    from pipeline.rl.rollout import RewardFunction  # deferred: it imports torch
 
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
     tok = load_tokenizer(policy_path, trust, revision)
@@ -288,8 +293,6 @@ class _Setup:
 def run(cfg: PPOStageConfig, ctx) -> dict:
     from transformers import set_seed
 
-    from pipeline.tracking import wandb_run
-
     set_seed(ctx.seed)
     s = _setup(cfg, ctx)
     ctx.metrics.wandb = wandb_run(ctx.pipeline.tracking, ctx.name, ctx.stage_config, ctx.work_dir)
@@ -303,12 +306,9 @@ def run(cfg: PPOStageConfig, ctx) -> dict:
 
 def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
     """Prompts split by prompt, the strategy and the four models placed by it, optimizers and schedule."""
-    from feedback.judges.rule import load_callable
-    from pipeline import deepspeed as zero
-    from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
-    from pipeline.models import count_parameters, hidden_size, resolve_precision
-    from pipeline.rl import losses
-    from pipeline.strategy import Optim, local_sizes
+    from pipeline import deepspeed as zero  # deferred: it imports torch
+    from pipeline.rl import losses  # deferred: it imports torch
+    from pipeline.strategy import Optim, local_sizes  # deferred: it imports torch
 
     world, say = distributed.world_size(), distributed.say
     precision = resolve_precision(cfg.precision)
@@ -353,9 +353,8 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
     Returns (eval before, eval after, the last step's metrics, training seconds)."""
     from tqdm.auto import tqdm
 
-    from pipeline import checkpoint
-    from pipeline.rl.ppo import cycle_batches, evaluate, load_state, ppo_step, save_state
-    from pipeline.rl.rollout import gather_rollout, generate, row_seeds, score_rollout
+    from pipeline.rl.ppo import cycle_batches, evaluate, load_state, ppo_step, save_state  # deferred: it imports torch
+    from pipeline.rl.rollout import gather_rollout, generate, row_seeds, score_rollout  # deferred: it imports torch
 
     main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
     ro_cfg, models = cfg.rollout, s.models
@@ -425,8 +424,7 @@ def _write_samples(path, rows: list[dict]) -> None:
 
 
 def _check_kl_ceiling(cfg: PPOStageConfig, ctx, step: int, kl: float) -> None:
-    from pipeline.distributed import say
-    from pipeline.rl.ppo import kl_ceiling_message
+    from pipeline.rl.ppo import kl_ceiling_message  # deferred: it imports torch
 
     if cfg.kl.ceiling is not None and kl > cfg.kl.ceiling:
         msg = kl_ceiling_message(step, kl, cfg.kl.ceiling)
@@ -437,8 +435,6 @@ def _check_kl_ceiling(cfg: PPOStageConfig, ctx, step: int, kl: float) -> None:
 
 def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last: dict, seconds: float) -> dict:
     """Save the policy (and value head or critic), and the stage's result for the manifest."""
-    from pipeline.stages.common import logits_fingerprint, memory_metrics, peak_memory
-
     fingerprint = logits_fingerprint(s.models.policy, s.tok)  # every process takes part under ZeRO-3
     s.models.restore_configs()  # the saved policy keeps the dropout rates its config had
     memory = peak_memory()
@@ -482,9 +478,7 @@ def _save(cfg: PPOStageConfig, ctx, s: _Setup) -> dict:
     every strategy. Every process calls it; rank 0 writes."""
     from safetensors.torch import save_file
 
-    from pipeline.models import load_causal_lm
-    from pipeline.rl.models import ValueHead
-    from pipeline.stages.common import peft_config, save_model
+    from pipeline.rl.models import ValueHead  # deferred: it imports torch
 
     models, out_dir, info = s.models, ctx.work_dir, s.info
 
@@ -497,8 +491,6 @@ def _save(cfg: PPOStageConfig, ctx, s: _Setup) -> dict:
         return policy
 
     def critic_skeleton():
-        from reward.scoring import load_reward_model
-
         trust = bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model)
         return load_reward_model(str(s.reward_art.output("model")), "fp32", trust)
 

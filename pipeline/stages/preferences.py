@@ -21,10 +21,13 @@ from typing import Literal
 from pydantic import Field
 
 from feedback.readers import FORMATS, RANKED_MODES
-from feedback.schema import SOURCES
-from feedback.validate import DUPLICATES
+from feedback.schema import SOURCES, write_pairs
+from feedback.validate import DUPLICATES, validate_file
 from pipeline.blocks import StageBlock, Strict
 from rlhf.errors import InvalidInput
+from pipeline.artifacts import write_jsonl
+from pipeline.data import resolve_data_path, split_by_prompt
+from pipeline.distributed import say
 
 
 class PreferenceDataConfig(Strict):
@@ -70,12 +73,6 @@ def fail_summary(report, limit: int = 10) -> str:
 
 
 def run(cfg: PreferencesStageConfig, ctx) -> dict:
-    from feedback.schema import write_pairs
-    from feedback.validate import validate_file
-    from pipeline.artifacts import write_jsonl
-    from pipeline.distributed import say
-    from pipeline.data import resolve_data_path, split_by_prompt
-
     tokenizer = None
     if cfg.tokenizer:
         from pipeline.models import load_tokenizer

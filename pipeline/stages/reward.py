@@ -27,6 +27,13 @@ from pipeline.blocks import OptimConfig, TrainingBlock
 from rlhf.errors import InvalidInput
 from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, pair_rows, peft_config,
                                     save_policy, training_args, weights_dtype)
+from feedback.schema import read_pairs
+from pipeline.distributed import say
+from pipeline.models import count_parameters, load_tokenizer, resolve_precision
+from pipeline.tracking import trainer_callback
+from reward.evaluation import evaluate, normalization
+from reward.pairs import NoMargin, encode_pair
+from reward.scoring import load_reward_model
 
 
 class RewardStageConfig(TrainingBlock):
@@ -67,9 +74,6 @@ Config = RewardStageConfig  # the registry's handle (pipeline/stages/__init__.py
 def _pairs(cfg: RewardStageConfig, ctx, tokenizer):
     """(train rows, eval rows, kept train pairs, kept eval pairs, counts); pairs not trained on (ties, truncated)
     listed in skipped.jsonl with their reasons (common.pair_rows)."""
-    from feedback.schema import read_pairs
-    from reward.pairs import NoMargin, encode_pair
-
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
     eval_art = ctx.artifact(cfg.eval_preferences, "preferences", "eval_preferences") if cfg.eval_preferences else prefs
     train_pairs, eval_pairs = list(read_pairs(prefs.output("train"))), list(read_pairs(eval_art.output("eval")))
@@ -95,12 +99,6 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
-
-    from pipeline.distributed import say
-    from pipeline.models import count_parameters, load_tokenizer, resolve_precision
-    from pipeline.tracking import trainer_callback
-    from reward.evaluation import evaluate, normalization
-    from reward.scoring import load_reward_model
 
     set_seed(ctx.seed)
     precision = resolve_precision(cfg.precision)

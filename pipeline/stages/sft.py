@@ -20,6 +20,11 @@ from pipeline.blocks import OptimConfig, Strict, TrainingBlock
 from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, memory_metrics, peft_config,
                                     save_policy, training_args, weights_dtype)
 from rlhf.errors import InvalidInput
+from pipeline import artifacts
+from pipeline.data import neutralised, read_examples, resolve_data_path
+from pipeline.distributed import say, world_size
+from pipeline.models import count_parameters, resolve_precision
+from pipeline.tracking import trainer_callback
 
 
 
@@ -129,9 +134,6 @@ def trl_drops(tokenizer, example: dict, max_length: int, assistant_only_loss: bo
 def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train: list, evals: list, counts: dict) -> tuple[list, list]:
     """The examples TRL will train and evaluate on (plain {"messages"} rows); the ones it would drop are listed
     with their reasons in skipped.jsonl and counted, never dropped unseen (as DPO does for its pairs)."""
-    from pipeline import artifacts
-    from pipeline.distributed import say
-
     kept: dict[str, list] = {"train": [], "eval": []}
     skipped = []
     for split, rows in (("train", train), ("eval", evals)):
@@ -184,10 +186,6 @@ def freeze_lower(model, n: int) -> None:
 def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
     """(train, eval, counts), each example with its location ((where, example)); rejected rows written to
     rejected.jsonl with their reasons."""
-    from pipeline import artifacts
-    from pipeline.data import read_examples, resolve_data_path
-    from pipeline.distributed import say
-
     rejected: list[dict] = []
     d = cfg.data
     where: list[str] = []
@@ -232,11 +230,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.data import neutralised
-    from pipeline.deepspeed import zero_stage
-    from pipeline.distributed import say, world_size
-    from pipeline.models import count_parameters, resolve_precision
-    from pipeline.tracking import trainer_callback
+    from pipeline.deepspeed import zero_stage  # deferred: it imports torch
 
     set_seed(ctx.seed)
     train, evals, counts = _data(cfg, ctx)
