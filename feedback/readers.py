@@ -33,6 +33,7 @@ import difflib
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -59,32 +60,38 @@ class Row:
     error: tuple[str, str] | None = None  # (code, reason)
     raw: str | None = None
     dropped: list[tuple[PreferencePair, str, str]] = field(default_factory=list)  # (pair, code, reason)
+    typo: tuple[str, str] | None = None  # (role, the row's name close to it): counted to hint at --keys
 
 
 class Bad(Exception):
-    def __init__(self, code: str, reason: str):
+    def __init__(self, code: str, reason: str, typo: tuple[str, str] | None = None):
         super().__init__(reason)
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.typo = code, reason, typo
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _find_key(row: dict, role: str, keys: dict[str, str] | None, required: bool = True) -> str | None:
-    if keys and role in keys:
-        names = (keys[role],)
-    else:
-        names = ALIASES[role]
+    mapped = bool(keys and role in keys)
+    names = (keys[role],) if mapped else ALIASES[role]
     for name in names:
         if name in row:
             return name
     if not required:
         return None
-    hint = ""
-    close = difflib.get_close_matches(names[0], [str(k) for k in row], n=1, cutoff=0.7)
-    if close:
-        hint = f"; did you mean '{close[0]}'? (map it with --keys {role}={close[0]})"
-    raise Bad("missing_key", f"missing key '{names[0]}' (found keys: {sorted(map(str, row))}){hint}")
+    found = sorted(map(str, row))
+    if mapped:  # the user's own name is missing: say so, and what this row has instead
+        usual = [n for n in ALIASES[role] if n in row]
+        hint = (f"; this row names it '{usual[0]}', and --keys applies to every row: rename the column in the odd "
+                "rows" if usual else "")
+        raise Bad("missing_key", f"missing key '{names[0]}' (from --keys {role}={names[0]}; found keys: {found}){hint}",
+                  typo=(role, usual[0]) if usual else None)
+    close = difflib.get_close_matches(names[0], found, n=1, cutoff=0.7)
+    if close:  # one row: a typo to fix; most rows: read_rows suggests --keys once, for the file
+        raise Bad("missing_key", f"missing key '{names[0]}' (found keys: {found}); '{close[0]}' looks like a typo "
+                  f"for '{names[0]}'", typo=(role, close[0]))
+    raise Bad("missing_key", f"missing key '{names[0]}' (found keys: {found})")
 
 
 def _checked(value: Any, name: str) -> Any:
@@ -350,6 +357,8 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
     columns = [n for names in ALIASES.values() for n in names] + list((keys or {}).values())
     noted = False  # hh: the note about a prompt column is given once, from the first row
     merged: list[str] = []  # hh: the rows whose transcripts had consecutive turns of one role
+    typos: Counter = Counter()  # (role, the name rows use instead): how many rows
+    rows = 0  # objects read (the denominator of "most rows")
     for rec in iter_records(path, split=split, notes=notes, message_columns=columns):
         if rec.error:
             yield Row(rec.where, rec.line, error=(rec.code or "unreadable", rec.error), raw=rec.raw)
@@ -361,9 +370,11 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
         if chosen_fmt is None:
             chosen_fmt = detect_format(rec.value, keys)
             if chosen_fmt is None:
-                yield Row(rec.where, rec.line, raw=rec.raw, error=(
-                    "missing_key", f"cannot tell the format: no chosen/rejected or responses keys "
-                    f"(found keys: {sorted(rec.value)}); use --format and --keys"))
+                row = _undetected(rec, keys)
+                if row.typo:
+                    typos[row.typo] += 1
+                rows += 1
+                yield row
                 continue
             first = rec.where
             if detected is not None:
@@ -378,11 +389,48 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
         if chosen_fmt == "hh" and not noted:
             noted = _note_ignored_prompt(path, rec.value, keys, notes)
         row = _read_row(rec, chosen_fmt, keys, source, ranked, merged)
+        if row.typo:
+            typos[row.typo] += 1
+        rows += 1
         yield row
+    _note_typos(path, typos, rows, keys, notes)
     if merged:
         loc = merged[0][len(str(path)) + 1:]
         notes.append(f"{path}: {len(merged)} row{'s' * (len(merged) != 1)} of hh transcripts had consecutive turns "
                      f"of one role (the first at {'line ' * loc.isdigit()}{loc}), merged into one turn each")
+
+
+def _undetected(rec, keys) -> Row:
+    """A row whose format cannot be told: when it has one of chosen/rejected, the other one's missing key (with a
+    close name, a typo) is the reason, not the format."""
+    row = rec.value
+    reasons = []
+    for role in ("chosen", "rejected"):
+        try:
+            _find_key(row, role, keys)
+        except Bad as bad:
+            reasons.append(bad)
+    if len(reasons) == 1:
+        return Row(rec.where, rec.line, raw=rec.raw, error=(reasons[0].code, reasons[0].reason), typo=reasons[0].typo)
+    typo = next((b.typo for b in reasons if b.typo), None)
+    return Row(rec.where, rec.line, raw=rec.raw, typo=typo, error=(
+        "missing_key", f"cannot tell the format: no chosen/rejected or responses keys (found keys: "
+        f"{sorted(map(str, row))}); use --format and --keys"))
+
+
+def _note_typos(path, typos: Counter, rows: int, keys, notes: list) -> None:
+    """Suggest --keys only when most rows use another name for a role; a few odd rows are typos, and mapping the
+    name for every row would break the rest (their row-level message says 'looks like a typo'). When a --keys
+    mapping itself misses most rows, which name they use instead."""
+    for (role, name), n in typos.most_common():
+        if 2 * n <= rows:
+            continue
+        if keys and role in keys:
+            notes.append(f"{path}: {n} of {rows} rows name the {role} column '{name}', not '{keys[role]}': "
+                         f"leave out --keys {role}={keys[role]} (data.keys in a config)")
+        else:
+            notes.append(f"{path}: {n} of {rows} rows name the {role} column '{name}': read it with "
+                         f"--keys {role}={name} (data.keys in a config)")
 
 
 def _other_format(row: Any, keys, fmt: str) -> str | None:
@@ -415,4 +463,4 @@ def _read_row(rec, fmt: str, keys, source: str, ranked: str, merged: list) -> Ro
             pairs = READERS[fmt](rec.value, keys, source)
         return Row(rec.where, rec.line, pairs=pairs, raw=rec.raw)
     except Bad as bad:
-        return Row(rec.where, rec.line, error=(bad.code, bad.reason), raw=rec.raw)
+        return Row(rec.where, rec.line, error=(bad.code, bad.reason), raw=rec.raw, typo=bad.typo)

@@ -100,7 +100,7 @@ BAD_ROWS = [
     ("{broken json", "invalid JSON"),
     ("[1, 2]", "row is a list, not an object"),
     ({"prompt": "Q", "chosen": "a"}, "missing key 'rejected' (found keys: ['chosen', 'prompt'])"),
-    ({"prompt": "Q", "chosen": "a", "rejectd": "b"}, "did you mean 'rejectd'?"),
+    ({"prompt": "Q", "chosen": "a", "rejectd": "b"}, "'rejectd' looks like a typo for 'rejected'"),
     ({"prompt": "Q", "chosen": 5, "rejected": "b"}, "'chosen' must be a string or a list of messages, got int"),
     ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty prompt"),
     ({"prompt": "Q", "chosen": "a", "rejected": ""}, "empty rejected"),
@@ -225,3 +225,54 @@ def test_real_hh_sample(capsys, tmp_path):
     assert first["chosen"].endswith(rows[0]["chosen"][0]["content"])
     assert first["rejected"].endswith(rows[0]["rejected"][0]["content"])
     assert all(isinstance(r["prompt"], list) and isinstance(r["chosen"], list) for r in rows)
+
+
+def _rows(path, n, odd=(), name="rejectd"):
+    return jsonl(path, [{"prompt": f"p{i}", "chosen": "x", ("rejected" if i not in odd else name): "y"}
+                        for i in range(n)])
+
+
+def test_one_odd_key_is_a_typo_not_a_keys_mapping(tmp_path, capsys):
+    """One row of five with `rejectd`: a typo in that row; no --keys suggestion, which would break the other four."""
+    p = _rows(tmp_path / "five.jsonl", 5, odd={4})
+    assert main(["data", "validate", str(p)]) == 1
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [
+        f"{p}:5: missing key 'rejected' (found keys: ['chosen', 'prompt', 'rejectd']); 'rejectd' looks like a typo "
+        "for 'rejected'", "5 rows: 4 valid, 1 invalid"]
+    assert "--keys" not in cap.out + cap.err
+
+
+def test_keys_suggested_when_most_rows_use_the_other_name(tmp_path, capsys):
+    p = _rows(tmp_path / "most.jsonl", 5, odd={0, 1, 2, 3})
+    assert main(["data", "validate", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert (f"note: {p}: 4 of 5 rows name the rejected column 'rejectd': read it with --keys rejected=rejectd"
+            in err)
+    # following the hint: the four read, the odd one is named as a row whose own name differs
+    assert main(["data", "validate", str(p), "--keys", "rejected=rejectd"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out.splitlines()[-1] == "5 rows: 4 valid, 1 invalid"
+    assert f"{p}:5: missing key 'rejectd' (from --keys rejected=rejectd" in cap.out
+    assert "this row names it 'rejected'" in cap.out and "--keys rejected=rejected" not in cap.out + cap.err
+
+
+def test_a_keys_mapping_that_misses_most_rows_says_to_leave_it_out(tmp_path, capsys):
+    """The issue's trap: following a one-row hint for the whole file; now it says which name the rows use."""
+    p = _rows(tmp_path / "five.jsonl", 5, odd={4})
+    assert main(["data", "validate", str(p), "--keys", "rejected=rejectd"]) == 1
+    cap = capsys.readouterr()
+    assert "cannot tell the format" not in cap.out
+    assert (f"note: {p}: 4 of 5 rows name the rejected column 'rejected', not 'rejectd': leave out "
+            "--keys rejected=rejectd" in cap.err)
+
+
+def test_notes_never_interleave_with_stdout(tmp_path):
+    """Through one pipe (2>&1), every line is whole: stdout is flushed before a note is written."""
+    import subprocess
+    import sys
+    p = _rows(tmp_path / "most.jsonl", 5, odd={0, 1, 2, 3})
+    out = subprocess.run([sys.executable, "-m", "pipeline", "data", "validate", str(p)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True).stdout.splitlines()
+    assert out[-3].startswith("note: ") and out[-2:] == ["format: pairs", "5 rows: 1 valid, 4 invalid"]
+    assert all(line.startswith((f"{p}:", "note: ", "format: ", "5 rows: ")) for line in out), out
