@@ -102,9 +102,15 @@ def _data_report(args):
         raise UsageError("--max-length needs --tokenizer (the model whose tokenizer truncates)")
     report = validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length,
                            split=args.split, duplicates=args.duplicates)
-    for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
     return report, tokenizer
+
+
+def _print_notes(report) -> None:
+    """How the file was read (splits, ignored columns, a --keys hint), on stderr after the rows' problems; stdout is
+    flushed first so that a note never lands in the middle of a line when both streams go to one terminal or pipe."""
+    sys.stdout.flush()
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def _print_problems(report, limit: int | None = None) -> None:
@@ -118,11 +124,13 @@ def _print_problems(report, limit: int | None = None) -> None:
 def cmd_data_validate(args) -> int:
     report, _ = _data_report(args)
     _print_problems(report)
-    print(f"format: {report.format}", file=sys.stderr)
+    _print_notes(report)
     a = report.agreement
     if a.get("pairs_labelled_more_than_once"):
         print(f"repeated pairs: {a['pairs_labelled_more_than_once']} labelled more than once; agreement "
-              f"{a['agreement']} over {a['label_pairs']} label pairs (--duplicates {args.duplicates})", file=sys.stderr)
+              f"{a['agreement']} over {a['label_pairs']} label pairs (--duplicates {args.duplicates})", file=sys.stderr,
+              flush=True)
+    print(f"format: {report.format}", file=sys.stderr, flush=True)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -133,12 +141,14 @@ def cmd_data_import(args) -> int:
     rejected_path = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
     if not report.ok and args.on_error == "fail":
         _print_problems(report, 20)
+        _print_notes(report)
         print(f"{report.summary()}; nothing written (--on-error skip writes the valid rows)")
         return 1
     n = write_pairs(out, report.pairs)
     rejected = report.rejected_rows()
     if rejected:
         write_jsonl(rejected_path, rejected)
+    _print_notes(report)
     print(f"format: {report.format}; {report.summary()}")
     print(f"wrote {n} pairs to {out}" + (f"; {len(rejected)} rejected rows and pairs with reasons to {rejected_path}"
                                           if rejected else ""))
@@ -148,6 +158,7 @@ def cmd_data_import(args) -> int:
 def cmd_data_stats(args) -> int:
     report, tokenizer = _data_report(args)
     stats = file_stats(report, tokenizer)
+    _print_notes(report)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
