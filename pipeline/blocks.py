@@ -4,16 +4,18 @@ Every stage module builds its config from these (`from pipeline.blocks import St
 and so does the pipeline config (pipeline/config.py), so this module imports no stage and nothing
 heavy. Everything here is checked before any work starts: an unknown key, a wrong type or a value
 outside its allowed set fails with the file and the key path, e.g.
-`configs/x.yaml: stages[1].optim.lr: expected a number, got 'fast'`.
+`configs/x.yaml: stages.sft.optim.lr: expected a number, got 'fast'`.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -277,14 +279,82 @@ def _json_pieces(value: Any, depth: int = 0):
         yield json.dumps(value, default=str) if not isinstance(value, str) else json.dumps(value[:200])
 
 
-def _format_error(err: dict, source: str) -> str:
+def _key_path(loc: tuple, data: Any) -> str:
+    """("stages", 3, "optim", "lr") -> stages.reward.optim.lr when the item has a name (or method) no other item
+    shares, as --set writes it; stages[3].optim.lr otherwise."""
     parts: list[str] = []
-    for item in err["loc"]:  # ("stages", 1, "optim", "lr") -> stages[1].optim.lr
+    node = data
+    for item in loc:
         if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]" if parts else f"[{item}]"]
+            name = _item_name(node, item)
+            if name:
+                parts.append(name)
+            else:
+                parts[-1:] = [f"{parts[-1]}[{item}]" if parts else f"[{item}]"]
         else:
             parts.append(str(item))
-    path = ".".join(parts)
+        node = _child(node, item)
+    return ".".join(parts)
+
+
+def _item_name(items: Any, i: int) -> str | None:
+    if not isinstance(items, list) or not 0 <= i < len(items) or not isinstance(items[i], dict):
+        return None
+    name = items[i].get("name") or items[i].get("stage")
+    names = [it.get("name") or it.get("stage") for it in items if isinstance(it, dict)]
+    return str(name) if isinstance(name, str) and names.count(name) == 1 and not name.isdigit() else None
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(node, dict) and key in node:
+        return node[key]
+    if isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+        return node[key]
+    return None
+
+
+def _block_at(model_cls: type, loc: tuple, data: Any, item_model) -> type | None:
+    """The config block (a pydantic model class) that holds the last key of `loc`, found by walking the field
+    annotations; `item_model(raw_item)` answers for list items typed Any (the stages, typed by their method)."""
+    t: Any = model_cls
+    node = data
+    for key in loc[:-1]:
+        members = _members(t)
+        named = [m for m in members if getattr(m, "__name__", None) == key]
+        if named:  # pydantic names the union member it tried (models.policy.ModelSpec.ref)
+            t = named[0]
+            continue
+        t = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), members[0])
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = t.model_fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                return None
+            t = field.annotation
+        elif get_origin(t) in (list, tuple) and isinstance(key, int):
+            t = (get_args(t) or (Any,))[0]
+        elif get_origin(t) is dict:
+            t = (get_args(t) or (Any, Any))[1]
+        else:
+            return None
+        node = _child(node, key)
+        if _members(t) == [Any] and item_model is not None and isinstance(node, dict):
+            t = item_model(node) or Any
+    models = [m for m in _members(t) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return models[0] if models else None
+
+
+def _members(t: Any) -> list:
+    """A type with Annotated and Optional/Union unwrapped: its members (one for a plain type)."""
+    while get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    if get_origin(t) in (Union, UnionType):
+        return [m for a in get_args(t) for m in _members(a) if m is not type(None)]
+    return [t]
+
+
+def _format_error(err: dict, source: str, data: Any = None, model_cls: type | None = None, item_model=None) -> str:
+    loc = tuple(err["loc"])
+    path = _key_path(loc, data)
     kind, inp, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind in ("float_parsing", "float_type"):
         msg = f"expected a number, got {_describe(inp)}"
@@ -295,7 +365,7 @@ def _format_error(err: dict, source: str) -> str:
     elif kind == "literal_error":
         msg = f"expected one of {ctx.get('expected')}, got {_describe(inp)}"
     elif kind == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _close_key(model_cls, loc, data, item_model)
     elif kind == "missing":
         msg = "required key is missing"
     elif kind == "value_error":
@@ -307,12 +377,31 @@ def _format_error(err: dict, source: str) -> str:
     return f"{source}: {path}: {msg}" if path else f"{source}: {msg}"
 
 
-def validate(model_cls: type[BaseModel], data: Any, source: str):
-    """Validate `data` as `model_cls`; raise UsageError listing every problem as `source: key.path: reason`."""
+def _close_key(model_cls, loc: tuple, data: Any, item_model) -> str:
+    """'; did you mean 'max_steps'?' when the block that has the unknown key has a close one."""
+    block = _block_at(model_cls, loc, data, item_model) if model_cls is not None and loc else None
+    if block is None or not isinstance(loc[-1], str):
+        return ""
+    known = _TRAINER_NAMES.get(loc[-1])
+    close = [known] if known in block.model_fields else \
+        difflib.get_close_matches(loc[-1], list(block.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# transformers' TrainingArguments names, which users of TRL write from habit, and ours
+_TRAINER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size":
+                  "per_device_batch_size", "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type":
+                  "scheduler", "bf16": "precision", "fp16": "precision", "model_name_or_path": "model"}
+
+
+def validate(model_cls: type[BaseModel], data: Any, source: str, item_model=None):
+    """Validate `data` as `model_cls`; raise UsageError listing every problem as `source: key.path: reason`, a
+    list item by its name when it has one (stages.reward.optim.lr), an unknown key with the close one it may mean.
+    `item_model(raw_item)`: the model of a list item typed Any (pipeline.config: a stage's method's Config)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(e, source) for e in exc.errors()]
+        lines = [_format_error(e, source, data, model_cls, item_model) for e in exc.errors()]
         raise UsageError("\n".join(lines)) from None
 
 

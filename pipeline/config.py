@@ -99,7 +99,7 @@ class PipelineConfig(Strict):
             for key, (ref, _kind) in st.inputs().items():
                 if ref.startswith("stage:") and ref[6:] not in seen:
                     raise ValueError(
-                        f"stages[{i}].{key}: '{ref}' names no earlier stage (earlier: {sorted(seen) or 'none'})"
+                        f"stages.{st.name}.{key}: '{ref}' names no earlier stage (earlier: {sorted(seen) or 'none'})"
                     )
             seen[st.name] = st.stage
         return self
@@ -170,9 +170,6 @@ def _list_index(items: list, key: str, where: str) -> int:
     raise UsageError(f"--set {where}: no list item named '{key}'")
 
 
-
-
-
 def load_pipeline(path: str | Path, overrides: list[str] | None = None, deepspeed: str | None = None,
                   only: list[str] | None = None) -> PipelineConfig:
     """The validated config: the YAML, its --set overrides, and `deepspeed` (rlhf run --deepspeed) given to the
@@ -186,7 +183,15 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, deepspee
     if deepspeed:
         _give_deepspeed(data, deepspeed, only)
     source = f"{path}" + (" (with --set overrides)" if overrides else "")
-    return validate(PipelineConfig, data, source)
+    return validate(PipelineConfig, data, source, item_model=_stage_model)
+
+
+def _stage_model(item: dict):
+    """The Config of a raw `stages:` item's method (for naming the key an error means), or None."""
+    from pipeline.stages import REGISTRY  # deferred: the config tree imports no stage until it reads one
+
+    module = REGISTRY.get(item.get("stage"))
+    return module.Config if module is not None else None
 
 
 def _give_deepspeed(data: dict, deepspeed: str, only: list[str] | None) -> None:

@@ -161,9 +161,9 @@ def test_ppo_optim_block_takes_only_what_ppo_uses(tmp_path, capsys):
     there is no such key) and a LoRA dropout (PPO turns every dropout off)."""
     base = {"stage": "ppo", "policy": "tiny", "reward": {"rule": "feedback.synthetic:rule_score"},
             "prompts": "synthetic:prompts"}
-    for extra, message in (({"optim": {"batch_size": 4}}, "stages[0].optim.batch_size: unknown key"),
+    for extra, message in (({"optim": {"batch_size": 4}}, "stages.ppo.optim.batch_size: unknown key"),
                            ({"optim": {"warmup_ratio": 0.1}}, "'constant' has none"),
-                           ({"rollout": {"top_p": 0.9}}, "stages[0].rollout.top_p: unknown key"),
+                           ({"rollout": {"top_p": 0.9}}, "stages.ppo.rollout.top_p: unknown key"),
                            ({"rollout": {"temperature": 0}}, "temperature must be > 0 for PPO"),
                            ({"tuning": "lora", "lora": {"dropout": 0.1}}, "lora.dropout has no effect in PPO")):
         cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": [{**base, **extra}]})

@@ -102,7 +102,7 @@ def test_a_stage_is_added_through_the_registry_alone(tmp_path, monkeypatch, caps
     assert main(["run", str(cfg), "--stage", "toy"]) == 0 and "[toy] up to date" in capsys.readouterr().out
     # a typo in the toy block is reported like any other stage's
     bad = write_yaml(tmp_path / "bad.yaml", {"run_dir": str(run), "stages": [{"stage": "toy", "promt": "x"}]})
-    assert main(["run", str(bad), "--check"]) == 2 and "stages[0].promt: unknown key" in capsys.readouterr().err
+    assert main(["run", str(bad), "--check"]) == 2 and "stages.toy.promt: unknown key; did you mean 'prompt'?" in capsys.readouterr().err
 
 
 TOY_TRAINING_STAGE = '''

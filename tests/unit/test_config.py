@@ -57,7 +57,7 @@ def test_wrong_type_names_file_and_key_path(tmp_path):
     data = _cfg(tmp_path)
     data["stages"][0]["optim"]["lr"] = "fast"
     msg = _error(tmp_path, data)
-    assert msg == f"{tmp_path / 'x.yaml'}: stages[0].optim.lr: expected a number, got 'fast'"
+    assert msg == f"{tmp_path / 'x.yaml'}: stages.sft.optim.lr: expected a number, got 'fast'"
 
 
 def test_unknown_key_and_bad_choice(tmp_path):
@@ -65,17 +65,35 @@ def test_unknown_key_and_bad_choice(tmp_path):
     data["stages"][0]["optim"]["learning_rate"] = 1e-3
     data["extra_top"] = 1
     msg = _error(tmp_path, data)
-    assert "stages[0].optim.learning_rate: unknown key" in msg
-    assert "stages[0].tuning: expected one of 'full', 'lora', 'freeze' or 'prompt_tuning', got 'half'" in msg
+    assert "stages.sft.optim.learning_rate: unknown key; did you mean 'lr'?" in msg
+    assert "stages.sft.tuning: expected one of 'full', 'lora', 'freeze' or 'prompt_tuning', got 'half'" in msg
     assert "extra_top: unknown key" in msg
+
+
+def test_errors_name_the_stage_and_the_close_key(tmp_path):
+    """A stage by its name (as --set writes it), an unknown key with the key it is close to, at any depth."""
+    data = _cfg(tmp_path)
+    data["stages"].append({"stage": "sft", "name": "second", "model": "base", "data": {"train": "synthetic:sft",
+                           "evl": 0.1}, "tunning": "lora", "optim": {"max_step": 3}})
+    data["models"]["base"] = {"reff": "tiny"}
+    msg = _error(tmp_path, data).splitlines()
+    src = tmp_path / "x.yaml"
+    for line in (f"{src}: stages.second.optim.max_step: unknown key; did you mean 'max_steps'?",
+                 f"{src}: stages.second.tunning: unknown key; did you mean 'tuning'?",
+                 f"{src}: stages.second.data.evl: unknown key; did you mean 'eval'?",
+                 f"{src}: models.base.reff: unknown key; did you mean 'ref'?"):
+        assert line in msg, (line, msg)
+    data = _cfg(tmp_path)
+    data["stages"].append(dict(data["stages"][0], optim={"zzz": 1}))  # two stages named sft: by index
+    assert f"{src}: stages[1].optim.zzz: unknown key" in _error(tmp_path, data).splitlines()
 
 
 def test_unknown_stage_and_forward_reference(tmp_path):
     data = _cfg(tmp_path)
     data["stages"].append({"stage": "sftt", "model": "base"})
-    assert "stages[1]: unknown stage 'sftt'" in _error(tmp_path, data)
+    assert "stages.sftt: unknown stage 'sftt'" in _error(tmp_path, data)
     data = _cfg(tmp_path, model="stage:later")
-    assert "stages[0].model: 'stage:later' names no earlier stage" in _error(tmp_path, data)
+    assert "stages.sft.model: 'stage:later' names no earlier stage" in _error(tmp_path, data)
 
 
 def test_names_with_a_trailing_newline_are_refused(tmp_path):
@@ -94,7 +112,7 @@ def test_set_overrides(tmp_path):
     assert st.optim.lr == 1e-4 and isinstance(st.optim.lr, float)
     assert (st.tuning, cfg.seed, st.lora.r) == ("lora", 7, 4)
     msg = _error(tmp_path, _cfg(tmp_path), ["stages.sft.optim.lr=fast"])
-    assert "(with --set overrides): stages[0].optim.lr: expected a number, got 'fast'" in msg
+    assert "(with --set overrides): stages.sft.optim.lr: expected a number, got 'fast'" in msg
     with pytest.raises(UsageError, match="no list item named 'nope'"):
         apply_override({"stages": [{"stage": "sft"}]}, "stages.nope.x=1")
     with pytest.raises(UsageError, match="expected KEY.PATH=VALUE"):
@@ -106,7 +124,7 @@ def test_cli_bad_config_exits_2_with_message(tmp_path, capsys):
     data["stages"][0]["optim"]["lr"] = "fast"
     path = write_yaml(tmp_path / "x.yaml", data)
     assert main(["run", str(path)]) == 2
-    assert "stages[0].optim.lr: expected a number, got 'fast'" in capsys.readouterr().err
+    assert "stages.sft.optim.lr: expected a number, got 'fast'" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
@@ -146,8 +164,8 @@ def test_settings_that_do_nothing_are_refused(tmp_path, capsys):
     dpo = {"stage": "dpo", "policy": "tiny", "preferences": "stage:preferences"}
     prefs = {"stage": "preferences", "data": {"path": "synthetic:preferences"}}
     cases = [
-        ([{**ppo, "optim": {"epochs": 2}}], "stages[0].optim.epochs: unknown key"),
-        ([{**ppo, "kl": {"target": 3.0}}], "stages[0].kl: target has no effect without adaptive: true"),
+        ([{**ppo, "optim": {"epochs": 2}}], "stages.ppo.optim.epochs: unknown key"),
+        ([{**ppo, "kl": {"target": 3.0}}], "stages.ppo.kl: target has no effect without adaptive: true"),
         ([{**ppo, "kl": {"on_ceiling": "warn"}}], "on_ceiling has no effect without a ceiling"),
         ([prefs, {**dpo, "eval_rule": "feedback.synthetic:rule_score"}], "eval_rule and eval_prompts work together"),
         ([prefs, {**dpo, "eval_max_new_tokens": 8}], "eval_max_new_tokens has no effect without eval_rule"),

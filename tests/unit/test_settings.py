@@ -71,7 +71,7 @@ def test_warmup_ratio_is_passed_as_a_fraction_below_one(tmp_path):
     ([PREFS, {**DPO, "label_smoothing": 0.1}], "label_smoothing has no effect with loss_type 'sigmoid'"),
     ([PREFS, {**DPO, "loss_type": "exo_pair"}], "'exo_pair' needs label_smoothing > 0"),
     ([tiny_sft_block(optim={"warmup_ratio": 0.1, "scheduler": "constant"})], "'constant' has none"),
-    ([tiny_sft_block(optim={"warmup_ratio": 1.0})], "stages[0].optim.warmup_ratio: input should be less than 1"),
+    ([tiny_sft_block(optim={"warmup_ratio": 1.0})], "stages.sft.optim.warmup_ratio: input should be less than 1"),
     ([tiny_sft_block(data={"train": "synthetic:sft", "eval_fraction": 0}, optim={"eval_steps": 5})],
      "optim.eval_steps: there is no eval split"),
     ([{**GRPO, "optim": {"eval_steps": 5, "per_device_batch_size": 4}}], "optim.eval_steps: GRPO and RLOO have no eval split"),
