@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/rlhf run configs/quickstart.yaml
 	$(VENV)/bin/rlhf report runs/quickstart
+	@echo "next: open runs/quickstart/report.html; in a new shell, 'source $(VENV)/bin/activate' puts rlhf on the PATH (README: Use it on your data)"
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -178,6 +178,9 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
                 why = "an unfinished rerun has checkpoints (--resume)"  # e.g. a --force rerun that was killed
             if why is None:
                 echo(f"[{st.name}] up to date, skipped (--force reruns it)")
+                recap = getattr(REGISTRY[st.stage], "recap", None)  # what the stage printed when it ran (its results)
+                if recap is not None and recap(old):
+                    echo(recap(old))
                 results.append(old)
                 continue
             echo(f"[{st.name}] {why}: rerunning")

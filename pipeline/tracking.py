@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -87,6 +88,44 @@ def trainer_callback(metrics: MetricsLog):
                 metrics.log(logs, step=state.global_step)
 
     return _Callback()
+
+
+_SHORT = {"learning_rate": "lr", "mean_token_accuracy": "token_acc"}
+
+
+def log_line(name: str, logs: dict, step: int, max_steps: int) -> str:
+    """One trainer log as a line: `[sft] step 20/340 epoch 0.29: loss 3.67 · grad_norm 1.69 · lr 4.97e-03`.
+    (The HF progress bar writes a dict of quoted numbers.)"""
+    parts = []
+    for k, v in logs.items():
+        if k in ("epoch", "total_flos", "step"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            parts.append(f"{k} {v}")
+        elif k == "num_tokens" or (isinstance(v, int)):
+            parts.append(f"{_SHORT.get(k, k)} {int(v):,}")
+        elif k.endswith("runtime"):
+            parts.append(f"{k} {v:.1f} s")
+        else:
+            parts.append(f"{_SHORT.get(k, k)} {v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{_SHORT.get(k, k)} {v:.2e}")
+    epoch = f" epoch {logs['epoch']:.2f}" if isinstance(logs.get("epoch"), (int, float)) else ""
+    return f"[{name}] step {step}/{max_steps}{epoch}: " + " · ".join(parts)
+
+
+def readable_progress(trainer, name: str) -> None:
+    """Swap the trainer's progress bar for one that writes each log as `log_line` (same bar, same cadence)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class _Progress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(log_line(name, logs, state.global_step, state.max_steps))
+
+    handler = trainer.callback_handler
+    theirs = [cb for cb in handler.callbacks if type(cb) is ProgressCallback]
+    for cb in theirs:
+        handler.remove_callback(cb)  # an instance: removes exactly that one
+        handler.add_callback(_Progress())
 
 
 def report_to(tracking) -> list[str]:
@@ -216,3 +255,11 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # accelerate imports DeepSpeed whenever it is installed, and DeepSpeed then warns that it "set the accelerator
+    # to CPU". Outside a distributed launch (where the user chose DeepSpeed) that concerns no one: drop it there.
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        logging.getLogger("DeepSpeed").addFilter(_not_cpu_accelerator_notice)
+
+
+def _not_cpu_accelerator_notice(record) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()

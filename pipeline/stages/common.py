@@ -264,9 +264,10 @@ class RuleReward:
     """The held-out rule reward of one sample per prompt, before training (eval/rule_reward_mean_initial) and
     after it (eval/rule_reward_mean); DPO, GRPO and RLOO report it with `eval_rule`."""
 
-    def __init__(self, spec: str | None, prompts: list, max_new_tokens: int, seed: int):
+    def __init__(self, spec: str | None, prompts: list, max_new_tokens: int, seed: int, named: str):
         self.rule = load_callable(spec) if spec and prompts else None
         self.prompts, self.max_new_tokens, self.seed = prompts, max_new_tokens, seed
+        self.named = named  # which prompts, as the summary says them
 
     def _measure(self, model, tok) -> float:
         return rule_eval(model, tok, self.prompts, self.rule, self.max_new_tokens, self.seed)
@@ -285,8 +286,14 @@ class RuleReward:
     def summary(self, metrics: dict) -> str:
         if not self.rule:
             return ""
-        return (f"; held-out rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
-                f"{metrics['eval/rule_reward_mean']:.3f}")
+        return (f"; rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
+                f"{metrics['eval/rule_reward_mean']:.3f} on {self.named}")
+
+
+def held_out_named(n: int, fraction: float, source: str) -> str:
+    """Which prompts a stage's own before/after numbers are on, said where they are printed (the evaluate stage's
+    table names its own set: the two agree only when their fraction, file and count do)."""
+    return f"{n} held-out prompts (eval_fraction {fraction} of {source})"
 
 
 def final_model(trainer, merge: bool):

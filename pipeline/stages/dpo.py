@@ -29,7 +29,7 @@ from feedback.schema import prompt_key, read_pairs
 from pipeline.data import neutralised, read_prompts, resolve_data_path
 from pipeline.distributed import say
 from pipeline.models import count_parameters, resolve_precision
-from pipeline.tracking import trainer_callback
+from pipeline.tracking import readable_progress, trainer_callback
 
 def trl_loss_types() -> tuple[str, ...]:
     """The DPO losses the installed TRL implements, read from its DPOConfig's own documentation of `loss_type`
@@ -148,15 +148,19 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
     return rows["train"], rows["eval"], counts
 
 
-def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> list:
-    """eval_prompts restricted to the held-out pairs' prompts (the first 64 when none of them are held out)."""
+def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> tuple[list, str]:
+    """eval_prompts restricted to the held-out pairs' prompts (the first 64 when none of them are held out), and
+    what they are, as the summary names them."""
     if not cfg.eval_prompts:
-        return []
+        return [], ""
 
     prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
                            split_key="eval_prompts_split")
     held = {prompt_key(p.prompt) for p in eval_pairs}
-    return [p for p in prompts if prompt_key(p) in held] or prompts[:64]
+    kept = [p for p in prompts if prompt_key(p) in held]
+    if kept:
+        return kept, f"the {len(kept)} prompts of {cfg.eval_prompts} the preferences stage held out"
+    return prompts[:64], f"the first {len(prompts[:64])} prompts of {cfg.eval_prompts} (none of them held out)"
 
 
 def run(cfg: DPOStageConfig, ctx) -> dict:
@@ -170,7 +174,8 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
     train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"))), eval_pairs)
-    rule = RuleReward(cfg.eval_rule, _eval_prompts(cfg, eval_pairs), cfg.eval_max_new_tokens, ctx.seed)
+    prompts, named = _eval_prompts(cfg, eval_pairs)
+    rule = RuleReward(cfg.eval_rule, prompts, cfg.eval_max_new_tokens, ctx.seed, named)
     metrics: dict = {}
     rule.before(model, tok, metrics)
 
@@ -185,6 +190,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
                          eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
                          peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
                          callbacks=[trainer_callback(ctx.metrics)])
+    readable_progress(trainer, ctx.name)
     dropped = len(train) - len(trainer.train_dataset)
     if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was trained
         data_counts["dropped_by_trl"] = dropped

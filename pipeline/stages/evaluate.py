@@ -375,6 +375,17 @@ def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir,
                                    "sampling": cfg.sampling.model_dump(), "seed": seed}}}
 
 
+def recap(manifest: dict) -> str | None:
+    """The comparison table of an up-to-date evaluate stage, from its manifest: a run whose stages are all skipped
+    still ends with the results (the runner prints it after 'up to date')."""
+    ev, metrics = manifest.get("evaluate") or {}, manifest.get("metrics") or {}
+    known = ev.get("policies") or {}
+    if not known or not metrics:
+        return None
+    head = f"[evaluate] {len(known)} policies x {ev.get('prompts', '?')} prompts, as last run:"
+    return head + "\n" + table(metrics, list(known), ev.get("baseline"), known)
+
+
 def run(cfg: EvaluateStageConfig, ctx) -> dict:
     from transformers import set_seed
 

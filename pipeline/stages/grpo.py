@@ -31,12 +31,12 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OnlineRLBlock, OptimConfig
 from rlhf.errors import UsageError
-from pipeline.stages.common import (RuleReward, final_model, fit, load_policy, memory_metrics,
+from pipeline.stages.common import (RuleReward, final_model, fit, held_out_named, load_policy, memory_metrics,
                                     peft_config, save_policy, training_args, weights_dtype)
 from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
 from pipeline.distributed import say
 from pipeline.models import count_parameters, resolve_precision
-from pipeline.tracking import trainer_callback
+from pipeline.tracking import readable_progress, trainer_callback
 
 
 class GroupRLOptimConfig(OptimConfig):
@@ -232,7 +232,8 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     reward_art = ctx.artifact(cfg.reward.model, "reward_model", "reward.model") if cfg.reward.model else None
     funcs = reward_functions(cfg, str(reward_art.path) if reward_art else None,
                              bool(cfg.reward.model) and ctx.trusts_remote_code(cfg.reward.model))
-    rule = RuleReward(cfg.eval_rule, eval_prompts, cfg.max_completion_length, ctx.seed)
+    rule = RuleReward(cfg.eval_rule, eval_prompts, cfg.max_completion_length, ctx.seed,
+                      held_out_named(len(eval_prompts), cfg.held_out, cfg.prompts))
     metrics: dict = {}
     rule.before(model, tok, metrics)
     ConfigCls, TrainerCls = (GRPOConfig, GRPOTrainer) if cfg.stage == "grpo" else (RLOOConfig, RLOOTrainer)
@@ -250,6 +251,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
                              train_dataset=Dataset.from_list(train), processing_class=tok,
                              peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
                              callbacks=[trainer_callback(ctx.metrics)])
+        readable_progress(trainer, ctx.name)
         ids = torch.tensor([tok("Tell me about the river and the old stone bridge.")["input_ids"][:16]])
         ids = ids.to(next(trainer.model.parameters()).device)
         refuse_random_forwards(lambda: [trainer.model(input_ids=ids).logits], [trainer.model], "the policy")

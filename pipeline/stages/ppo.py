@@ -32,7 +32,8 @@ from feedback.judges.rule import load_callable
 from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 from pipeline.distributed import say
 from pipeline.models import count_parameters, hidden_size, load_causal_lm, load_tokenizer, resolve_precision
-from pipeline.stages.common import logits_fingerprint, memory_metrics, peak_memory, peft_config, save_model
+from pipeline.stages.common import (held_out_named, logits_fingerprint, memory_metrics, peak_memory, peft_config,
+                                   save_model)
 from pipeline.tracking import wandb_run
 from reward.scoring import load_reward_model
 
@@ -443,9 +444,10 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
-    summary = (f"{cfg.steps} steps in {seconds:.1f}s; held-out {key.split('/')[1]} "
-               f"{before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
-               f"KL {after.get('eval/kl', float('nan')):.3f}; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    summary = (f"{cfg.steps} steps in {seconds:.1f}s; {key.split('/')[1]} {before.get(key, float('nan')):.3f} -> "
+               f"{after.get(key, float('nan')):.3f}, KL {after.get('eval/kl', float('nan')):.3f} on "
+               f"{held_out_named(len(s.eval_prompts), cfg.eval_fraction, cfg.prompts)}; "
+               f"artifact: {ctx.run_dir / ctx.name / 'model'}")
     zero = getattr(s.strategy, "stage", 0)
     return {"kind": "policy", "outputs": outputs, "metrics": metrics,
             "counts": {"train_prompts": len(s.train_prompts), "eval_prompts": len(s.eval_prompts),

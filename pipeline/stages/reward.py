@@ -30,7 +30,7 @@ from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memor
 from feedback.schema import read_pairs
 from pipeline.distributed import say
 from pipeline.models import count_parameters, load_tokenizer, resolve_precision
-from pipeline.tracking import trainer_callback
+from pipeline.tracking import readable_progress, trainer_callback
 from reward.evaluation import evaluate, normalization
 from reward.pairs import NoMargin, encode_pair
 from reward.scoring import load_reward_model
@@ -117,6 +117,7 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                             processing_class=tokenizer, callbacks=[trainer_callback(ctx.metrics)],
                             peft_config=peft_config(cfg.lora, "SEQ_CLS") if cfg.tuning == "lora" else None)
+    readable_progress(trainer, ctx.name)
     total, trainable = count_parameters(trainer.model)
     say(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning}); the score head starts fresh")

@@ -24,7 +24,7 @@ from pipeline import artifacts
 from pipeline.data import neutralised, read_examples, resolve_data_path
 from pipeline.distributed import say, world_size
 from pipeline.models import count_parameters, resolve_precision
-from pipeline.tracking import trainer_callback
+from pipeline.tracking import readable_progress, trainer_callback
 
 
 
@@ -247,6 +247,7 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
                          eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tokenizer,
                          peft_config=_peft(cfg, path),
                          callbacks=[trainer_callback(ctx.metrics)])
+    readable_progress(trainer, ctx.name)
     if not cfg.packing:  # packed, TRL's rows are sequences of max_length tokens, not examples
         for split, ours, theirs in (("train", train, trainer.train_dataset), ("eval", evals, trainer.eval_dataset)):
             dropped = len(ours) - (len(theirs) if theirs is not None else 0)

@@ -87,3 +87,16 @@ def test_rlhf_eval_reads_one_split_of_a_dataset_dict(tmp_path, capsys):
     assert main([*args, "--prompts-split", "test", "-o", str(tmp_path / "test")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "test" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Tell me about the hill."]
+
+
+def test_a_rerun_that_skips_everything_still_ends_with_the_table(tiny_run, capsys):
+    """`make demo` a second time: every stage is up to date, and the output still ends with the results table."""
+    capsys.readouterr()
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(tiny_run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum("up to date, skipped" in line for line in out) == 5, out
+    art = artifacts.load_artifact(tiny_run / "evaluate", "eval")
+    start = out.index(f"[evaluate] 3 policies x {art.manifest['counts']['prompts']} prompts, as last run:")
+    assert out[start + 1].startswith("policy") and "win rate vs sft" in out[start + 1]
+    assert [line.split()[0] for line in out[start + 3:]] == ["sft", "ppo", "few_shot"], out[start:]
+    assert f"{art.manifest['metrics']['eval/ppo/rule_reward_mean']:.3f}" in out[start + 4]

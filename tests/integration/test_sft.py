@@ -51,7 +51,8 @@ def test_full_sft_learns_saves_reloads_and_skips(tmp_path, tiny_path, capsys):
     words = tok.decode(out, skip_special_tokens=True).lower().replace(",", " ").replace(".", " ").split()
     assert set(words) & set(POSITIVE + NEGATIVE), "learnt the task's format: describes with adjectives"
 
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "[sft] step 5/" in out and "{'loss'" not in out, "trainer logs as readable lines, not dicts"
     created = m["created_at"]
     assert _run(tmp_path, [block])[0] == 0
     assert "up to date, skipped" in capsys.readouterr().out
