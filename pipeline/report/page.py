@@ -1,8 +1,9 @@
 """The report page: one self-contained HTML string for a run directory (`render`), written atomically
-(`write_report`). A header with the run and a table of its stages, judge agreement if the run holds any, then a
-section per stage: its curves, final metrics, counts, the data it left out with reasons, the extra manifest
-blocks, the samples it logged and its resolved config; an eval stage shows its per-policy table, win rates and
-answers side by side instead.
+(`write_report`). A header with the run; the verdict (did alignment work: each policy against the baseline, from
+the evaluate stages) and the evaluate stages' sections (per-policy table, win rates, answers side by side); then a
+table of the stages, judge agreement if the run holds any, and a section per other stage: its curves, final
+metrics, counts, the data it left out with reasons, the extra manifest blocks, the samples it logged and its
+resolved config.
 
 Every piece of text taken from the run goes through `_e` (model outputs and data files are untrusted), and a
 Content-Security-Policy forbids any script; the page has no JavaScript and no external URL.
@@ -416,7 +417,6 @@ def _stage_section(stage: Stage) -> str:
 
 def _header(run_dir: Path, stages: list[Stage]) -> str:
     manifests = [s.manifest for s in stages if s.manifest]
-    latest = max(manifests, key=lambda m: str(m.get("created_at", "")), default={})
     shas = list(dict.fromkeys(str(m["git_sha"]) for m in manifests if m.get("git_sha")))
     dates = sorted(str(m["created_at"]) for m in manifests if m.get("created_at"))
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -424,23 +424,71 @@ def _header(run_dir: Path, stages: list[Stage]) -> str:
     facts = {"run directory": str(run_dir.resolve()),
              "stages finished": f"{dates[0]} … {dates[-1]}" if dates else "—",
              "report written": now, "git sha": sha}
-    versions = latest.get("versions") or {}
+    return "<header><h1>rlhf run report</h1>" + _kv_table(facts, per_row=2, cls="kv head") + "</header>"
+
+
+def _stages_table(stages: list[Stage]) -> str:
+    manifests = [s.manifest for s in stages if s.manifest]
+    latest = max(manifests, key=lambda m: str(m.get("created_at", "")), default={})
     rows = [[f'<a href="#stage-{_e(s.name)}">{_e(s.name)}</a>', _fmt(s.config.get("stage")), _fmt(s.kind or None),
              _badge(s.status), _fmt((s.manifest or {}).get("created_at")),
              _seconds(((s.manifest or {}).get("metrics") or {}).get("time/seconds")),
              peak_memory(s.manifest or {}), headline(s)] for s in stages]
-    return ("<header><h1>rlhf run report</h1>" + _kv_table(facts, per_row=2, cls="kv head")
-            + "<p class=label>versions</p>" + _kv_table(versions, per_row=4, cls="kv head") + "</header>"
-            + "<section id=stages><h2>Stages</h2>"
+    return ("<section id=stages><h2>Stages</h2>"
             + _table(["stage", "method", "kind", "status", "finished", "time", "peak memory", "result"], rows)
+            + "<p class=label>versions</p>" + _kv_table(latest.get("versions") or {}, per_row=4, cls="kv head")
             + "</section>")
 
 
+def verdicts(manifest: dict) -> list[tuple[str, str, str]]:
+    """Per judged policy of an evaluate stage: (policy, verdict class, sentence). A win is a 95% interval above
+    one half, a loss one below it; otherwise the prompts do not tell the two apart."""
+    m, ev = manifest.get("metrics") or {}, manifest.get("evaluate") or {}
+    base, out = ev.get("baseline"), []
+    for n in eval_policies(manifest):
+        rate, low, high = (m.get(f"eval/{n}/{k}") for k in ("win_rate", "win_rate_low", "win_rate_high"))
+        if n == base or not all(isinstance(v, (int, float)) for v in (rate, low, high)):
+            continue
+        cls, word = (("win", "better than") if low > 0.5 else ("loss", "worse than") if high < 0.5
+                     else ("tie", "not distinguishable from"))
+        moved = [f"{label} {_fmt(m[f'eval/{base}/{k}'])} → {_fmt(m[f'eval/{n}/{k}'])}"
+                 for label, k in (("reward", "reward_mean"), ("rule", "rule_reward_mean"))
+                 if isinstance(m.get(f"eval/{base}/{k}"), (int, float)) and isinstance(m.get(f"eval/{n}/{k}"),
+                                                                                         (int, float))]
+        kl = m.get(f"eval/{n}/kl")
+        sentence = (f"{n} is {word} {base}: win rate {rate:.0%} over {_fmt(m.get(f'eval/{n}/pairs'))} held-out "
+                    f"prompts (95% interval {low:.0%}–{high:.0%})" + "".join(f"; {x}" for x in moved)
+                    + (f"; KL to {ev.get('reference')} {_fmt(kl)}" if isinstance(kl, (int, float)) else ""))
+        out.append((n, cls, sentence))
+    return out
+
+
+def _verdict_section(evals: list[Stage]) -> str:
+    """The page's first answer: did alignment work? One line per policy of each evaluate stage, against its
+    baseline; the stage's table, chart and answers follow right below."""
+    if not evals:
+        return ("<section id=verdict><h2>Did alignment work?</h2><p class=muted>This run has no evaluate stage, so "
+                "nothing compares the policies with each other: add one (docs/evaluate.md) to get win rates against "
+                "the SFT policy on held-out prompts.</p></section>")
+    items = []
+    for st in evals:
+        lines = verdicts(st.manifest or {})
+        if not lines:
+            items.append(f"<li><span class='verdict none'>no judge</span> {_e(st.name)}: no win rates (the stage has "
+                         "no judge); its table below has the scores</li>")
+        items += [f"<li>{_verdict(cls)} {_e(sentence)}</li>" for _, cls, sentence in lines]
+    return f"<section id=verdict><h2>Did alignment work?</h2><ul class=verdicts>{''.join(items)}</ul></section>"
+
+
 def render(run_dir: str | Path) -> str:
-    """The report page for a run directory, as one HTML string."""
+    """The report page for a run directory, as one HTML string: the verdict and the evaluate stages first (what a
+    reader opens the page for), then the stages table, judge agreement and every other stage's details."""
     run_dir = Path(run_dir)
     stages = read_run(run_dir)
-    body = _header(run_dir, stages) + _agreement(run_dir) + "".join(_stage_section(s) for s in stages)
+    evals = [s for s in stages if s.kind == "eval" and s.manifest and s.status != "not run yet"]
+    body = (_header(run_dir, stages) + _verdict_section(evals) + "".join(_stage_section(s) for s in evals)
+            + _stages_table(stages) + _agreement(run_dir)
+            + "".join(_stage_section(s) for s in stages if s not in evals))
     # No script may run, whatever the page holds: the policy allows inline styles and data: images only.
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta http-equiv=Content-Security-Policy content=\"default-src 'none'; img-src data:; "
@@ -487,5 +535,6 @@ details{margin-top:12px}summary{cursor:pointer;color:#33415c}details pre{backgro
 .verdict{font-size:11px;border-radius:8px;padding:0 6px;font-weight:600}.verdict.win{background:#dcf5e3;color:#186a32}
 .verdict.loss{background:#fde0dd;color:#a01b12}.verdict.tie{background:#eceff3;color:#444}
 .verdict.abstain,.verdict.none{background:#f4f4f4;color:#777}.verdict.baseline{background:#e8eefb;color:#2b4a8b}
+ul.verdicts{list-style:none;padding:0;margin:6px 0 0;font-size:15px}ul.verdicts li{margin:4px 0}
 a{color:#2456b3;text-decoration:none}
 """
