@@ -72,7 +72,12 @@ CREATE INDEX IF NOT EXISTS feedback_id ON feedback (id);
 
 
 class UnknownCompletion(InvalidInput):
-    """A feedback row names a completion id the log does not hold (never recorded, or pruned)."""
+    """A feedback row names a completion id the log does not hold (never recorded, or pruned); `param` says which
+    of the two ids ('id' or 'preferred_over')."""
+
+    def __init__(self, message: str, param: str = "id"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -141,7 +146,7 @@ class TrafficLog:
         with self._lock, self._transaction():
             mine = self._messages_of(id)
             if preferred_over is not None:
-                other = self._messages_of(preferred_over)
+                other = self._messages_of(preferred_over, "preferred_over")
                 if canonical(json.loads(mine)) != canonical(json.loads(other)):
                     raise InvalidInput(f"'{id}' and '{preferred_over}' answer different messages: a preference "
                                        "compares two answers to the same prompt")
@@ -150,10 +155,10 @@ class TrafficLog:
                                                               None if comment is None else comment[:MAX_COMMENT]))
             return int(cur.lastrowid)
 
-    def _messages_of(self, id: str) -> str:
+    def _messages_of(self, id: str, param: str = "id") -> str:
         found = self._db.execute("SELECT messages FROM completions WHERE id = ?", (id,)).fetchone()
         if found is None:
-            raise UnknownCompletion(f"no completion with id '{id}' in the traffic log")
+            raise UnknownCompletion(f"no completion with id '{id}' in the traffic log", param)
         return found[0]
 
     def _prune(self) -> None:
@@ -178,28 +183,37 @@ class TrafficLog:
         yield from self._rows("SELECT * FROM completions WHERE seq > ? ORDER BY seq", (after_seq,))
 
     def feedback(self, after_seq: int = 0) -> Iterator[dict]:
-        cur = self._db.execute("SELECT * FROM feedback WHERE seq > ? ORDER BY seq", (after_seq,))
-        names = [d[0] for d in cur.description]
-        for values in cur:
-            yield dict(zip(names, values))
+        yield from self._select("SELECT * FROM feedback WHERE seq > ? ORDER BY seq", (after_seq,))
 
     def get(self, id: str) -> dict | None:
         return next((r for r in self._rows("SELECT * FROM completions WHERE id = ?", (id,))), None)
 
     def _rows(self, sql: str, args: tuple) -> Iterator[dict]:
-        cur = self._db.execute(sql, args)
-        names = [d[0] for d in cur.description]
-        for values in cur:
-            row = dict(zip(names, values))
+        for row in self._select(sql, args):
             row["messages"], row["sampling"] = json.loads(row["messages"]), json.loads(row["sampling"])
             yield row
 
+    def _select(self, sql: str, args: tuple, chunk: int = 1000) -> Iterator[dict]:
+        """Rows as dicts, fetched in chunks under the lock (a reader on another thread never shares a writer's
+        open transaction) and yielded outside it (a slow consumer never holds the writer up)."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute(sql, args)
+            names = [d[0] for d in cur.description]
+        while True:
+            with self._lock:
+                values = cur.fetchmany(chunk)
+            if not values:
+                return
+            yield from (dict(zip(names, v)) for v in values)
+
     def counts(self) -> dict[str, Any]:
         """How many completions and feedback rows the log holds, and how many completions max_rows deleted."""
-        pruned = self._db.execute("SELECT value FROM meta WHERE key='pruned'").fetchone()
-        return {"completions": self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0],
-                "feedback": self._db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0],
-                "pruned": int(pruned[0]) if pruned else 0}
+        with self._lock:
+            pruned = self._db.execute("SELECT value FROM meta WHERE key='pruned'").fetchone()
+            return {"completions": self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0],
+                    "feedback": self._db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0],
+                    "pruned": int(pruned[0]) if pruned else 0}
 
     def close(self) -> None:
         with self._lock:

@@ -451,14 +451,14 @@ def verdicts(manifest: dict) -> list[tuple[str, str, str]]:
             continue
         cls, word = (("win", "better than") if low > 0.5 else ("loss", "worse than") if high < 0.5
                      else ("tie", "not distinguishable from"))
-        moved = [f"{label} {_fmt(m[f'eval/{base}/{k}'])} → {_fmt(m[f'eval/{n}/{k}'])}"
+        moved = [f"{label} {m[f'eval/{base}/{k}']:.2f} → {m[f'eval/{n}/{k}']:.2f}"
                  for label, k in (("reward", "reward_mean"), ("rule", "rule_reward_mean"))
                  if isinstance(m.get(f"eval/{base}/{k}"), (int, float)) and isinstance(m.get(f"eval/{n}/{k}"),
                                                                                          (int, float))]
         kl = m.get(f"eval/{n}/kl")
         sentence = (f"{n} is {word} {base}: win rate {rate:.0%} over {_fmt(m.get(f'eval/{n}/pairs'))} held-out "
                     f"prompts (95% interval {low:.0%}–{high:.0%})" + "".join(f"; {x}" for x in moved)
-                    + (f"; KL to {ev.get('reference')} {_fmt(kl)}" if isinstance(kl, (int, float)) else ""))
+                    + (f"; KL to {ev.get('reference')} {kl:.2f}" if isinstance(kl, (int, float)) else ""))
         out.append((n, cls, sentence))
     return out
 

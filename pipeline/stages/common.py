@@ -287,12 +287,12 @@ class RuleReward:
         if not self.rule:
             return ""
         return (f"; rule reward {metrics['eval/rule_reward_mean_initial']:.3f} -> "
-                f"{metrics['eval/rule_reward_mean']:.3f} on {self.named}")
+                f"{metrics['eval/rule_reward_mean']:.3f} (its own samples of {self.named})")
 
 
 def held_out_named(n: int, fraction: float, source: str) -> str:
     """Which prompts a stage's own before/after numbers are on, said where they are printed (the evaluate stage's
-    table names its own set: the two agree only when their fraction, file and count do)."""
+    table names its own set: the two are one set when their fraction, file and count agree; the samples differ)."""
     return f"{n} held-out prompts (eval_fraction {fraction} of {source})"
 
 

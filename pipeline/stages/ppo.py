@@ -445,8 +445,8 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
     summary = (f"{cfg.steps} steps in {seconds:.1f}s; {key.split('/')[1]} {before.get(key, float('nan')):.3f} -> "
-               f"{after.get(key, float('nan')):.3f}, KL {after.get('eval/kl', float('nan')):.3f} on "
-               f"{held_out_named(len(s.eval_prompts), cfg.eval_fraction, cfg.prompts)}; "
+               f"{after.get(key, float('nan')):.3f}, KL {after.get('eval/kl', float('nan')):.3f} (its own samples of "
+               f"{held_out_named(len(s.eval_prompts), cfg.eval_fraction, cfg.prompts)}); "
                f"artifact: {ctx.run_dir / ctx.name / 'model'}")
     zero = getattr(s.strategy, "stage", 0)
     return {"kind": "policy", "outputs": outputs, "metrics": metrics,

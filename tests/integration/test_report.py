@@ -129,7 +129,7 @@ def test_the_first_screen_answers_whether_alignment_worked(page):
     assert ('<span class="verdict win">win</span> ppo is better than sft: win rate 86% over 39 held-out prompts '
             "(95% interval 72%–94%)") in verdict
     assert '<span class="verdict tie">tie</span> few_shot is not distinguishable from sft' in verdict
-    assert "KL to sft" in verdict and "rule 0.3 → 0.5" in verdict
+    assert "KL to sft" in verdict and "rule 0.30 → 0.50" in verdict and "reward -0.30 → 0.00" in verdict
 
 
 def test_every_stage_has_its_section_in_config_order(page):

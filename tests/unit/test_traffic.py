@@ -24,8 +24,12 @@ def test_rows_round_trip_and_feedback_is_checked(tmp_path):
     assert [r["id"] for r in log.completions(after_seq=2)] == ["chatcmpl-2"]
     assert log.add_feedback("chatcmpl-0", rating="up", comment="good") == 1
     assert log.add_feedback("chatcmpl-1", preferred_over="chatcmpl-0") == 2
-    with pytest.raises(UnknownCompletion, match="no completion with id 'nope'"):
+    with pytest.raises(UnknownCompletion, match="no completion with id 'nope'") as unknown:
         log.add_feedback("nope", rating="down")
+    assert unknown.value.param == "id"
+    with pytest.raises(UnknownCompletion) as unknown:
+        log.add_feedback("chatcmpl-0", preferred_over="gone")
+    assert unknown.value.param == "preferred_over"
     with pytest.raises(InvalidInput, match="answer different messages"):
         log.add_feedback("chatcmpl-2", preferred_over="chatcmpl-0")
     with pytest.raises(InvalidInput, match="either 'rating'"):
