@@ -13,6 +13,7 @@ What is recorded (and what never is) is written down in feedback/traffic.py and 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,12 @@ def open_log(path: str, max_rows: int | None) -> TrafficLog:
         raise UsageError(f"--monitor {path}: is a directory; give a file name (e.g. {p / 'traffic.db'})")
     if not p.parent.is_dir():
         raise UsageError(f"--monitor {path}: the directory {p.parent} does not exist")
+    try:  # users' prompts and answers: a new log is its owner's alone (SQLite gives -wal and -shm the same mode)
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"--monitor {path}: cannot create it ({exc.strerror})") from None
     return TrafficLog(p, max_rows=max_rows)
 
 

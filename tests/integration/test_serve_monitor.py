@@ -132,11 +132,14 @@ def test_feedback_is_recorded_and_every_error_is_openai_shaped(monitored):
     log.close()
 
 
-def test_nothing_from_the_request_headers_is_stored(monitored):
+def test_nothing_from_the_request_headers_is_stored_and_the_log_is_private(monitored):
     client = monitored.client(api_key=CANARY)
     reply = chat(client, HI, max_tokens=6, extra_headers={"X-Forwarded-For": "203.0.113.7"})
     client.post("/feedback", body={"id": reply.id, "rating": "down"}, cast_to=object)
-    stored = b"".join(p.read_bytes() for p in monitored.db.parent.glob(monitored.db.name + "*"))  # + -wal, -shm
+    files = list(monitored.db.parent.glob(monitored.db.name + "*"))
+    assert {p.name.removeprefix(monitored.db.name) for p in files} == {"", "-wal", "-shm"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}  # users' prompts: the owner's alone
+    stored = b"".join(p.read_bytes() for p in files)
     assert reply.id.encode() in stored and reply.choices[0].message.content.encode() in stored  # the right bytes
     for secret in (CANARY, "Bearer", "OpenAI/Python", "127.0.0.1", "203.0.113.7", "X-Forwarded-For"):
         assert secret.encode() not in stored, secret
