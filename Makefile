@@ -41,6 +41,7 @@ else
 	$(PY) bench/reward_vs_trl.py --train 300 --eval 150
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
+	$(PY) bench/serve_monitor.py
 endif
 
 docs: setup

@@ -306,11 +306,17 @@ def _add_serve(sub) -> None:
                   "`type: http` judge configs and any OpenAI client.")
     sj.add_argument("--model", required=True, help="model reference (tiny, smollm2-135m-instruct, a path)")
     _serve_options(sj)
+    sj.set_defaults(monitor=None, monitor_max_rows=None)  # the traffic log is a policy's (below)
     sp = _command(ssub, "policy", commands.cmd_serve_policy, "serve a trained policy artifact",
                   "Serve a policy artifact (RUN_DIR/STAGE, e.g. runs/tiny/ppo) or its model/ directory; an adapter "
                   "is merged into its base.")
     sp.add_argument("policy", metavar="RUN_DIR/STAGE", help="policy artifact directory (or its model/)")
     _serve_options(sp)
+    sp.add_argument("--monitor", metavar="DB", default=ServeOptions.monitor,
+                    help="record every answered completion in this SQLite traffic log (created if missing) and take "
+                    "user feedback on them at POST /v1/feedback; `rlhf monitor DB` reads it")
+    sp.add_argument("--monitor-max-rows", type=int, metavar="N", default=ServeOptions.monitor_max_rows,
+                    help="keep at most N completions in the traffic log, deleting the oldest with their feedback")
 
 
 def _add_models(sub) -> None:

@@ -5,8 +5,8 @@
     RLHF_SERVE_KEY=... rlhf serve judge --model tiny --host 0.0.0.0 --api-key-env RLHF_SERVE_KEY
 
 Endpoints: `POST /v1/chat/completions` (and `/chat/completions`), `GET /v1/models` (and `/models`),
-`GET /health`. Any OpenAI client works against `http://HOST:PORT/v1`; the `openai` package is what
-the tests use. Honoured request fields: model (ignored: one model is served), messages,
+`GET /health`, and `POST /v1/feedback` (and `/feedback`; with `serve policy --monitor DB`). Any OpenAI client
+works against `http://HOST:PORT/v1`; the `openai` package is what the tests use. Honoured request fields: model (ignored: one model is served), messages,
 max_tokens / max_completion_tokens, temperature (0 = greedy), top_p, stream (+ stream_options
 include_usage), logprobs, top_logprobs, seed, n (1 only), stop (refused unless empty); unknown
 fields are ignored as OpenAI does.
@@ -15,12 +15,10 @@ The modules, each importing only those above it:
     options.py   ServeOptions (one field per `rlhf serve` option) and the checks before anything loads
     schema.py    the request models, OpenAI-shaped errors, escaping of client text for logs
     engine.py    the model, admission, the generation worker threads (Engine, Job)
+    traffic.py   the traffic log's server side (--monitor): Recorder writes answers and feedback off the event loop
     guard.py     connection caps and head deadlines (uvicorn protocol), auth/Host/Origin checks, access log
     app.py       the FastAPI routes, reading and answering a request (JSON or server-sent events)
     launch.py    which model, the listening socket, uvicorn: serve_judge, serve_policy
-The traffic log and the feedback endpoint (issue 22's next step) go beside them: a `traffic.py` below app.py,
-opened in launch.py, written where app.py answers a completion; the feedback route in app.py, its model in
-schema.py.
 
 This package imports nothing itself: import a name from the module that holds it (`rlhf` reads ServeOptions
 without loading FastAPI or torch).

@@ -10,14 +10,17 @@ without /v1), inside the Guard layer (pipeline/serve/guard.py). `build_app` is t
   tokenized; the others become a Job for the engine (engine.py), answered as one JSON body or as server-sent
   events (`_sse`), and cancelled when the client hangs up.
 
-The next step of issue 22 adds its feedback endpoint as a route in `build_app` (its request model in schema.py),
-and records each finished completion to the traffic log where `chat_completions` answers.
+With `--monitor DB` (a Recorder, traffic.py), each completion is committed to the traffic log before its answer is
+sent: the JSON body, or a stream's last chunk and [DONE]. A request whose client hangs up before that (a 499, or a
+stream left part way) is not recorded: its client never got an answer to rate. `POST /v1/feedback` (and
+`/feedback`) takes a thumb or a preference on a recorded answer; without --monitor it answers 404, naming the flag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
@@ -30,7 +33,11 @@ from starlette.exceptions import HTTPException
 from pipeline.serve.engine import Engine, Job
 from pipeline.serve.guard import Guard
 from pipeline.serve.options import ServeOptions
-from pipeline.serve.schema import APIError, error_body, escape, parse_chat_request, validation_error
+from pipeline.serve.schema import (APIError, error_body, escape, parse_chat_request, parse_feedback_request,
+                                   validation_error)
+from pipeline.serve.traffic import Recorder
+
+log = logging.getLogger("rlhf.serve")
 
 
 def _error(exc: APIError) -> Response:
@@ -99,9 +106,9 @@ def _require_json(request) -> None:
                        code="unsupported_media_type")
 
 
-def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
+def build_app(engine: Engine, opts: ServeOptions, api_key: str | None, recorder: Recorder | None = None):
     """The ASGI application: FastAPI routes inside the Guard layer (which, when there is no key, checks that the
-    Host and Origin headers name the bound loopback address)."""
+    Host and Origin headers name the bound loopback address). With a recorder, answers go to the traffic log."""
     app = FastAPI(title="rlhf serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(Exception)
@@ -136,6 +143,7 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
         return {"object": "list", "data": [model_card()]}
 
     async def chat_completions(request: Request):
+        received, started = time.time(), time.monotonic()  # the traffic log's `created` and latency start here
         _require_json(request)  # before the body is read: a form or text/plain post from a web page gets 415
         try:
             req = parse_chat_request(await _read_body(request, opts.max_body_bytes, opts.timeout))
@@ -174,11 +182,22 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
             raise job.error
         if not req.stream and done.exception() is not None:
             raise APIError(500, f"generation failed: {type(done.exception()).__name__}", code="generation_failed")
+
+        async def record() -> None:  # committed before the client has the whole answer (see the docstring)
+            if recorder is None:
+                return
+            try:
+                await recorder.completion(cid, job, req, received, started)
+            except Exception as exc:  # noqa: BLE001 - an answer the log lacks is not given (a 500 instead)
+                log.error("traffic log %s: %s: %s", recorder.log.path, type(exc).__name__, escape(str(exc))[:300])
+                raise APIError(500, "could not record the answer in the traffic log", code="monitor_failed") from None
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = _sse(job, cid, created, engine.name, usage, include_usage)
+            stream = _sse(job, cid, created, engine.name, usage, include_usage, record)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(job.cancel))
+        await record()
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": engine.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
@@ -187,16 +206,30 @@ def build_app(engine: Engine, opts: ServeOptions, api_key: str | None):
             "usage": usage(),
         })
 
-    # every route is added here (the feedback endpoint too, when it comes)
+    async def feedback(request: Request):
+        if recorder is None:  # before the body is read: there is nothing to check it against
+            raise APIError(404, "this server keeps no traffic log, so it takes no feedback: start it with "
+                           "`rlhf serve policy RUN_DIR/STAGE --monitor DB`", code="monitor_off")
+        _require_json(request)
+        try:
+            req = parse_feedback_request(await _read_body(request, opts.max_body_bytes, opts.timeout))
+        except _ClientGone:
+            return Response(status_code=499)
+        seq = await recorder.feedback(req.id, req.rating, req.preferred_over, req.comment)
+        return {"id": req.id, "object": "feedback", "recorded": True, "feedback_seq": seq}
+
+    # every route is added here
     for prefix in ("/v1", ""):  # OpenAI clients use /v1; some tools call the bare paths
         app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"])
+        app.add_api_route(prefix + "/feedback", feedback, methods=["POST"])
         app.add_api_route(prefix + "/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     return Guard(app, api_key, check_host=api_key is None, bound=opts.host)
 
 
-async def _sse(job: Job, cid: str, created: int, name: str, usage, include_usage: bool):
-    """Server-sent events: a role chunk, one chunk per token, a finish_reason chunk, [DONE]."""
+async def _sse(job: Job, cid: str, created: int, name: str, usage, include_usage: bool, record):
+    """Server-sent events: a role chunk, one chunk per token, a finish_reason chunk, [DONE]. `record()` is awaited
+    once the generation has ended, before the last chunks: a client that has [DONE] has an answer in the log."""
 
     def chunk(delta: dict, entry: dict | None = None, finish: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": {"content": [entry]} if entry else None,
@@ -215,6 +248,11 @@ async def _sse(job: Job, cid: str, created: int, name: str, usage, include_usage
                 if delta or entry:
                     yield chunk({"content": delta}, entry)
             elif event[0] == "end":
+                try:
+                    await record()
+                except APIError as exc:  # not in the log: no finish_reason and no [DONE] either
+                    yield f"data: {error_body(exc.status, exc.message, code=exc.code).decode()}\n\n"
+                    return
                 if job.text.startswith(sent) and len(job.text) > len(sent):  # a held-back partial character
                     yield chunk({"content": job.text[len(sent):]})
                 yield chunk({}, finish=job.finish_reason)

@@ -12,8 +12,8 @@ generation threads) and `Job` (one admitted request, travelling from the event l
 - Tokens reach the event loop as they are sampled (`_JobStreamer` -> `Job.emit`); a client that leaves sets
   `Job.cancelled`, and generation stops at the next token.
 
-A finished Job holds what the traffic log (issue 22's next step) will record: messages, prompt ids, tokens, text,
-logprobs and finish reason.
+A finished Job holds what the traffic log (`--monitor`, traffic.py) records: prompt ids, tokens, text and finish
+reason.
 """
 
 from __future__ import annotations

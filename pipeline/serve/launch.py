@@ -5,7 +5,8 @@ reachable from other machines), the listening socket, the log on stderr, and uvi
     rlhf serve judge --model smollm2-135m-instruct            # serve_judge
     rlhf serve policy runs/quickstart/sft --port 8001         # serve_policy
 
-A traffic log (the next step of issue 22) is opened and closed here, around `serve`, and handed to build_app.
+With `--monitor DB` the traffic log is opened here before the model loads (a bad path fails fast), handed to
+build_app in a Recorder (traffic.py), and closed after the server stops, once every queued write is committed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.serve.app import build_app
 from pipeline.serve.engine import Engine
 from pipeline.serve.guard import protocol
 from pipeline.serve.options import ServeOptions, check_options
+from pipeline.serve.traffic import Recorder, open_log
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -61,16 +63,20 @@ def serve_policy(ref: str, opts: ServeOptions) -> int:
     """`rlhf serve policy RUN_DIR/STAGE`: a policy artifact, or its model/ directory."""
     api_key = check_options(opts)
     path, name = policy_model(ref)
-    return serve(path, name, opts, api_key)
+    p = Path(ref).expanduser().resolve()
+    return serve(path, name, opts, api_key, stage=str(p if (p / MANIFEST).exists() else p.parent))
 
 
-def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None) -> int:
-    """Load the model, bind, print `serving NAME at http://HOST:PORT/v1 ...` and serve until Ctrl-C."""
+def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None, stage: str | None = None) -> int:
+    """Load the model, bind, print `serving NAME at http://HOST:PORT/v1 ...` and serve until Ctrl-C. `stage` (the
+    policy's RUN_DIR/STAGE) is what the traffic log records as the served stage."""
     _configure_logging()
+    traffic = open_log(opts.monitor, opts.monitor_max_rows) if opts.monitor else None  # before the slow load
     engine = Engine(model_path, opts.served_model_name or name, opts)
+    recorder = Recorder(traffic, engine.name, stage or name) if traffic else None
     sock = _bind(opts.host, opts.port)
     host, port = sock.getsockname()[:2]
-    app = build_app(engine, opts, api_key)
+    app = build_app(engine, opts, api_key, recorder)
     # No limit_concurrency: uvicorn counts open connections there, so idle sockets locked everyone out with a
     # plain-text 503; requests are admitted by Engine.submit and connections capped by guard.protocol instead.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,
@@ -87,7 +93,8 @@ def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None) -
             print(f"serving {engine.name} at http://{shown}:{port}/v1 (chat completions; concurrency "
                   f"{opts.concurrency}, queue {opts.queue}, max_tokens {opts.max_tokens}, max prompt tokens "
                   f"{engine.max_prompt_tokens}, auth {'on' if api_key else 'off'}, connections "
-                  f"{opts.max_connections} ({opts.max_connections_per_client} per client)); Ctrl-C stops", flush=True)
+                  f"{opts.max_connections} ({opts.max_connections_per_client} per client)"
+                  f"{f', traffic log {opts.monitor}' if recorder else ''}); Ctrl-C stops", flush=True)
         await task
 
     try:
@@ -95,6 +102,8 @@ def serve(model_path: str, name: str, opts: ServeOptions, api_key: str | None) -
     finally:
         engine.close()
         sock.close()
+        if recorder:
+            recorder.close()
     return 0
 
 

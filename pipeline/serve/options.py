@@ -32,6 +32,8 @@ class ServeOptions:
     max_connections_per_client: int = 64  # the same per client address
     served_model_name: str | None = None
     trust_remote_code: bool = False  # only from the command line: never from the served artifact
+    monitor: str | None = None  # the traffic log (SQLite file) every answered completion is recorded in
+    monitor_max_rows: int | None = None  # keep at most this many completions there (the oldest are deleted)
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
@@ -54,9 +56,12 @@ def check_options(opts: ServeOptions) -> str | None:
                              ("--concurrency", opts.concurrency, 1), ("--queue", opts.queue, 0),
                              ("--max-prompt-tokens", opts.max_prompt_tokens, 1),
                              ("--max-connections", opts.max_connections, 1),
-                             ("--max-connections-per-client", opts.max_connections_per_client, 1)):
+                             ("--max-connections-per-client", opts.max_connections_per_client, 1),
+                             ("--monitor-max-rows", opts.monitor_max_rows, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if opts.monitor_max_rows is not None and opts.monitor is None:
+        raise UsageError("--monitor-max-rows bounds the traffic log: give it with --monitor DB")
     for flag, value in (("--timeout", opts.timeout), ("--header-timeout", opts.header_timeout)):
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")

@@ -3,7 +3,8 @@ models, strict on the fields we honour, blind to the others as OpenAI is), error
 (`{"error": {"message", "type", "param", "code"}}`), and `escape`, which makes client text safe to show in a log
 line or an error message. No FastAPI and no torch here: the engine and the HTTP layer both build on it.
 
-The feedback endpoint's request model (the next step of issue 22) belongs here, beside ChatRequest.
+`FeedbackRequest` is the body of `POST /v1/feedback` (a thumb or a preference on a recorded answer): unlike a chat
+request it is our own format, so an unknown field is refused, and every error in it is a 400.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from feedback.traffic import MAX_COMMENT
 
 
 class _Strict(BaseModel):
@@ -74,6 +77,29 @@ class ChatRequest(_Strict):
     stop: str | list[str] | None = None
 
 
+class FeedbackRequest(BaseModel):
+    """`{"id", "rating": "up"|"down"}` or `{"id", "preferred_over": OTHER_ID}`, optional `comment`; ids are the `id`
+    of a chat completion this server answered."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(min_length=1, max_length=200)
+    rating: Literal["up", "down"] | None = None
+    preferred_over: str | None = Field(None, min_length=1, max_length=200)
+    comment: str | None = Field(None, max_length=MAX_COMMENT)  # refused beyond, not cut short in the log
+
+    @field_validator("id", "preferred_over", "comment")
+    @classmethod
+    def _valid(cls, v):
+        return None if v is None else _unicode(v)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.rating is None) == (self.preferred_over is None):
+            raise ValueError("give either 'rating' ('up' or 'down') or 'preferred_over' (the id of another answer "
+                             "to the same messages), not both and not neither")
+        return self
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -102,18 +128,34 @@ def validation_error(exc: ValidationError | Exception) -> APIError:
     return APIError(422, f"{loc or 'body'}: {msg}{more}", param=loc or None, code=first["type"])
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
-    """A request body -> ChatRequest, or the APIError that says what is wrong with it."""
+def _json_object(body: bytes) -> dict:
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise APIError(400, f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(obj).__name__}", code="invalid_json")
+    return obj
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """A request body -> ChatRequest, or the APIError that says what is wrong with it."""
+    obj = _json_object(body)
     try:
         return ChatRequest.model_validate(obj)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def parse_feedback_request(body: bytes) -> FeedbackRequest:
+    """A feedback body -> FeedbackRequest, or a 400 APIError that says what is wrong with it."""
+    obj = _json_object(body)
+    try:
+        return FeedbackRequest.model_validate(obj)
+    except ValidationError as exc:
+        error = validation_error(exc)
+        error.status = 400
+        raise error from None
 
 
 def escape(raw: bytes | str) -> str:

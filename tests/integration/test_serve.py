@@ -301,6 +301,18 @@ def test_generation_config_json_of_the_model_is_ignored(server, policy_server):
 # --------------------------------------------------------------------------- bad requests
 
 
+def test_feedback_without_a_traffic_log_is_404_naming_monitor(policy_server):
+    """Without --monitor there is no answer to rate: a clear 404, not an unknown route or a 500 (the recorded path is
+    tested in test_serve_monitor.py)."""
+    for path in ("/v1/feedback", "/feedback"):
+        status, _, body = policy_server.request("POST", path, {"id": "chatcmpl-1", "rating": "up"},
+                                                {"Authorization": f"Bearer {KEY}"})
+        assert_openai_error(status, body, 404)
+        assert body["error"]["code"] == "monitor_off" and "--monitor DB" in body["error"]["message"], body
+    status, _, body = policy_server.request("POST", "/v1/feedback", {"id": "chatcmpl-1", "rating": "up"})
+    assert_openai_error(status, body, 401)  # the same guard as completions
+
+
 def test_every_bad_request_gets_an_openai_error(server):
     over = 1024 * 1024 + 1
     cases = [
