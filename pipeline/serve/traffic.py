@@ -73,8 +73,8 @@ class Recorder:
         row: the feedback row's seq, or the APIError to answer."""
         try:
             return self.log.add_feedback(id, rating, preferred_over, comment)
-        except UnknownCompletion:
-            field = "id" if self.log.get(id) is None else "preferred_over"
+        except UnknownCompletion as exc:
+            field = exc.param
             unknown = id if field == "id" else preferred_over
             raise APIError(404, f"no completion with id {escape(unknown)[:200]!r} in the traffic log (not answered by "
                            "this server with --monitor, or deleted by --monitor-max-rows)", param=field,
