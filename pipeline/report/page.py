@@ -1,6 +1,7 @@
 """The report page: one self-contained HTML string for a run directory (`render`), written atomically
 (`write_report`). A header with the run; the verdict (did alignment work: each policy against the baseline, from
-the evaluate stages) and the evaluate stages' sections (per-policy table, win rates, answers side by side); then a
+the evaluate stages), the served policy's monitor summary when RUN_DIR/monitor/monitor.json exists (`rlhf monitor`),
+and the evaluate stages' sections (per-policy table, win rates, answers side by side); then a
 table of the stages, judge agreement if the run holds any, and a section per other stage: its curves, final
 metrics, counts, the data it left out with reasons, the extra manifest blocks, the samples it logged and its
 resolved config.

@@ -208,7 +208,7 @@ def test_the_page_renders_in_chromium_and_rlhf_report_shows_the_alerts(tiny_run,
 
     with Image.open(shot) as im:
         assert ImageStat.Stat(im.convert("L")).stddev[0] > 20  # text, tables and plots, not a blank page
-        if os.environ.get("RLHF_UPDATE_SCREENSHOT"):
+        if os.environ.get("RLHF_UPDATE_MONITOR_SCREENSHOT"):
             im.convert("RGB").crop((0, 0, 1280, 1500)).save(ROOT / "docs" / "monitor-screenshot.png", optimize=True)
 
     assert main(["report", str(run)]) == 0
