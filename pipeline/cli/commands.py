@@ -25,6 +25,7 @@ from pipeline.data import read_prompts, resolve_data_path
 from rlhf.errors import InvalidInput, UsageError
 from pipeline.export import export_policy
 from pipeline.models import BUILTIN, cache_dir, load_tokenizer, resolve
+from pipeline.monitor.run import monitor
 from pipeline.report import write_report
 from pipeline.runner import preflight, run_pipeline, selected_stages
 from pipeline.serve.options import ServeOptions
@@ -353,4 +354,17 @@ def cmd_models_list(args) -> int:
 
 def cmd_report(args) -> int:
     print(f"wrote {write_report(args.run_dir, args.output)}")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    r = monitor(args.db, args.output, args.reward_model, args.rule, args.judge, args.baseline, args.baseline_policy,
+                args.window, args.alpha, args.min_rows, args.trust_remote_code, args.batch_size)
+    scored = "; ".join(f"{n}: {s['scored']} scored, {s['cached']} from earlier runs" for n, s in r["scorers"].items())
+    print(f"{r['counts']['completions']} completions in {len(r['windows'])} windows ({scored})")
+    for a in r["alerts"]:
+        print(f"ALERT {a['kind']}: {a['message']}")
+    if not r["alerts"]:
+        print("no alerts")
+    print(f"wrote {Path(args.output) / 'monitor.json'} and {Path(args.output) / 'monitor.html'}")
     return 0

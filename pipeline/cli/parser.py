@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_run, _add_plan, _add_data, _add_reward, _add_feedback, _add_eval, _add_export, _add_serve,
-                _add_models, _add_report):
+                _add_models, _add_report, _add_monitor):
         add(sub)
     return p
 
@@ -335,3 +335,34 @@ def _add_report(sub) -> None:
                   "left out, AI labels, evaluate results and the resolved configs. Works on partial runs.")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (run_dir of a pipeline config)")
     rp.add_argument("-o", "--output", metavar="FILE", help="default: RUN_DIR/report.html")
+
+
+def _add_monitor(sub) -> None:
+    mo = _command(sub, "monitor", commands.cmd_monitor, "score and summarise a served policy's traffic log: drift, "
+                  "reward hacking, a page",
+                  "Score the answers a served policy recorded (rlhf serve policy --monitor DB) with a reward model, "
+                  "a rule and/or a judge (only rows not scored by an earlier run into the same OUT_DIR), summarise "
+                  "them per window (volume, latency, length, EOS, scores, thumbs-up rate), test each window for drift "
+                  "against the evaluate stage's answers (two-sample KS), look for reward hacking (the reward rising "
+                  "while the rule, judge or thumbs-up rate falls), and write OUT_DIR/monitor.json and monitor.html. "
+                  "Write it to RUN_DIR/monitor and `rlhf report RUN_DIR` shows it. See docs/monitor.md.")
+    mo.add_argument("db", metavar="DB", help="the traffic log (SQLite) the server wrote")
+    mo.add_argument("--reward-model", metavar="RUN_DIR/reward", help="a reward-model artifact: normalised scores")
+    mo.add_argument("--rule", metavar="MODULE:FUNCTION", help="a rule, e.g. feedback.synthetic:rule_score (registered "
+                    "rules or trusted modules, as the evaluate stage's rule)")
+    mo.add_argument("--judge", metavar="CONFIG", help="a judge config: each answer against the evaluate stage's "
+                    "baseline answer to the same prompt (needs --baseline)")
+    mo.add_argument("--baseline", metavar="RUN_DIR/evaluate", help="an evaluate artifact: the served policy's "
+                    "answers there are the reference distribution")
+    mo.add_argument("--baseline-policy", metavar="NAME", help="the evaluated policy the traffic comes from (default: "
+                    "the one named like the served stage or model)")
+    mo.add_argument("--window", default="100", metavar="N|DURATION", help="N completions a window (default "
+                    "%(default)s), or a duration: 30m, 1h, 1d")
+    mo.add_argument("--alpha", type=float, default=0.01, help="false-alarm level of the drift and hacking tests "
+                    "(default %(default)s)")
+    mo.add_argument("--min-rows", type=int, default=20, help="windows with fewer answers are not tested (default "
+                    "%(default)s)")
+    mo.add_argument("--batch-size", type=int, default=32, help="answers the reward model scores at once")
+    mo.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where monitor.json, monitor.html and "
+                    "the scores of earlier runs (scores.sqlite) are; RUN_DIR/monitor for `rlhf report RUN_DIR`")
+    _trust_option(mo)

@@ -1,6 +1,7 @@
 """The report page: one self-contained HTML string for a run directory (`render`), written atomically
 (`write_report`). A header with the run; the verdict (did alignment work: each policy against the baseline, from
-the evaluate stages) and the evaluate stages' sections (per-policy table, win rates, answers side by side); then a
+the evaluate stages), the served policy's monitor summary when RUN_DIR/monitor/monitor.json exists (`rlhf monitor`),
+and the evaluate stages' sections (per-policy table, win rates, answers side by side); then a
 table of the stages, judge agreement if the run holds any, and a section per other stage: its curves, final
 metrics, counts, the data it left out with reasons, the extra manifest blocks, the samples it logged and its
 resolved config.
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import write_atomic
+# the module, not its function: pipeline.monitor.plots imports pipeline.report.plots, whose package imports this
+# module, so when that import comes first this line finds pipeline.monitor.plots still being loaded
+from pipeline.monitor import plots as monitor_charts
 from pipeline.report.plots import stage_plots, win_rate_chart
 from pipeline.report.run import Stage, eval_policies, read_json, read_jsonl, read_run
 
@@ -486,15 +490,48 @@ def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     stages = read_run(run_dir)
     evals = [s for s in stages if s.kind == "eval" and s.manifest and s.status != "not run yet"]
-    body = (_header(run_dir, stages) + _verdict_section(evals) + "".join(_stage_section(s) for s in evals)
-            + _stages_table(stages) + _agreement(run_dir)
+    monitored = read_json(run_dir / MONITOR_JSON)
+    body = (_header(run_dir, stages) + _verdict_section(evals)
+            + (monitor_section(monitored, link=MONITOR_JSON.replace(".json", ".html"), plots=3) if monitored else "")
+            + "".join(_stage_section(s) for s in evals) + _stages_table(stages) + _agreement(run_dir)
             + "".join(_stage_section(s) for s in stages if s not in evals))
-    # No script may run, whatever the page holds: the policy allows inline styles and data: images only.
+    return document(f"rlhf report: {run_dir.name}", body)
+
+
+def document(title: str, body: str) -> str:
+    """A whole page around `body` (already HTML): the report's CSS, and a Content-Security-Policy under which no
+    script may run, whatever the page holds: inline styles and data: images only."""
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta http-equiv=Content-Security-Policy content=\"default-src 'none'; img-src data:; "
             "style-src 'unsafe-inline'\">"
-            f"<meta name=viewport content='width=device-width'><title>rlhf report: {_e(run_dir.name)}</title>"
+            f"<meta name=viewport content='width=device-width'><title>{_e(title)}</title>"
             f"<link rel=icon href='data:,'><style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+# --------------------------------------------------------------------------- the served policy (rlhf monitor)
+
+
+MONITOR_JSON = "monitor/monitor.json"  # where `rlhf monitor DB -o RUN_DIR/monitor` writes its summary in a run
+
+
+def monitor_section(result: dict, link: str | None = None, plots: int | None = None) -> str:
+    """What `rlhf monitor` found (its monitor.json): the alerts first, the traffic in one line, and the first
+    `plots` of its charts (all when None); `link` points to the monitor's own page."""
+    alerts = [a for a in result.get("alerts") or [] if isinstance(a, dict)]
+    items = "".join(f"<li><span class='verdict loss'>alert</span> <b>{_e(a.get('kind', ''))}</b> "
+                    f"{_e(a.get('message', ''))}</li>" for a in alerts) or (
+        "<li><span class='verdict win'>ok</span> no alert: no drift from the baseline and no sign of reward "
+        "hacking</li>")
+    counts, window, base = (result.get(k) if isinstance(result.get(k), dict) else {}
+                            for k in ("counts", "window", "baseline"))
+    facts = {"traffic log": result.get("db"), "completions": counts.get("completions"),
+             "feedback": counts.get("feedback"), "windows": len(result.get("windows") or []),
+             "window": window.get("spec"), "baseline policy": base.get("policy"), "written": result.get("written_at")}
+    charts = list(monitor_charts.monitor_plots(result).items())[:plots]
+    more = f"<p><a href=\"{_e(link)}\">the monitor's page: every chart and window</a></p>" if link else ""
+    return (f"<section id=monitor><h2>Served traffic (rlhf monitor)</h2><ul class=verdicts>{items}</ul>"
+            + _kv_table(facts, per_row=4) + "<div class=plots>"
+            + "".join(_img(png, title) for title, png in charts) + f"</div>{more}</section>")
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:

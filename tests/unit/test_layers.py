@@ -36,7 +36,8 @@ LAYERS = [
     ("methods", ["pipeline.data", "pipeline.rl", "pipeline.rl.*", "pipeline.plan", "pipeline.judging"]),
     ("stages", ["pipeline.stages", "pipeline.stages.*"]),
     ("orchestration", ["pipeline.config", "pipeline.runner", "pipeline.report", "pipeline.report.*", "pipeline.export",
-                       "pipeline.serve", "pipeline.serve.*", "pipeline.reference"]),
+                       "pipeline.serve", "pipeline.serve.*", "pipeline.reference", "pipeline.monitor",
+                       "pipeline.monitor.*"]),
     ("entry", ["pipeline.cli", "pipeline.cli.*", "pipeline.__main__"]),
 ]
 
