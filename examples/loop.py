@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     rlhf("feedback", "export", str(db), "-o", str(feedback), "--kind", "unpaired")
     rlhf("data", "validate", str(feedback))
     rlhf("run", "configs/loop.yaml", "--set", f"run_dir={out / 'round2'}",
-         "--set", f"stages.kto.data.path={feedback}", "--set", f"models.round1={run / 'dpo' / 'model'}")
+         "--set", f"stages.preferences.data.path={feedback}", "--set", f"models.round1={run / 'dpo' / 'model'}")
     rlhf("report", str(out / "round2"))
     return 0
 
