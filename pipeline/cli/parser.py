@@ -82,7 +82,8 @@ def _rows_options(q) -> None:
     """How the rows of a preference file are read (their choices come from feedback/)."""
     q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected; a file holds "
                    "the format of its first row, and a row of another is rejected)")
-    q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
+    q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad "
+                   "(unpaired rows: completion=answer,label=thumbs_up)")
 
 
 def _data_options(q, tokenizer: bool = True) -> None:
@@ -159,7 +160,8 @@ def _add_plan(sub) -> None:
 def _add_data(sub) -> None:
     dsub = _group(sub, "data", "ACTION", "validate, import and describe preference files",
                   "Preference files: JSONL, JSON arrays, CSV, TSV (each also .gz), Parquet or a local dataset "
-                  "directory, in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
+                  "directory, in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts), ranked or unpaired "
+                  "(prompt, completion, label: binary feedback).")
     dv = _command(dsub, "validate", commands.cmd_data_validate,
                   "check every row; print FILE:LINE: reason and a summary line",
                   "Check every row of a preference file. Prints each problem as FILE:LINE: reason and ends with "
