@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from feedback.agree import agreement
+from feedback.export import describe, write_export
 from feedback.files import iter_records
 from pipeline.judging import build_judge
 from feedback.schema import write_pairs
@@ -273,6 +274,13 @@ def cmd_feedback_agree(args) -> int:
     out = args.output or "agreement.json"
     write_json(out, {**result, "rows": rows})
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_feedback_export(args) -> int:
+    counts = write_export(args.db, args.output, args.kind, args.annotator)
+    print(describe(counts))
+    print(f"wrote {counts['exported']} rows to {args.output}")
     return 0
 
 
