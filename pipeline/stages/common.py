@@ -19,7 +19,8 @@ from rlhf.errors import InvalidInput
 from feedback.judges.rule import load_callable
 from pipeline import checkpoint
 from pipeline.artifacts import write_jsonl
-from pipeline.data import rule_eval
+from feedback.schema import prompt_key
+from pipeline.data import read_prompts, resolve_data_path, rule_eval
 from pipeline.distributed import any_rank, gather, say
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.tracking import report_to
@@ -82,7 +83,9 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         deepspeed=zero_config(cfg, precision),
         # TRL's configs default to gradient checkpointing on; ours is off unless the stage turns it on
         activation_checkpointing=cfg.gradient_checkpointing,
-        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
+        # a method may need its own order (KTO: sequential, its KL estimate pairs neighbours in a batch)
+        train_sampling_strategy=extra.pop("train_sampling_strategy", "group_by_length" if o.group_by_length
+                                          else "random"),
         length_column_name="length",  # the reward stage's rows carry one; SFT's are measured by their input_ids
         **extra,
     )
@@ -122,6 +125,34 @@ def pair_rows(ctx, cfg, splits: dict, convert, what: str = "pairs") -> tuple[dic
     counts = {"read": {k: len(v[1]) for k, v in splits.items()}, "kept": {k: len(v) for k, v in rows.items()},
               "skipped": len(skipped), "skipped_by_reason": by_reason}
     return rows, kept, counts
+
+
+def chat_prompt_tokens(tok, prompt: list, replies: list) -> int:
+    """How many tokens of a conversational row TRL counts as its prompt (DPO, KTO: the prompt rendered with the
+    generation prompt, cut where it stops being a prefix of the prompt followed by any of `replies`)."""
+    def ids(msgs, **kw):
+        return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+    def common(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    start = ids(prompt, add_generation_prompt=True)
+    return min(common(start, ids(prompt + reply)) for reply in replies)
+
+
+def held_out_prompts(cfg, eval_items: list) -> tuple[list, str]:
+    """cfg.eval_prompts restricted to the prompts of the held-out preference rows (the first 64 when none of them
+    are held out), and what they are, as the summary names them (DPO, KTO: the rule reward before and after)."""
+    if not cfg.eval_prompts:
+        return [], ""
+
+    prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
+                           split_key="eval_prompts_split")
+    held = {prompt_key(p.prompt) for p in eval_items}
+    kept = [p for p in prompts if prompt_key(p) in held]
+    if kept:
+        return kept, f"the {len(kept)} prompts of {cfg.eval_prompts} the preferences stage held out"
+    return prompts[:64], f"the first {len(prompts[:64])} prompts of {cfg.eval_prompts} (none of them held out)"
 
 
 def trl_choices(config_cls, field: str) -> tuple[str, ...]:

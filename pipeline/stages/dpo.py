@@ -22,11 +22,11 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, TrainingBlock
 from rlhf.errors import InvalidInput, UsageError
-from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
-                                    memory_metrics, pair_rows, peft_config, save_policy, training_args, trl_choices,
-                                    weights_dtype)
-from feedback.schema import prompt_key, read_pairs
-from pipeline.data import neutralised, read_prompts, resolve_data_path
+from pipeline.stages.common import (RuleReward, chat_prompt_tokens, check_finite, final_model, fit, held_out_prompts,
+                                    load_policy, logits_fingerprint, memory_metrics, pair_rows, peft_config,
+                                    save_policy, training_args, trl_choices, weights_dtype)
+from feedback.schema import read_pairs
+from pipeline.data import neutralised
 from pipeline.distributed import say
 from pipeline.models import count_parameters, resolve_precision
 from pipeline.tracking import readable_progress, trainer_callback
@@ -117,14 +117,7 @@ def to_dpo_row(p) -> dict:
 def prompt_tokens(tok, row: dict) -> int:
     """How many tokens of a DPO row TRL counts as its prompt (its tokenisation: the prompt rendered with the
     generation prompt, cut where it stops being a prefix of prompt + chosen or prompt + rejected)."""
-    def ids(msgs, **kw):
-        return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"]
-
-    def common(a, b):
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-    prompt = ids(row["prompt"], add_generation_prompt=True)
-    return min(common(prompt, ids(row["prompt"] + row["chosen"])), common(prompt, ids(row["prompt"] + row["rejected"])))
+    return chat_prompt_tokens(tok, row["prompt"], [row["chosen"], row["rejected"]])
 
 
 def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: list) -> tuple[list, list, dict]:
@@ -148,21 +141,6 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
     return rows["train"], rows["eval"], counts
 
 
-def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> tuple[list, str]:
-    """eval_prompts restricted to the held-out pairs' prompts (the first 64 when none of them are held out), and
-    what they are, as the summary names them."""
-    if not cfg.eval_prompts:
-        return [], ""
-
-    prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
-                           split_key="eval_prompts_split")
-    held = {prompt_key(p.prompt) for p in eval_pairs}
-    kept = [p for p in prompts if prompt_key(p) in held]
-    if kept:
-        return kept, f"the {len(kept)} prompts of {cfg.eval_prompts} the preferences stage held out"
-    return prompts[:64], f"the first {len(prompts[:64])} prompts of {cfg.eval_prompts} (none of them held out)"
-
-
 def run(cfg: DPOStageConfig, ctx) -> dict:
     from datasets import Dataset
     from transformers import set_seed
@@ -174,7 +152,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
     train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"))), eval_pairs)
-    prompts, named = _eval_prompts(cfg, eval_pairs)
+    prompts, named = held_out_prompts(cfg, eval_pairs)
     rule = RuleReward(cfg.eval_rule, prompts, cfg.eval_max_new_tokens, ctx.seed, named)
     metrics: dict = {}
     rule.before(model, tok, metrics)
