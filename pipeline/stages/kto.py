@@ -23,23 +23,18 @@ prompts before and after.
 
 from __future__ import annotations
 
-import copy
 import random
-import time
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from feedback.schema import UnpairedRow, read_pairs
-from pipeline.blocks import OptimConfig, TrainingBlock
+from pipeline.blocks import OfflinePreferenceBlock, OptimConfig
 from pipeline.data import neutralised
 from pipeline.distributed import say
-from pipeline.models import count_parameters, resolve_precision
-from pipeline.stages.common import (RuleReward, chat_prompt_tokens, check_finite, final_model, fit, held_out_prompts,
-                                    load_policy, logits_fingerprint, memory_metrics, pair_rows, peft_config,
-                                    save_policy, training_args, weights_dtype)
-from pipeline.tracking import readable_progress, trainer_callback
-from rlhf.errors import UsageError
+from pipeline.models import resolve_precision
+from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, load_policy, offline_trainer,
+                                    pair_rows, train_and_save, training_args)
 
 WEIGHT_RANGE = (1.0, 4 / 3)  # desirable_weight * n_desirable / (undesirable_weight * n_undesirable), KTO paper eq. 8
 
@@ -55,61 +50,36 @@ class KTOOptimConfig(OptimConfig):
     lr: float = Field(1e-6, gt=0, description="peak learning rate (TRL's KTO default)")
 
 
-class KTOStageConfig(TrainingBlock):
+class KTOStageConfig(OfflinePreferenceBlock):
     stage: Literal["kto"] = Field(description="the method: Kahneman-Tversky optimisation on binary feedback (TRL's "
                                   "KTOTrainer)")
-    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
     preferences: str = Field(description="stage:NAME of an unpaired_preferences artifact (a preferences stage that "
                              "read prompt/completion/label rows), or of a preferences artifact of pairs (chosen "
                              "desirable, rejected undesirable)")
     loss_type: str = Field("kto", description="kto (the KTO paper's loss, with its KL estimate) or apo_zero_unpaired "
                            "(checked against TRL when the stage starts)")
-    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference (higher: stay closer)")
     desirable_weight: float | None = Field(None, gt=0, description="weight of the desirable rows' losses; default: "
                                            "balances the training rows' ratio with undesirable_weight")
     undesirable_weight: float | None = Field(None, gt=0, description="weight of the undesirable rows' losses; "
                                              "default: balances the training rows' ratio with desirable_weight")
-    precompute_ref_log_probs: bool = Field(False, description="compute the reference's log-probs once before training "
-                                           "(no reference model kept during training)")
     max_length: int = Field(512, ge=8, description="prompt + completion tokens, right-truncated; rows whose prompt "
                             "alone fills it are skipped")
     optim: KTOOptimConfig = Field(default_factory=KTOOptimConfig, description="optimiser, schedule and batches (lr "
                                   "1e-6 by default; per_device_batch_size at least 2 for the kto loss)")
-    eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
-    eval_prompts_split: str | None = Field(None, description="eval_prompts is a DatasetDict directory: the split "
-                                           "to read (default: train)")
-    eval_rule: str | None = Field(None, description="module:function(prompt, response) -> float reported on "
-                                  "eval_prompts before and after training")
-    eval_max_new_tokens: int = Field(32, ge=1, description="longest sampled response for eval_rule, in tokens")
 
     @model_validator(mode="after")
     def _used(self):
         if self.loss_type == "kto" and self.optim.per_device_batch_size < 2:
             raise ValueError("optim.per_device_batch_size: the kto loss estimates its KL term from the other answers "
                              "of a batch, so a batch needs at least 2 rows")
-        if bool(self.eval_rule) != bool(self.eval_prompts):
-            raise ValueError("eval_rule and eval_prompts work together (the rule scores samples on those prompts): "
-                             "set both or neither")
-        self.refuse_unused(("eval_max_new_tokens",), bool(self.eval_rule), "without eval_rule")
-        self.refuse_unused(("eval_prompts_split",), bool(self.eval_prompts), "without eval_prompts")
         return self
 
     def memory(self, procs: int, prompt_tokens: int) -> dict:
-        # each row forwarded with its mismatched KL completion; a frozen reference unless LoRA or precomputed
-        reference = int(self.tuning != "lora" and not self.precompute_ref_log_probs)
-        return {**super().memory(procs, prompt_tokens), "pairs": 2 if self.loss_type == "kto" else 1,
-                "frozen_models": reference}
+        # each row forwarded with its mismatched KL completion (the kto loss)
+        return {**super().memory(procs, prompt_tokens), "pairs": 2 if self.loss_type == "kto" else 1}
 
-    def preflight(self, world: int, zero: dict | None = None) -> None:
-        if self.loss_type not in trl_loss_types():
-            raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a KTO loss of the installed "
-                             f"TRL; expected one of {list(trl_loss_types())}")
-
-    def inputs(self) -> dict[str, tuple[str, str]]:
-        out = {"policy": (self.policy, "model"), "preferences": (self.preferences, "artifact")}
-        if self.eval_prompts:
-            out["eval_prompts"] = (self.eval_prompts, "data")
-        return out
+    def trl_loss_types(self) -> tuple[str, ...]:
+        return trl_loss_types()
 
 
 Config = KTOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -178,7 +148,6 @@ def _rows(cfg: KTOStageConfig, ctx, prefs, tok, train_items: list, eval_items: l
 
 
 def run(cfg: KTOStageConfig, ctx) -> dict:
-    from datasets import Dataset
     from transformers import set_seed
     from trl import KTOConfig, KTOTrainer
 
@@ -209,52 +178,17 @@ def run(cfg: KTOStageConfig, ctx) -> dict:
                          max_length=cfg.max_length, precompute_ref_log_probs=cfg.precompute_ref_log_probs,
                          dataset_num_proc=None, trust_remote_code=info.get("trust_remote_code", False),
                          train_sampling_strategy="sequential")
-    # Full tuning: the reference is a frozen copy of the policy as loaded; LoRA: the disabled adapter; precomputed:
-    # no reference kept.
-    reference = copy.deepcopy(model) if cfg.tuning == "full" and not cfg.precompute_ref_log_probs else None
-    trainer = KTOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
-                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
-                         callbacks=[trainer_callback(ctx.metrics)])
-    readable_progress(trainer, ctx.name)
-    dropped = len(train) - len(trainer.train_dataset)
-    if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was trained
-        data_counts["dropped_by_trl"] = dropped
-        say(f"[{ctx.name}] warning: TRL dropped {dropped} more training rows than predicted")
-    total, trainable = count_parameters(trainer.model)
-    say(f"[{ctx.name}] {len(train)} train ({n_d} desirable, {n_u} undesirable) / {len(evals)} eval rows; weights "
-        f"desirable {desirable_weight:.3g}, undesirable {undesirable_weight:.3g}; {trainable:,} of {total:,} "
-        f"parameters trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
-    t0 = time.time()
-    fit(trainer, ctx, cfg)
-    seconds = time.time() - t0
-    if evals:
-        ev = trainer.evaluate()
-        metrics.update({k: ev[f"eval_{k}"] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl",
-                                                      "logps/chosen", "logps/rejected") if f"eval_{k}" in ev})
-        metrics["eval/loss"] = ev["eval_loss"]
-    model_out = final_model(trainer, cfg.lora.merge)
-    rule.after(ctx, trainer, model_out, tok, metrics)
-    check_finite(ctx, metrics)
-    ctx.metrics.log(metrics, step=trainer.state.global_step)
-    fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
-    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
-                             trust_remote_code=info.get("trust_remote_code", False), revision=info.get("revision"))
-    steps = trainer.state.global_step
-    margins = f"; held-out rewards/margins {metrics['rewards/margins']:.3f}" if "rewards/margins" in metrics else ""
-    summary = (f"{steps} steps in {seconds:.1f}s{margins}" + rule.summary(metrics)
+    trainer = offline_trainer(KTOTrainer, cfg, ctx, args, model, tok, train, evals, data_counts,
+                              f"{len(train)} train ({n_d} desirable, {n_u} undesirable) / {len(evals)} eval rows; "
+                              f"weights desirable {desirable_weight:.3g}, undesirable {undesirable_weight:.3g}")
+    out = train_and_save(trainer, ctx, cfg, tok, info, rule, metrics, has_eval=bool(evals), eval_keys=(
+        "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected"))
+    m = out["metrics"]
+    margins = f"; held-out rewards/margins {m['rewards/margins']:.3f}" if "rewards/margins" in m else ""
+    summary = (f"{out['steps']} steps in {out['seconds']:.1f}s{margins}" + rule.summary(m)
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
-    outputs = {"model": "model", "metrics": "metrics.jsonl"}
-    if (ctx.work_dir / "skipped.jsonl").exists():
-        outputs["skipped"] = "skipped.jsonl"
-    return {"kind": "policy", "outputs": outputs,
-            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
-            "counts": data_counts,
-            "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
-                                "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),
-                                "loss_type": cfg.loss_type, "beta": cfg.beta},
-                      "weights": {"desirable": desirable_weight, "undesirable": undesirable_weight,
-                                  "given": {"desirable": cfg.desirable_weight, "undesirable": cfg.undesirable_weight},
-                                  "ratio": ratio, "preferences": "unpaired" if unpaired else "pairs (unpaired)"},
-                      "check": {"logits_fingerprint": fingerprint}},
-            "summary": summary}
+    out["extra"]["model"].update(precision=precision, loss_type=cfg.loss_type, beta=cfg.beta)
+    out["extra"]["weights"] = {"desirable": desirable_weight, "undesirable": undesirable_weight,
+                               "given": {"desirable": cfg.desirable_weight, "undesirable": cfg.undesirable_weight},
+                               "ratio": ratio, "preferences": "unpaired" if unpaired else "pairs (unpaired)"}
+    return {**{k: out[k] for k in ("kind", "outputs", "metrics", "extra")}, "counts": data_counts, "summary": summary}

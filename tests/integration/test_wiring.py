@@ -38,7 +38,10 @@ def _build(tiny_run, tmp_path, monkeypatch, block: dict, at_fit=None):
         def stop(trainer, ctx, cfg):
             raise Built(at_fit(trainer) if at_fit else trainer)
 
-        monkeypatch.setattr(module, "fit", stop)
+        from pipeline.stages import common
+
+        # where the stage's fit is looked up: its own module, or common (DPO and KTO train through train_and_save)
+        monkeypatch.setattr(module if hasattr(module, "fit") else common, "fit", stop)
     name = block["name"]
     path = write_yaml(tmp_path / f"{name}.yaml", {"run_dir": str(tiny_run), "seed": 0, "stages": [
         {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}},
