@@ -21,7 +21,8 @@ Every file is read as written:
   delimiter is `,`, or the one the header uses when it has no comma (`;` from a European Excel, tab,
   `|`), with a note; .tsv is tab-separated; records whose cells are all empty (a spreadsheet's `,,,`
   rows) are blank lines. Cells are text except the columns we know: `tie` and `margin` are
-  converted to their types, `id`/`annotator`/`source` stay strings (empty = absent), and JSON is
+  converted to their types, `label` (unpaired rows) to a boolean when it reads true/false, 1/0 or
+  yes/no (anything else stays text, for the reader to refuse by name), `id`/`annotator`/`source` stay strings (empty = absent), and JSON is
   parsed only where messages (prompt/chosen/rejected/messages/completion) or ranked lists
   (responses/ranks/scores) are expected;
 - a dataset directory is read split by split (every split, the one named, or the caller's default
@@ -48,6 +49,7 @@ from rlhf.errors import InvalidInput, UsageError
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected", "messages", "completion")
 LIST_COLUMNS = ("responses", "completions", "ranks", "scores")  # ranked rows: JSON lists
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
+LABEL_TRUE, LABEL_FALSE = ("true", "1", "yes"), ("false", "0", "no")  # an unpaired row's label: no empty cell
 csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) rejects long replies; C long on every platform
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -416,6 +418,9 @@ def _csv_cell(name: str, cell: str, message_columns: tuple[str, ...]) -> Any:
         if v is not None and not math.isfinite(v):
             raise ValueError(f"'margin' is {cell!r}; expected a finite number")
         return v
+    if name == "label":
+        v = cell.strip().lower()
+        return True if v in LABEL_TRUE else False if v in LABEL_FALSE else cell
     if name in ("id", "annotator", "source"):
         return cell or None
     try:

@@ -17,6 +17,11 @@ Formats (detected on every row, a file holding the one of its first row; or give
   scores is refused; so are non-finite values (NaN, Infinity), which would rank first or last. The
   row's `id` names its pairs (`ID:1>3`: response 1 over response 3); a row-level `tie: true` or
   `margin` is refused (ties and margins come from the ranks and scores).
+- `unpaired`: one answer and whether it is desirable: prompt / completion / label (true or false;
+  TRL's unpaired preference format, what its KTOTrainer reads); detected on a row with a
+  completion or a label and no chosen/rejected. A label must be a boolean (in CSV: true/false, 1/0,
+  yes/no); `tie` and `margin` have no meaning on such a row and are refused. Each row yields one
+  `UnpairedRow` (in `Row.pairs`, the list of what a row yields).
 
 With `auto`, every row's format is detected: a file holds one format (pairs and messages rows may
 mix), and a row of another format than the first row's is rejected, naming that row, rather than
@@ -38,14 +43,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from feedback.files import iter_records
-from feedback.schema import SOURCES, PreferencePair, check_text, is_blank, text_key
+from feedback.schema import SOURCES, PreferencePair, UnpairedRow, check_text, is_blank, text_key
 
-FORMATS = ("auto", "pairs", "messages", "hh", "ranked")
+FORMATS = ("auto", "pairs", "messages", "hh", "ranked", "unpaired")
 RANKED_MODES = ("all_pairs", "best_vs_rest")
 ALIASES = {
     "prompt": ("prompt", "question"),
     "chosen": ("chosen", "response_chosen", "chosen_response"),
     "rejected": ("rejected", "response_rejected", "rejected_response"),
+    "completion": ("completion",),  # unpaired rows
+    "label": ("label",),
 }
 OPTIONAL = ("id", "source", "tie", "margin", "annotator", "judge")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -56,7 +63,7 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 class Row:
     where: str
     line: int
-    pairs: list[PreferencePair] = field(default_factory=list)
+    pairs: list[PreferencePair | UnpairedRow] = field(default_factory=list)  # what the row yields
     error: tuple[str, str] | None = None  # (code, reason)
     raw: str | None = None
     dropped: list[tuple[PreferencePair, str, str]] = field(default_factory=list)  # (pair, code, reason)
@@ -319,16 +326,36 @@ def read_ranked_row(row: dict, keys=None, source="human", mode="all_pairs") -> l
     return out
 
 
-READERS = {"pairs": read_pairs_row, "messages": read_messages_row, "hh": read_hh_row, "ranked": read_ranked_row}
+def read_unpaired_row(row: dict, keys=None, source="human") -> list[UnpairedRow]:
+    kp, kc, kl = (_find_key(row, role, keys) for role in ("prompt", "completion", "label"))
+    prompt, completion = _checked(row[kp], "prompt"), _checked(row[kc], "completion")
+    label = row[kl]
+    if not isinstance(label, bool):
+        raise Bad("wrong_type", f"'{kl}' must be true or false (desirable or not), got {label!r}: a JSON boolean "
+                  "(in CSV: true/false, 1/0 or yes/no)")
+    optional = _optional(row)
+    for k in ("tie", "margin"):
+        if optional.get(k):
+            raise Bad("wrong_type", f"'{k}' on an unpaired row: an answer is desirable or not; leave it out")
+    extra = {k: v for k, v in optional.items() if k not in ("tie", "margin")}
+    return [UnpairedRow(prompt=prompt, completion=completion, label=label, **{"source": source, **extra})]
+
+
+READERS = {"pairs": read_pairs_row, "messages": read_messages_row, "hh": read_hh_row, "ranked": read_ranked_row,
+           "unpaired": read_unpaired_row}
 
 
 def detect_format(row: Any, keys=None) -> str | None:
-    """The format of a row: ranked (responses), messages (lists), hh (both replies are transcripts, even beside a
-    prompt column; without one, a chosen transcript is enough), or pairs."""
+    """The format of a row: ranked (responses), unpaired (a completion or a label, no chosen/rejected), messages
+    (lists), hh (both replies are transcripts, even beside a prompt column; without one, a chosen transcript is
+    enough), or pairs."""
     if not isinstance(row, dict):
         return None
     if "responses" in row or "completions" in row:
         return "ranked"
+    if (not any(_find_key(row, role, keys, required=False) for role in ("chosen", "rejected"))
+            and any(_find_key(row, role, keys, required=False) for role in ("completion", "label"))):
+        return "unpaired"
     try:
         kc = _find_key(row, "chosen", keys)
         kr = _find_key(row, "rejected", keys)
@@ -414,7 +441,7 @@ def _undetected(rec, keys) -> Row:
         return Row(rec.where, rec.line, raw=rec.raw, error=(reasons[0].code, reasons[0].reason), typo=reasons[0].typo)
     typo = next((b.typo for b in reasons if b.typo), None)
     return Row(rec.where, rec.line, raw=rec.raw, typo=typo, error=(
-        "missing_key", f"cannot tell the format: no chosen/rejected or responses keys (found keys: "
+        "missing_key", f"cannot tell the format: no chosen/rejected, completion/label or responses keys (found keys: "
         f"{sorted(map(str, row))}); use --format and --keys"))
 
 

@@ -12,6 +12,16 @@ as it is: all strings (standard), or all message lists (conversational: with a m
 `chosen` and `rejected` are lists of assistant messages, a reply given as a string becoming one
 assistant message), so that any file written here loads with `datasets.load_dataset("json", ...)`
 straight into TRL's DPOTrainer and RewardTrainer. Readers accept both shapes.
+
+The canonical unpaired row (binary feedback: one answer, good or not; TRL's unpaired preference format, as its
+KTOTrainer reads it):
+
+    {"id": str, "prompt": str | [messages], "completion": str | [messages], "label": bool,
+     "source": "human" | "ai", "annotator": str, "judge": object}
+
+`label` is true for a desirable answer (a thumbs-up) and false for an undesirable one; `annotator` and `judge`
+are written only when they hold a value. The same two shapes: all strings, or all message lists (the completion
+as assistant messages).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from rlhf.io import write_jsonl
 Text = str | list  # a string or a list of {"role", "content"} messages
 
 FIELDS = ("id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge")
+UNPAIRED_FIELDS = ("id", "prompt", "completion", "label", "source", "annotator", "judge")
 NULLABLE = ("margin", "annotator", "judge")  # written only when they hold a value
 SOURCES = ("human", "ai")
 ROLES = ("system", "user", "assistant", "tool")
@@ -60,6 +71,29 @@ class PreferencePair:
         return {k: d[k] for k in FIELDS if not (k in NULLABLE and d[k] is None)}
 
 
+@dataclass
+class UnpairedRow:
+    """One answer and whether it is desirable (`label`): the row of the `unpaired` format."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    id: str = ""
+    source: str = "human"
+    annotator: str | None = None
+    judge: dict | None = None
+
+    def __post_init__(self):
+        self.source = self.source or "human"
+        self.prompt, self.completion, _ = conform(self.prompt, self.completion, self.completion)
+        if not self.id:
+            self.id = unpaired_id(self.prompt, self.completion, self.label)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: d[k] for k in UNPAIRED_FIELDS if not (k in NULLABLE and d[k] is None)}
+
+
 def conform(prompt: Text, chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
     """One shape for the three fields: all strings, or (when any of them is a message list) all message lists,
     a string prompt becoming a user turn and string replies assistant turns (TRL's conversational format)."""
@@ -75,6 +109,10 @@ def canonical(obj: Any) -> str:
 
 def pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:
     return hashlib.sha1(canonical([prompt, chosen, rejected]).encode()).hexdigest()[:16]
+
+
+def unpaired_id(prompt: Text, completion: Text, label: bool) -> str:
+    return hashlib.sha1(canonical([prompt, completion, label]).encode()).hexdigest()[:16]
 
 
 def text_of(x: Text) -> str:
@@ -160,18 +198,40 @@ def from_dict(d: dict) -> tuple[PreferencePair | None, str | None]:
     return PreferencePair(**{k: d[k] for k in FIELDS if k in d}), None
 
 
-def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> int:
+def unpaired_from_dict(d: dict) -> tuple[UnpairedRow | None, str | None]:
+    """A canonical unpaired row -> UnpairedRow, or the reason it is not one."""
+    missing = [k for k in ("prompt", "completion", "label") if k not in d]
+    if missing:
+        return None, f"missing key '{missing[0]}' (found keys: {sorted(d)})"
+    for k in ("prompt", "completion"):
+        err = check_text(d[k], k)
+        if err:
+            return None, err
+    if not isinstance(d["label"], bool):
+        return None, f"'label' must be true or false, got {d['label']!r}"
+    if d.get("source", "human") not in SOURCES:
+        return None, f"'source' must be 'human' or 'ai', got {d.get('source')!r}"
+    unknown = set(d) - set(UNPAIRED_FIELDS)
+    if unknown:
+        return None, f"unknown keys {sorted(unknown)} in a canonical unpaired row"
+    return UnpairedRow(**{k: d[k] for k in UNPAIRED_FIELDS if k in d}), None
+
+
+def write_pairs(path: str | Path, pairs: Iterable[PreferencePair | UnpairedRow]) -> int:
+    """Canonical rows (pairs, or unpaired rows) as JSONL, written atomically."""
     return write_jsonl(path, (p.to_dict() for p in pairs))
 
 
-def read_pairs(path: str | Path) -> Iterator[PreferencePair]:
-    """Read a canonical JSONL file written by this project; any bad row is an error naming its line."""
+def read_pairs(path: str | Path, unpaired: bool = False) -> Iterator[PreferencePair]:
+    """Read a canonical JSONL file written by this project (of unpaired rows with `unpaired`); any bad row is an
+    error naming its line."""
+    parse = unpaired_from_dict if unpaired else from_dict
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                pair, err = from_dict(json.loads(line))
+                pair, err = parse(json.loads(line))
             except json.JSONDecodeError as exc:
                 err = f"invalid JSON: {exc.msg}"
             if err:

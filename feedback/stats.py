@@ -1,4 +1,5 @@
-"""`rlhf data stats`: what a preference file holds, including how often annotators agree."""
+"""`rlhf data stats`: what a preference file holds (pairs; or unpaired rows: desirable and undesirable counts),
+including how often annotators agree."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def file_stats(report: Report, tokenizer=None) -> dict:
         t = text_of(x)
         return len(tokenizer(t)["input_ids"]) if tokenizer is not None else len(t)
 
+    if report.unpaired:
+        return _unpaired_stats(report, pairs, length, tokenizer is not None)
     return {
         "file": report.path,
         "format": report.format,
@@ -42,6 +45,25 @@ def file_stats(report: Report, tokenizer=None) -> dict:
         "sources": dict(Counter(p.source for p in pairs)),
         "annotators": dict(Counter(p.annotator or "(none)" for p in pairs).most_common(20)),
         "distinct_prompts": len({prompt_key(p.prompt) for p in pairs}),
+        "agreement": annotator_agreement(report),
+        "notes": report.notes,
+    }
+
+
+def _unpaired_stats(report: Report, rows: list, length, tokens: bool) -> dict:
+    """An unpaired file: how many answers are desirable and undesirable (the ratio KTO's weights balance)."""
+    desirable = sum(r.label for r in rows)
+    return {
+        "file": report.path,
+        "format": report.format,
+        **report.counts(),
+        "desirable_share": round(desirable / len(rows), 4) if rows else None,
+        "length_unit": "tokens" if tokens else "characters",
+        "lengths": {k: _dist([length(getattr(r, k)) for r in rows]) for k in ("prompt", "completion")},
+        "prompt_turns": _dist([1 if isinstance(r.prompt, str) else len(r.prompt) for r in rows]),
+        "sources": dict(Counter(r.source for r in rows)),
+        "annotators": dict(Counter(r.annotator or "(none)" for r in rows).most_common(20)),
+        "distinct_prompts": len({prompt_key(r.prompt) for r in rows}),
         "agreement": annotator_agreement(report),
         "notes": report.notes,
     }

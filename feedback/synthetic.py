@@ -121,6 +121,22 @@ def preference_pairs(n: int = 600, seed: int = SEED + 1) -> list[dict]:
     return rows
 
 
+def unpaired_rows(n: int = 600, seed: int = SEED + 2) -> list[dict]:
+    """Single answers labelled the way a thumbs up/down would be: desirable (`label` true) when `rule_score` is at
+    least 0.8 (only positive adjectives), else undesirable. About one answer in three is desirable, so the kto
+    stage's default weights have an imbalance to balance."""
+    rng = random.Random(seed)
+    ps = prompts()
+    rows = []
+    for i in range(n):
+        prompt = ps[i % len(ps)]
+        mood = rng.choice(["positive", "negative", "mixed"])
+        completion = _describe(rng, topic_of(prompt), mood)
+        rows.append({"prompt": prompt, "completion": completion, "label": rule_score(prompt, completion) >= 0.8})
+    rng.shuffle(rows)
+    return rows
+
+
 def prompt_pool() -> list[dict]:
     return [{"prompt": p} for p in prompts()]
 
@@ -137,7 +153,8 @@ def corpus() -> list[str]:
     return lines
 
 
-FILES = {"sft.jsonl": sft_examples, "preferences.jsonl": preference_pairs, "prompts.jsonl": prompt_pool}
+FILES = {"sft.jsonl": sft_examples, "preferences.jsonl": preference_pairs, "prompts.jsonl": prompt_pool,
+         "unpaired.jsonl": unpaired_rows}
 
 
 def render(name: str) -> str:

@@ -1,14 +1,16 @@
 """Check every row of a preference file and account for each one.
 
 Row checks come from the readers (JSON, UTF-8, CSV quoting, keys, types, finite numbers, empty
-text, chosen == rejected, HH structure, ranked rows). This module adds the checks that need the
-whole file, on normalised text (`schema.text_key`: Unicode NFC, whitespace collapsed):
+text, chosen == rejected, HH structure, ranked rows, unpaired labels). This module adds the checks
+that need the whole file, on normalised text (`schema.text_key`: Unicode NFC, whitespace collapsed):
 - repeated pairs (same prompt and responses), resolved by `duplicates`:
   `fail` (default): later copies with the same label are duplicates, and when the labels differ
   every copy is a conflict; `first`: the first copy is kept, the others rejected; `majority`: the
   label most copies give is kept once, the others outvoted, a tie of votes rejects them all;
+  unpaired rows repeat when they hold the same prompt and completion, their label being the label;
 - explicit ids used twice (the later row is rejected, naming the first);
-- given the stage's tokenizer and max_length, pairs that become empty or identical when truncated.
+- given the stage's tokenizer and max_length, pairs that become empty or identical when truncated
+  (unpaired rows: whose prompt alone fills max_length).
 A row that expands to several pairs (ranked) loses only the pairs concerned (`Row.dropped`).
 Nothing is dropped silently: `Report` counts every row read as valid or invalid, with reasons,
 and how often repeated pairs agree.
@@ -20,7 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from feedback.readers import Row, read_rows
-from feedback.schema import PreferencePair, canonical, text_key
+from feedback.schema import PreferencePair, UnpairedRow, canonical, text_key
 from reward.text import encode
 
 DUPLICATES = ("fail", "first", "majority")
@@ -52,8 +54,14 @@ class Report:
         return not self.invalid and not self.dropped
 
     @property
-    def pairs(self) -> list[PreferencePair]:
+    def pairs(self) -> list[PreferencePair | UnpairedRow]:
+        """What the valid rows yield: preference pairs, or unpaired rows (a file holds one format)."""
         return [p for r in self.valid for p in r.pairs]
+
+    @property
+    def unpaired(self) -> bool:
+        """The file holds unpaired rows (answers labelled desirable or not) rather than pairs."""
+        return self.format == "unpaired"
 
     def problems(self) -> list[str]:
         out = []
@@ -71,12 +79,13 @@ class Report:
 
     def counts(self) -> dict:
         reasons = Counter(r.error[0] for r in self.invalid) + Counter(code for _, _, code, _ in self.dropped)
+        yielded = ({"desirable": sum(p.label for p in self.pairs), "undesirable": sum(not p.label for p in self.pairs)}
+                   if self.unpaired else {"pairs": len(self.pairs), "pairs_rejected": len(self.dropped)})
         return {
             "rows_read": len(self.rows),
             "accepted": len(self.valid),
             "rejected": len(self.invalid),
-            "pairs": len(self.pairs),
-            "pairs_rejected": len(self.dropped),
+            **yielded,
             "rejected_by_reason": dict(reasons),
         }
 
@@ -91,11 +100,13 @@ class Report:
         return out
 
 
-def _pair_name(p: PreferencePair, width: int = 30) -> str:
+def _pair_name(p: PreferencePair | UnpairedRow, width: int = 30) -> str:
     def short(x) -> str:
         t = x if isinstance(x, str) else " ".join(m.get("content", "") for m in x)
         return repr(t if len(t) <= width else t[: width - 1] + "…")
 
+    if isinstance(p, UnpairedRow):
+        return f"the answer {short(p.completion)}"
     return f"the pair {short(p.chosen)} over {short(p.rejected)}"
 
 
@@ -105,22 +116,37 @@ Copy = tuple[Row, int]  # one copy of a repeated pair: its row and the pair's in
 Rejection = tuple[Row, int, str, str]  # (row, pair index, code, reason)
 
 
-def _label(p: PreferencePair) -> str:
+def _label(p: PreferencePair | UnpairedRow) -> str:
+    if isinstance(p, UnpairedRow):
+        return "desirable" if p.label else "undesirable"
     return "tie" if p.tie else text_key(p.chosen)
 
 
-def _repeat_key(p: PreferencePair) -> str:
-    """The same prompt and the same two responses, in either order, on normalised text."""
+def repeat_key(p: PreferencePair | UnpairedRow) -> str:
+    """The same prompt and the same two responses, in either order (unpaired: the same completion), on normalised
+    text."""
+    if isinstance(p, UnpairedRow):
+        return canonical([text_key(p.prompt), text_key(p.completion)])
     return canonical([text_key(p.prompt), sorted([text_key(p.chosen), text_key(p.rejected)])])
 
 
+def _texts(p: PreferencePair | UnpairedRow) -> list:
+    return [p.prompt, p.completion] if isinstance(p, UnpairedRow) else [p.prompt, p.chosen, p.rejected]
+
+
+def _what(p: PreferencePair | UnpairedRow) -> tuple[str, str]:
+    """How messages name what repeats and what its copies disagree on."""
+    return ("prompt and completion", "label") if isinstance(p, UnpairedRow) else ("prompt and responses",
+                                                                                  "preference")
+
+
 def _repeat_groups(rows: list[Row]) -> list[list[Copy]]:
-    """The pairs of valid rows labelled more than once, grouped by _repeat_key, in file order."""
+    """The pairs of valid rows labelled more than once, grouped by repeat_key, in file order."""
     groups: dict[str, list[Copy]] = defaultdict(list)
     for row in rows:
         if row.error is None:
             for i, p in enumerate(row.pairs):
-                groups[_repeat_key(p)].append((row, i))
+                groups[repeat_key(p)].append((row, i))
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -143,8 +169,8 @@ def _where(row: Row, path: str) -> str:
     return f"line {loc}" if loc.isdigit() else loc
 
 
-def _same_text(a: PreferencePair, b: PreferencePair) -> bool:
-    return canonical([a.prompt, a.chosen, a.rejected]) == canonical([b.prompt, b.chosen, b.rejected])
+def _same_text(a: PreferencePair | UnpairedRow, b: PreferencePair | UnpairedRow) -> bool:
+    return canonical(_texts(a)) == canonical(_texts(b))
 
 
 def _pair(m: Copy) -> PreferencePair:
@@ -160,8 +186,9 @@ def _resolve(group: list[Copy], mode: str, path: str) -> list[Rejection]:
         return [(*m, "duplicate", f"{'duplicate' if lab == labels[0] else 'repeat with a different label'} of "
                  f"{kept}, which is kept (--duplicates first)") for m, lab in zip(group[1:], labels[1:])]
     if mode == "fail" and len(set(labels)) > 1:
+        same, differs = _what(_pair(group[0]))
         return [(*m, "conflict", f"conflicting duplicate of {_where(_first_other(group, labels, lab)[0], path)} "
-                 "(same prompt and responses, different preference)") for m, lab in zip(group, labels)]
+                 f"(same {same}, different {differs})") for m, lab in zip(group, labels)]
     return _resolve_votes(group, labels, path)
 
 
@@ -190,12 +217,14 @@ def _resolve_votes(group: list[Copy], labels: list[str], path: str) -> list[Reje
         elif _same_text(_pair(m), _pair(kept)):
             out.append((*m, "duplicate", f"exact duplicate of {_where(kept[0], path)}"))
         else:
-            out.append((*m, "duplicate", f"duplicate of {_where(kept[0], path)} (same prompt, responses and label "
+            out.append((*m, "duplicate", f"duplicate of {_where(kept[0], path)} (same {_what(_pair(m))[0]} and label "
                                          "once Unicode and whitespace are normalised)"))
     return out
 
 
 def _winner_says(winner: str, loser: str) -> str:
+    if winner in ("desirable", "undesirable"):
+        return f"labelled it {winner}"
     if winner == "tie":
         return "called it a tie"
     return "preferred one of the responses" if loser == "tie" else "preferred the other response"
@@ -244,6 +273,13 @@ def _check_truncation(rows: list[Row], tokenizer, max_length: int) -> None:
         if row.error:
             continue
         for p in row.pairs:
+            if isinstance(p, UnpairedRow):
+                _, n_prompt = encode(tokenizer, p.prompt, p.completion, max_length)
+                if n_prompt >= max_length:
+                    row.error = ("truncation", f"the prompt alone is {n_prompt} tokens: the completion would be empty "
+                                               f"after truncation to max_length {max_length}")
+                    break
+                continue
             c, n_prompt = encode(tokenizer, p.prompt, p.chosen, max_length)
             r, _ = encode(tokenizer, p.prompt, p.rejected, max_length)
             if n_prompt >= max_length:

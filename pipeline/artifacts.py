@@ -33,7 +33,7 @@ from pipeline.distributed import is_main
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("policy", "reward_model", "preferences", "eval")
+KINDS = ("policy", "reward_model", "preferences", "unpaired_preferences", "eval")
 
 
 # --------------------------------------------------------------------------- atomic writes

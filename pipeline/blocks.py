@@ -432,3 +432,54 @@ class OnlineRLBlock(TrainingBlock):
         if self.reward.model:
             out["reward_model"] = (self.reward.model, "artifact")
         return out
+
+
+class OfflinePreferenceBlock(TrainingBlock):
+    """What the methods that train a policy on recorded preferences against a reference share (DPO on pairs, KTO on
+    unpaired rows): the policy, the preferences artifact, beta, the reference, the length, and a rule reported on
+    held-out prompts before and after."""
+
+    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
+    preferences: str = Field(description="stage:NAME of a preferences artifact")
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference (higher: stay closer)")
+    precompute_ref_log_probs: bool = Field(False, description="compute the reference's log-probs once before training "
+                                           "(no reference model kept during training)")
+    max_length: int = Field(512, ge=8, description="prompt + response tokens; rows whose prompt alone fills it are "
+                            "skipped")
+    eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
+    eval_prompts_split: str | None = Field(None, description="eval_prompts is a DatasetDict directory: the split "
+                                           "to read (default: train)")
+    eval_rule: str | None = Field(None, description="module:function(prompt, response) -> float reported on "
+                                  "eval_prompts before and after training")
+    eval_max_new_tokens: int = Field(32, ge=1, description="longest sampled response for eval_rule, in tokens")
+
+    @model_validator(mode="after")
+    def _eval_rule_used(self):
+        if bool(self.eval_rule) != bool(self.eval_prompts):
+            raise ValueError("eval_rule and eval_prompts work together (the rule scores samples on those prompts): "
+                             "set both or neither")
+        self.refuse_unused(("eval_max_new_tokens",), bool(self.eval_rule), "without eval_rule")
+        self.refuse_unused(("eval_prompts_split",), bool(self.eval_prompts), "without eval_prompts")
+        return self
+
+    def trl_loss_types(self) -> tuple[str, ...]:
+        """The losses of this method the installed TRL implements (each method reads them from its TRL config)."""
+        raise NotImplementedError
+
+    def preflight(self, world: int, zero: dict | None = None) -> None:
+        losses = self.trl_loss_types()
+        if self.loss_type not in losses:
+            raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a {self.stage.upper()} loss of "
+                             f"the installed TRL; expected one of {list(losses)}")
+
+    def memory(self, procs: int, prompt_tokens: int) -> dict:
+        # a frozen copy of the policy as the reference, unless the reference is the disabled adapter (LoRA) or its
+        # log-probs are computed once beforehand
+        reference = int(self.tuning != "lora" and not self.precompute_ref_log_probs)
+        return {**super().memory(procs, prompt_tokens), "frozen_models": reference}
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        out = {"policy": (self.policy, "model"), "preferences": (self.preferences, "artifact")}
+        if self.eval_prompts:
+            out["eval_prompts"] = (self.eval_prompts, "data")
+        return out

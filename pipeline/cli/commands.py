@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 from feedback.agree import agreement
+from feedback.export import describe, write_export
 from feedback.files import iter_records
 from pipeline.judging import build_judge
 from feedback.schema import write_pairs
 from feedback.stats import file_stats
 from feedback.validate import validate_file
+from feedback.readers import ALIASES
 from pipeline import distributed
 from pipeline import plan as planner
 from pipeline.artifacts import MANIFEST, load_artifact, write_json, write_jsonl
@@ -82,14 +84,17 @@ def cmd_plan(args) -> int:
     return 1 if unfit else 0
 
 
+KEY_ROLES = tuple(ALIASES)  # prompt, chosen, rejected; completion, label (unpaired rows)
+
+
 def _keys(spec: str | None) -> dict[str, str] | None:
     if not spec:
         return None
     out = {}
     for item in spec.split(","):
         role, _, name = item.partition("=")
-        if role not in ("prompt", "chosen", "rejected") or not name:
-            raise UsageError(f"--keys {spec}: expected ROLE=NAME[,ROLE=NAME] with ROLE prompt, chosen or rejected")
+        if role not in KEY_ROLES or not name:
+            raise UsageError(f"--keys {spec}: expected ROLE=NAME[,ROLE=NAME] with ROLE one of {', '.join(KEY_ROLES)}")
         out[role] = name
     return out
 
@@ -128,7 +133,8 @@ def cmd_data_validate(args) -> int:
     _print_notes(report)
     a = report.agreement
     if a.get("pairs_labelled_more_than_once"):
-        print(f"repeated pairs: {a['pairs_labelled_more_than_once']} labelled more than once; agreement "
+        print(f"repeated {'rows' if report.unpaired else 'pairs'}: {a['pairs_labelled_more_than_once']} labelled "
+              f"more than once; agreement "
               f"{a['agreement']} over {a['label_pairs']} label pairs (--duplicates {args.duplicates})", file=sys.stderr,
               flush=True)
     print(f"format: {report.format}", file=sys.stderr, flush=True)
@@ -151,8 +157,8 @@ def cmd_data_import(args) -> int:
         write_jsonl(rejected_path, rejected)
     _print_notes(report)
     print(f"format: {report.format}; {report.summary()}")
-    print(f"wrote {n} pairs to {out}" + (f"; {len(rejected)} rejected rows and pairs with reasons to {rejected_path}"
-                                          if rejected else ""))
+    print(f"wrote {n} {'unpaired rows' if report.unpaired else 'pairs'} to {out}"
+          + (f"; {len(rejected)} rejected rows and pairs with reasons to {rejected_path}" if rejected else ""))
     return 0
 
 
@@ -164,17 +170,23 @@ def cmd_data_stats(args) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     print(f"{stats['file']}  format: {stats['format']}")
+    yielded = (f"desirable: {stats['desirable']}; undesirable: {stats['undesirable']}" if report.unpaired
+               else f"pairs: {stats['pairs']}")
     print(f"rows: {stats['rows_read']} ({stats['accepted']} valid, {stats['rejected']} invalid"
-          + (f": {stats['rejected_by_reason']}" if stats["rejected"] else "") + f"); pairs: {stats['pairs']}")
-    print(f"distinct prompts: {stats['distinct_prompts']}; ties: {stats['ties']}; with margin: {stats['with_margin']}")
+          + (f": {stats['rejected_by_reason']}" if stats["rejected"] else "") + f"); {yielded}")
+    if report.unpaired:
+        print(f"distinct prompts: {stats['distinct_prompts']}; desirable share: {stats['desirable_share']}")
+    else:
+        print(f"distinct prompts: {stats['distinct_prompts']}; ties: {stats['ties']}; with margin: "
+              f"{stats['with_margin']}")
     print(f"sources: {stats['sources']}; annotators: {stats['annotators']}")
     print(f"lengths ({stats['length_unit']}):")
     for k, d in stats["lengths"].items():
-        print(f"  {k:9s} " + "  ".join(f"{n} {v}" for n, v in d.items()))
+        print(f"  {k:{max(9, len(k))}s} " + "  ".join(f"{n} {v}" for n, v in d.items()))
     print("  prompt turns  " + "  ".join(f"{n} {v}" for n, v in stats["prompt_turns"].items()))
     a = stats["agreement"]
     print(f"annotator agreement: {a['agreement'] if a['agreement'] is not None else 'n/a'} over "
-          f"{a['pairs_labelled_more_than_once']} pairs labelled more than once")
+          f"{a['pairs_labelled_more_than_once']} {'rows' if report.unpaired else 'pairs'} labelled more than once")
     return 0
 
 
@@ -242,6 +254,9 @@ def cmd_feedback_label(args) -> int:
 def cmd_feedback_agree(args) -> int:
     judge, jcfg, _ = build_judge(args.judge)
     report = validate_file(resolve_data_path(args.human), args.format, _keys(args.keys))
+    if report.unpaired:
+        raise UsageError(f"{args.human}: unpaired rows (one answer, labelled): a judge's agreement is measured on "
+                         "pairs (chosen over rejected)")
     if report.invalid:
         print(f"{report.summary()}: judging the {len(report.valid)} valid rows "
               f"(rlhf data validate {args.human} lists the problems)", file=sys.stderr)
@@ -260,6 +275,13 @@ def cmd_feedback_agree(args) -> int:
     out = args.output or "agreement.json"
     write_json(out, {**result, "rows": rows})
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_feedback_export(args) -> int:
+    counts = write_export(args.db, args.output, args.kind, args.annotator)
+    print(describe(counts))
+    print(f"wrote {counts['exported']} rows to {args.output}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import typing
 
+from feedback.export import KINDS as EXPORT_KINDS
 from feedback.readers import FORMATS, RANKED_MODES
 from feedback.schema import SOURCES
 from feedback.validate import DUPLICATES
@@ -82,7 +83,8 @@ def _rows_options(q) -> None:
     """How the rows of a preference file are read (their choices come from feedback/)."""
     q.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detected; a file holds "
                    "the format of its first row, and a row of another is rejected)")
-    q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad")
+    q.add_argument("--keys", metavar="ROLE=NAME,...", help="key names, e.g. prompt=q,chosen=good,rejected=bad "
+                   "(unpaired rows: completion=answer,label=thumbs_up)")
 
 
 def _data_options(q, tokenizer: bool = True) -> None:
@@ -159,7 +161,8 @@ def _add_plan(sub) -> None:
 def _add_data(sub) -> None:
     dsub = _group(sub, "data", "ACTION", "validate, import and describe preference files",
                   "Preference files: JSONL, JSON arrays, CSV, TSV (each also .gz), Parquet or a local dataset "
-                  "directory, in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts) or ranked.")
+                  "directory, in the formats pairs, messages, hh (Anthropic HH-RLHF transcripts), ranked or unpaired "
+                  "(prompt, completion, label: binary feedback).")
     dv = _command(dsub, "validate", commands.cmd_data_validate,
                   "check every row; print FILE:LINE: reason and a summary line",
                   "Check every row of a preference file. Prints each problem as FILE:LINE: reason and ends with "
@@ -191,8 +194,9 @@ def _add_reward(sub) -> None:
 
 
 def _add_feedback(sub) -> None:
-    fsub = _group(sub, "feedback", "ACTION", "AI-judge labels (RLAIF) and agreement with human labels",
-                  "Label policy samples with an AI judge, or measure a judge against humans.")
+    fsub = _group(sub, "feedback", "ACTION", "AI-judge labels (RLAIF), agreement with human labels, export of users' "
+                  "feedback", "Label policy samples with an AI judge, measure a judge against humans, or export the "
+                  "feedback users gave a served policy.")
     fl = _command(fsub, "label", commands.cmd_feedback_label,
                   "sample k responses per prompt from a policy and let a judge pick",
                   "Sample k responses per prompt from a policy, judge pairs of them in both orders, and write "
@@ -219,6 +223,18 @@ def _add_feedback(sub) -> None:
     fa.add_argument("--limit", type=int, help="judge only the first N pairs")
     fa.add_argument("--seed", type=int, default=0, help="which side the human-preferred response is shown on")
     fa.add_argument("-o", "--output", metavar="REPORT.json", help="default: agreement.json")
+    fx = _command(fsub, "export", commands.cmd_feedback_export,
+                  "users' feedback in a traffic log as preference pairs or unpaired rows",
+                  "Turn the feedback recorded by `rlhf serve policy --monitor DB` into training data: --kind pairs "
+                  "(default) writes each 'preferred_over' as a canonical preference pair, --kind unpaired each "
+                  "thumbs up/down as {prompt, completion, label}. The latest feedback on an answer (or a pair of "
+                  "answers) wins; every feedback row not exported is counted with its reason. The file passes "
+                  "`rlhf data validate`.")
+    fx.add_argument("db", metavar="DB", help="the traffic log (SQLite) written by serve --monitor")
+    fx.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    fx.add_argument("--kind", default="pairs", choices=EXPORT_KINDS, help="pairs (default) or unpaired")
+    fx.add_argument("--annotator", metavar="NAME", help="recorded as every row's annotator (e.g. 'simulated' when a "
+                    "rule gave the feedback)")
 
 
 def _add_eval(sub) -> None:

@@ -8,7 +8,7 @@ pipeline.blocks, pipeline.data, pipeline.stages.common, reward and feedback; nev
 never pipeline.config or pipeline.runner.
 """
 
-from pipeline.stages import ai_preferences, dpo, evaluate, grpo, ppo, preferences, reward, sft
+from pipeline.stages import ai_preferences, dpo, evaluate, grpo, kto, ppo, preferences, reward, sft
 
 REGISTRY = {
     "sft": sft,
@@ -17,6 +17,7 @@ REGISTRY = {
     "reward": reward,
     "ppo": ppo,
     "dpo": dpo,
+    "kto": kto,
     "grpo": grpo,
     "rloo": grpo,  # one module, one Config for both group-baseline methods
     "evaluate": evaluate,

@@ -19,7 +19,8 @@ from rlhf.errors import InvalidInput
 from feedback.judges.rule import load_callable
 from pipeline import checkpoint
 from pipeline.artifacts import write_jsonl
-from pipeline.data import rule_eval
+from feedback.schema import prompt_key
+from pipeline.data import read_prompts, resolve_data_path, rule_eval
 from pipeline.distributed import any_rank, gather, say
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.tracking import report_to
@@ -82,7 +83,9 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
         deepspeed=zero_config(cfg, precision),
         # TRL's configs default to gradient checkpointing on; ours is off unless the stage turns it on
         activation_checkpointing=cfg.gradient_checkpointing,
-        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
+        # a method may need its own order (KTO: sequential, its KL estimate pairs neighbours in a batch)
+        train_sampling_strategy=extra.pop("train_sampling_strategy", "group_by_length" if o.group_by_length
+                                          else "random"),
         length_column_name="length",  # the reward stage's rows carry one; SFT's are measured by their input_ids
         **extra,
     )
@@ -122,6 +125,98 @@ def pair_rows(ctx, cfg, splits: dict, convert, what: str = "pairs") -> tuple[dic
     counts = {"read": {k: len(v[1]) for k, v in splits.items()}, "kept": {k: len(v) for k, v in rows.items()},
               "skipped": len(skipped), "skipped_by_reason": by_reason}
     return rows, kept, counts
+
+
+def chat_prompt_tokens(tok, prompt: list, replies: list) -> int:
+    """How many tokens of a conversational row TRL counts as its prompt (DPO, KTO: the prompt rendered with the
+    generation prompt, cut where it stops being a prefix of the prompt followed by any of `replies`)."""
+    def ids(msgs, **kw):
+        return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+    def common(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    start = ids(prompt, add_generation_prompt=True)
+    return min(common(start, ids(prompt + reply)) for reply in replies)
+
+
+def held_out_prompts(cfg, eval_items: list) -> tuple[list, str]:
+    """cfg.eval_prompts restricted to the prompts of the held-out preference rows (the first 64 when none of them
+    are held out), and what they are, as the summary names them (DPO, KTO: the rule reward before and after)."""
+    if not cfg.eval_prompts:
+        return [], ""
+
+    prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
+                           split_key="eval_prompts_split")
+    held = {prompt_key(p.prompt) for p in eval_items}
+    kept = [p for p in prompts if prompt_key(p) in held]
+    if kept:
+        return kept, f"the {len(kept)} prompts of {cfg.eval_prompts} the preferences stage held out"
+    return prompts[:64], f"the first {len(prompts[:64])} prompts of {cfg.eval_prompts} (none of them held out)"
+
+
+def offline_trainer(trainer_cls, cfg, ctx, args, model, tok, train: list, evals: list, counts: dict, described: str):
+    """A TRL trainer of a policy on recorded preferences (DPO, KTO) over `train` and `evals` rows. Full tuning: the
+    reference is a frozen copy of the policy as loaded (TRL would reload it from the policy's path without its
+    revision); LoRA: the disabled adapter; precomputed: no reference kept. Rows TRL filters beyond what the stage
+    predicted are counted (counts.dropped_by_trl) and said; `described` (the rows, weights) opens the line that
+    says what is trained."""
+    import copy
+
+    from datasets import Dataset
+
+    from pipeline.models import count_parameters
+    from pipeline.tracking import readable_progress, trainer_callback
+
+    reference = copy.deepcopy(model) if cfg.tuning == "full" and not cfg.precompute_ref_log_probs else None
+    trainer = trainer_cls(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
+                          eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
+                          peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
+                          callbacks=[trainer_callback(ctx.metrics)])
+    readable_progress(trainer, ctx.name)
+    dropped = len(train) - len(trainer.train_dataset)
+    if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was trained
+        counts["dropped_by_trl"] = dropped
+        say(f"[{ctx.name}] warning: TRL dropped {dropped} more training rows than predicted")
+    total, trainable = count_parameters(trainer.model)
+    say(f"[{ctx.name}] {described}; {trainable:,} of {total:,} parameters trainable ({cfg.tuning}); reference: "
+        f"{'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
+    return trainer
+
+
+def train_and_save(trainer, ctx, cfg, tok, info: dict, rule, metrics: dict, eval_keys: tuple, has_eval: bool) -> dict:
+    """Train (fit), read the held-out `eval_keys` from the trainer's evaluation, the rule reward after, check that
+    everything is finite, and save the policy: the stage result's outputs, metrics and extra (model, check), and
+    the steps and seconds trained, for the stage to complete with its counts and summary (DPO, KTO)."""
+    import time
+
+    from pipeline.models import count_parameters
+
+    total, trainable = count_parameters(trainer.model)  # before a LoRA adapter is merged
+    dtype = weights_dtype(trainer.model)
+    t0 = time.time()
+    fit(trainer, ctx, cfg)
+    seconds = time.time() - t0
+    if has_eval:
+        ev = trainer.evaluate()
+        metrics.update({k: ev[f"eval_{k}"] for k in eval_keys if f"eval_{k}" in ev})
+        metrics["eval/loss"] = ev["eval_loss"]
+    model_out = final_model(trainer, cfg.lora.merge)
+    rule.after(ctx, trainer, model_out, tok, metrics)
+    check_finite(ctx, metrics)
+    ctx.metrics.log(metrics, step=trainer.state.global_step)
+    fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
+    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
+                             trust_remote_code=info.get("trust_remote_code", False), revision=info.get("revision"))
+    steps = trainer.state.global_step
+    outputs = {"model": "model", "metrics": "metrics.jsonl"}
+    if (ctx.work_dir / "skipped.jsonl").exists():
+        outputs["skipped"] = "skipped.jsonl"
+    return {"kind": "policy", "outputs": outputs, "steps": steps, "seconds": seconds,
+            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
+            "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
+                                "trainable": trainable, "weights_dtype": dtype},
+                      "check": {"logits_fingerprint": fingerprint}}}
 
 
 def trl_choices(config_cls, field: str) -> tuple[str, ...]:

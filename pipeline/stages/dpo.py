@@ -14,22 +14,16 @@ the rule reward of samples on held-out prompts before and after).
 
 from __future__ import annotations
 
-import copy
-import time
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.blocks import OptimConfig, TrainingBlock
-from rlhf.errors import InvalidInput, UsageError
-from pipeline.stages.common import (RuleReward, check_finite, final_model, fit, load_policy, logits_fingerprint,
-                                    memory_metrics, pair_rows, peft_config, save_policy, training_args, trl_choices,
-                                    weights_dtype)
-from feedback.schema import prompt_key, read_pairs
-from pipeline.data import neutralised, read_prompts, resolve_data_path
-from pipeline.distributed import say
-from pipeline.models import count_parameters, resolve_precision
-from pipeline.tracking import readable_progress, trainer_callback
+from pipeline.blocks import OfflinePreferenceBlock, OptimConfig
+from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, load_policy, offline_trainer,
+                                    pair_rows, train_and_save, training_args, trl_choices)
+from feedback.schema import read_pairs
+from pipeline.data import neutralised
+from pipeline.models import resolve_precision
 
 def trl_loss_types() -> tuple[str, ...]:
     """The DPO losses the installed TRL implements, read from its DPOConfig's own documentation of `loss_type`
@@ -47,27 +41,16 @@ class DPOOptimConfig(OptimConfig):
 SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
-class DPOStageConfig(TrainingBlock):
+class DPOStageConfig(OfflinePreferenceBlock):
     stage: Literal["dpo"] = Field(description="the method: direct preference optimisation (TRL's DPOTrainer)")
-    policy: str = Field(description="stage:NAME of a policy artifact, a key of `models`, or a model reference")
-    preferences: str = Field(description="stage:NAME of a preferences artifact")
     loss_type: str = Field("sigmoid", description="any of TRL's DPO losses (checked against TRL when the stage "
                            "starts): sigmoid, ipo, hinge, robust, ...")
-    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference (higher: stay closer)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed share of flipped labels; only the robust, "
                                    "exo_pair, aot and aot_unpaired losses use it")
-    precompute_ref_log_probs: bool = Field(False, description="compute the reference's log-probs once before training "
-                                           "(no reference model kept during training)")
     max_length: int = Field(512, ge=8, description="prompt + response tokens per side; pairs whose prompt alone fills "
                             "it are skipped")
     optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig, description="optimiser, schedule and batches (lr "
                                   "5e-7 by default)")
-    eval_prompts: str | None = Field(None, description="with eval_rule: prompts sampled before and after")
-    eval_prompts_split: str | None = Field(None, description="eval_prompts is a DatasetDict directory: the split "
-                                           "to read (default: train)")
-    eval_rule: str | None = Field(None, description="module:function(prompt, response) -> float reported on "
-                                  "eval_prompts before and after training")
-    eval_max_new_tokens: int = Field(32, ge=1, description="longest sampled response for eval_rule, in tokens")
 
     @model_validator(mode="after")
     def _used(self):
@@ -76,29 +59,13 @@ class DPOStageConfig(TrainingBlock):
                              f"{', '.join(SMOOTHED_LOSSES)}")
         if self.loss_type == "exo_pair" and not self.label_smoothing:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (e.g. 1e-3)")
-        if bool(self.eval_rule) != bool(self.eval_prompts):
-            raise ValueError("eval_rule and eval_prompts work together (the rule scores samples on those prompts): "
-                             "set both or neither")
-        self.refuse_unused(("eval_max_new_tokens",), bool(self.eval_rule), "without eval_rule")
-        self.refuse_unused(("eval_prompts_split",), bool(self.eval_prompts), "without eval_prompts")
         return self
 
     def memory(self, procs: int, prompt_tokens: int) -> dict:
-        # chosen and rejected forwarded together; a frozen copy of the policy as the reference, unless the reference is
-        # the disabled adapter (LoRA) or its log-probs are computed once beforehand
-        reference = int(self.tuning != "lora" and not self.precompute_ref_log_probs)
-        return {**super().memory(procs, prompt_tokens), "pairs": 2, "frozen_models": reference}
+        return {**super().memory(procs, prompt_tokens), "pairs": 2}  # chosen and rejected forwarded together
 
-    def preflight(self, world: int, zero: dict | None = None) -> None:
-        if self.loss_type not in trl_loss_types():
-            raise UsageError(f"stages.{self.name}.loss_type: {self.loss_type!r} is not a DPO loss of the installed "
-                             f"TRL; expected one of {list(trl_loss_types())}")
-
-    def inputs(self) -> dict[str, tuple[str, str]]:
-        out = {"policy": (self.policy, "model"), "preferences": (self.preferences, "artifact")}
-        if self.eval_prompts:
-            out["eval_prompts"] = (self.eval_prompts, "data")
-        return out
+    def trl_loss_types(self) -> tuple[str, ...]:
+        return trl_loss_types()
 
 
 Config = DPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
@@ -117,14 +84,7 @@ def to_dpo_row(p) -> dict:
 def prompt_tokens(tok, row: dict) -> int:
     """How many tokens of a DPO row TRL counts as its prompt (its tokenisation: the prompt rendered with the
     generation prompt, cut where it stops being a prefix of prompt + chosen or prompt + rejected)."""
-    def ids(msgs, **kw):
-        return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"]
-
-    def common(a, b):
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-    prompt = ids(row["prompt"], add_generation_prompt=True)
-    return min(common(prompt, ids(row["prompt"] + row["chosen"])), common(prompt, ids(row["prompt"] + row["rejected"])))
+    return chat_prompt_tokens(tok, row["prompt"], [row["chosen"], row["rejected"]])
 
 
 def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: list) -> tuple[list, list, dict]:
@@ -148,23 +108,7 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
     return rows["train"], rows["eval"], counts
 
 
-def _eval_prompts(cfg: DPOStageConfig, eval_pairs: list) -> tuple[list, str]:
-    """eval_prompts restricted to the held-out pairs' prompts (the first 64 when none of them are held out), and
-    what they are, as the summary names them."""
-    if not cfg.eval_prompts:
-        return [], ""
-
-    prompts = read_prompts(resolve_data_path(cfg.eval_prompts), split=cfg.eval_prompts_split,
-                           split_key="eval_prompts_split")
-    held = {prompt_key(p.prompt) for p in eval_pairs}
-    kept = [p for p in prompts if prompt_key(p) in held]
-    if kept:
-        return kept, f"the {len(kept)} prompts of {cfg.eval_prompts} the preferences stage held out"
-    return prompts[:64], f"the first {len(prompts[:64])} prompts of {cfg.eval_prompts} (none of them held out)"
-
-
 def run(cfg: DPOStageConfig, ctx) -> dict:
-    from datasets import Dataset
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
@@ -174,7 +118,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
     train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"))), eval_pairs)
-    prompts, named = _eval_prompts(cfg, eval_pairs)
+    prompts, named = held_out_prompts(cfg, eval_pairs)
     rule = RuleReward(cfg.eval_rule, prompts, cfg.eval_max_new_tokens, ctx.seed, named)
     metrics: dict = {}
     rule.before(model, tok, metrics)
@@ -183,48 +127,13 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
                          label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataset_num_proc=None,
                          trust_remote_code=info.get("trust_remote_code", False))
-    # Full tuning: the reference is a frozen copy of the policy as loaded (TRL would reload it from the policy's
-    # path without its revision); LoRA: the disabled adapter; precomputed: no reference kept.
-    reference = copy.deepcopy(model) if cfg.tuning == "full" and not cfg.precompute_ref_log_probs else None
-    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
-                         peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
-                         callbacks=[trainer_callback(ctx.metrics)])
-    readable_progress(trainer, ctx.name)
-    dropped = len(train) - len(trainer.train_dataset)
-    if dropped:  # TRL filtered rows our check did not foresee: say so rather than overstate what was trained
-        data_counts["dropped_by_trl"] = dropped
-        say(f"[{ctx.name}] warning: TRL dropped {dropped} more training pairs than predicted")
-    total, trainable = count_parameters(trainer.model)
-    say(f"[{ctx.name}] {len(train)} train / {len(evals)} eval pairs; {trainable:,} of {total:,} parameters "
-        f"trainable ({cfg.tuning}); reference: {'disabled adapter' if cfg.tuning == 'lora' else 'frozen copy'}")
-    t0 = time.time()
-    fit(trainer, ctx, cfg)
-    seconds = time.time() - t0
-    if evals:
-        ev = trainer.evaluate()
-        metrics.update({k: ev[f"eval_{k}"] for k in ("rewards/margins", "rewards/accuracies", "rewards/chosen",
-                                                      "rewards/rejected") if f"eval_{k}" in ev})
-        metrics["eval/loss"] = ev["eval_loss"]
-    model_out = final_model(trainer, cfg.lora.merge)
-    rule.after(ctx, trainer, model_out, tok, metrics)
-    check_finite(ctx, metrics)
-    ctx.metrics.log(metrics, step=trainer.state.global_step)
-    fingerprint = logits_fingerprint(model_out, tok) if not hasattr(model_out, "peft_config") else None
-    is_adapter = save_policy(trainer, model_out, tok, ctx.work_dir / "model", merge=cfg.lora.merge,
-                             trust_remote_code=info.get("trust_remote_code", False), revision=info.get("revision"))
-    steps = trainer.state.global_step
-    summary = (f"{steps} steps in {seconds:.1f}s; rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
-               f"rewards/margins {metrics.get('rewards/margins', float('nan')):.3f}" + rule.summary(metrics)
-               + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
-    outputs = {"model": "model", "metrics": "metrics.jsonl"}
-    if (ctx.work_dir / "skipped.jsonl").exists():
-        outputs["skipped"] = "skipped.jsonl"
-    return {"kind": "policy", "outputs": outputs,
-            "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
-            "counts": data_counts,
-            "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
-                                "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),
-                                "loss_type": cfg.loss_type, "beta": cfg.beta},
-                      "check": {"logits_fingerprint": fingerprint}},
-            "summary": summary}
+    trainer = offline_trainer(DPOTrainer, cfg, ctx, args, model, tok, train, evals, data_counts,
+                              f"{len(train)} train / {len(evals)} eval pairs")
+    out = train_and_save(trainer, ctx, cfg, tok, info, rule, metrics, has_eval=bool(evals), eval_keys=(
+        "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"))
+    m = out["metrics"]
+    summary = (f"{out['steps']} steps in {out['seconds']:.1f}s; rewards/accuracies "
+               f"{m.get('rewards/accuracies', float('nan')):.3f}, rewards/margins {m.get('rewards/margins', float('nan')):.3f}"
+               + rule.summary(m) + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    out["extra"]["model"].update(precision=precision, loss_type=cfg.loss_type, beta=cfg.beta)
+    return {**{k: out[k] for k in ("kind", "outputs", "metrics", "extra")}, "counts": data_counts, "summary": summary}

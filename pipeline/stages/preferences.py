@@ -1,11 +1,13 @@
-"""Preferences stage: import a human preference file into a `preferences` artifact.
+"""Preferences stage: import a human preference file into a `preferences` artifact (pairs), or a file of unpaired
+rows (prompt, completion, label: binary feedback, e.g. `rlhf feedback export --kind unpaired`) into an
+`unpaired_preferences` artifact, which the kto stage trains on.
 
     rlhf run configs/tiny.yaml --stage preferences
 
 Every row is validated (feedback/validate.py). `on_error: fail` stops before anything is
 written, listing the first problems and the counts; `skip` keeps the valid rows and writes the
-rejected ones with their reasons to `rejected.jsonl`. The pairs are split into train and eval
-by prompt (seeded), so that no prompt is in both.
+rejected ones with their reasons to `rejected.jsonl`. The pairs (or unpaired rows) are split into
+train and eval by prompt (seeded), so that no prompt is in both.
 
     RUN_DIR/preferences/
       manifest.json        # kind: preferences; counts: rows read / accepted / rejected by reason
@@ -20,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from feedback.readers import FORMATS, RANKED_MODES
+from feedback.readers import ALIASES, FORMATS, RANKED_MODES
 from feedback.schema import SOURCES, write_pairs
 from feedback.validate import DUPLICATES, validate_file
 from pipeline.blocks import StageBlock, Strict
@@ -34,8 +36,9 @@ class PreferenceDataConfig(Strict):
     path: str = Field(description="JSONL/JSON/CSV/Parquet file, a local dataset directory, or synthetic:preferences")
     format: Literal[FORMATS] = Field(  # type: ignore[valid-type]  (the one list: feedback/readers.py)
         "auto", description="row format; auto detects it from the first row (docs/data-formats.md)")
-    keys: dict[Literal["prompt", "chosen", "rejected"], str] = Field(default_factory=dict, description="the file's "
-                                                                     "own names for prompt, chosen, rejected")
+    keys: dict[Literal[tuple(ALIASES)], str] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="the file's own names for prompt, chosen, rejected (unpaired rows: "
+        "completion, label)")
     ranked: Literal[RANKED_MODES] = Field(  # type: ignore[valid-type]
         "all_pairs", description="how a ranked row becomes pairs: all_pairs (every pair) or best_vs_rest (the best "
         "against each of the others)")
@@ -50,7 +53,8 @@ class PreferenceDataConfig(Strict):
 
 
 class PreferencesStageConfig(StageBlock):
-    stage: Literal["preferences"] = Field(description="the method: import a human preference file")
+    stage: Literal["preferences"] = Field(description="the method: import a human preference file (pairs, or "
+                                          "unpaired rows for the kto stage)")
     data: PreferenceDataConfig = Field(description="the file and how to read it")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
     tokenizer: str | None = Field(None, description="model (or stage:NAME) whose tokenizer checks truncation")
@@ -86,8 +90,9 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
         say(f"[{ctx.name}] {note}")
     if not report.ok and d.on_error == "fail":
         raise InvalidInput(fail_summary(report))
+    what = "unpaired rows" if report.unpaired else "pairs"
     if not report.pairs:
-        raise InvalidInput(f"{report.path}: no valid pairs ({report.summary()})")
+        raise InvalidInput(f"{report.path}: no valid {what} ({report.summary()})")
     train, evals = split_by_prompt(report.pairs, cfg.eval_fraction, ctx.seed)
     write_pairs(ctx.work_dir / "preferences.jsonl", train)
     write_pairs(ctx.work_dir / "eval.jsonl", evals)
@@ -95,11 +100,15 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
     if not report.ok:  # rejected rows, and pairs rejected from otherwise valid rows (ranked, outvoted)
         write_jsonl(ctx.work_dir / "rejected.jsonl", report.rejected_rows())
         outputs["rejected"] = "rejected.jsonl"
-    counts = {**report.counts(), "train": len(train), "eval": len(evals),
-              "ties": sum(p.tie for p in report.pairs)}
-    summary = (f"{report.summary()} ({report.format}); {len(train)} train / {len(evals)} eval pairs"
+    counts = {**report.counts(), "train": len(train), "eval": len(evals)}
+    if report.unpaired:
+        counts["train_desirable"] = sum(p.label for p in train)
+    else:
+        counts["ties"] = sum(p.tie for p in report.pairs)
+    summary = (f"{report.summary()} ({report.format}); {len(train)} train / {len(evals)} eval {what}"
+               + (f" ({counts['desirable']} desirable, {counts['undesirable']} undesirable)" if report.unpaired else "")
                + (f"; rejected rows in {ctx.run_dir / ctx.name / 'rejected.jsonl'}" if not report.ok else ""))
-    return {"kind": "preferences", "outputs": outputs, "counts": counts,
+    return {"kind": "unpaired_preferences" if report.unpaired else "preferences", "outputs": outputs, "counts": counts,
             "extra": {"format": report.format, "notes": report.notes, "agreement": report.agreement,
                       "split": {"by": "prompt", "seed": ctx.seed, "eval_fraction": cfg.eval_fraction}},
             "summary": summary}

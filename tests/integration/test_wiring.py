@@ -38,7 +38,10 @@ def _build(tiny_run, tmp_path, monkeypatch, block: dict, at_fit=None):
         def stop(trainer, ctx, cfg):
             raise Built(at_fit(trainer) if at_fit else trainer)
 
-        monkeypatch.setattr(module, "fit", stop)
+        from pipeline.stages import common
+
+        # where the stage's fit is looked up: its own module, or common (DPO and KTO train through train_and_save)
+        monkeypatch.setattr(module if hasattr(module, "fit") else common, "fit", stop)
     name = block["name"]
     path = write_yaml(tmp_path / f"{name}.yaml", {"run_dir": str(tiny_run), "seed": 0, "stages": [
         {"stage": "sft", "model": "tiny", "data": {"train": "synthetic:sft"}},
@@ -103,6 +106,7 @@ MAX_STEPS = {"optim.max_steps": (7, lambda t: t.args.max_steps)}
 BASE = {"sft": {"model": "tiny", "data.train": "synthetic:sft"},
         "reward": {"model": "stage:sft", "preferences": "stage:preferences"},
         "dpo": {"policy": "stage:sft", "preferences": "stage:preferences"},
+        "kto": {"policy": "stage:sft", "preferences": "stage:preferences"},
         "grpo": {"policy": "stage:sft", "prompts": "synthetic:prompts", "reward.rule": "feedback.synthetic:rule_score"},
         "rloo": {"policy": "stage:sft", "prompts": "synthetic:prompts", "reward.rule": "feedback.synthetic:rule_score"}}
 ONLINE = {"num_generations": (2, lambda t: t.args.num_generations),
@@ -139,6 +143,16 @@ VARIANTS = {
          "max_length": (48, lambda t: t.args.max_length)},
         {**LORA, **MAX_STEPS, "precompute_ref_log_probs": (True, lambda t: t.args.precompute_ref_log_probs)},
     ],
+    "kto": [
+        {**{k: v for k, v in OPTIM.items() if k != "optim.group_by_length"},
+         "loss_type": ("apo_zero_unpaired", lambda t: t.args.loss_type), "beta": (0.2, lambda t: t.args.beta),
+         "desirable_weight": (1.5, lambda t: t.args.desirable_weight),
+         "undesirable_weight": (0.5, lambda t: t.args.undesirable_weight),
+         "max_length": (48, lambda t: t.args.max_length)},
+        # the weights left out balance the rows (a pairs artifact unpaired: as many desirable as undesirable)
+        {**LORA, **MAX_STEPS, "precompute_ref_log_probs": (True, lambda t: t.args.precompute_ref_log_probs),
+         "desirable_weight": (None, lambda t: (t.args.desirable_weight, t.args.undesirable_weight), (1.0, 1.0))},
+    ],
     "grpo": [
         {**TRL_ONLY_GROUPS, **ONLINE, "loss_type": ("grpo", lambda t: t.args.loss_type),
          "scale_rewards": ("batch", lambda t: t.args.scale_rewards),
@@ -166,7 +180,7 @@ NOT_TRAINER_CONFIG = {
     "reward.normalize": "reward functions (normalised scores)",
 }
 # Settings a stage refuses (its validator says why): nothing to wire.
-REFUSED = {"dpo": {"optim.group_by_length"}, "grpo": {"optim.group_by_length", "optim.eval_steps"},
+REFUSED = {"dpo": {"optim.group_by_length"}, "kto": {"optim.group_by_length"}, "grpo": {"optim.group_by_length", "optim.eval_steps"},
            "rloo": {"optim.group_by_length", "optim.eval_steps", "loss_type", "scale_rewards",
                     "importance_sampling_level"}}
 PPO_NOT_SETUP = {
@@ -215,7 +229,7 @@ def _same(got, want) -> bool:
     return got == want
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "kto", "grpo", "rloo"])
 def test_every_setting_reaches_the_trl_config(tiny_run, tmp_path, monkeypatch, stage):
     covered = set()
     for i, variant in enumerate(VARIANTS[stage]):
