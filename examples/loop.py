@@ -1,7 +1,7 @@
 """Deploy, monitor, maintain: the whole loop on the demo's policies, with simulated users. `make loop` runs it
 (after `make demo`); by hand: `python examples/loop.py [--run-dir runs/quickstart] [--out runs/loop]`.
 
-1. serve the demo's DPO policy with `--monitor` (the traffic log, an SQLite file);
+1. serve the demo's SFT policy with `--monitor` (the traffic log, an SQLite file);
 2. replay prompts through the official `openai` client, two answers per prompt: the traffic;
 3. give feedback on every answer, a thumbs up or down and, for each prompt, which of its two answers is better.
    The "users" are SIMULATED: the shipped task's rule (feedback.synthetic:rule_score) stands in for them, and every
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=96, help="prompts replayed (two answers each)")
     args = ap.parse_args(argv)
     run, out = ROOT / args.run_dir, ROOT / args.out
-    for stage in ("dpo", "reward", "evaluate"):
+    for stage in ("sft", "reward", "evaluate"):
         if not (run / stage / "manifest.json").exists():
             raise SystemExit(f"{run / stage}: missing; run `make demo` first")
     out.mkdir(parents=True, exist_ok=True)
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     key_env = "RLHF_LOOP_KEY"
     os.environ[key_env] = secrets.token_urlsafe(24)  # the server reads the key from the environment only
-    server, url = start_server(run / "dpo", db, key_env)
+    server, url = start_server(run / "sft", db, key_env)
     try:
         started = time.monotonic()
-        counts = replay_and_rate(url, os.environ[key_env], "dpo", traffic_prompts(args.prompts))
+        counts = replay_and_rate(url, os.environ[key_env], "sft", traffic_prompts(args.prompts))
         print(f"replayed {counts['completions']} completions in {time.monotonic() - started:.0f} s; simulated "
               f"feedback: {counts['ratings']} ratings ({counts['up']} up), {counts['preferences']} preferences",
               flush=True)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     rlhf("feedback", "export", str(db), "-o", str(feedback), "--kind", "unpaired")
     rlhf("data", "validate", str(feedback))
     rlhf("run", "configs/loop.yaml", "--set", f"run_dir={out / 'round2'}",
-         "--set", f"stages.preferences.data.path={feedback}", "--set", f"models.round1={run / 'dpo' / 'model'}")
+         "--set", f"stages.preferences.data.path={feedback}", "--set", f"models.round1={run / 'sft' / 'model'}")
     rlhf("report", str(out / "round2"))
     return 0
 
