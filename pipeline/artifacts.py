@@ -29,7 +29,6 @@ from typing import Any, Iterable
 
 from rlhf.errors import InvalidInput, UsageError
 from rlhf.io import write_atomic, write_json, write_jsonl  # noqa: F401  (artifacts write with these)
-from pipeline.distributed import is_main
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,28 +36,7 @@ KINDS = ("policy", "reward_model", "preferences", "unpaired_preferences", "eval"
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it. Only rank 0 writes."""
-    if not is_main():
-        return
-    path = Path(path)
-    if path.is_dir():  # an output path (-o) that names a directory: never replace what we did not write
-        raise UsageError(f"{path} is a directory; give a file name to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable once its directory is flushed
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# write_atomic / write_json / write_jsonl live in rlhf.io (imported above): feedback/ writes with them too.
 
 
 def fsync_tree(root: Path) -> None:
