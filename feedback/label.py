@@ -15,6 +15,9 @@ from collections import Counter
 
 from feedback.judges import JudgeItem, PairResult, judge_both_orders, position_consistency
 from feedback.schema import PreferencePair
+from rlhf.errors import InvalidInput
+
+MIN_POSITION_CONSISTENCY = 0.5  # below it, a judge's verdicts follow the answers' order more than the answers
 
 
 def candidate_pairs(n: int, pairing: str, rng: random.Random) -> list[tuple[int, int]]:
@@ -71,8 +74,28 @@ def label(prompts: list, candidates: list[list[str]], judge, position, pairing: 
                 continue
             winner, loser = (i, j) if r.choice in ("a", "tie") else (j, i)
             counts["tie" if r.choice == "tie" else "labelled"] += 1
+            counts["consistent_labels"] += r.choice != "tie" and r.consistent is True
             pairs.append(PreferencePair(prompt=prompt, chosen=cands[winner], rejected=cands[loser], source="ai",
                                         tie=r.choice == "tie", judge=r.judge_record(judge, position.policy)))
+    counts["consistent_labels"] += 0  # always reported, 0 included
     stats = {"judged_pairs": len(items), "judge_calls": 2 * len(items), **counts,
              "position_consistency": position_consistency(results), **judge.stats()}
     return pairs, unlabelled, stats
+
+
+def check_consistency(stats: dict, minimum: float, allow: bool, where: str) -> str | None:
+    """Labels no better than a coin are not labels. When the judge's position consistency (the share of pairs on
+    which both orders gave the same verdict) is below `minimum`, raise InvalidInput naming the numbers, so nothing is
+    written; with `allow`, return the warning to print loudly instead. None when the judge passes (or no pair was
+    judged in both orders)."""
+    pc = stats.get("position_consistency")
+    if pc is None or pc >= minimum:
+        return None
+    labels = stats.get("labelled", 0)
+    msg = (f"{where}: the judge's position consistency is {pc:.3f}, below {minimum}: its verdicts follow which answer "
+           f"comes first more than the answers, so its labels are no better than a coin ({stats.get('consistent_labels', 0)} "
+           f"of {labels} labels came from a verdict both orders agreed on)")
+    if not allow:
+        raise InvalidInput(msg + "; no labels written. Use a stronger judge, or allow_inconsistent: true "
+                           "(--allow-inconsistent) to write them anyway")
+    return f"WARNING: {msg}; written anyway (allow_inconsistent): do not train on them as preferences"

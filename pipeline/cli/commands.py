@@ -13,6 +13,7 @@ from pathlib import Path
 from feedback.agree import agreement
 from feedback.export import describe, write_export
 from feedback.files import iter_records
+from feedback.label import check_consistency
 from pipeline.judging import build_judge
 from feedback.schema import write_pairs
 from feedback.stats import file_stats
@@ -241,6 +242,9 @@ def cmd_feedback_label(args) -> int:
                     "feedback label")
     pairs, unlabelled, stats, judge_id = label_with_policy(_policy_path(args.policy), prompts, args.judge, cand,
                                                            args.pairing, args.seed, args.trust_remote_code)
+    warning = check_consistency(stats, args.min_position_consistency, args.allow_inconsistent, "feedback label")
+    if warning:
+        print(warning, file=sys.stderr)
     out = args.output
     n = write_pairs(out, pairs)
     base = out.removesuffix(".jsonl")

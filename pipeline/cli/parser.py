@@ -13,6 +13,7 @@ import argparse
 import typing
 
 from feedback.export import KINDS as EXPORT_KINDS
+from feedback.label import MIN_POSITION_CONSISTENCY
 from feedback.readers import FORMATS, RANKED_MODES
 from feedback.schema import SOURCES
 from feedback.validate import DUPLICATES
@@ -212,6 +213,11 @@ def _add_feedback(sub) -> None:
     fl.add_argument("--pairing", default=pairing.default, choices=typing.get_args(pairing.annotation))
     fl.add_argument("--max-prompts", type=int)
     fl.add_argument("--seed", type=int, default=0)
+    fl.add_argument("--min-position-consistency", type=float, default=MIN_POSITION_CONSISTENCY, metavar="SHARE",
+                    help="refuse the labels of a judge whose verdicts agree in both orders on fewer pairs than this "
+                         "(default %(default)s)")
+    fl.add_argument("--allow-inconsistent", action="store_true",
+                    help="write such labels anyway, with a warning")
     _trust_option(fl)
     fa = _command(fsub, "agree", commands.cmd_feedback_agree,
                   "a judge's accuracy, Cohen's kappa, tie/abstain rates against human labels",

@@ -24,10 +24,11 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import StageBlock, Strict
 from rlhf.errors import InvalidInput
-from feedback.label import label
+from feedback.label import MIN_POSITION_CONSISTENCY, check_consistency, label
 from feedback.schema import write_pairs
 from pipeline.artifacts import write_jsonl
 from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
+from pipeline.distributed import say
 from pipeline.generation import sample
 from pipeline.judging import build_judge
 from pipeline.models import load_causal_lm, load_tokenizer
@@ -63,6 +64,10 @@ class AIPreferencesStageConfig(StageBlock):
     max_prompts: int | None = Field(None, ge=1, description="label only the first N prompts of the file (default: "
                                     "all)")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts whose pairs go to the eval split")
+    min_position_consistency: float = Field(MIN_POSITION_CONSISTENCY, ge=0, le=1, description="below this share "
+                                            "of pairs judged alike in both orders, the labels are refused")
+    allow_inconsistent: bool = Field(False, description="write the labels of a judge below min_position_consistency "
+                                     "anyway, with a warning (e.g. a demo of the mechanics)")
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         return {"policy": (self.policy, "model"), "prompts": (self.prompts, "data"), "judge": (self.judge, "data")}
@@ -93,17 +98,22 @@ def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
                                                            info.get("revision"))
     if not pairs:
         raise InvalidInput(f"[{ctx.name}] the judge labelled no pairs ({stats})")
+    warning = check_consistency(stats, cfg.min_position_consistency, cfg.allow_inconsistent, f"[{ctx.name}]")
+    if warning:
+        say(warning)
     train, evals = split_by_prompt(pairs, cfg.eval_fraction, ctx.seed)
     write_pairs(ctx.work_dir / "preferences.jsonl", train)
     write_pairs(ctx.work_dir / "eval.jsonl", evals)
     write_jsonl(ctx.work_dir / "unlabelled.jsonl", unlabelled)
     counts = {"prompts": len(prompts), "candidates": len(prompts) * cfg.candidates.k, "pairs": len(pairs),
               "train": len(train), "eval": len(evals), "unlabelled": len(unlabelled),
-              "ties": sum(p.tie for p in pairs)}
+              "ties": sum(p.tie for p in pairs), "consistent_labels": stats["consistent_labels"]}
     pc = stats.get("position_consistency")
     summary = (f"{len(pairs)} AI-labelled pairs from {len(prompts)} prompts x {cfg.candidates.k} candidates "
-               f"({len(unlabelled)} abstained); position consistency "
-               f"{'n/a' if pc is None else f'{pc:.3f}'}; {stats.get('requests', stats['judge_calls'])} judge calls")
+               f"({len(unlabelled)} abstained); position consistency {'n/a' if pc is None else f'{pc:.3f}'}, "
+               f"{stats['consistent_labels']} of {stats.get('labelled', 0)} labels from a verdict both orders agreed "
+               f"on; {stats.get('requests', stats['judge_calls'])} judge calls"
+               + ("; BELOW min_position_consistency, written because allow_inconsistent is true" if warning else ""))
     return {"kind": "preferences",
             "outputs": {"train": "preferences.jsonl", "eval": "eval.jsonl", "unlabelled": "unlabelled.jsonl"},
             "counts": counts,

@@ -138,3 +138,43 @@ def test_a_local_judge_pins_its_revision(tmp_path, monkeypatch, tiny_path):
                       ({"type": "reward_model", "model": str(tmp_path)}, "no effect on a 'reward_model' judge")):
         with pytest.raises(UsageError, match=says):
             load_judge_config(write_yaml(tmp_path / "k.yaml", {**cfg, **bad}))
+
+
+def test_labels_from_a_position_biased_judge_are_refused_unless_allowed():
+    """The demo's SmolLM2 judge: P(A) about 0.90 in either order, so the averaged probability lands just off one
+    half and, with tie_band 0, every pair is written as a preference that only reflects order. Refused by default;
+    with allow_inconsistent, written with a warning that names the numbers."""
+    from feedback.label import check_consistency
+    from rlhf.errors import InvalidInput
+
+    class FirstWins:
+        name = "first-wins"
+
+        def identity(self):
+            return {"type": "first-wins"}
+
+        def stats(self):
+            return {}
+
+        def judge(self, items):  # prefers whichever answer comes first, a little more for "good" ones
+            return [V("a", 0.91 if "good" in it.response_a else 0.90) for it in items]
+
+    class Average:
+        policy, disagreement, tie_band = "average", "tie", 0.0
+
+    prompts = [f"Tell me about thing {i}." for i in range(4)]
+    pairs, _, stats = label(prompts, [["a good answer", "a bad answer"]] * 4, FirstWins(), Average())
+    assert len(pairs) == 4 and stats["labelled"] == 4
+    assert stats["position_consistency"] == 0.0 and stats["consistent_labels"] == 0
+    with pytest.raises(InvalidInput, match=r"position consistency is 0.000, below 0.5.*no better than a coin "
+                                           r"\(0 of 4 labels came from a verdict both orders agreed on\); no labels"):
+        check_consistency(stats, 0.5, False, "[ai_preferences]")
+    warning = check_consistency(stats, 0.5, True, "[ai_preferences]")
+    assert warning.startswith("WARNING: [ai_preferences]: the judge's position consistency is 0.000")
+
+    rule = RuleJudge("feedback.synthetic:rule_score")  # reads the answers, not their order
+    good = ["The river is calm and lovely.", "The river is dull and cold."]
+    pairs, _, stats = label(["Tell me about the river."], [good], rule, Average())
+    assert stats["position_consistency"] == 1.0 and stats["consistent_labels"] == stats["labelled"] == 1
+    assert check_consistency(stats, 0.5, False, "x") is None
+    assert check_consistency({"position_consistency": None}, 0.5, False, "x") is None  # every pair abstained
