@@ -179,8 +179,9 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
             if why is None:
                 echo(f"[{st.name}] up to date, skipped (--force reruns it)")
                 recap = getattr(REGISTRY[st.stage], "recap", None)  # what the stage printed when it ran (its results)
-                if recap is not None and recap(old):
-                    echo(recap(old))
+                text = recap(old) if recap is not None else None
+                if text:
+                    echo(text)
                 results.append(old)
                 continue
             echo(f"[{st.name}] {why}: rerunning")
