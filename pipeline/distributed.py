@@ -7,6 +7,7 @@ process every function here is an identity. DeepSpeed itself lives in pipeline/d
 
 from __future__ import annotations
 
+import atexit
 import os
 
 
@@ -41,6 +42,9 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    # a run that ends in an error (or stops early, exit 3) never reaches shutdown(): its buffer goes at exit too.
+    # Unlinking only removes the name; a process still mapping it keeps its memory until it exits.
+    atexit.register(_remove_deepspeed_shm)
 
 
 def shutdown() -> None:
