@@ -60,6 +60,16 @@ class ModelSpec(Strict):
         return self
 
 
+ADAPTER_ON_ADAPTER = ("{}: false keeps a new adapter on '{}', itself a LoRA adapter: it is merged into its base "
+                      "only while this stage runs, so the saved adapter would have no base to load onto. Set "
+                      "lora.merge: true on this stage (or on the stage it starts from)")
+
+
+def keeps_adapter(block) -> bool:
+    """A stage that saves a LoRA adapter rather than merged weights (tuning: lora, lora.merge: false)."""
+    return getattr(block, "tuning", None) == "lora" and not getattr(getattr(block, "lora", None), "merge", True)
+
+
 class PipelineConfig(Strict):
     run_dir: str = Field(description="directory of the run: one subdirectory per stage (rlhf run --run-dir overrides "
                          "it)")
@@ -101,6 +111,10 @@ class PipelineConfig(Strict):
                     raise ValueError(
                         f"stages.{st.name}.{key}: '{ref}' names no earlier stage (earlier: {sorted(seen) or 'none'})"
                     )
+            start = next((ref for key, (ref, kind) in st.inputs().items() if key in ("model", "policy")
+                          and kind == "model"), None)
+            if keeps_adapter(st) and start and start.startswith("stage:") and keeps_adapter(self.stage(start[6:])):
+                raise ValueError(ADAPTER_ON_ADAPTER.format(f"stages.{st.name}.lora.merge", start))
             seen[st.name] = st.stage
         return self
 

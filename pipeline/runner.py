@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import artifacts, checkpoint, distributed
 from pipeline.blocks import config_hash, dump_yaml
-from pipeline.config import PipelineConfig
+from pipeline.config import ADAPTER_ON_ADAPTER, PipelineConfig, keeps_adapter
 from pipeline.data import resolve_data_path
 from rlhf.errors import UsageError
 from pipeline.tracking import MetricsLog, redact, stage_wandb
@@ -76,7 +76,10 @@ class StageContext:
             spec = self.pipeline.model_spec(ref)
             path, info = resolve(spec.ref), {"ref": spec.ref, "trust_remote_code": spec.trust_remote_code,
                                              "revision": spec.revision}
-        if merged and (Path(path) / "adapter_config.json").exists():
+        is_adapter = (Path(path) / "adapter_config.json").exists()
+        if is_adapter and keeps_adapter(self.pipeline.stage(self.name)):  # loaded merged, with or without `merged`
+            raise UsageError(ADAPTER_ON_ADAPTER.format(f"{self.name}.lora.merge", ref))
+        if merged and is_adapter:
             from pipeline.models import is_mergeable_adapter
 
             if not is_mergeable_adapter(path):

@@ -218,3 +218,40 @@ def test_a_yaml_alias_bomb_is_refused_and_error_messages_stay_small(tmp_path):
     tracemalloc.stop()
     assert shown.startswith('[[[[[["x", "x"') and shown.endswith("...") and len(shown) <= 83
     assert peak < 100_000, f"describing the value allocated {peak} bytes"
+
+
+def test_an_adapter_kept_on_an_adapter_is_refused_before_training(tmp_path, capsys, tiny_path):
+    """A stage keeping a LoRA adapter (lora.merge: false) trained on another adapter would save an adapter whose
+    base (the first adapter merged, in the stage's temporary inputs) is gone once the stage ends: the artifact
+    could not be loaded. Refused by `--check` for an earlier stage, and before any training for an adapter
+    directory given as the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    kept = {"r": 4, "alpha": 8, "merge": False}
+    dpo = {"stage": "dpo", "policy": "stage:sft", "preferences": "stage:preferences", "max_length": 64,
+           "precision": "fp32", "tuning": "lora", "lora": kept, "optim": {"max_steps": 1}}
+    prefs = {"stage": "preferences", "data": {"path": "synthetic:preferences"}}
+    stages = [tiny_sft_block(tuning="lora", lora=kept), prefs, dpo]
+    cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": stages})
+    assert main(["run", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.dpo.lora.merge: false keeps a new adapter on 'stage:sft', itself a LoRA adapter" in err, err
+    # either side merged is fine
+    for merged in ([tiny_sft_block(tuning="lora", lora={**kept, "merge": True}), prefs, dpo],
+                   [tiny_sft_block(tuning="lora", lora=kept), prefs, {**dpo, "lora": {**kept, "merge": True}}]):
+        cfg = write_yaml(tmp_path / "p.yaml", {"run_dir": str(tmp_path / "run"), "stages": merged})
+        assert main(["run", str(cfg), "--check"]) == 0
+    capsys.readouterr()
+    # an adapter directory (an earlier run's artifact) as the model: refused when the stage starts, before training
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(load_causal_lm(tiny_path), LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    model.save_pretrained(adapter)
+    load_tokenizer(tiny_path).save_pretrained(adapter)
+    sft = tiny_sft_block(model=str(adapter), tuning="lora", lora=kept, optim={"max_steps": 1})
+    cfg = write_yaml(tmp_path / "q.yaml", {"run_dir": str(tmp_path / "run2"), "stages": [sft]})
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"sft.lora.merge: false keeps a new adapter on '{adapter}', itself a LoRA adapter" in err, err
+    assert not (tmp_path / "run2" / ".sft.partial" / "checkpoints").exists()
