@@ -194,9 +194,9 @@ def summarise(rows: list[dict], feedback: list[dict], scores: dict[str, dict], w
     given, the hacking signal, and the alerts (drift first, then hacking)."""
     ratings: dict[str, list[str]] = {}
     preferences: dict[str, int] = {}
-    for f in feedback:
-        if f.get("rating"):
-            ratings.setdefault(f["id"], []).append(f["rating"])
+    for f in feedback:  # in seq order
+        if f.get("rating"):  # the latest rating of an answer is its rating (a corrected click), as the export reads it
+            ratings[f["id"]] = [f["rating"]]
         elif f.get("preferred_over"):
             preferences[f["id"]] = preferences.get(f["id"], 0) + 1
     windows = split(rows, window)

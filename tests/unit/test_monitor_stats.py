@@ -63,3 +63,16 @@ def test_time_windows_over_a_long_gap_are_refused_before_they_are_built():
         split(rows, parse_window("1m"))
     assert len(split(rows, parse_window("13m"))) == 9970  # 7,776,000 s / 780 s = 9969.2: windows 0 to 9969
 
+
+def test_an_answer_rated_twice_counts_once_with_its_latest_rating():
+    """A user who clicks thumbs-up and then corrects it to down has given one rating, the latest, as
+    `rlhf feedback export` reads it; the monitor's thumbs-up rate (and the hacking test's two-proportion z-test,
+    which counts ratings as independent) must not count the answer twice."""
+    from pipeline.monitor.summary import summarise
+
+    rows = [{"seq": i, "id": f"c{i}", "created": float(i), "latency_ms": 1.0, "finish_reason": "stop",
+             "completion_tokens": 3} for i in range(2)]
+    feedback = [{"seq": 1, "id": "c0", "rating": "up"}, {"seq": 2, "id": "c0", "rating": "down"},
+                {"seq": 3, "id": "c1", "rating": "up"}, {"seq": 4, "id": "c1", "rating": "up"}]
+    got = summarise(rows, feedback, {}, parse_window("10"), None, 0.01, 20)
+    assert got["windows"][0]["thumbs"] == {"up": 1, "rated": 2, "up_rate": 0.5, "preferences": 0}
