@@ -218,3 +218,20 @@ def test_a_yaml_alias_bomb_is_refused_and_error_messages_stay_small(tmp_path):
     tracemalloc.stop()
     assert shown.startswith('[[[[[["x", "x"') and shown.endswith("...") and len(shown) <= 83
     assert peak < 100_000, f"describing the value allocated {peak} bytes"
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, capsys):
+    """A second `optim:` pasted into a stage (configs/my-data.yaml's dpo stage already has one): PyYAML keeps the
+    last mapping, so lr 2e-4 and the batch size were dropped and `--check` said "valid"."""
+    text = (ROOT / "configs" / "my-data.yaml").read_text()
+    assert text.count("    beta: 0.1\n") == 1
+    path = tmp_path / "dup.yaml"
+    path.write_text(text.replace("    beta: 0.1\n", "    beta: 0.1\n    optim: {max_steps: 20}\n"))
+    line = text.splitlines().index("    beta: 0.1") + 2  # the pasted line, 1-based
+    assert main(["run", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"found the key 'optim' twice (first on line {line})" in err and f"line {line + 2}" in err, err
+    # a YAML merge (`<<: *base`) overrides on purpose and stays allowed
+    assert load_yaml_text("base: &b {lr: 1, epochs: 2}\noptim:\n  <<: *b\n  lr: 3\n", "x")["optim"] == {"lr": 3,
+                                                                                                      "epochs": 2}
+
