@@ -235,3 +235,11 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, capsys):
     assert load_yaml_text("base: &b {lr: 1, epochs: 2}\noptim:\n  <<: *b\n  lr: 3\n", "x")["optim"] == {"lr": 3,
                                                                                                       "epochs": 2}
 
+
+def test_a_set_override_naming_a_stage_close_to_one_suggests_it(tmp_path):
+    """`--set stages.dpp.beta=0.2` on configs/my-data.yaml: the stage-name typo is named with the close stage and
+    the stages there are, as an unknown key is."""
+    data = load_yaml_text((ROOT / "configs" / "my-data.yaml").read_text(), "my-data.yaml")
+    with pytest.raises(UsageError, match=r"--set stages.dpp: no list item named 'dpp'; did you mean 'dpo'\? "
+                                         r"\(the items: preferences, reward, dpo, evaluate\)"):
+        apply_override(data, "stages.dpp.beta=0.2")
