@@ -19,6 +19,7 @@ touches it). The shared blocks, YAML loading and error messages live in pipeline
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -178,10 +179,13 @@ def _list_index(items: list, key: str, where: str) -> int:
         if not -len(items) <= idx < len(items):
             raise UsageError(f"--set {where}: index out of range (list has {len(items)} items)")
         return idx
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and (item.get("name") or item.get("stage")) == key:
-            return i
-    raise UsageError(f"--set {where}: no list item named '{key}'")
+    names = [item.get("name") or item.get("stage") if isinstance(item, dict) else None for item in items]
+    if key in names:
+        return names.index(key)
+    named = [str(n) for n in names if n is not None]
+    close = difflib.get_close_matches(key, named, n=1, cutoff=0.6)
+    raise UsageError(f"--set {where}: no list item named '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
+                     + (f" (the items: {', '.join(named)})" if named else ""))
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None, deepspeed: str | None = None,

@@ -17,7 +17,22 @@ from rlhf.errors import UsageError
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `2e-5` and `1e3` as numbers (PyYAML follows YAML 1.1, which wants `2.0e-5`)."""
+    """SafeLoader that reads `2e-5` and `1e3` as numbers (PyYAML follows YAML 1.1, which wants `2.0e-5`), and
+    refuses a key given twice in one mapping (PyYAML keeps the last one silently: a second `optim:` pasted into a
+    stage would drop the first one's settings without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges are YAML's way to override on purpose
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key].line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT = re.compile(

@@ -15,7 +15,7 @@ from pipeline.monitor.baseline import Baseline, load_baseline, served_names
 from pipeline.monitor.page import render
 from pipeline.monitor.scoring import (JudgeScorer, RewardModelScorer, RuleScorer, ScoreStore, score_new,
                                       traffic_items)
-from pipeline.monitor.summary import distribution, parse_window, summarise
+from pipeline.monitor.summary import distribution, parse_window, split, summarise
 from rlhf.errors import InvalidInput, UsageError
 
 SCORES = "scores.sqlite"
@@ -78,6 +78,7 @@ def monitor(db: str, out_dir: str, reward_model: str | None = None, rule: str | 
         rows, feedback, counts = list(log.completions()), list(log.feedback()), log.counts()
     finally:
         log.close()
+    split(rows, win)  # a time window too short for the log's span is refused before anything is scored
     base = load_baseline(baseline, baseline_policy, served_names(rows)) if baseline else None
     scorers = build_scorers(reward_model, rule, judge, base, trust_remote_code, batch_size)
     out = Path(out_dir)

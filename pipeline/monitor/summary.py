@@ -8,6 +8,7 @@ baseline, the reward-hacking signal and the alerts (docs/monitor.md has the form
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 QUALITY = ("rule", "judge")  # scores that say whether an answer is good, beside the reward model's
 DRIFT_METRICS = ("reward", "rule", "length")  # compared with the baseline's distributions
+# Time windows are counted by the span of the log, not its rows: a log the server wrote into again months later
+# would make hundreds of thousands of (empty) windows at --window 1m. Beyond this many, the run is refused.
+MAX_WINDOWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,25 @@ def split(rows: list[dict], window: Window) -> list[list[dict]]:
     if not rows:
         return []
     t0 = min(r["created"] for r in rows)
-    out: list[list[dict]] = [[] for _ in range(int((max(r["created"] for r in rows) - t0) // window.size) + 1)]
+    span = max(r["created"] for r in rows) - t0
+    count = int(span // window.size) + 1
+    if count > MAX_WINDOWS:
+        raise UsageError(f"--window {window.spec}: the log spans {span / 86400:.1f} days, {count:,} windows of "
+                         f"{window.spec} (at most {MAX_WINDOWS:,}); give a longer one, e.g. --window {_fitting(span)}")
+    out: list[list[dict]] = [[] for _ in range(count)]
     for r in rows:
         out[int((r["created"] - t0) // window.size)].append(r)
     return out
+
+
+def _fitting(span: float) -> str:
+    """The shortest whole number of minutes, hours or days that splits `span` seconds into MAX_WINDOWS or fewer."""
+    need = span / (MAX_WINDOWS - 1)
+    for unit, limit in (("m", 60), ("h", 24), ("d", None)):
+        n = math.floor(need / UNITS[unit]) + 1
+        if limit is None or n < limit:
+            return f"{n}{unit}"
+    raise AssertionError("unreachable")
 
 
 def distribution(xs: list[float]) -> dict:
@@ -175,9 +194,9 @@ def summarise(rows: list[dict], feedback: list[dict], scores: dict[str, dict], w
     given, the hacking signal, and the alerts (drift first, then hacking)."""
     ratings: dict[str, list[str]] = {}
     preferences: dict[str, int] = {}
-    for f in feedback:
-        if f.get("rating"):
-            ratings.setdefault(f["id"], []).append(f["rating"])
+    for f in feedback:  # in seq order
+        if f.get("rating"):  # the latest rating of an answer is its rating (a corrected click), as the export reads it
+            ratings[f["id"]] = [f["rating"]]
         elif f.get("preferred_over"):
             preferences[f["id"]] = preferences.get(f["id"], 0) + 1
     windows = split(rows, window)

@@ -255,3 +255,28 @@ def test_an_adapter_kept_on_an_adapter_is_refused_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert f"sft.lora.merge: false keeps a new adapter on '{adapter}', itself a LoRA adapter" in err, err
     assert not (tmp_path / "run2" / ".sft.partial" / "checkpoints").exists()
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, capsys):
+    """A second `optim:` pasted into a stage (configs/my-data.yaml's dpo stage already has one): PyYAML keeps the
+    last mapping, so lr 2e-4 and the batch size were dropped and `--check` said "valid"."""
+    text = (ROOT / "configs" / "my-data.yaml").read_text()
+    assert text.count("    beta: 0.1\n") == 1
+    path = tmp_path / "dup.yaml"
+    path.write_text(text.replace("    beta: 0.1\n", "    beta: 0.1\n    optim: {max_steps: 20}\n"))
+    line = text.splitlines().index("    beta: 0.1") + 2  # the pasted line, 1-based
+    assert main(["run", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"found the key 'optim' twice (first on line {line})" in err and f"line {line + 2}" in err, err
+    # a YAML merge (`<<: *base`) overrides on purpose and stays allowed
+    assert load_yaml_text("base: &b {lr: 1, epochs: 2}\noptim:\n  <<: *b\n  lr: 3\n", "x")["optim"] == {"lr": 3,
+                                                                                                      "epochs": 2}
+
+
+def test_a_set_override_naming_a_stage_close_to_one_suggests_it(tmp_path):
+    """`--set stages.dpp.beta=0.2` on configs/my-data.yaml: the stage-name typo is named with the close stage and
+    the stages there are, as an unknown key is."""
+    data = load_yaml_text((ROOT / "configs" / "my-data.yaml").read_text(), "my-data.yaml")
+    with pytest.raises(UsageError, match=r"--set stages.dpp: no list item named 'dpp'; did you mean 'dpo'\? "
+                                         r"\(the items: preferences, reward, dpo, evaluate\)"):
+        apply_override(data, "stages.dpp.beta=0.2")

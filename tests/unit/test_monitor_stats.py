@@ -52,3 +52,27 @@ def test_windows_by_count_or_duration():
     for bad in ("0", "x", "1.5", "5w", "-3"):
         with pytest.raises(UsageError, match="--window"):
             parse_window(bad)
+
+
+def test_time_windows_over_a_long_gap_are_refused_before_they_are_built():
+    """A server run again into the same log three months later: `--window 1m` would make 129,601 windows (mostly
+    empty, each one summarised, tested for drift and plotted: 78 s, 2 GB and a 146 MB monitor.json for 192 answers).
+    The count is checked before any window is built, and the message says which window would fit."""
+    rows = [{"seq": 1, "created": 0.0}, {"seq": 2, "created": 90 * 86400.0}]
+    with pytest.raises(UsageError, match=r"--window 1m: .*129,601 windows.*at most 10,000.*--window 13m"):
+        split(rows, parse_window("1m"))
+    assert len(split(rows, parse_window("13m"))) == 9970  # 7,776,000 s / 780 s = 9969.2: windows 0 to 9969
+
+
+def test_an_answer_rated_twice_counts_once_with_its_latest_rating():
+    """A user who clicks thumbs-up and then corrects it to down has given one rating, the latest, as
+    `rlhf feedback export` reads it; the monitor's thumbs-up rate (and the hacking test's two-proportion z-test,
+    which counts ratings as independent) must not count the answer twice."""
+    from pipeline.monitor.summary import summarise
+
+    rows = [{"seq": i, "id": f"c{i}", "created": float(i), "latency_ms": 1.0, "finish_reason": "stop",
+             "completion_tokens": 3} for i in range(2)]
+    feedback = [{"seq": 1, "id": "c0", "rating": "up"}, {"seq": 2, "id": "c0", "rating": "down"},
+                {"seq": 3, "id": "c1", "rating": "up"}, {"seq": 4, "id": "c1", "rating": "up"}]
+    got = summarise(rows, feedback, {}, parse_window("10"), None, 0.01, 20)
+    assert got["windows"][0]["thumbs"] == {"up": 1, "rated": 2, "up_rate": 0.5, "preferences": 0}
