@@ -375,7 +375,7 @@ class Scan:
     a context manager (its temporary files are removed on exit)."""
 
     def __init__(self, path: str, fmt: str | None, notes: list[str], agreement: dict, spool: RowSpool,
-                 changed: dict[int, Row], tmp: tempfile.TemporaryDirectory, tokenizer=None,
+                 changed: dict[int, tuple], tmp: tempfile.TemporaryDirectory, tokenizer=None,
                  max_length: int | None = None):
         self.path, self.format, self.notes, self.agreement = path, fmt, notes, agreement
         self._spool, self._changed, self._tmp = spool, changed, tmp
@@ -390,7 +390,8 @@ class Scan:
         """Every row once, as validate_file's Report holds it (repeats, ids and truncation resolved)."""
         self.tally = Tally(self.unpaired)
         for n, row in enumerate(self._spool):
-            row = self._changed.get(n, row)
+            if n in self._changed:
+                row = _apply(row, self._changed[n])
             if self._tokenizer is not None and self._max_length:
                 _check_truncation([row], self._tokenizer, self._max_length)
             self.tally.add(row)
@@ -454,9 +455,13 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
         raise
 
 
-def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str) -> tuple[dict[int, Row], dict]:
-    """The rows (by number) whose outcome the repeated-pair and id checks decide, gathered from the spool; the
-    agreement over repeated pairs."""
+Outcome = tuple  # (error or None, ((pair index, code, reason), ...)): what the whole-file checks decided for a row
+
+
+def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str) -> tuple[dict[int, Outcome], dict]:
+    """What the repeated-pair and id checks decide for each candidate row (by number), resolved on the candidates
+    gathered from the spool (without their raw text, which the checks do not read); the agreement over repeated
+    pairs. Only the outcomes of rows that lose something are kept for the replay."""
     if not len(candidates):
         return {}, _agreement([])
     wanted = iter(candidates.tolist())  # sorted row numbers: walked with the spool, no set of them built
@@ -464,11 +469,31 @@ def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str) -> tu
     rows: dict[int, Row] = {}
     for n, row in enumerate(spool):
         if n == nxt:
+            row.raw = None
             rows[n] = row
             nxt = next(wanted, None)
             if nxt is None:
                 break
+    before = {n: list(row.pairs) for n, row in rows.items()}
     subset = list(rows.values())
     agreement = _check_repeats(subset, mode, path)
     _check_ids(subset, path)
-    return rows, agreement
+    outcomes = {}
+    for n, row in rows.items():
+        index = {id(p): i for i, p in enumerate(before[n])}
+        dropped = tuple((index[id(p)], code, reason) for p, code, reason in row.dropped)
+        if row.error is not None or dropped:
+            outcomes[n] = (row.error, dropped)
+    return outcomes, agreement
+
+
+def _apply(row: Row, outcome: Outcome) -> Row:
+    """A spooled row with what the whole-file checks decided (as _reject_pairs and _check_ids left it)."""
+    error, dropped = outcome
+    if dropped:
+        gone = {i for i, _, _ in dropped}
+        row.dropped = [(row.pairs[i], code, reason) for i, code, reason in dropped]
+        row.pairs = [p for i, p in enumerate(row.pairs) if i not in gone]
+    if error is not None and row.error is None:
+        row.error = error
+    return row
