@@ -17,6 +17,7 @@ from feedback.files import iter_records
 from feedback.label import check_consistency
 from pipeline.judging import build_judge
 from feedback.schema import write_pairs
+from feedback.parquet_out import ParquetRows
 from feedback.stats import PairStats
 from feedback.validate import rejected_records, row_problems, scan_file, validate_file
 from feedback.readers import ALIASES
@@ -156,17 +157,22 @@ def _json_line(out: Path, n: int, row: dict) -> str:
 
 
 def cmd_data_import(args) -> int:
-    """Rows are checked and written as they are read (a streamed scan): the output and OUT.rejected.jsonl are
-    temporary files until the end, put in place only when the run succeeds (--on-error fail: when no row was
-    rejected)."""
+    """Rows are checked and written as they are read (a streamed scan): the output (JSONL, or Parquet when OUT ends
+    in .parquet) and OUT.rejected.jsonl are temporary files until the end, put in place only when the run succeeds
+    (--on-error fail: when no row was rejected)."""
     out = Path(args.output)
-    rejected_path = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
+    parquet = out.suffix.lower() in (".parquet", ".pq")
+    stem = out.name[: -len(out.suffix)] if parquet else out.name.removesuffix(".jsonl")
+    rejected_path = out.with_name(stem + ".rejected.jsonl")
     scan, _ = _data_report(args, scan=True)
     problems: list[str] = []  # the first 21 (20 printed, and whether there are more)
     n = n_problems = n_rejected = 0
     try:
         with scan, contextlib.ExitStack() as files:
-            f, rf = files.enter_context(open_atomic(out)), None  # OUT.rejected.jsonl only when a row is rejected
+            f, rf = files.enter_context(open_atomic(out, "wb" if parquet else "w")), None  # rejected: when one is
+            if parquet:
+                f = ParquetRows(f, out, scan.unpaired)
+                files.callback(f.close)  # before its file closes, whatever happens (a no-op once closed)
             for row in scan.rows():
                 lines = row_problems(row)
                 n_problems += len(lines)
@@ -175,13 +181,18 @@ def cmd_data_import(args) -> int:
                     continue  # nothing will be written: only the count goes on
                 for p in row.pairs if row.error is None else ():
                     n += 1
-                    f.write(_json_line(out, n, p.to_dict()))
+                    if parquet:
+                        f.add(p.to_dict())
+                    else:
+                        f.write(_json_line(out, n, p.to_dict()))
                 for rec in rejected_records(row):
                     rf = rf or files.enter_context(open_atomic(rejected_path))
                     n_rejected += 1
                     rf.write(_json_line(rejected_path, n_rejected, rec))
             if not scan.ok and args.on_error == "fail":
                 raise _Invalid  # the temporary files are removed
+            if parquet:
+                f.close()  # the last row group and the footer, inside the temporary file
     except _Invalid:
         for line in problems[:20]:
             print(line)

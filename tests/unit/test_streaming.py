@@ -195,3 +195,33 @@ def test_stats_quantiles_from_counts_are_those_of_the_sorted_values():
 
     assert _dist(Counter([3, 1, 9, 3, 10, 2, 3, 7, 9, 1])) == {"min": 1, "p50": 3, "p90": 10, "max": 10, "mean": 4.8}
     assert _dist(Counter()) == {}
+
+
+def test_import_to_parquet_when_asked(tmp_path, capsys):
+    """-o OUT.parquet writes the canonical rows as Parquet (texts as strings, judge as JSON text, every column in
+    every row), the rejected rows to OUT.rejected.jsonl; a file mixing string and message rows is refused by row,
+    as one Parquet column holds one type, and nothing is written."""
+    import pyarrow.parquet as pq
+
+    rows = pairs_rows(5000)
+    rows[7] = {**rows[7], "margin": 0.5, "judge": {"name": "rule", "p": 0.9}}
+    rows[4000] = {**rows[4000], "rejected": rows[4000]["chosen"]}
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    assert main(["data", "import", str(p), "-o", str(out), "--on-error", "skip"]) == 0
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "prompt", "chosen", "rejected", "source", "tie", "margin", "annotator", "judge"]
+    got = table.to_pylist()
+    assert [g["prompt"] for g in got] == [f"q{i}" for i in range(5000) if i != 4000]
+    assert got[7]["margin"] == 0.5 and json.loads(got[7]["judge"]) == {"name": "rule", "p": 0.9}
+    assert got[0]["margin"] is None and got[0]["judge"] is None and got[0]["tie"] is False
+    rejected = [json.loads(x) for x in (tmp_path / "out.rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["code"]) for r in rejected] == [(4001, "identical")]
+
+    mixed = write_jsonl(tmp_path / "m.jsonl", [rows[0], {"prompt": [{"role": "user", "content": "hi"}],
+                                                          "chosen": [{"role": "assistant", "content": "a"}],
+                                                          "rejected": [{"role": "assistant", "content": "b"}]}])
+    capsys.readouterr()
+    assert main(["data", "import", str(mixed), "-o", str(tmp_path / "m.parquet")]) == 1
+    assert "row 2 holds message lists where row 1 holds strings" in capsys.readouterr().err
+    assert not (tmp_path / "m.parquet").exists() and not list(tmp_path.glob(".m.parquet*"))
