@@ -36,6 +36,7 @@ import codecs
 import csv
 import gzip
 import io
+import itertools
 import json
 import math
 import re
@@ -56,6 +57,7 @@ SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv
             ".parquet": "parquet", ".pq": "parquet"}
 KNOWN_TYPES = ".jsonl (.ndjson), .json, .csv, .tsv (each also as .gz), .parquet, or a dataset directory (save_to_disk)"
 DELIMITERS = (",", ";", "\t", "|")  # a header without commas is read with the one of the others it uses most
+PARQUET_BATCH = 4096  # rows of a Parquet file converted to Python objects at a time
 ALL_SPLITS = "*"  # iter_records(default_split=ALL_SPLITS): every split of a DatasetDict
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # UTF-32 LE starts like UTF-16 LE
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
@@ -185,6 +187,34 @@ def _read_text(path: Path, notes: list[str]) -> str:
         raise UsageError(f"{path}:{line}: {_undecodable(data, exc)}") from None
 
 
+def _text_lines(path: Path, notes: list[str]) -> Iterator[str]:
+    """The file as decoded lines split on b"\\n" only (each keeping its ending), read one line at a time so that memory
+    does not grow with the file; the byte-order mark dropped. Bytes that are not UTF-8 are an unreadable input named
+    by line and column, as when the file was read whole (the lines before it have been handed on by then)."""
+    with _opener(path, notes)() as f:
+        try:
+            for i, raw in enumerate(f, 1):
+                try:
+                    yield raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UsageError(f"{path}:{i}: {_undecodable(raw, exc)}") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read: {exc}") from None
+
+
+_LONE_CR = re.compile(r"(?<=\r)(?!\n|$)")
+
+
+def _split_cr(lines: Iterable[str]) -> Iterator[str]:
+    """Lines split as io.StringIO(newline="") splits them for the csv module: at \\n, \\r\\n and a lone \\r (an old
+    Mac file), so that the csv reader's line numbers count the same lines as before it read a stream."""
+    for line in lines:
+        if "\r" in line[:-1]:
+            yield from _LONE_CR.split(line)
+        else:
+            yield line
+
+
 # --------------------------------------------------------------------------- JSON Lines and JSON
 
 
@@ -202,9 +232,14 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_repeats)  # made once: json.loads(hook=...) makes one per call
+
+
 def loads(text: str) -> Any:
     """json.loads refusing a key repeated within one object (RepeatedKey, a ValueError)."""
-    return json.loads(text, object_pairs_hook=_no_repeats)
+    if text.startswith("\ufeff"):  # json.loads's own error for a byte-order mark inside the text
+        return json.loads(text, object_pairs_hook=_no_repeats)
+    return _DECODER.decode(text)
 
 
 def _lone_surrogate(value: Any, name: str = "") -> str | None:
@@ -321,11 +356,17 @@ def _array_records(path: Path, data: list) -> Iterator[Record]:
 def _json(path: Path, notes: list[str]) -> Iterator[Record]:
     """A JSON array of rows; or JSON Lines in a .json file (what `Dataset.to_json` writes by default), recognised
     by a first line that is a whole JSON object on its own, and then read line by line like any JSONL file."""
-    text = _read_text(path, notes)
-    first = next((line for line in text.split("\n") if line.strip()), "")
+    sniffed: list[str] = []  # the notes about the encoding, given once
+    lines = _text_lines(path, sniffed)
+    first = next((line for line in lines if line.strip()), "")
+    lines.close()
     if isinstance(_json_or_none(first, strict=False), dict):
-        yield from _jsonl(path, [])  # the notes about the encoding were given above
+        notes += sniffed
+        for _ in _text_lines(path, []):  # bytes that are not UTF-8 anywhere: the file is refused, as a whole read did
+            pass
+        yield from _jsonl(path, [])  # streamed, one line at a time
         return
+    text = _read_text(path, notes)  # one JSON array: parsed whole
     try:
         data = json.loads(text, object_pairs_hook=_marking)
     except json.JSONDecodeError as exc:
@@ -338,9 +379,9 @@ def _json(path: Path, notes: list[str]) -> Iterator[Record]:
 # --------------------------------------------------------------------------- CSV
 
 
-def _delimiter(path: Path, text: str, notes: list[str]) -> str:
+def _delimiter(path: Path, first_line: str, notes: list[str]) -> str:
     """`,` unless the header line has none and uses another delimiter (`;` from a European Excel, tab, `|`)."""
-    header = text.split("\n", 1)[0]
+    header = first_line.split("\n", 1)[0]
     unquoted = re.sub(r'"[^"]*"', "", header)
     counts = {d: unquoted.count(d) for d in DELIMITERS}
     if counts[","] or not any(counts.values()):
@@ -353,9 +394,11 @@ def _delimiter(path: Path, text: str, notes: list[str]) -> str:
 def _csv(path: Path, message_columns: tuple[str, ...], notes: list[str], delimiter: str | None) -> Iterator[Record]:
     """RFC 4180 CSV (or TSV) with a header row. A record is located at the line where it starts (a quoted cell may
     span lines); a quoting error or a wrong number of fields rejects that record and reading goes on."""
-    text = _read_text(path, notes)
-    delimiter = delimiter or _delimiter(path, text, notes)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True, strict=True)
+    lines = _text_lines(path, notes)
+    first = next(lines, "")
+    delimiter = delimiter or _delimiter(path, first, notes)
+    reader = csv.reader(_split_cr(itertools.chain([first] if first else [], lines)), delimiter=delimiter,
+                        skipinitialspace=True, strict=True)
     header = None
     empty = 0
     while True:
@@ -461,11 +504,14 @@ def _parquet(path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH)
+        i = 0
+        for batch in batches:  # one batch of rows at a time: memory does not grow with the file
+            for row in batch.to_pylist():
+                i += 1
+                yield _table_record(f"{path}:row {i}", i, row)
+    except Exception as exc:  # pyarrow raises several types for a broken file, when opened or mid-way
         raise UsageError(f"{path}: cannot read Parquet: {exc}") from None
-    for i, row in enumerate(table.to_pylist(), 1):
-        yield _table_record(f"{path}:row {i}", i, row)
 
 
 def _dataset_dir(path: Path, split: str | None, notes: list[str], default_split: str | None,

@@ -383,7 +383,8 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
     first = None  # (auto) where the file's format was read from
     columns = [n for names in ALIASES.values() for n in names] + list((keys or {}).values())
     noted = False  # hh: the note about a prompt column is given once, from the first row
-    merged: list[str] = []  # hh: the rows whose transcripts had consecutive turns of one role
+    merged = [0, None]  # hh: how many rows had consecutive turns of one role, and where the first is (not a list of
+    #                     every such row: memory must not grow with the file)
     typos: Counter = Counter()  # (role, the name rows use instead): how many rows
     rows = 0  # objects read (the denominator of "most rows")
     for rec in iter_records(path, split=split, notes=notes, message_columns=columns):
@@ -421,9 +422,9 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
         rows += 1
         yield row
     _note_typos(path, typos, rows, keys, notes)
-    if merged:
-        loc = merged[0][len(str(path)) + 1:]
-        notes.append(f"{path}: {len(merged)} row{'s' * (len(merged) != 1)} of hh transcripts had consecutive turns "
+    if merged[0]:
+        loc = merged[1][len(str(path)) + 1:]
+        notes.append(f"{path}: {merged[0]} row{'s' * (merged[0] != 1)} of hh transcripts had consecutive turns "
                      f"of one role (the first at {'line ' * loc.isdigit()}{loc}), merged into one turn each")
 
 
@@ -485,7 +486,8 @@ def _read_row(rec, fmt: str, keys, source: str, ranked: str, merged: list) -> Ro
             turns: list = []
             pairs = read_hh_row(rec.value, keys, source, turns)
             if turns:
-                merged.append(rec.where)
+                merged[0] += 1
+                merged[1] = merged[1] or rec.where
         else:
             pairs = READERS[fmt](rec.value, keys, source)
         return Row(rec.where, rec.line, pairs=pairs, raw=rec.raw)

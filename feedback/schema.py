@@ -26,11 +26,12 @@ as assistant messages).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 from rlhf.errors import InvalidInput
@@ -67,7 +68,7 @@ class PreferencePair:
     def to_dict(self) -> dict:
         """The row as written: optional fields without a value (margin, annotator, judge) are left out, so
         that TRL's RewardTrainer, which reads a `margin` column whenever there is one, loads the file as it is."""
-        d = asdict(self)
+        d = self.__dict__  # not dataclasses.asdict: a deep copy of every text that writing a row does not need
         return {k: d[k] for k in FIELDS if not (k in NULLABLE and d[k] is None)}
 
 
@@ -90,7 +91,7 @@ class UnpairedRow:
             self.id = unpaired_id(self.prompt, self.completion, self.label)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = self.__dict__
         return {k: d[k] for k in UNPAIRED_FIELDS if not (k in NULLABLE and d[k] is None)}
 
 
@@ -103,8 +104,13 @@ def conform(prompt: Text, chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
     return as_turn(prompt, "user"), as_turn(chosen, "assistant"), as_turn(rejected, "assistant")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")), through one encoder made once
+    (json.dumps with arguments builds a new one per call, a cost paid several times per row of a large file)."""
+    return _CANONICAL.encode(obj)
 
 
 def pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:
@@ -139,9 +145,16 @@ def text_key(x: Text) -> str:
     """The comparison key of a string or a message list (roles kept, each content normalised with norm_text).
     Used for chosen-vs-rejected identity, duplicates, conflicts and the train/eval split by prompt."""
     if isinstance(x, str):
-        return canonical(norm_text(x))
+        return _str_key(x)
     return canonical([{"role": m.get("role"), "content": norm_text(m["content"])} if isinstance(m, dict)
                       and isinstance(m.get("content"), str) else m for m in x])
+
+
+@functools.lru_cache(maxsize=16)
+def _str_key(x: str) -> str:
+    """text_key of a string, remembered for the last few: a row's texts are keyed several times in a row (chosen vs
+    rejected, then its repeat key), and normalising is the costly part of reading a large file."""
+    return canonical(norm_text(x))
 
 
 def prompt_key(prompt: Text) -> str:

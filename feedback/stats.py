@@ -1,69 +1,102 @@
 """`rlhf data stats`: what a preference file holds (pairs; or unpaired rows: desirable and undesirable counts),
-including how often annotators agree."""
+including how often annotators agree.
+
+`PairStats` takes the pairs one at a time and keeps what does not grow with the file: lengths as counts per length
+(exact quantiles from a histogram), counters of sources and annotators, and distinct prompts as 8-byte digests spilled
+to disk (digests.DigestSpill). `file_stats(report)` describes a validate_file Report; the CLI feeds PairStats the
+rows of a streamed scan (validate.scan_file).
+"""
 
 from __future__ import annotations
 
-import statistics
+import math
+import tempfile
 from collections import Counter
 
-from feedback.schema import prompt_key, text_of
+from feedback.digests import DigestSpill
+from feedback.schema import PreferencePair, UnpairedRow, prompt_key, text_of
 from feedback.validate import Report
 
 
-def _dist(values: list[int]) -> dict:
-    if not values:
+def _dist(values: Counter) -> dict:
+    """min, p50, p90, max and mean of integer values given as {value: how many}: what sorting them all gives."""
+    n = sum(values.values())
+    if not n:
         return {}
-    s = sorted(values)
-    return {"min": s[0], "p50": s[len(s) // 2], "p90": s[min(len(s) - 1, int(len(s) * 0.9))], "max": s[-1],
-            "mean": round(statistics.fmean(s), 1)}
+    items = sorted(values.items())
+    wanted = {"p50": n // 2, "p90": min(n - 1, int(n * 0.9))}  # the positions in the sorted values
+    out, seen = {}, 0
+    for value, count in items:
+        for name, pos in wanted.items():
+            if name not in out and seen <= pos < seen + count:
+                out[name] = value
+        seen += count
+    return {"min": items[0][0], "p50": out["p50"], "p90": out["p90"], "max": items[-1][0],
+            "mean": round(math.fsum(v * c for v, c in items) / n, 1)}
 
 
-def annotator_agreement(report: Report) -> dict:
+def annotator_agreement(report) -> dict:
     """Over pairs labelled more than once (same prompt and responses once Unicode and whitespace are normalised):
     the share of label pairs that agree. Measured by validate_file before repeated pairs are resolved."""
     return report.agreement or {"pairs_labelled_more_than_once": 0, "label_pairs": 0, "agreement": None}
 
 
-def file_stats(report: Report, tokenizer=None) -> dict:
-    pairs = report.pairs
+class PairStats:
+    """The statistics of `rlhf data stats`, accumulated pair by pair (or unpaired row by row)."""
 
-    def length(x) -> int:
+    def __init__(self, unpaired: bool, tokenizer=None, workdir: str | None = None):
+        self.unpaired, self.tokenizer = unpaired, tokenizer
+        self.fields = ("prompt", "completion") if unpaired else ("prompt", "chosen", "rejected")
+        self.lengths = {k: Counter() for k in self.fields}
+        self.turns: Counter = Counter()
+        self.sources: Counter = Counter()
+        self.annotators: Counter = Counter()
+        self.ties = self.with_margin = self.n = self.desirable = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf-stats-", dir=workdir)
+        self.prompts = DigestSpill(self._tmp.name, "prompt")
+
+    def _length(self, x) -> int:
         t = text_of(x)
-        return len(tokenizer(t)["input_ids"]) if tokenizer is not None else len(t)
+        return len(self.tokenizer(t)["input_ids"]) if self.tokenizer is not None else len(t)
 
-    if report.unpaired:
-        return _unpaired_stats(report, pairs, length, tokenizer is not None)
-    return {
-        "file": report.path,
-        "format": report.format,
-        **report.counts(),
-        "length_unit": "tokens" if tokenizer is not None else "characters",
-        "lengths": {k: _dist([length(getattr(p, k)) for p in pairs]) for k in ("prompt", "chosen", "rejected")},
-        "prompt_turns": _dist([1 if isinstance(p.prompt, str) else len(p.prompt) for p in pairs]),
-        "ties": sum(p.tie for p in pairs),
-        "with_margin": sum(p.margin is not None for p in pairs),
-        "sources": dict(Counter(p.source for p in pairs)),
-        "annotators": dict(Counter(p.annotator or "(none)" for p in pairs).most_common(20)),
-        "distinct_prompts": len({prompt_key(p.prompt) for p in pairs}),
-        "agreement": annotator_agreement(report),
-        "notes": report.notes,
-    }
+    def add(self, p: PreferencePair | UnpairedRow) -> None:
+        self.n += 1
+        for k in self.fields:
+            self.lengths[k][self._length(getattr(p, k))] += 1
+        self.turns[1 if isinstance(p.prompt, str) else len(p.prompt)] += 1
+        self.sources[p.source] += 1
+        self.annotators[p.annotator or "(none)"] += 1
+        if self.unpaired:
+            self.desirable += bool(p.label)
+        else:
+            self.ties += bool(p.tie)
+            self.with_margin += p.margin is not None
+        self.prompts.add(prompt_key(p.prompt), 0)
+
+    def result(self, report) -> dict:
+        """The stats dict; `report` (a Report or a finished Scan) gives the file, format, counts, agreement, notes."""
+        try:
+            common = {"file": report.path, "format": report.format, **report.counts()}
+            if self.unpaired:
+                common["desirable_share"] = round(self.desirable / self.n, 4) if self.n else None
+            out = {**common,
+                   "length_unit": "tokens" if self.tokenizer is not None else "characters",
+                   "lengths": {k: _dist(self.lengths[k]) for k in self.fields},
+                   "prompt_turns": _dist(self.turns)}
+            if not self.unpaired:
+                out.update({"ties": self.ties, "with_margin": self.with_margin})
+            out.update({"sources": dict(self.sources),
+                        "annotators": dict(self.annotators.most_common(20)),
+                        "distinct_prompts": self.prompts.distinct(),
+                        "agreement": annotator_agreement(report),
+                        "notes": report.notes})
+            return out
+        finally:
+            self._tmp.cleanup()
 
 
-def _unpaired_stats(report: Report, rows: list, length, tokens: bool) -> dict:
-    """An unpaired file: how many answers are desirable and undesirable (the ratio KTO's weights balance)."""
-    desirable = sum(r.label for r in rows)
-    return {
-        "file": report.path,
-        "format": report.format,
-        **report.counts(),
-        "desirable_share": round(desirable / len(rows), 4) if rows else None,
-        "length_unit": "tokens" if tokens else "characters",
-        "lengths": {k: _dist([length(getattr(r, k)) for r in rows]) for k in ("prompt", "completion")},
-        "prompt_turns": _dist([1 if isinstance(r.prompt, str) else len(r.prompt) for r in rows]),
-        "sources": dict(Counter(r.source for r in rows)),
-        "annotators": dict(Counter(r.annotator or "(none)" for r in rows).most_common(20)),
-        "distinct_prompts": len({prompt_key(r.prompt) for r in rows}),
-        "agreement": annotator_agreement(report),
-        "notes": report.notes,
-    }
+def file_stats(report: Report, tokenizer=None) -> dict:
+    stats = PairStats(report.unpaired, tokenizer)
+    for p in report.pairs:
+        stats.add(p)
+    return stats.result(report)

@@ -18,9 +18,16 @@ and how often repeated pairs agree.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
+import numpy as np
+
+from feedback import digests
+from feedback.digests import DigestSpill, RowSpool
 from feedback.readers import Row, read_rows
 from feedback.schema import PreferencePair, UnpairedRow, canonical, text_key
 from reward.text import encode
@@ -64,40 +71,81 @@ class Report:
         return self.format == "unpaired"
 
     def problems(self) -> list[str]:
-        out = []
+        return [line for r in self.rows for line in row_problems(r)]
+
+    def tally(self) -> "Tally":
+        tally = Tally(self.unpaired)
         for r in self.rows:
-            if r.error is not None:
-                out.append(f"{r.where}: {r.error[1]}")
-            else:
-                out += [f"{r.where}: {_pair_name(p)}: {reason}" for p, _, reason in r.dropped]
-        return out
+            tally.add(r)
+        return tally
 
     def summary(self) -> str:
-        n = len(self.dropped)
-        return (f"{len(self.rows)} rows: {len(self.valid)} valid, {len(self.invalid)} invalid"
+        return self.tally().summary()
+
+    def counts(self) -> dict:
+        return self.tally().counts()
+
+    def rejected_rows(self) -> list[dict]:
+        return [rec for r in self.rows for rec in rejected_records(r)]
+
+
+class Tally:
+    """The counts of a Report, kept row by row (a streamed file's rows are not held): summary() and counts()."""
+
+    def __init__(self, unpaired: bool):
+        self.unpaired = unpaired
+        self.rows = self.valid = self.invalid = self.pairs = self.dropped = self.desirable = 0
+        self.invalid_codes: Counter = Counter()
+        self.dropped_codes: Counter = Counter()
+
+    def add(self, row: Row) -> None:
+        self.rows += 1
+        if row.error is not None:
+            self.invalid += 1
+            self.invalid_codes[row.error[0]] += 1
+            return
+        self.valid += 1
+        self.pairs += len(row.pairs)
+        if self.unpaired:
+            self.desirable += sum(bool(p.label) for p in row.pairs)
+        self.dropped += len(row.dropped)
+        self.dropped_codes.update(code for _, code, _ in row.dropped)
+
+    @property
+    def ok(self) -> bool:
+        return not self.invalid and not self.dropped
+
+    def summary(self) -> str:
+        n = self.dropped
+        return (f"{self.rows} rows: {self.valid} valid, {self.invalid} invalid"
                 + (f"; {n} pair{'s' * (n != 1)} of valid rows rejected" if n else ""))
 
     def counts(self) -> dict:
-        reasons = Counter(r.error[0] for r in self.invalid) + Counter(code for _, _, code, _ in self.dropped)
-        yielded = ({"desirable": sum(p.label for p in self.pairs), "undesirable": sum(not p.label for p in self.pairs)}
-                   if self.unpaired else {"pairs": len(self.pairs), "pairs_rejected": len(self.dropped)})
+        reasons = self.invalid_codes + self.dropped_codes
+        yielded = ({"desirable": self.desirable, "undesirable": self.pairs - self.desirable} if self.unpaired
+                   else {"pairs": self.pairs, "pairs_rejected": self.dropped})
         return {
-            "rows_read": len(self.rows),
-            "accepted": len(self.valid),
-            "rejected": len(self.invalid),
+            "rows_read": self.rows,
+            "accepted": self.valid,
+            "rejected": self.invalid,
             **yielded,
             "rejected_by_reason": dict(reasons),
         }
 
-    def rejected_rows(self) -> list[dict]:
-        out = []
-        for r in self.rows:
-            if r.error is not None:
-                out.append({"where": r.where, "line": r.line, "code": r.error[0], "reason": r.error[1], "row": r.raw})
-                continue
-            out += [{"where": r.where, "line": r.line, "code": code, "reason": reason, "row": r.raw,
-                     "pair": p.to_dict()} for p, code, reason in r.dropped]
-        return out
+
+def row_problems(r: Row) -> list[str]:
+    """The problem lines of one row (FILE:LINE: reason), as `rlhf data validate` prints them."""
+    if r.error is not None:
+        return [f"{r.where}: {r.error[1]}"]
+    return [f"{r.where}: {_pair_name(p)}: {reason}" for p, _, reason in r.dropped]
+
+
+def rejected_records(r: Row) -> list[dict]:
+    """What a rejected-rows file holds for one row: the row with its reason, or each pair set aside from it."""
+    if r.error is not None:
+        return [{"where": r.where, "line": r.line, "code": r.error[0], "reason": r.error[1], "row": r.raw}]
+    return [{"where": r.where, "line": r.line, "code": code, "reason": reason, "row": r.raw, "pair": p.to_dict()}
+            for p, code, reason in r.dropped]
 
 
 def _pair_name(p: PreferencePair | UnpairedRow, width: int = 30) -> str:
@@ -128,6 +176,15 @@ def repeat_key(p: PreferencePair | UnpairedRow) -> str:
     if isinstance(p, UnpairedRow):
         return canonical([text_key(p.prompt), text_key(p.completion)])
     return canonical([text_key(p.prompt), sorted([text_key(p.chosen), text_key(p.rejected)])])
+
+
+def repeat_digest_key(p: PreferencePair | UnpairedRow) -> str:
+    """A string equal for two pairs exactly when their repeat_key is (the same normalised components, joined by a
+    NUL, which canonical JSON never holds unescaped): what scan_file digests, cheaper than the JSON of repeat_key."""
+    if isinstance(p, UnpairedRow):
+        return f"{text_key(p.prompt)}\0{text_key(p.completion)}"
+    c, r = sorted([text_key(p.chosen), text_key(p.rejected)])
+    return f"{text_key(p.prompt)}\0{c}\0{r}"
 
 
 def _texts(p: PreferencePair | UnpairedRow) -> list:
@@ -307,3 +364,136 @@ def validate_file(path, fmt: str = "auto", keys: dict | None = None, source: str
     if tokenizer is not None and max_length:
         _check_truncation(rows, tokenizer, max_length)
     return Report(str(path), fmt if fmt != "auto" else (detected[0] if detected else None), rows, notes, agreement)
+
+
+# --------------------------------------------------------------------------- streaming: files of any size
+
+
+class Scan:
+    """A file checked in bounded memory (see `scan_file`): `rows()` replays every row, in order, with the checks
+    that need the whole file applied; the counts (`tally`) are complete once it has been read to the end. Use it as
+    a context manager (its temporary files are removed on exit)."""
+
+    def __init__(self, path: str, fmt: str | None, notes: list[str], agreement: dict, spool: RowSpool,
+                 changed: dict[int, tuple], tmp: tempfile.TemporaryDirectory, tokenizer=None,
+                 max_length: int | None = None):
+        self.path, self.format, self.notes, self.agreement = path, fmt, notes, agreement
+        self._spool, self._changed, self._tmp = spool, changed, tmp
+        self._tokenizer, self._max_length = tokenizer, max_length
+        self.tally = Tally(self.unpaired)
+
+    @property
+    def unpaired(self) -> bool:
+        return self.format == "unpaired"
+
+    def rows(self) -> Iterator[Row]:
+        """Every row once, as validate_file's Report holds it (repeats, ids and truncation resolved)."""
+        self.tally = Tally(self.unpaired)
+        for n, row in enumerate(self._spool):
+            if n in self._changed:
+                row = _apply(row, self._changed[n])
+            if self._tokenizer is not None and self._max_length:
+                _check_truncation([row], self._tokenizer, self._max_length)
+            self.tally.add(row)
+            yield row
+
+    @property
+    def ok(self) -> bool:
+        return self.tally.ok
+
+    def summary(self) -> str:
+        return self.tally.summary()
+
+    def counts(self) -> dict:
+        return self.tally.counts()
+
+    def close(self) -> None:
+        self._spool.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "Scan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "human", ranked: str = "all_pairs",
+              tokenizer=None, max_length: int | None = None, split: str | None = None, duplicates: str = "fail",
+              workdir: str | None = None, buffer: int | None = None) -> Scan:
+    """validate_file for files of any size: the same rows, problems, counts and agreement, in memory that does not
+    grow with the file but by the rows that repeat.
+
+    Pass 1 parses each row once, spools it to a temporary file (in `workdir`, default the system's temporary
+    directory: about the size of the input) and records an 8-byte digest of each pair's repeat_key and id with its
+    row number (digests.DigestSpill: 16 bytes of disk per pair, `buffer` entries of memory, default digests.BUFFER). The rows whose digest
+    repeats are the only ones that can be duplicates, conflicts or reused ids: a second pass over the spool
+    gathers just those rows and resolves them with validate_file's own rules (_check_repeats, _check_ids), on their
+    real keys. `Scan.rows()` then replays the spool with those outcomes (and the truncation check) applied."""
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
+    tmp = tempfile.TemporaryDirectory(prefix="rlhf-scan-", dir=workdir)
+    try:
+        detected: list[str] = []
+        notes: list[str] = []
+        spool = RowSpool(Path(tmp.name) / "rows.pickle")
+        buffer = buffer or digests.BUFFER
+        repeats = DigestSpill(tmp.name, "repeat", buffer)
+        ids = DigestSpill(tmp.name, "id", buffer)
+        for n, row in enumerate(read_rows(path, fmt, keys, source, ranked, detected, split=split, notes=notes)):
+            spool.add(row)
+            if row.error is None:
+                for p in row.pairs:
+                    repeats.add(repeat_digest_key(p), n)
+                    ids.add(p.id, n)
+        candidates = np.union1d(repeats.repeated(), ids.repeated())
+        changed, agreement = _resolve_candidates(spool, candidates, duplicates, str(path))
+        found = fmt if fmt != "auto" else (detected[0] if detected else None)
+        return Scan(str(path), found, notes, agreement, spool, changed, tmp, tokenizer, max_length)
+    except BaseException:
+        tmp.cleanup()
+        raise
+
+
+Outcome = tuple  # (error or None, ((pair index, code, reason), ...)): what the whole-file checks decided for a row
+
+
+def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str) -> tuple[dict[int, Outcome], dict]:
+    """What the repeated-pair and id checks decide for each candidate row (by number), resolved on the candidates
+    gathered from the spool (without their raw text, which the checks do not read); the agreement over repeated
+    pairs. Only the outcomes of rows that lose something are kept for the replay."""
+    if not len(candidates):
+        return {}, _agreement([])
+    wanted = iter(candidates.tolist())  # sorted row numbers: walked with the spool, no set of them built
+    nxt = next(wanted, None)
+    rows: dict[int, Row] = {}
+    for n, row in enumerate(spool):
+        if n == nxt:
+            row.raw = None
+            rows[n] = row
+            nxt = next(wanted, None)
+            if nxt is None:
+                break
+    before = {n: list(row.pairs) for n, row in rows.items()}
+    subset = list(rows.values())
+    agreement = _check_repeats(subset, mode, path)
+    _check_ids(subset, path)
+    outcomes = {}
+    for n, row in rows.items():
+        index = {id(p): i for i, p in enumerate(before[n])}
+        dropped = tuple((index[id(p)], code, reason) for p, code, reason in row.dropped)
+        if row.error is not None or dropped:
+            outcomes[n] = (row.error, dropped)
+    return outcomes, agreement
+
+
+def _apply(row: Row, outcome: Outcome) -> Row:
+    """A spooled row with what the whole-file checks decided (as _reject_pairs and _check_ids left it)."""
+    error, dropped = outcome
+    if dropped:
+        gone = {i for i, _, _ in dropped}
+        row.dropped = [(row.pairs[i], code, reason) for i, code, reason in dropped]
+        row.pairs = [p for i, p in enumerate(row.pairs) if i not in gone]
+    if error is not None and row.error is None:
+        row.error = error
+    return row

@@ -4,14 +4,16 @@ crash or a kill leaves either the old file or the new one, never half of one.
     write_atomic(path, text_or_bytes)
     write_json(path, obj)
     write_jsonl(path, rows)      # NaN and Infinity refused, naming the row; nothing written then
+    with open_atomic(path) as f: # a file written as it is produced (rows streamed): in place only on success
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 from rlhf.errors import InvalidInput, UsageError
 
@@ -33,6 +35,35 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable once its directory is flushed
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file to write bit by bit (rows as they are read), put in place like write_atomic when the block ends
+    without an exception; on an exception the temporary file is removed and `path` is left as it was. Only rank 0's
+    file is put in place (the others write to a temporary file that is removed)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if os.environ.get("RANK", "0") != "0":
+            tmp.unlink()
+            return
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

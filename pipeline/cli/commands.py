@@ -6,6 +6,7 @@ pipeline.cli.main turns into exit 1 or 2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ from feedback.files import iter_records
 from feedback.label import check_consistency
 from pipeline.judging import build_judge
 from feedback.schema import write_pairs
-from feedback.stats import file_stats
-from feedback.validate import validate_file
+from feedback.parquet_out import ParquetRows
+from feedback.stats import PairStats
+from feedback.validate import rejected_records, row_problems, scan_file, validate_file
 from feedback.readers import ALIASES
 from pipeline import distributed
 from pipeline import plan as planner
 from pipeline.artifacts import MANIFEST, load_artifact, write_json, write_jsonl
+from rlhf.io import open_atomic
 from pipeline.blocks import optim_changes, validate
 from pipeline.config import ModelSpec, load_pipeline
 from pipeline.data import read_prompts, resolve_data_path
@@ -100,15 +103,18 @@ def _keys(spec: str | None) -> dict[str, str] | None:
     return out
 
 
-def _data_report(args):
+def _data_report(args, scan: bool = False):
+    """validate_file's Report of args.file, or (scan) a streamed validate.Scan of it (bounded memory: the commands
+    that go through the rows once, in order)."""
     tokenizer = None
     if getattr(args, "tokenizer", None):
         tokenizer = load_tokenizer(resolve(args.tokenizer), args.trust_remote_code)
     max_length = getattr(args, "max_length", None)
     if max_length and tokenizer is None:
         raise UsageError("--max-length needs --tokenizer (the model whose tokenizer truncates)")
-    report = validate_file(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length,
-                           split=args.split, duplicates=args.duplicates)
+    check = scan_file if scan else validate_file
+    report = check(args.file, args.format, _keys(args.keys), args.source, args.ranked, tokenizer, max_length,
+                   split=args.split, duplicates=args.duplicates)
     return report, tokenizer
 
 
@@ -120,52 +126,96 @@ def _print_notes(report) -> None:
         print(f"note: {note}", file=sys.stderr, flush=True)
 
 
-def _print_problems(report, limit: int | None = None) -> None:
-    problems = report.problems()
-    for line in problems[:limit]:
-        print(line)
-    if limit is not None and len(problems) > limit:
-        print(f"... and {len(problems) - limit} more")
-
-
 def cmd_data_validate(args) -> int:
-    report, _ = _data_report(args)
-    _print_problems(report)
-    _print_notes(report)
-    a = report.agreement
+    scan, _ = _data_report(args, scan=True)
+    with scan:
+        for row in scan.rows():  # each problem printed as its row comes, in file order
+            for line in row_problems(row):
+                print(line)
+    _print_notes(scan)
+    a = scan.agreement
     if a.get("pairs_labelled_more_than_once"):
-        print(f"repeated {'rows' if report.unpaired else 'pairs'}: {a['pairs_labelled_more_than_once']} labelled "
+        print(f"repeated {'rows' if scan.unpaired else 'pairs'}: {a['pairs_labelled_more_than_once']} labelled "
               f"more than once; agreement "
               f"{a['agreement']} over {a['label_pairs']} label pairs (--duplicates {args.duplicates})", file=sys.stderr,
               flush=True)
-    print(f"format: {report.format}", file=sys.stderr, flush=True)
-    print(report.summary())
-    return 0 if report.ok else 1
+    print(f"format: {scan.format}", file=sys.stderr, flush=True)
+    print(scan.summary())
+    return 0 if scan.ok else 1
+
+
+class _Invalid(Exception):
+    """--on-error fail found a problem: the files being written are discarded."""
+
+
+def _json_line(out: Path, n: int, row: dict) -> str:
+    try:
+        return json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as exc:  # as write_jsonl says it
+        raise InvalidInput(f"{out}: row {n} cannot be written as JSON: {exc} (NaN and Infinity are not JSON); "
+                           "nothing written") from None
 
 
 def cmd_data_import(args) -> int:
-    report, _ = _data_report(args)
+    """Rows are checked and written as they are read (a streamed scan): the output (JSONL, or Parquet when OUT ends
+    in .parquet) and OUT.rejected.jsonl are temporary files until the end, put in place only when the run succeeds
+    (--on-error fail: when no row was rejected)."""
     out = Path(args.output)
-    rejected_path = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
-    if not report.ok and args.on_error == "fail":
-        _print_problems(report, 20)
-        _print_notes(report)
-        print(f"{report.summary()}; nothing written (--on-error skip writes the valid rows)")
+    parquet = out.suffix.lower() in (".parquet", ".pq")
+    stem = out.name[: -len(out.suffix)] if parquet else out.name.removesuffix(".jsonl")
+    rejected_path = out.with_name(stem + ".rejected.jsonl")
+    scan, _ = _data_report(args, scan=True)
+    problems: list[str] = []  # the first 21 (20 printed, and whether there are more)
+    n = n_problems = n_rejected = 0
+    try:
+        with scan, contextlib.ExitStack() as files:
+            f, rf = files.enter_context(open_atomic(out, "wb" if parquet else "w")), None  # rejected: when one is
+            if parquet:
+                f = ParquetRows(f, out, scan.unpaired)
+                files.callback(f.close)  # before its file closes, whatever happens (a no-op once closed)
+            for row in scan.rows():
+                lines = row_problems(row)
+                n_problems += len(lines)
+                problems += lines[: 21 - len(problems)]
+                if lines and args.on_error == "fail":
+                    continue  # nothing will be written: only the count goes on
+                for p in row.pairs if row.error is None else ():
+                    n += 1
+                    if parquet:
+                        f.add(p.to_dict())
+                    else:
+                        f.write(_json_line(out, n, p.to_dict()))
+                for rec in rejected_records(row):
+                    rf = rf or files.enter_context(open_atomic(rejected_path))
+                    n_rejected += 1
+                    rf.write(_json_line(rejected_path, n_rejected, rec))
+            if not scan.ok and args.on_error == "fail":
+                raise _Invalid  # the temporary files are removed
+            if parquet:
+                f.close()  # the last row group and the footer, inside the temporary file
+    except _Invalid:
+        for line in problems[:20]:
+            print(line)
+        if n_problems > 20:
+            print(f"... and {n_problems - 20} more")
+        _print_notes(scan)
+        print(f"{scan.summary()}; nothing written (--on-error skip writes the valid rows)")
         return 1
-    n = write_pairs(out, report.pairs)
-    rejected = report.rejected_rows()
-    if rejected:
-        write_jsonl(rejected_path, rejected)
-    _print_notes(report)
-    print(f"format: {report.format}; {report.summary()}")
-    print(f"wrote {n} {'unpaired rows' if report.unpaired else 'pairs'} to {out}"
-          + (f"; {len(rejected)} rejected rows and pairs with reasons to {rejected_path}" if rejected else ""))
+    _print_notes(scan)
+    print(f"format: {scan.format}; {scan.summary()}")
+    print(f"wrote {n} {'unpaired rows' if scan.unpaired else 'pairs'} to {out}"
+          + (f"; {n_rejected} rejected rows and pairs with reasons to {rejected_path}" if n_rejected else ""))
     return 0
 
 
 def cmd_data_stats(args) -> int:
-    report, tokenizer = _data_report(args)
-    stats = file_stats(report, tokenizer)
+    report, tokenizer = _data_report(args, scan=True)
+    with report:  # streamed: the pairs are counted as they come, never held
+        acc = PairStats(report.unpaired, tokenizer)
+        for row in report.rows():
+            for p in row.pairs if row.error is None else ():
+                acc.add(p)
+        stats = acc.result(report)
     _print_notes(report)
     if args.json:
         print(json.dumps(stats, indent=2))

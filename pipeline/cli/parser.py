@@ -169,11 +169,12 @@ def _add_data(sub) -> None:
                   "Check every row of a preference file. Prints each problem as FILE:LINE: reason and ends with "
                   "'N rows: V valid, I invalid'. Exit 1 if any row is invalid.")
     _data_options(dv)
-    di = _command(dsub, "import", commands.cmd_data_import, "write the canonical schema (JSONL)",
-                  "Convert a preference file to canonical JSONL. With --on-error skip, rejected rows go to "
-                  "OUT.rejected.jsonl with their reasons.")
+    di = _command(dsub, "import", commands.cmd_data_import, "write the canonical schema (JSONL or Parquet)",
+                  "Convert a preference file to canonical JSONL (or Parquet: -o OUT.parquet), written as it is read. "
+                  "With --on-error skip, rejected rows go to OUT.rejected.jsonl with their reasons.")
     _data_options(di)
-    di.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    di.add_argument("-o", "--output", required=True, metavar="OUT.jsonl",
+                    help="the canonical file: JSONL, or Parquet when it ends in .parquet")
     di.add_argument("--on-error", default="fail", choices=["fail", "skip"])
     ds = _command(dsub, "stats", commands.cmd_data_stats,
                   "rows, formats, lengths, ties, sources, annotators and their agreement")
