@@ -457,8 +457,9 @@ def _note_typos(path, typos: Counter, rows: int, keys, notes: list) -> None:
             notes.append(f"{path}: {n} of {rows} rows name the {role} column '{name}', not '{keys[role]}': "
                          f"leave out --keys {role}={keys[role]} (data.keys in a config)")
         else:
-            notes.append(f"{path}: {n} of {rows} rows name the {role} column '{name}': read it with "
-                         f"--keys {role}={name} (data.keys in a config)")
+            # the rows were reported one by one as they were read, each as a typo; most of them is the file's name
+            notes.append(f"{path}: {n} of {rows} rows name the {role} column '{name}', so it is this file's name "
+                         f"for it, not a typo in each row: read it with --keys {role}={name} (data.keys in a config)")
 
 
 def _other_format(row: Any, keys, fmt: str) -> str | None:

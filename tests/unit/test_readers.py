@@ -247,8 +247,9 @@ def test_keys_suggested_when_most_rows_use_the_other_name(tmp_path, capsys):
     p = _rows(tmp_path / "most.jsonl", 5, odd={0, 1, 2, 3})
     assert main(["data", "validate", str(p)]) == 1
     err = capsys.readouterr().err
-    assert (f"note: {p}: 4 of 5 rows name the rejected column 'rejectd': read it with --keys rejected=rejectd"
-            in err)
+    # the rows above were each called a typo as they were read: the note says which it is
+    assert (f"note: {p}: 4 of 5 rows name the rejected column 'rejectd', so it is this file's name for it, not a "
+            "typo in each row: read it with --keys rejected=rejectd" in err)
     # following the hint: the four read, the odd one is named as a row whose own name differs
     assert main(["data", "validate", str(p), "--keys", "rejected=rejectd"]) == 1
     cap = capsys.readouterr()
