@@ -49,6 +49,7 @@ else
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
 	$(PY) bench/serve_monitor.py
+	$(PY) bench/judge_batch.py
 endif
 
 docs: setup
