@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def serve(model: str, concurrency: int):
     for line in proc.stdout:
         seen.append(line)
         m = re.match(r"serving \S+ at http://127\.0\.0\.1:(\d+)/v1", line)
-        if m:
+        if m:  # keep reading its log, so that a full pipe never blocks the server
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, f"http://127.0.0.1:{m.group(1)}/v1"
     raise SystemExit(f"server exited {proc.wait()} before it was ready:\n{''.join(seen)}")
 
