@@ -55,6 +55,7 @@ def plan_batches(lengths: list[int], keys: list[str], batch_size: int) -> list[l
 
 class LocalJudge(Judge):
     name = "local"
+    reads = "logprobs"  # every verdict, from the next-token probabilities (cached ones included)
 
     def __init__(self, model, tokenizer, model_ref: str, template: Template, principles: list[str],
                  principle_mode: str = "all", n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8,

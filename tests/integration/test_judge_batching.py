@@ -82,3 +82,17 @@ def test_both_orders_of_a_pair_share_a_forward(tiny_judge):
     for batch in batches:
         keys = [key_of[row] for row in batch]
         assert len(set(keys)) == 1 and batch[0] != batch[1], "a forward holds the two orders of one pair"
+
+
+def test_cached_local_verdicts_say_how_they_were_read(tiny_judge, tmp_path):
+    """The demo's second run took its local verdicts from the cache, stored before verdicts recorded how they were
+    read, and its summary had no `read` count: a local judge's verdicts are all read from probabilities."""
+    from feedback.judges import Verdict
+    from feedback.judges.cache import CachedJudge, VerdictCache
+
+    judge = tiny_judge(2)
+    cache = VerdictCache(tmp_path / "c.sqlite")
+    key = VerdictCache.key(judge.identity(), "", ITEMS[0])
+    cache.put(key, Verdict.from_dict({"choice": "a", "prob_a": 0.6, "raw": "p(A)=0.6 p(B)=0.4"}))  # an old entry
+    got = CachedJudge(judge, cache).judge(ITEMS[:2])
+    assert got[0].cached and got[0].prob_a == 0.6 and [v.read for v in got] == ["logprobs", "logprobs"]
