@@ -50,6 +50,7 @@ else
 	$(PY) bench/ppo_memory.py
 	$(PY) bench/serve_monitor.py
 	$(PY) bench/data_scale.py
+	$(PY) bench/judge_batch.py
 endif
 
 docs: setup

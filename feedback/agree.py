@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from feedback.judges import JudgeItem, judge_both_orders, position_consistency
+from feedback.judges import JudgeItem, judge_both_orders, position_consistency, read_counts
 
 
 def cohen_kappa(a: list[str], b: list[str]) -> float | None:
@@ -47,8 +47,10 @@ def agreement(pairs, judge, position, seed: int = 0) -> tuple[dict, list[dict]]:
         "tie_rate": round(judged.count("tie") / n, 4) if n else None,
         "abstain_rate": round(judged.count("abstain") / n, 4) if n else None,
         "position_consistency": position_consistency(results),
+        **({"read": read_counts(results)} if read_counts(results) else {}),
         "judge": {"name": judge.name, "identity": judge.identity(), **judge.stats()},
     }
-    rows = [{"id": it.id, "human": h, "judge": r.choice, "prob_a": r.prob_a, "consistent": r.consistent}
+    rows = [{"id": it.id, "human": h, "judge": r.choice, "prob_a": r.prob_a, "consistent": r.consistent,
+             **({"read": r.read} if r.read else {})}
             for it, h, r in zip(items, human, results)]
     return report, rows

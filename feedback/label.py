@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from feedback.judges import JudgeItem, PairResult, judge_both_orders, position_consistency
+from feedback.judges import JudgeItem, PairResult, judge_both_orders, position_consistency, read_counts
 from feedback.schema import PreferencePair
 from rlhf.errors import InvalidInput
 
@@ -80,6 +80,8 @@ def label(prompts: list, candidates: list[list[str]], judge, position, pairing: 
     counts["consistent_labels"] += 0  # always reported, 0 included
     stats = {"judged_pairs": len(items), "judge_calls": 2 * len(items), **counts,
              "position_consistency": position_consistency(results), **judge.stats()}
+    if read_counts(results):  # a model judge: how its verdicts were read (token probabilities or parsed text)
+        stats["read"] = read_counts(results)
     return pairs, unlabelled, stats
 
 

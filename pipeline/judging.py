@@ -6,7 +6,9 @@
     model: smollm2-135m-instruct             # local: a model reference; reward_model: an artifact path
     revision: null                           # local: a hub id's branch, tag or commit
     trust_remote_code: false                 # local, reward_model: run the model's own code (your decision only)
-    http: {base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max, concurrency, ...}
+    http: {base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max, concurrency,
+           top_logprobs, ...}
+    batch_size: 8                            # local, reward_model: prompts a forward
     template: pairwise.yaml                  # relative to this file
     constitution: constitution.yaml          # principles; `principles: all | sample | none`, `n_principles`
     position: {policy: agree_or_tie | average, disagreement: tie | abstain, tie_band: 0.05}
@@ -49,6 +51,8 @@ class HTTPConfig(Strict):
     concurrency: int = Field(4, ge=1)
     max_tokens: int = Field(8, ge=1)
     temperature: float = Field(0.0, ge=0)
+    top_logprobs: int = Field(20, ge=0, le=20, description="ask for the first answer token's top log-probabilities "
+                              "and read P(A) from them (0: parse the answer text only)")
     price_per_1k_prompt: float = Field(0.0, ge=0)
     price_per_1k_completion: float = Field(0.0, ge=0)
     max_response_bytes: int = Field(1 << 20, ge=1024, description="a longer response body is malformed")
@@ -81,7 +85,8 @@ class JudgeConfig(Strict):
     n_principles: int = Field(2, ge=1)
     position: PositionConfig = Field(default_factory=PositionConfig)
     cache: str = "default"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="local and reward_model judges: prompts scored in one forward (the "
+                            "two orders of a pair share one); more is faster on a GPU or a many-core CPU, costs memory")
     trust_remote_code: bool = Field(False, description="local and reward_model judges: run the model's own code "
                                     "(auto_map); never taken from an artifact's files")
     revision: str | None = Field(None, description="local judges: the hub id's branch, tag or commit to load (pin "

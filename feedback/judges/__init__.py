@@ -35,6 +35,7 @@ class Verdict:
     attempts: int = 1
     usage: dict = field(default_factory=dict)  # prompt_tokens, completion_tokens
     cached: bool = False
+    read: str = ""  # how a model judge's verdict was read: logprobs (token probabilities) | text (parsed answer)
 
     def __post_init__(self):
         assert self.choice in CHOICES, self.choice
@@ -44,13 +45,14 @@ class Verdict:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
-        return cls(**{k: d[k] for k in ("choice", "prob_a", "raw", "reason", "attempts", "usage") if k in d})
+        return cls(**{k: d[k] for k in ("choice", "prob_a", "raw", "reason", "attempts", "usage", "read")
+                      if k in d})
 
     def swapped(self) -> "Verdict":
         """The verdict seen from the other order (A and B exchanged)."""
         flip = {"a": "b", "b": "a"}.get(self.choice, self.choice)
         return Verdict(flip, None if self.prob_a is None else 1 - self.prob_a, self.raw, self.reason,
-                       self.attempts, self.usage, self.cached)
+                       self.attempts, self.usage, self.cached, self.read)
 
 
 class Judge:
@@ -77,14 +79,23 @@ class PairResult:
     backward: Verdict  # already mapped back to the original order
     consistent: bool | None  # None when either order abstained
 
+    @property
+    def read(self) -> str:
+        """How the label was read: `logprobs` or `text` when both orders were read alike, else `mixed`; "" for
+        judges that read no model output (rule, reward model)."""
+        kinds = {self.forward.read, self.backward.read}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
     def judge_record(self, judge: Judge, policy: str) -> dict:
         return {"name": judge.name, "identity": judge.identity(), "policy": policy, "choice": self.choice,
                 "prob_a": self.prob_a, "consistent": self.consistent,
+                **({"read": self.read} if self.read else {}),
                 "orders": [{"order": "ab", **_brief(self.forward)}, {"order": "ba", **_brief(self.backward)}]}
 
 
 def _brief(v: Verdict) -> dict:
-    return {"choice": v.choice, "prob_a": v.prob_a, "raw": v.raw, "reason": v.reason, "attempts": v.attempts}
+    return {"choice": v.choice, "prob_a": v.prob_a, "raw": v.raw, "reason": v.reason, "attempts": v.attempts,
+            **({"read": v.read} if v.read else {})}
 
 
 def combine(forward: Verdict, backward: Verdict, policy: str = "agree_or_tie", disagreement: str = "tie",
@@ -125,3 +136,13 @@ def judge_both_orders(judge: Judge, items: list[JudgeItem], policy: str = "agree
 def position_consistency(results: list[PairResult]) -> float | None:
     decided = [r.consistent for r in results if r.consistent is not None]
     return sum(decided) / len(decided) if decided else None
+
+
+def read_counts(results: list[PairResult]) -> dict[str, int]:
+    """How many judged pairs had their verdicts read from token probabilities (`logprobs`), from parsed text
+    (`text`), or one order each way (`mixed`); empty for judges that read no model output."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.read:
+            counts[r.read] = counts.get(r.read, 0) + 1
+    return counts

@@ -71,6 +71,10 @@ class CachedJudge:
         ident = self.inner.identity()
         keys = [VerdictCache.key(ident, self.template_hash, it) for it in items]
         out: list[Verdict | None] = [self.cache.get(k) for k in keys]
+        reads = getattr(self.inner, "reads", "")  # a judge that reads every verdict one way (local: logprobs)
+        for v in out:
+            if v is not None and not v.read and reads:  # stored before verdicts recorded how they were read
+                v.read = reads
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             batch, store = [items[i] for i in todo], self._store(keys, todo)

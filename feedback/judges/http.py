@@ -6,11 +6,23 @@ Transport failures (timeouts, connection errors, 429, 5xx, a body that is not JS
 with exponential backoff and jitter, honouring Retry-After, up to `max_retries` times; then the
 item is `abstain` with the reason, and it is not cached, so a rerun tries again. An answer that
 arrives but cannot be parsed into a choice is `abstain` as well, never a winner.
+
+Verdicts from token probabilities (Lee et al. 2023, RLAIF): with `top_logprobs` > 0 (default 20, OpenAI's
+maximum) each request asks for `logprobs` and the first answer token's `top_logprobs` (OpenAI chat-completions
+format, as vLLM and `rlhf serve` return them). P(A) = p(A) / (p(A) + p(B)) over the entries whose token, stripped of
+spaces, is a choice letter; a choice outside the top k is given the probability of the k-th entry, an upper bound
+on its own, so the estimate errs towards 0.5. The per-order probabilities are then averaged over both orders by the
+`average` position policy. Where the endpoint gives no logprobs, or neither letter is among them, the answer text
+is parsed instead. Each verdict records how it was read (`read: logprobs | text`).
+
+Up to `concurrency` requests are in flight at once (threads); results come back in input order, and tokens and
+cost are summed over the run (`stats()`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -42,11 +54,12 @@ class _Malformed(ValueError):
     """A response that arrived but is not a chat completion we can read (retried, then abstain)."""
 
 
-def _read_answer(payload: bytes) -> tuple[str, int, int]:
-    """(content, prompt_tokens, completion_tokens) of a chat-completions body, or _Malformed."""
+def _read_answer(payload: bytes) -> tuple[str, int, int, dict]:
+    """(content, prompt_tokens, completion_tokens, the first choice) of a chat-completions body, or _Malformed."""
     try:
         data = json.loads(payload)
-        content = data["choices"][0]["message"]["content"]
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise _Malformed(f"malformed response body: {payload[:80]!r}") from None
     if not isinstance(content, str):
@@ -60,7 +73,45 @@ def _read_answer(payload: bytes) -> tuple[str, int, int]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise _Malformed(f"malformed response: usage.{key} is {v!r}")
         counts.append(v)
-    return content, counts[0], counts[1]
+    return content, counts[0], counts[1], choice
+
+
+def _logprob(entry) -> tuple[str, float] | None:
+    if not isinstance(entry, dict):
+        return None
+    token, value = entry.get("token"), entry.get("logprob")
+    if not isinstance(token, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return (token, float(value)) if math.isfinite(value) and value <= 1e-6 else None
+
+
+def read_logprobs(choice: dict, letters: tuple[str, str]) -> tuple[float, str] | None:
+    """(P(A), how it was read) from the first answer token's top_logprobs, or None where the endpoint gave none
+    (or neither letter is among them): then the text is parsed instead."""
+    block = choice.get("logprobs") if isinstance(choice, dict) else None
+    content = block.get("content") if isinstance(block, dict) else None
+    if not isinstance(content, list) or not content or not isinstance(content[0], dict):
+        return None
+    first = content[0]
+    listed = {}
+    tops = first.get("top_logprobs")
+    for entry in [first, *(tops if isinstance(tops, list) else [])]:  # the sampled token may lie outside the top k
+        got = _logprob(entry)
+        if got is not None:
+            listed.setdefault(got[0], got[1])
+    if len(listed) < 2:  # only the sampled token: nothing to weigh it against
+        return None
+    mass = [sum(math.exp(v) for t, v in listed.items() if t.strip() == letter) for letter in letters]
+    if not any(mass):
+        return None
+    floor = math.exp(min(listed.values()))  # an unlisted token is no likelier than the least likely listed one
+    note = ""
+    for i, letter in enumerate(letters):
+        if not mass[i]:
+            mass[i] = floor
+            note = f"; {letter!r} not among the {len(listed)} listed: bounded by the least likely of them"
+    pa, pb = mass
+    return pa / (pa + pb), f"p({letters[0]})={pa:.4g} p({letters[1]})={pb:.4g}{note}"
 
 
 def read_api_key(env: str, who: str) -> str:
@@ -89,7 +140,7 @@ class HTTPJudge(Judge):
     def __init__(self, base_url: str, model: str, template: Template, principles: list[str],
                  principle_mode: str = "all", n_principles: int = 2, api_key_env: str | None = None,
                  timeout: float = 30.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 concurrency: int = 4, max_tokens: int = 8, temperature: float = 0.0,
+                 concurrency: int = 4, max_tokens: int = 8, temperature: float = 0.0, top_logprobs: int = 20,
                  price_per_1k_prompt: float = 0.0, price_per_1k_completion: float = 0.0,
                  max_response_bytes: int = 1 << 20, sleep=time.sleep):
         if api_key_env:
@@ -99,16 +150,18 @@ class HTTPJudge(Judge):
         self.mode, self.n, self.api_key_env = principle_mode, n_principles, api_key_env
         self.timeout, self.max_retries, self.backoff_base, self.backoff_max = timeout, max_retries, backoff_base, backoff_max
         self.concurrency, self.max_tokens, self.temperature = concurrency, max_tokens, temperature
+        self.top_logprobs = top_logprobs
         self.prices = (price_per_1k_prompt, price_per_1k_completion)
         self.max_response_bytes = max_response_bytes
         self._sleep = sleep
         self._lock = threading.Lock()
-        self.counters = {"requests": 0, "retries": 0, "gave_up": 0, "unparseable": 0,
-                         "prompt_tokens": 0, "completion_tokens": 0}
+        self.counters = {"requests": 0, "retries": 0, "gave_up": 0, "unparseable": 0, "read_logprobs": 0,
+                         "read_text": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def identity(self) -> dict:
         return {"type": "http", "base_url": self.base_url, "model": self.model, "principles": self.mode,
-                "n_principles": self.n, "max_tokens": self.max_tokens, "temperature": self.temperature}
+                "n_principles": self.n, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_logprobs": self.top_logprobs}
 
     def stats(self) -> dict:
         c = dict(self.counters)
@@ -124,7 +177,8 @@ class HTTPJudge(Judge):
         principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))
         return {"model": self.model, "messages": build_messages(self.template, it.prompt, it.response_a,
                                                                 it.response_b, principles),
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
+                "max_tokens": self.max_tokens, "temperature": self.temperature,
+                **({"logprobs": True, "top_logprobs": self.top_logprobs} if self.top_logprobs else {})}
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:
@@ -151,14 +205,21 @@ class HTTPJudge(Judge):
                     payload = resp.read(self.max_response_bytes + 1)
                 if len(payload) > self.max_response_bytes:
                     raise _Malformed(f"response body over {self.max_response_bytes} bytes")
-                content, pt, ct = _read_answer(payload)
+                content, pt, ct, first = _read_answer(payload)
                 self._count(prompt_tokens=pt, completion_tokens=ct)
+                usage = {"prompt_tokens": pt, "completion_tokens": ct}
+                read = read_logprobs(first, self.template.choices[:2]) if self.top_logprobs else None
+                if read is not None:
+                    p, how = read
+                    self._count(read_logprobs=1)
+                    return Verdict("a" if p > 0.5 else "b" if p < 0.5 else "tie", p, raw=content,
+                                   reason=f"answer-token probabilities: {how}", attempts=attempt + 1, usage=usage,
+                                   read="logprobs")
                 choice = parse_choice(content, self.template.choices)
-                if choice == "abstain":
-                    self._count(unparseable=1)
+                self._count(read_text=1, unparseable=int(choice == "abstain"))
                 return Verdict(choice, {"a": 1.0, "b": 0.0, "tie": 0.5}.get(choice), raw=content,
                                reason="unparseable answer" if choice == "abstain" else "parsed answer",
-                               attempts=attempt + 1, usage={"prompt_tokens": pt, "completion_tokens": ct})
+                               attempts=attempt + 1, usage=usage, read="text")
             except _Malformed as exc:
                 last = str(exc)
             except urllib.error.HTTPError as exc:
@@ -170,7 +231,9 @@ class HTTPJudge(Judge):
                                    "(the key is never sent on; not retried)", attempts=attempt + 1)
                 if exc.code not in RETRYABLE_STATUS:
                     self._count(gave_up=1)
-                    return Verdict("abstain", reason=f"transport: {last} (not retried)", attempts=attempt + 1)
+                    hint = (" (an endpoint without logprobs may refuse them: set http.top_logprobs: 0)"
+                            if exc.code in (400, 422) and self.top_logprobs else "")
+                    return Verdict("abstain", reason=f"transport: {last} (not retried){hint}", attempts=attempt + 1)
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"

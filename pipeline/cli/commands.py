@@ -323,6 +323,8 @@ def cmd_feedback_agree(args) -> int:
     for key in ("accuracy", "cohen_kappa", "tie_rate", "abstain_rate", "position_consistency"):
         v = result[key]
         print(f"{key:22s} {'n/a' if v is None else f'{v:.4f}'}")
+    if "read" in result:  # a model judge: pairs read from token probabilities, from parsed text, or mixed
+        print(f"{'read':22s} {', '.join(f'{k} {v}' for k, v in sorted(result['read'].items()))}")
     for key, v in result["judge"].items():
         if key not in ("name", "identity"):
             print(f"judge.{key:16s} {v}")

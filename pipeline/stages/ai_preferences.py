@@ -109,10 +109,15 @@ def run(cfg: AIPreferencesStageConfig, ctx) -> dict:
               "train": len(train), "eval": len(evals), "unlabelled": len(unlabelled),
               "ties": sum(p.tie for p in pairs), "consistent_labels": stats["consistent_labels"]}
     pc = stats.get("position_consistency")
-    summary = (f"{len(pairs)} AI-labelled pairs from {len(prompts)} prompts x {cfg.candidates.k} candidates "
-               f"({len(unlabelled)} abstained); position consistency {'n/a' if pc is None else f'{pc:.3f}'}, "
-               f"{stats['consistent_labels']} of {stats.get('labelled', 0)} labels from a verdict both orders agreed "
-               f"on; {stats.get('requests', stats['judge_calls'])} judge calls"
+    read = stats.get("read")  # a model judge: pairs read from token probabilities or parsed text
+    cost = (f", {stats['prompt_tokens'] + stats['completion_tokens']} tokens, cost {stats['cost']:g}"
+            if "prompt_tokens" in stats else "")
+    summary = (f"{len(pairs)} AI-judged pairs ({stats.get('labelled', 0)} preferences, {counts['ties']} ties) from "
+               f"{len(prompts)} prompts x {cfg.candidates.k} candidates ({len(unlabelled)} abstained); position "
+               f"consistency {'n/a' if pc is None else f'{pc:.3f}'}, {stats['consistent_labels']} of "
+               f"{stats.get('labelled', 0)} labels from a verdict both orders agreed on; "
+               f"{stats.get('requests', stats['judge_calls'])} judge calls{cost}"
+               + (f"; read from {', '.join(f'{k} {v}' for k, v in sorted(read.items()))}" if read else "")
                + ("; BELOW min_position_consistency, written because allow_inconsistent is true" if warning else ""))
     return {"kind": "preferences",
             "outputs": {"train": "preferences.jsonl", "eval": "eval.jsonl", "unlabelled": "unlabelled.jsonl"},

@@ -45,7 +45,12 @@ class FaultServer:
                 if step == "garbage_body":
                     return self._raw(200, b"<html>not json</html>")
                 usage = {"prompt_tokens": 100, "completion_tokens": 1}
-                msg = {"choices": [{"message": {"role": "assistant", "content": step}}], "usage": usage}
+                choice = {"message": {"role": "assistant", "content": step}}
+                if isinstance(step, dict):  # {"content": text, "top": [(token, logprob), ...]}: with logprobs
+                    top = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in step["top"]]
+                    choice = {"message": {"role": "assistant", "content": step["content"]},
+                              "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}
+                msg = {"choices": [choice], "usage": usage}
                 self._raw(200, json.dumps(msg).encode())
 
             def _raw(self, code, body, headers=None):
@@ -175,6 +180,41 @@ def test_key_is_sent_but_never_written_and_responses_are_fenced(fault_server, tm
     assert secret not in capsys.readouterr().out
 
 
+def test_verdicts_read_from_answer_token_probabilities(fault_server):
+    """Lee et al. 2023: P(A) from the first answer token's probabilities, not from whatever text follows. A small
+    model that answers "The first response..." (unparseable: abstain) still puts mass on "A" and "B"."""
+    import math
+
+    srv = fault_server([
+        {"content": "The first", "top": [("The", -1.2), ("A", -2.3), (" B", -4.6), ("I", -4.9)]},
+        {"content": "A", "top": [("A", -0.5), ("The", -1.5), ("C", -6.0)]},  # B beyond the top 3: bounded by C's
+        {"content": "The first", "top": [("The", -0.1), ("I", -3.0)]},  # neither letter: the text is read
+        "B",  # no logprobs at all (an endpoint without them): the text is read
+    ])
+    judge, _ = http_judge(srv.url, concurrency=1)
+    first, bounded, no_letter, text = judge.judge([ITEM, ITEM, ITEM, ITEM])
+    e = math.exp
+    assert (first.choice, first.read) == ("a", "logprobs")
+    assert first.prob_a == pytest.approx(e(-2.3) / (e(-2.3) + e(-4.6)))
+    assert bounded.prob_a == pytest.approx(e(-0.5) / (e(-0.5) + e(-6.0)))
+    assert "bounded by the least likely" in bounded.reason
+    assert (no_letter.choice, no_letter.read, no_letter.reason) == ("abstain", "text", "unparseable answer")
+    assert (text.choice, text.read, text.prob_a) == ("b", "text", 0.0)
+    assert all(r["body"]["logprobs"] is True and r["body"]["top_logprobs"] == 20 for r in srv.requests)
+    assert judge.stats()["read_logprobs"] == 2 and judge.stats()["read_text"] == 2
+
+    # both orders, averaged (policy average): a judge that prefers "A" in both orders lands near 0.5 and ties
+    biased = fault_server([{"content": "A", "top": [("A", -0.1), ("B", -2.4)]}])
+    judge, _ = http_judge(biased.url)
+    r = judge_both_orders(judge, [ITEM], "average", "tie", 0.05)[0]
+    p = e(-0.1) / (e(-0.1) + e(-2.4))
+    assert r.prob_a == pytest.approx((p + 1 - p) / 2) and r.choice == "tie" and r.read == "logprobs"
+
+    plain = fault_server(["A"])
+    judge, _ = http_judge(plain.url, top_logprobs=0)  # text only: nothing asked
+    assert judge.judge([ITEM])[0].read == "text" and "logprobs" not in plain.requests[0]["body"]
+
+
 def test_http_judge_against_rlhf_serve_judge(tmp_path, tiny_path):
     from tests.integration.test_serve import Server
 
@@ -191,3 +231,35 @@ def test_http_judge_against_rlhf_serve_judge(tmp_path, tiny_path):
         assert stats["gave_up"] == 0
     finally:
         server.stop()
+
+
+def test_http_judge_reads_smollm2_as_the_local_judge_does(tmp_path):
+    """The issue's measurement: SmolLM2-135M behind `rlhf serve judge`, asked through the http judge, answered
+    unparseably 29 times in 32 (94% of pairs abstained) while the same model as a local judge labelled every pair.
+    Read from the answer token's probabilities, the served judge labels the pairs the local one labels, with the same
+    P(A) where both letters are among the top 20."""
+    from tests.integration.test_serve import Server
+
+    template, constitution = str(ROOT / "configs/judges/pairwise.yaml"), str(ROOT / "configs/judges/constitution.yaml")
+    items = [ITEM, JudgeItem("What is the capital of France?", "Berlin.", "The capital of France is Paris."),
+             JudgeItem("Say hello.", "Hello! How can I help you today?", "Go away.")]
+    position = ("average", "tie", 0.0)
+    local, _, _ = build_judge(write_yaml(tmp_path / "local.yaml", {
+        "type": "local", "model": "smollm2-135m-instruct", "template": template, "constitution": constitution,
+        "cache": "none"}))
+    want = judge_both_orders(local, items, *position)
+    server = Server(["judge", "--model", "smollm2-135m-instruct", "--port", "0"])
+    try:
+        judge, _, _ = build_judge(write_yaml(tmp_path / "http.yaml", {
+            "type": "http", "template": template, "constitution": constitution, "cache": "none",
+            "http": {"base_url": server.url, "model": "smollm2-135m-instruct", "max_tokens": 1, "timeout": 120}}))
+        got = judge_both_orders(judge, items, *position)
+    finally:
+        server.stop()
+    assert sum(r.choice == "abstain" for r in got) <= sum(r.choice == "abstain" for r in want) == 0
+    for g, w in zip(got, want):
+        assert g.read == "logprobs", (g.forward.reason, g.backward.reason)
+        for x, y in ((g.forward, w.forward), (g.backward, w.backward)):
+            if "bounded" not in x.reason:  # both letters listed: the same probability as the local judge's
+                assert x.prob_a == pytest.approx(y.prob_a, abs=1e-3), (x.reason, y.raw)
+        assert g.choice == w.choice
