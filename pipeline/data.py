@@ -29,12 +29,19 @@ DEFAULT_SPLIT = "train"  # the split of a DatasetDict that SFT and prompt files 
 
 
 def resolve_data_path(ref: str) -> Path:
-    """`synthetic:NAME` -> the shipped file; anything else is a path (a file or a local dataset directory)."""
+    """`synthetic:NAME` or `hh:NAME` -> the shipped file; anything else is a path (a file or a local dataset directory)."""
     if ref.startswith("synthetic:"):
         from feedback import synthetic
 
         try:
             return synthetic.path(ref.split(":", 1)[1])
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+    if ref.startswith("hh:"):  # the shipped HH-RLHF sample's parts (feedback/hh.py)
+        from feedback import hh
+
+        try:
+            return hh.path(ref.split(":", 1)[1])
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
     p = Path(ref).expanduser()

@@ -124,18 +124,25 @@ EVAL_COLUMNS = (("reward", "reward_mean"), ("rule reward", "rule_reward_mean"), 
                 ("distinct-2", "distinct_2"))
 
 
+def _columns(manifest: dict) -> list[tuple[str, str]]:
+    """EVAL_COLUMNS with each independent scorer's mean score after the reward model's."""
+    scorers = list(((manifest.get("evaluate") or {}).get("scorers") or {}))
+    return [EVAL_COLUMNS[0], *[(f"{sn} score", f"{sn}_mean") for sn in scorers], *EVAL_COLUMNS[1:]]
+
+
 def eval_table(manifest: dict) -> tuple[list[str], list[list[Any]]]:
     """The per-policy table as plain values: (header, rows); rendered in the page and logged to wandb."""
     m, ev = manifest.get("metrics") or {}, manifest.get("evaluate") or {}
     info = ev.get("policies") or {}
-    header = ["policy", "ref", "kind", *[c for c, _ in EVAL_COLUMNS], "win rate", "95% interval", "pairs",
+    columns = _columns(manifest)
+    header = ["policy", "ref", "kind", *[c for c, _ in columns], "win rate", "95% interval", "pairs",
               "trainable parameters", "parameters", "tuning", "training time (s)", "peak memory (MiB)", "eval loss"]
     rows = []
     for n in eval_policies(manifest):
         p = info.get(n) or {}
         low, high = m.get(f"eval/{n}/win_rate_low"), m.get(f"eval/{n}/win_rate_high")
         interval = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else None
-        rows.append([n, p.get("ref"), p.get("kind"), *[m.get(f"eval/{n}/{k}") for _, k in EVAL_COLUMNS],
+        rows.append([n, p.get("ref"), p.get("kind"), *[m.get(f"eval/{n}/{k}") for _, k in columns],
                      m.get(f"eval/{n}/win_rate"), interval, m.get(f"eval/{n}/pairs"), p.get("trainable"),
                      p.get("parameters"), p.get("tuning"), p.get("train_seconds"), p.get("peak_rss_mib"),
                      p.get("eval_loss")])
@@ -157,6 +164,36 @@ def _eval_policy_table(manifest: dict) -> str:
     return f"<table class='grid num'><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def win_rate_sources(manifest: dict) -> list[tuple[str, str]]:
+    """(label, metric prefix) of each source of win rates in an evaluate manifest: the judge, the reward model (what
+    the policies optimised), each independent scorer."""
+    m, ev = manifest.get("metrics") or {}, manifest.get("evaluate") or {}
+    names = eval_policies(manifest)
+    sources = [("judge", ""), ("reward model", "reward_"),
+               *[(f"independent scorer {sn}", f"{sn}_") for sn in (ev.get("scorers") or {})]]
+    return [(label, pre) for label, pre in sources if any(isinstance(m.get(f"eval/{n}/{pre}win_rate"), (int, float))
+                                                           for n in names)]
+
+
+def _interval(m: dict, n: str, key: str) -> str:
+    v = [m.get(f"eval/{n}/{key}{x}") for x in ("", "_low", "_high")]
+    return f"{_fmt(v[0])} [{_fmt(v[1])}, {_fmt(v[2])}]" if all(isinstance(x, (int, float)) for x in v) else "—"
+
+
+def _win_rate_table(manifest: dict) -> str:
+    """Every source's win rate against the baseline, raw and length-controlled, with 95% intervals."""
+    m, ev = manifest.get("metrics") or {}, manifest.get("evaluate") or {}
+    sources = win_rate_sources(manifest)
+    if not sources:
+        return ""
+    header = ["policy", *[f"{h} ({label})" for label, _ in sources for h in ("win rate", "length-controlled")], "KL"]
+    rows = [[_e(n), *[_e(_interval(m, n, pre + k)) for _, pre in sources for k in ("win_rate", "win_rate_lc")],
+             _fmt(m.get(f"eval/{n}/kl"))] for n in eval_policies(manifest) if n != ev.get("baseline")]
+    return (f"<h3>Win rates against {_e(ev.get('baseline'))}</h3>" + _table(header, rows, "grid num")
+            + "<p class=muted>95% intervals. Length-controlled: a logistic regression of each outcome (win 1, tie "
+            "0.5, loss 0) on the length difference in tokens; the win rate it predicts at equal length.</p>")
+
+
 def _verdict(v: Any) -> str:
     v = str(v) if v else "—"
     cls = v if v in ("win", "loss", "tie", "abstain", "baseline") else "none"
@@ -172,8 +209,9 @@ def _eval_samples(stage: Stage, policies: list[str], baseline: str | None) -> st
         cols = []
         for n in policies:
             s = scores.get(n) if isinstance(scores.get(n), dict) else {}
+            scorers = [(sn, sn) for sn in ((stage.manifest or {}).get("evaluate") or {}).get("scorers") or {}]
             facts = " · ".join(f"{label} {_fmt(s.get(k))}" for label, k in (
-                ("reward", "reward"), ("rule", "rule"), ("KL", "kl"), ("length", "length"), ("EOS", "eos"))
+                ("reward", "reward"), *scorers, ("rule", "rule"), ("KL", "kl"), ("length", "length"), ("EOS", "eos"))
                 if s.get(k) is not None)
             verdict = _verdict("baseline" if n == baseline else verdicts.get(n))
             cols.append(f"<div class=answer><h4>{_e(n)} {verdict}</h4><pre>{_e(_plain(responses.get(n)))}</pre>"
@@ -190,13 +228,13 @@ def _eval_body(stage: Stage) -> str:
     judge = ev.get("judge")
     facts = {"prompts": ev.get("prompts"), "baseline": ev.get("baseline"), "reference": ev.get("reference"),
              **{f"sampling.{k}": v for k, v in (ev.get("sampling") or {}).items()}}
-    parts = ["<h3>Policies</h3>", _eval_policy_table(m), _kv_table(facts, per_row=4)]
+    parts = ["<h3>Policies</h3>", _eval_policy_table(m), _kv_table(facts, per_row=4), _win_rate_table(m)]
     if judge:
         parts += ["<h4>judge</h4>", _kv_table(_flatten(judge), per_row=3)]
     chart = win_rate_chart(m)
     if chart:
         parts += ["<h3>Win rates against the baseline</h3>", f"<div class=plots>{_img(chart, 'win rates')}</div>"]
-    else:
+    elif not win_rate_sources(m):
         parts.append("<p class=muted>no win rates (no judge)</p>")
     parts += ["<h3>Sample answers</h3>", _eval_samples(stage, policies, ev.get("baseline"))]
     return "".join(parts)
@@ -449,8 +487,12 @@ def verdicts(manifest: dict) -> list[tuple[str, str, str]]:
     one half, a loss one below it; otherwise the prompts do not tell the two apart."""
     m, ev = manifest.get("metrics") or {}, manifest.get("evaluate") or {}
     base, out = ev.get("baseline"), []
+    # the judge's win rates; without a judge, the last independent scorer's (else the reward model's)
+    sources = win_rate_sources(manifest)
+    label, pre = (sources[0] if sources[0][1] == "" else sources[-1]) if sources else ("judge", "")
+    by = f" by the {label}" if pre else ""
     for n in eval_policies(manifest):
-        rate, low, high = (m.get(f"eval/{n}/{k}") for k in ("win_rate", "win_rate_low", "win_rate_high"))
+        rate, low, high = (m.get(f"eval/{n}/{pre}{k}") for k in ("win_rate", "win_rate_low", "win_rate_high"))
         if n == base or not all(isinstance(v, (int, float)) for v in (rate, low, high)):
             continue
         cls, word = (("win", "better than") if low > 0.5 else ("loss", "worse than") if high < 0.5
@@ -460,8 +502,12 @@ def verdicts(manifest: dict) -> list[tuple[str, str, str]]:
                  if isinstance(m.get(f"eval/{base}/{k}"), (int, float)) and isinstance(m.get(f"eval/{n}/{k}"),
                                                                                          (int, float))]
         kl = m.get(f"eval/{n}/kl")
-        sentence = (f"{n} is {word} {base}: win rate {rate:.0%} over {_fmt(m.get(f'eval/{n}/pairs'))} held-out "
-                    f"prompts (95% interval {low:.0%}–{high:.0%})" + "".join(f"; {x}" for x in moved)
+        lc = m.get(f"eval/{n}/{pre}win_rate_lc")
+        sentence = (f"{n} is {word} {base}{by}: win rate {rate:.0%} over "
+                    f"{_fmt(m.get(f'eval/{n}/pairs', ev.get('prompts')))} held-out "
+                    f"prompts (95% interval {low:.0%}–{high:.0%})"
+                    + (f", {lc:.0%} length-controlled" if isinstance(lc, (int, float)) else "")
+                    + "".join(f"; {x}" for x in moved)
                     + (f"; KL to {ev.get('reference')} {kl:.2f}" if isinstance(kl, (int, float)) else ""))
         out.append((n, cls, sentence))
     return out

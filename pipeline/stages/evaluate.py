@@ -8,8 +8,12 @@ with k examples from the SFT data: in-context learning as a baseline) answer the
 prompts with the same sampling settings and seeds. Per policy: the mean reward-model score
 (normalised, with the reward model's own tokenizer), the task's rule reward, the KL to a named
 reference (sequence-level, from the generating policy's own log-probs), response length, share of
-responses ending in EOS, distinct-1/2. Pairwise: the win rate of each policy against a baseline by
-a judge (any judge config), judged in both orders, ties counted half, with a 95% Wilson interval.
+responses ending in EOS, distinct-1/2, and the mean score of each independent scorer (`scorers`: reward
+models no policy was trained against). Pairwise: the win rate of each policy against a baseline by
+a judge (any judge config), judged in both orders, and by the reward model and each scorer (the higher
+score wins); ties counted half, with a 95% Wilson interval. Each win rate also comes length-controlled:
+a logistic regression of the outcome on the length difference (tokens), whose intercept is the win rate
+at equal length (`length_controlled`; preference models are known to favour longer answers).
 
     RUN_DIR/evaluate/
       manifest.json    # kind: eval; metrics eval/<policy>/<name>; "evaluate": policies, baseline, judge, ...
@@ -37,6 +41,7 @@ from pipeline.judging import build_judge
 from pipeline.models import load_causal_lm, load_tokenizer
 
 NAME = r"^[A-Za-z0-9_-]+$"  # for pydantic (Rust regex: "$" is the end of the text); Python code uses STAGE_NAME
+RESERVED = ("reward", "rule_reward")  # a scorer's metrics are eval/<policy>/<scorer>_mean: not these
 
 
 class SamplingConfig(Strict):
@@ -76,10 +81,14 @@ class EvaluateStageConfig(StageBlock):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="the same sampling settings for "
                                      "every policy")
     reward_model: str | None = Field(None, description="stage:NAME of a reward-model artifact")
+    scorers: dict[str, str] = Field(default_factory=dict, description="name -> stage:NAME of a reward-model artifact "
+                                    "that only scores (an independent scorer, e.g. trained on held-out pairs): its "
+                                    "mean score and, with a baseline, its win rates")
     rule: str | None = Field(None, description="module:function(prompt, response) -> float")
     reference: str | None = Field(None, description="the policy KL is measured against (a name above)")
     judge: str | None = Field(None, description="a judge config for win rates against `baseline`")
-    baseline: str | None = Field(None, description="the policy the others are judged against (default: the first)")
+    baseline: str | None = Field(None, description="the policy the others are judged against, by the judge (default "
+                                 "with one: the first) and by the reward model and scorers")
 
     @model_validator(mode="after")
     def _check(self):
@@ -93,9 +102,14 @@ class EvaluateStageConfig(StageBlock):
             value = getattr(self, key)
             if value is not None and value not in names:
                 raise ValueError(f"{key}: {value!r} is not one of the policies {names}")
+        bad = [n for n in self.scorers if not STAGE_NAME.match(n) or n in RESERVED]
+        if bad:
+            raise ValueError(f"scorers: names are letters, digits, '_' and '-', and not {sorted(RESERVED)} (they name "
+                             f"metrics): {bad}")
         if self.judge and self.baseline is None:
             self.baseline = names[0]
-        self.refuse_unused(("baseline",), bool(self.judge), "without a judge (win rates need one)")
+        self.refuse_unused(("baseline",), bool(self.judge or self.reward_model or self.scorers),
+                           "without a judge, reward_model or scorers (win rates need one)")
         return self
 
     def inputs(self) -> dict[str, tuple[str, str]]:
@@ -106,6 +120,8 @@ class EvaluateStageConfig(StageBlock):
             out["few_shot_data"] = (self.few_shot.data, "data")
         if self.reward_model:
             out["reward_model"] = (self.reward_model, "artifact")
+        for name, ref in self.scorers.items():
+            out[f"scorer:{name}"] = (ref, "artifact")
         if self.judge:
             out["judge"] = (self.judge, "data")
         return out
@@ -157,6 +173,64 @@ def win_rate(verdicts: list[str]) -> dict:
     rate = wins / len(decided) if decided else float("nan")
     return {"win_rate": rate, "win_rate_low": low, "win_rate_high": high, "pairs": len(decided),
             "abstained": len(verdicts) - len(decided)}
+
+
+def length_controlled(outcomes: list[float], length_diffs: list[float], z: float = 1.959964) -> dict:
+    """The win rate at equal length: a logistic regression P(win) = sigmoid(a + b * d) of each decided pair's
+    outcome (1 win, 0.5 tie, 0 loss) on d, the policy's answer length minus the baseline's (tokens), fitted by
+    Newton's method; sigmoid(a) is the win rate when the two answers are as long, its 95% interval sigmoid(a +- z se)
+    from the fit's information matrix. With one outcome only (all wins, say) the fit has no finite intercept: the
+    raw rate and its Wilson interval. {win_rate_lc, win_rate_lc_low, win_rate_lc_high, length_coef (per token)}."""
+    n = len(outcomes)
+    if n == 0 or len(set(outcomes)) == 1:
+        low, high = wilson(sum(outcomes), n)
+        return {"win_rate_lc": sum(outcomes) / n if n else float("nan"), "win_rate_lc_low": low,
+                "win_rate_lc_high": high, "length_coef": 0.0 if n else float("nan")}
+    scale = math.sqrt(sum(d * d for d in length_diffs) / n) or 1.0  # d in units of its RMS: a well-scaled fit
+    xs = [d / scale for d in length_diffs]
+    ridge = 1e-6  # keeps the matrix invertible when every d is 0 or the outcomes separate; changes nothing else
+
+    def sig(t):
+        return 1 / (1 + math.exp(-t)) if t >= 0 else math.exp(t) / (1 + math.exp(t))
+
+    def info(a, b):  # the gradient and the information matrix (negative Hessian) of the penalised log-likelihood
+        ps = [sig(a + b * x) for x in xs]
+        ws = [p * (1 - p) for p in ps]
+        g = (sum(y - p for y, p in zip(outcomes, ps)) - ridge * a,
+             sum((y - p) * x for y, p, x in zip(outcomes, ps, xs)) - ridge * b)
+        h = (sum(ws) + ridge, sum(w * x for w, x in zip(ws, xs)), sum(w * x * x for w, x in zip(ws, xs)) + ridge)
+        return g, h
+
+    a = b = 0.0
+    for _ in range(100):
+        (ga, gb), (haa, hab, hbb) = info(a, b)
+        det = haa * hbb - hab * hab
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        a, b = a + da, b + db
+        if max(abs(da), abs(db)) < 1e-10:
+            break
+    _, (haa, hab, hbb) = info(a, b)
+    se = math.sqrt(hbb / (haa * hbb - hab * hab))
+    return {"win_rate_lc": sig(a), "win_rate_lc_low": sig(a - z * se), "win_rate_lc_high": sig(a + z * se),
+            "length_coef": b / scale}
+
+
+def outcome(verdict: str) -> float:
+    return {"win": 1.0, "tie": 0.5, "loss": 0.0}[verdict]
+
+
+def win_rates(verdicts: list[str], lengths: list[int], base_lengths: list[int], prefix: str = "") -> dict:
+    """win_rate() and length_controlled() of one policy's verdicts, as metrics named prefix + key."""
+    decided = [(outcome(v), n - m) for v, n, m in zip(verdicts, lengths, base_lengths) if v != "abstain"]
+    out = {**win_rate(verdicts), **length_controlled([y for y, _ in decided], [d for _, d in decided])}
+    if prefix:  # the reward model's and scorers' win rates: named <prefix>win_rate...; pairs are the judge's names
+        out = {prefix + k: v for k, v in out.items() if k not in ("pairs", "abstained")}
+    return out
+
+
+def score_verdicts(scores: list[float], base: list[float]) -> list[str]:
+    """A scorer's verdict per prompt: the higher score wins (equal scores tie)."""
+    return ["win" if a > b else "loss" if a < b else "tie" for a, b in zip(scores, base)]
 
 
 class Policy:
@@ -230,18 +304,23 @@ def judge_against(judge_path: str, baseline: str, samples: dict, prompts: list) 
 
 
 def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, seed: int, reward_path: str | None,
-             reward_trust: bool = False):
+             reward_trust: bool = False, scorer_paths: dict[str, str] | None = None):
     """The whole comparison: (metrics {eval/<policy>/<name>: value}, per-prompt rows, judge identity).
-    reward_trust: whether the user lets the reward model run its own code (their config or flag)."""
+    reward_trust: whether the user lets the reward model run its own code (their config or flag); scorer_paths:
+    {scorer name: its reward-model artifact directory} (loaded with trust_remote_code off)."""
     samples = sample_policies(policies, prompts, cfg.sampling, seed)
     by_name = {p.name: p for p in policies}
     kls = kl_to_reference(by_name[cfg.reference], samples, prompts, cfg.sampling) if cfg.reference else {}
-    rewards = {}
-    if reward_path:
+    rewards, scored = {}, {}
+    if reward_path or scorer_paths:
         from reward.scoring import RewardScorer
-
+    if reward_path:
         scorer = RewardScorer.from_artifact(reward_path, trust_remote_code=reward_trust)
         rewards = {n: scorer.score(prompts, s["texts"])[1] for n, s in samples.items()}
+    for sname, spath in (scorer_paths or {}).items():
+        say(f"[evaluate] scoring with {sname}")
+        scorer = RewardScorer.from_artifact(spath)
+        scored[sname] = {n: scorer.score(prompts, s["texts"])[1] for n, s in samples.items()}
     rule = load_callable(cfg.rule) if cfg.rule else None
     rules = {n: [float(rule(p, t)) for p, t in zip(prompts, s["texts"])] for n, s in samples.items()} if rule else {}
     verdicts, judge_id = judge_against(cfg.judge, cfg.baseline, samples, prompts) if cfg.judge else ({}, None)
@@ -255,26 +334,36 @@ def evaluate(cfg: EvaluateStageConfig, policies: list[Policy], prompts: list, se
                 metrics[f"eval/{name}/{key}"] = sum(values) / len(values)
         metrics[f"eval/{name}/distinct_1"] = distinct_n(s["texts"], 1)
         metrics[f"eval/{name}/distinct_2"] = distinct_n(s["texts"], 2)
+        for sname, by_policy in scored.items():
+            metrics[f"eval/{name}/{sname}_mean"] = sum(by_policy[name]) / len(by_policy[name])
+        lengths = [len(r) for r in s["ids"]]
+        base_lengths = [len(r) for r in samples[cfg.baseline]["ids"]] if cfg.baseline else []
         if name in verdicts:
-            metrics.update({f"eval/{name}/{k}": v for k, v in win_rate(verdicts[name]).items()})
+            metrics.update({f"eval/{name}/{k}": v for k, v in win_rates(verdicts[name], lengths, base_lengths).items()})
+        if cfg.baseline and name != cfg.baseline:
+            for source, by_policy in [("reward", rewards)] * bool(rewards) + list(scored.items()):
+                vs = score_verdicts(by_policy[name], by_policy[cfg.baseline])
+                metrics.update({f"eval/{name}/{k}": v
+                                for k, v in win_rates(vs, lengths, base_lengths, f"{source}_").items()})
     for i, prompt in enumerate(prompts):
         rows.append({"prompt": prompt, "responses": {n: s["texts"][i] for n, s in samples.items()},
                      "scores": {n: {"reward": rewards[n][i] if n in rewards else None,
                                     "rule": rules[n][i] if n in rules else None,
                                     "kl": kls[n][i] if kls.get(n) is not None else None,
-                                    "length": len(s["ids"][i]), "eos": s["eos"][i]} for n, s in samples.items()},
+                                    "length": len(s["ids"][i]), "eos": s["eos"][i],
+                                    **{sn: scored[sn][n][i] for sn in scored}} for n, s in samples.items()},
                      "verdicts": {n: v[i] for n, v in verdicts.items()}})
     return metrics, rows, judge_id
 
 
-def write_outputs(out_dir, rows: list[dict], names: list[str]) -> None:
+def write_outputs(out_dir, rows: list[dict], names: list[str], scorers: list[str] = ()) -> None:
     """samples.jsonl (one row per prompt) and table.csv (the same, flat: a column per policy and score)."""
     import io
 
     write_jsonl(out_dir / "samples.jsonl", rows)
     buf = io.StringIO()
     w = csv.writer(buf)
-    cols = ["response", "reward", "rule", "kl", "length", "eos", "verdict"]
+    cols = ["response", "reward", "rule", "kl", "length", "eos", *scorers, "verdict"]
     w.writerow(["prompt"] + [f"{n}.{c}" for n in names for c in cols])
     for r in rows:
         prompt = r["prompt"] if isinstance(r["prompt"], str) else " | ".join(m["content"] for m in r["prompt"])
@@ -282,17 +371,19 @@ def write_outputs(out_dir, rows: list[dict], names: list[str]) -> None:
         for n in names:
             sc = r["scores"][n]
             cells += [r["responses"][n], sc["reward"], sc["rule"], sc["kl"], sc["length"], sc["eos"],
-                      r["verdicts"].get(n, "")]
+                      *[sc.get(x) for x in scorers], r["verdicts"].get(n, "")]
         w.writerow(["" if c is None else c for c in cells])
     write_atomic(out_dir / "table.csv", buf.getvalue())
 
 
-def table(metrics: dict, names: list[str], baseline: str | None, known: dict | None = None) -> str:
+def table(metrics: dict, names: list[str], baseline: str | None, known: dict | None = None,
+          scorers: list[str] = ()) -> str:
     """The table printed at the end: one row per policy, its scores, its win rate, and how it was made (trainable
-    parameters, training time, peak memory, held-out loss) where its artifact says."""
+    parameters, training time, peak memory, held-out loss) where its artifact says; then, when the reward model or
+    scorers judged, their win rates against the baseline, raw and length-controlled."""
     known = known or {}
-    cols = [("reward", "reward_mean"), ("rule", "rule_reward_mean"), ("KL", "kl"), ("length", "response_length"),
-            ("EOS", "eos_rate"), ("distinct-2", "distinct_2")]
+    cols = [("reward", "reward_mean"), *[(sn[:10], f"{sn}_mean") for sn in scorers], ("rule", "rule_reward_mean"),
+            ("KL", "kl"), ("length", "response_length"), ("EOS", "eos_rate"), ("distinct-2", "distinct_2")]
     cols = [(h, k) for h, k in cols if any(f"eval/{n}/{k}" in metrics for n in names)]
     facts = [(h, k) for h, k in (("eval loss", "eval_loss"), ("trainable", "trainable"), ("train s", "train_seconds"),
                                  ("peak MiB", "peak_rss_mib")) if any(k in known.get(n, {}) for n in names)]
@@ -308,7 +399,31 @@ def table(metrics: dict, names: list[str], baseline: str | None, known: dict | N
             cells += (f"  {metrics[f'eval/{n}/win_rate']:.3f} [{metrics[f'eval/{n}/win_rate_low']:.3f}, "
                       f"{metrics[f'eval/{n}/win_rate_high']:.3f}] n={metrics[f'eval/{n}/pairs']}")
         lines.append(f"{n:14s}{cells}")
-    return "\n".join(lines)
+    return "\n".join(lines + win_rate_lines(metrics, names, baseline, scorers))
+
+
+def win_rate_sources(metrics: dict, names: list[str], scorers: list[str] = ()) -> list[tuple[str, str]]:
+    """(label, metric prefix) of each source of win rates in the metrics: the judge, the reward model, scorers."""
+    sources = [("judge", ""), ("reward model", "reward_"), *[(f"scorer {sn}", f"{sn}_") for sn in scorers]]
+    return [(label, pre) for label, pre in sources if any(f"eval/{n}/{pre}win_rate_lc" in metrics for n in names)]
+
+
+def win_rate_lines(metrics: dict, names: list[str], baseline: str | None, scorers: list[str] = ()) -> list[str]:
+    def cell(n, key):
+        v = [metrics.get(f"eval/{n}/{key}{x}") for x in ("", "_low", "_high")]
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if None not in v else "-"
+
+    sources = win_rate_sources(metrics, names, scorers)
+    if not sources:
+        return []
+    head = f"{'win rate vs ' + str(baseline):24s}" + "".join(f"{label[:24]:>26s}{'length-controlled':>26s}"
+                                                              for label, _ in sources)
+    lines = ["", head, "-" * len(head)]
+    for n in names:
+        if n != baseline:
+            lines.append(f"{n:24s}" + "".join(f"{cell(n, pre + 'win_rate'):>26s}{cell(n, pre + 'win_rate_lc'):>26s}"
+                                              for _, pre in sources))
+    return lines
 
 
 def _fact(v) -> str:
@@ -359,20 +474,22 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
 
 
 def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir, seed: int,
-            reward_trust: bool = False) -> dict:
+            reward_trust: bool = False, scorer_paths: dict[str, str] | None = None) -> dict:
     """Run the comparison and write its outputs (samples.jsonl, table.csv) into out_dir: the stage's result."""
     prompts = held_out_prompts(cfg, seed)
     policies, known = resolve_policies(cfg, resolve, seed)
     say(f"[evaluate] {len(policies)} policies x {len(prompts)} {prompts_described(cfg)}")
-    metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path, reward_trust)
-    names = [p.name for p in policies]
-    write_outputs(out_dir, rows, names)
-    say(table(metrics, names, cfg.baseline, known))
+    metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path, reward_trust, scorer_paths)
+    names, scorers = [p.name for p in policies], list(scorer_paths or {})
+    write_outputs(out_dir, rows, names, scorers)
+    say(table(metrics, names, cfg.baseline, known, scorers))
     return {"kind": "eval", "outputs": {"samples": "samples.jsonl", "table": "table.csv"}, "metrics": metrics,
             "counts": {"prompts": len(prompts), "policies": len(policies)},
             "extra": {"evaluate": {"policies": known, "baseline": cfg.baseline, "reference": cfg.reference,
-                                   "judge": judge_id, "prompts": len(prompts),
-                                   "sampling": cfg.sampling.model_dump(), "seed": seed}}}
+                                   "judge": judge_id, "scorers": dict(cfg.scorers) if scorer_paths else {},
+                                   "length_control": "logistic regression of the outcome on the length difference "
+                                   "(tokens); the win rate at equal length",
+                                   "prompts": len(prompts), "sampling": cfg.sampling.model_dump(), "seed": seed}}}
 
 
 def recap(manifest: dict) -> str | None:
@@ -383,7 +500,7 @@ def recap(manifest: dict) -> str | None:
     if not known or not metrics:
         return None
     head = f"[evaluate] {len(known)} policies x {ev.get('prompts', '?')} prompts, as last run:"
-    return head + "\n" + table(metrics, list(known), ev.get("baseline"), known)
+    return head + "\n" + table(metrics, list(known), ev.get("baseline"), known, list(ev.get("scorers") or {}))
 
 
 def run(cfg: EvaluateStageConfig, ctx) -> dict:
@@ -396,7 +513,8 @@ def run(cfg: EvaluateStageConfig, ctx) -> dict:
 
     set_seed(ctx.seed)
     reward_art = ctx.artifact(cfg.reward_model, "reward_model", "reward_model") if cfg.reward_model else None
+    scorer_paths = {n: str(ctx.artifact(ref, "reward_model", f"scorers.{n}").path) for n, ref in cfg.scorers.items()}
     out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed,
-                  bool(cfg.reward_model) and ctx.trusts_remote_code(cfg.reward_model))
+                  bool(cfg.reward_model) and ctx.trusts_remote_code(cfg.reward_model), scorer_paths)
     return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} "
                               f"{prompts_described(cfg)}; table in {ctx.run_dir / ctx.name / 'table.csv'}"}

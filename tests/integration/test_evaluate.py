@@ -98,5 +98,8 @@ def test_a_rerun_that_skips_everything_still_ends_with_the_table(tiny_run, capsy
     art = artifacts.load_artifact(tiny_run / "evaluate", "eval")
     start = out.index(f"[evaluate] 3 policies x {art.manifest['counts']['prompts']} prompts, as last run:")
     assert out[start + 1].startswith("policy") and "win rate vs sft" in out[start + 1]
-    assert [line.split()[0] for line in out[start + 3:]] == ["sft", "ppo", "few_shot"], out[start:]
+    assert [line.split()[0] for line in out[start + 3:start + 6]] == ["sft", "ppo", "few_shot"], out[start:]
+    # then every source's win rates against the baseline, raw and length-controlled (the judge, the reward model)
+    assert out[start + 6] == "" and out[start + 7].startswith("win rate vs sft") and "length-controlled" in out[start + 7]
+    assert [line.split()[0] for line in out[start + 9:]] == ["ppo", "few_shot"], out[start:]
     assert f"{art.manifest['metrics']['eval/ppo/rule_reward_mean']:.3f}" in out[start + 4]
