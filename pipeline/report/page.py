@@ -223,6 +223,15 @@ def peak_memory(manifest: dict) -> str:
     return text
 
 
+def mfu(metrics: dict) -> str:
+    """The stage's model FLOPs utilisation and what it is the ratio of (docs/mfu.md)."""
+    ratio, achieved, peak = (metrics.get(k) for k in ("perf/mfu", "perf/model_flops_per_second",
+                                                       "perf/peak_flops_per_second"))
+    if not all(isinstance(v, (int, float)) for v in (ratio, achieved, peak)):
+        return "—"
+    return f"{ratio:.2%} ({achieved / 1e9:,.2f} of a measured {peak / 1e9:,.1f} GFLOP/s)"
+
+
 def _processes(manifest: dict) -> str:
     dist = manifest.get("distributed") or {}
     ws = dist.get("world_size")
@@ -254,7 +263,7 @@ def _summary(stage: Stage) -> str:
     metrics = m.get("metrics") or {}
     facts = {"method": _fmt(stage.config.get("stage")), "kind": _fmt(m.get("kind")), "finished": _fmt(m.get(
              "created_at")), "time": _seconds(metrics.get("time/seconds")), "training time": _seconds(metrics.get(
-             "train/seconds")), "peak memory": peak_memory(m), "processes": _processes(m)}
+             "train/seconds")), "peak memory": peak_memory(m), "MFU": mfu(metrics), "processes": _processes(m)}
     return "<p class=facts>" + " · ".join(f"<b>{k}</b> {v}" for k, v in facts.items() if v != "—") + "</p>"
 
 

@@ -13,6 +13,7 @@ manifest records.
 from __future__ import annotations
 
 import math
+import time
 
 from pipeline.blocks import LoraConfig
 from rlhf.errors import InvalidInput
@@ -22,7 +23,8 @@ from pipeline.artifacts import write_jsonl
 from feedback.schema import prompt_key
 from pipeline.data import read_prompts, resolve_data_path, rule_eval
 from pipeline.distributed import any_rank, gather, say
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.mfu import FlopCounter
+from pipeline.models import load_causal_lm, load_tokenizer, resolve_precision
 from pipeline.tracking import report_to
 
 
@@ -231,14 +233,12 @@ def train_and_save(trainer, ctx, cfg, tok, info: dict, rule, metrics: dict, eval
     """Train (fit), read the held-out `eval_keys` from the trainer's evaluation, the rule reward after, check that
     everything is finite, and save the policy: the stage result's outputs, metrics and extra (model, check), and
     the steps and seconds trained, for the stage to complete with its counts and summary (DPO, KTO)."""
-    import time
-
     from pipeline.models import count_parameters
 
     total, trainable = count_parameters(trainer.model)  # before a LoRA adapter is merged
     dtype = weights_dtype(trainer.model)
     t0 = time.time()
-    fit(trainer, ctx, cfg)
+    metrics.update(perf_metrics(fit(trainer, ctx, cfg)))
     seconds = time.time() - t0
     if has_eval:
         ev = trainer.evaluate()
@@ -280,18 +280,31 @@ def trl_choices(config_cls, field: str) -> tuple[str, ...]:
 def fit(trainer, ctx, cfg):
     """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set, stopped at the first
     non-finite training loss or gradient norm it logs (training_args turns off transformers' filter that would
-    log a NaN loss as the mean of the earlier ones), and refused when the trained weights are not all finite."""
+    log a NaN loss as the mean of the earlier ones), and refused when the trained weights are not all finite. The
+    forwards of the trained model, its reference and reward models are counted for the stage's MFU
+    (perf_metrics(result))."""
     stop = checkpoint.stop_after_step()
     trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
                                                 cfg.checkpoint.keep, stop))
     trainer.add_callback(_stop_when_diverged(ctx.name))
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    t0 = time.time()
+    with FlopCounter(policy=trainer.model, reference=getattr(trainer, "ref_model", None),
+                     **{f"reward_{i}": f for i, f in enumerate(getattr(trainer, "reward_funcs", None) or [])
+                        if hasattr(f, "parameters")}) as flops:
+        result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    # the model FLOPs utilisation of the training (pipeline/mfu.py), in the stage's metrics: perf_metrics(result)
+    result.metrics.update(flops.metrics(time.time() - t0, resolve_precision(cfg.precision)))
     if stop is not None and trainer.state.global_step < trainer.state.max_steps:
         raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {trainer.state.global_step} "
                                  "(RLHF_STOP_AFTER_STEP); continue with --resume")
     check_finite(ctx, {"train/loss": result.training_loss})
     _check_weights_finite(ctx.name, trainer.model)
     return result
+
+
+def perf_metrics(result) -> dict:
+    """The perf/* metrics fit() measured (model FLOPs, FLOP/s, the matmul peak, MFU: pipeline/mfu.py)."""
+    return {k: v for k, v in result.metrics.items() if k.startswith("perf/")}
 
 
 def _diverged(name: str, what: str, value, step: int) -> InvalidInput:

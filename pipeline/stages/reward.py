@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OptimConfig, TrainingBlock
 from rlhf.errors import InvalidInput
 from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, pair_datasets,
-                                    peft_config, save_policy, trainer_rows, training_args, weights_dtype)
+                                    peft_config, perf_metrics, save_policy, trainer_rows, training_args, weights_dtype)
 from pipeline.distributed import say
 from pipeline.models import count_parameters, load_tokenizer, resolve_precision
 from pipeline.tracking import readable_progress, trainer_callback
@@ -131,14 +131,14 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     score_rows = eval_rows if len(eval_rows) else train_rows
     before, _ = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)
     t0 = time.time()
-    fit(trainer, ctx, cfg)
+    perf = perf_metrics(fit(trainer, ctx, cfg))
     seconds = time.time() - t0
     after, rewards = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)
     check_finite(ctx, {"held-out rewards": rewards})
     calibration = after.pop("calibration")
     before.pop("calibration", None)
     metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
-               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2), **memory_metrics()}
+               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2), **perf, **memory_metrics()}
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, Strict, TrainingBlock
 from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, memory_metrics, peft_config,
-                                    save_policy, training_args, weights_dtype)
+                                    perf_metrics, save_policy, training_args, weights_dtype)
 from rlhf.errors import InvalidInput
 from pipeline import artifacts
 from pipeline.arrow import procs, seeded_order
@@ -357,7 +357,8 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     return {
         "kind": "policy",
         "outputs": outputs,
-        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
+        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **perf_metrics(result),
+                    **memory_metrics()},
         "counts": counts,
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
                             "parameters": total, "trainable": trainable, "precision": precision,
