@@ -87,6 +87,14 @@ def message_features():
     return List({"role": Value("string"), "content": Value("string")})
 
 
+def plain_messages(value):
+    """A message list as message_features holds it ({"role", "content"} each, other keys left out, as the docs say);
+    any other value as it is."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return [{"role": m["role"], "content": m.get("content")} for m in value]
+    return value
+
+
 def meta_features() -> dict:
     from datasets import Value
 

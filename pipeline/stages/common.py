@@ -146,7 +146,7 @@ def _pair_batch(batch: dict, split: str, convert, columns: tuple, unpaired: bool
     import json
 
     from feedback.schema import from_dict, unpaired_from_dict
-    from pipeline.arrow import META, counted
+    from pipeline.arrow import META, counted, plain_messages
 
     parse = unpaired_from_dict if unpaired else from_dict
     out: dict[str, list] = {k: [] for k in (*columns, *META)}
@@ -158,7 +158,7 @@ def _pair_batch(batch: dict, split: str, convert, columns: tuple, unpaired: bool
         for it in ([None] if error else expand(item) if expand else [item]):
             (row, reason), neutralised = counted(convert, it, split) if it is not None else ((None, None), None)
             for c in columns:
-                out[c].append(row[c] if row is not None and c in row else None)
+                out[c].append(plain_messages(row[c]) if row is not None and c in row else None)
             out["line"].append(line)
             out["id"].append(getattr(it, "id", None))
             out["source"].append(getattr(it, "source", None))

@@ -21,7 +21,7 @@ from pipeline.stages.common import (check_finite, fit, load_policy, logits_finge
                                     perf_metrics, save_policy, training_args, weights_dtype)
 from rlhf.errors import InvalidInput
 from pipeline import artifacts
-from pipeline.arrow import procs, seeded_order
+from pipeline.arrow import plain_messages, procs, seeded_order
 from pipeline.data import DEFAULT_SPLIT, check_examples, iter_examples, neutralised, resolve_data_path
 from pipeline.distributed import say, world_size
 from pipeline.models import count_parameters, resolve_precision
@@ -180,12 +180,12 @@ def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train, evals, counts: dict) 
 
 def _checked_batch(batch: dict, tokenizer, max_length: int, assistant_only_loss: bool, packing: bool) -> dict:
     """_trainable's map function: each example with its special tokens made text, and why TRL would drop it."""
-    from pipeline.arrow import counted
+    from pipeline.arrow import counted, plain_messages
 
     out: dict[str, list] = {"messages": [], "where": [], "reason": [], "neutralised": []}
     for where, messages in zip(batch["where"], batch["messages"]):
         ex, n = counted(neutralised, tokenizer, {"messages": messages})
-        out["messages"].append(ex["messages"])
+        out["messages"].append(plain_messages(ex["messages"]))
         out["where"].append(where)
         out["reason"].append(trl_drops(tokenizer, ex, max_length, assistant_only_loss, packing))
         out["neutralised"].append(n)
@@ -226,7 +226,7 @@ def _example_rows(path: str, fmt: str, split: str | None, split_key: str, defaul
     each example or the reason it is invalid, and at the end how the file was read (rows holding only a note)."""
     notes: list[str] = []
     for where, ex, err, raw in iter_examples(path, fmt, split, split_key, default_split, notes=notes):
-        yield {"where": where, "messages": ex["messages"] if ex else None, "error": err, "raw": raw if err else None,
+        yield {"where": where, "messages": plain_messages(ex["messages"]) if ex else None, "error": err, "raw": raw if err else None,
                "note": None}
     for note in notes:
         yield {"where": None, "messages": None, "error": None, "raw": None, "note": note}

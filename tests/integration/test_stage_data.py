@@ -214,3 +214,17 @@ def test_sft_examples_equal_the_lists_they_replace(tiny_path, tmp_path):
                         processing_class=tok).train_dataset
     for column in ("input_ids", "labels"):  # labels: -100 outside the assistant tokens
         assert ours[column] == theirs[column]
+
+
+def test_messages_keep_their_role_and_content(tmp_path):
+    """A message's other keys (a "name") do not reach the trainer, nor stop the build (docs/data-formats.md)."""
+    path = tmp_path / "preferences.jsonl"
+    write_pairs(path, [PreferencePair([{"role": "user", "content": "Hi", "name": "ann"}], "Hello.", "Go away.")])
+
+    def convert(p, split):
+        return {"prompt": p.prompt, "chosen": p.chosen}, None
+
+    rows, _ = pair_datasets(_ctx(tmp_path, "dpo"), _cfg(), {"train": path, "eval": path}, convert,
+                            {"prompt": arrow.message_features(), "chosen": arrow.message_features()})
+    assert rows["train"].select_columns(["prompt", "chosen"]).to_list() == [
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}]}]
