@@ -116,6 +116,15 @@ class FlopCounter:
                 "perf/peak_flops_per_second": round(peak, 1), "perf/mfu": achieved / peak}
 
 
+def describe(metrics: dict) -> str | None:
+    """A stage's MFU as the run and its report say it, from its perf/* metrics (None without them)."""
+    ratio, achieved, peak = (metrics.get(k) for k in ("perf/mfu", "perf/model_flops_per_second",
+                                                       "perf/peak_flops_per_second"))
+    if not all(isinstance(v, (int, float)) for v in (ratio, achieved, peak)):
+        return None
+    return f"{ratio:.2%} ({achieved / 1e9:,.2f} of a measured {peak / 1e9:,.1f} GFLOP/s)"
+
+
 def _device(models: dict) -> str:
     for core, _ in models.values():
         p = next(core.parameters(), None)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import write_atomic
+from pipeline.mfu import describe
 # the module, not its function: pipeline.monitor.plots imports pipeline.report.plots, whose package imports this
 # module, so when that import comes first this line finds pipeline.monitor.plots still being loaded
 from pipeline.monitor import plots as monitor_charts
@@ -225,11 +226,7 @@ def peak_memory(manifest: dict) -> str:
 
 def mfu(metrics: dict) -> str:
     """The stage's model FLOPs utilisation and what it is the ratio of (docs/mfu.md)."""
-    ratio, achieved, peak = (metrics.get(k) for k in ("perf/mfu", "perf/model_flops_per_second",
-                                                       "perf/peak_flops_per_second"))
-    if not all(isinstance(v, (int, float)) for v in (ratio, achieved, peak)):
-        return "—"
-    return f"{ratio:.2%} ({achieved / 1e9:,.2f} of a measured {peak / 1e9:,.1f} GFLOP/s)"
+    return describe(metrics) or "—"
 
 
 def _processes(manifest: dict) -> str:
