@@ -67,6 +67,17 @@ def jsonl_lines(path: str | Path, cache: str | Path):
                                   features=features, cache_dir=str(cache))
 
 
+def map_rows(rows, fn, features, desc: str, fn_kwargs: dict):
+    """rows.map(fn) batched, into `features`, in one process per core for a large dataset (procs); an empty dataset
+    (an empty split) gives an empty dataset of `features` (datasets' map would return it with no columns)."""
+    from datasets import Dataset
+
+    if not len(rows):
+        return Dataset.from_dict({k: [] for k in features}, features=features)
+    return rows.map(fn, batched=True, num_proc=procs(len(rows)), features=features, remove_columns=rows.column_names,
+                    desc=desc, fn_kwargs=fn_kwargs)
+
+
 def counted(fn, *args):
     """fn(*args), and the special tokens it neutralised (a JSON object, or None), taken back out of NEUTRALISED: a map
     function leaves no trace in the process it runs in (settle adds the counts up once, from the rows)."""

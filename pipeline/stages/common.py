@@ -116,10 +116,9 @@ def pair_datasets(ctx, cfg, files: dict, convert, columns: dict, what: str = "pa
     skipped: list[dict] = []
     for split, path in files.items():
         lines = arrow.jsonl_lines(path, cache)
-        mapped = lines.map(_pair_batch, batched=True, num_proc=arrow.procs(len(lines)), features=features,
-                           remove_columns=lines.column_names, desc=f"[{ctx.name}] {split} {what}",
-                           fn_kwargs={"split": split, "convert": convert, "columns": tuple(columns),
-                                      "unpaired": unpaired, "expand": expand})
+        mapped = arrow.map_rows(lines, _pair_batch, features, f"[{ctx.name}] {split} {what}",
+                                {"split": split, "convert": convert, "columns": tuple(columns), "unpaired": unpaired,
+                                 "expand": expand})
         read[split] = len(mapped)
         rows[split], left_out = arrow.settle(mapped, path, list(columns))
         skipped += [{"id": s["id"], "split": split, "reason": s["reason"]} for s in left_out]

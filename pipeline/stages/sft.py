@@ -156,10 +156,9 @@ def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train, evals, counts: dict) 
     kept: dict = {}
     skipped: list[dict] = []
     for split, rows in (("train", train), ("eval", evals)):
-        mapped = rows.map(_checked_batch, batched=True, num_proc=arrow.procs(len(rows)), features=features,
-                          remove_columns=rows.column_names, desc=f"[{ctx.name}] {split} examples",
-                          fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length,
-                                     "assistant_only_loss": cfg.assistant_only_loss, "packing": cfg.packing})
+        mapped = arrow.map_rows(rows, _checked_batch, features, f"[{ctx.name}] {split} examples",
+                                {"tokenizer": tokenizer, "max_length": cfg.max_length,
+                                 "assistant_only_loss": cfg.assistant_only_loss, "packing": cfg.packing})
         table = mapped.data.table
         for counted in arrow._where(table.select(["neutralised"]), "neutralised").column("neutralised").to_pylist():
             arrow.NEUTRALISED.update(json.loads(counted))
