@@ -80,7 +80,8 @@ def config(work: Path, run_dir: Path) -> Path:
     path = work / "reward.yaml"
     path.write_text(yaml.safe_dump({
         "run_dir": str(run_dir), "seed": 0,
-        "stages": [{"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "max_length": 64,
+        "stages": [{"stage": "preferences", "data": {"path": str(run_dir / "preferences" / "preferences.jsonl")}},
+                   {"stage": "reward", "model": "tiny", "preferences": "stage:preferences", "max_length": 64,
                     "precision": "fp32", "optim": {"max_steps": 1, "per_device_batch_size": 8, "logging_steps": 1}}],
     }, sort_keys=False))
     return path
