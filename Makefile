@@ -6,7 +6,8 @@
 # make loop:  (after make demo) serve its SFT policy with a traffic log, simulated users' feedback, rlhf monitor,
 #             a KTO round 2 on the feedback, evaluated against round 1 (examples/loop.py).
 # make test:  setup, then run the tests.
-# make bench: setup, then the benchmarks (bench/RESULTS.md); make bench QUICK=1: the PPO one only, short.
+# make bench: setup, then the benchmarks (bench/RESULTS.md); make bench QUICK=1: the PPO one only, short;
+# make bench OLD=../main-worktree: the stage data benchmark also runs that checkout's code, side by side.
 # make docs:  setup, then regenerate docs/config-reference.md from the typed configs (pipeline/reference.py).
 # GPU users: install your CUDA build of torch into .venv first, then `make setup TORCH=`.
 PYTHON ?= python3
@@ -59,6 +60,7 @@ else
 	$(PY) bench/serve_monitor.py
 	$(PY) bench/data_scale.py
 	$(PY) bench/judge_batch.py
+	$(PY) bench/stage_data.py $(if $(OLD),--old $(OLD))
 endif
 
 docs: setup

@@ -9,6 +9,7 @@ SFT and prompt files may be dataset directories (`save_to_disk`): a DatasetDict 
 one the stage's split setting names, `train` by default (refused when there is none); a note says
 which splits were read and which were skipped, so a test split is never trained on unnoticed.
     split_by_prompt(pairs, 0.1, seed)          # seeded train/eval split, every item of a prompt on one side
+    held_out_keys(pairs, 0.1, seed)            # the same split as the set of held-out prompt keys
     neutralised(tok, row)                      # a training row whose texts hold no control tokens
     rule_eval(model, tok, prompts, rule, ...)  # mean rule score of one sample per prompt
 """
@@ -109,29 +110,45 @@ def _records(path, split: str | None, split_key: str, default_split: str | None 
         say(f"note: {note}")
 
 
+def iter_examples(path, fmt: str, split: str | None = None, split_key: str = "data.split",
+                  default_split: str | None = DEFAULT_SPLIT, notes: list | None = None):
+    """Every row of an SFT file as (where, example or None, reason or None, raw text): read_examples one row at a
+    time. `notes` (a list) receives how the file was read (dataset splits); without it they are printed."""
+    records = (iter_records(path, split=split, notes=notes, default_split=default_split, split_key=split_key)
+               if notes is not None else _records(path, split, split_key, default_split))
+    for rec in records:
+        ex, err = (None, rec.error) if rec.error else to_example(rec.value, fmt)
+        yield rec.where, ex, err, rec.raw
+
+
+def check_examples(path, on_error: str, n: int, problems: list[str]) -> None:
+    """Stop on invalid rows (on_error: fail), with the first `problems` and the counts; stop when none is valid."""
+    if problems and on_error == "fail":
+        shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
+                           "(set data.on_error: skip to train on the valid rows)")
+    if n == len(problems):
+        raise InvalidInput(f"{path}: no valid rows")
+
+
 def read_examples(path, fmt: str, on_error: str, rejected: list[dict], split: str | None = None,
                   split_key: str = "data.split", default_split: str | None = DEFAULT_SPLIT,
                   where: list | None = None) -> tuple[list[dict], int]:
     """Read and validate every row; invalid rows raise (fail) or are recorded in `rejected` (skip). A DatasetDict
     is read one split: `split`, else `default_split` (None: the split must be named by `split_key`). `where` (a
-    list) receives each example's location (FILE:LINE), in the order of the examples."""
+    list) receives each example's location (FILE:LINE), in the order of the examples. (The SFT stage reads its
+    files into Arrow datasets instead: pipeline/stages/sft.py.)"""
     examples, problems, n = [], [], 0
-    for rec in _records(path, split, split_key, default_split):
+    for at, ex, err, raw in iter_examples(path, fmt, split, split_key, default_split):
         n += 1
-        ex, err = (None, rec.error) if rec.error else to_example(rec.value, fmt)
         if err:
-            problems.append(f"{rec.where}: {err}")
-            rejected.append({"where": rec.where, "reason": err, "row": rec.raw})
+            problems.append(f"{at}: {err}")
+            rejected.append({"where": at, "reason": err, "row": raw})
         else:
             examples.append(ex)
             if where is not None:
-                where.append(rec.where)
-    if problems and on_error == "fail":
-        shown = "\n".join(problems[:10]) + (f"\n... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise InvalidInput(f"{shown}\n{path}: {n} rows: {n - len(problems)} valid, {len(problems)} invalid "
-                           "(set data.on_error: skip to train on the valid rows)")
-    if not examples:
-        raise InvalidInput(f"{path}: no valid rows")
+                where.append(at)
+    check_examples(path, on_error, n, problems)
     return examples, n
 
 
@@ -175,12 +192,18 @@ def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lamb
     compared on `prompt_key` (Unicode NFC, whitespace collapsed), so near-identical copies cannot straddle the split.
 
     `items` are pairs (prompt_of reads .prompt) or, with prompt_of=lambda p: p, the prompts themselves."""
+    held = held_out_keys(items, eval_fraction, seed, prompt_of)
+    train = [p for p in items if prompt_key(prompt_of(p)) not in held]
+    return train, [p for p in items if prompt_key(prompt_of(p)) in held]
+
+
+def held_out_keys(items, eval_fraction: float, seed: int, prompt_of=lambda p: p.prompt) -> set[str]:
+    """The prompt keys split_by_prompt holds out, from one pass over `items` (any iterable): a stage can then write
+    each item to its side as it reads it again, without a list of either side."""
     prompts = sorted({prompt_key(prompt_of(p)) for p in items})
     random.Random(seed).shuffle(prompts)
     n_eval = math.ceil(len(prompts) * eval_fraction) if eval_fraction > 0 and len(prompts) > 1 else 0
-    held = set(prompts[:n_eval])
-    train = [p for p in items if prompt_key(prompt_of(p)) not in held]
-    return train, [p for p in items if prompt_key(prompt_of(p)) in held]
+    return set(prompts[:n_eval])
 
 
 def rule_eval(model, tok, prompts: list, rule, max_new_tokens: int, seed: int) -> float:

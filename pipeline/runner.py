@@ -22,6 +22,7 @@ from pipeline.tracking import MetricsLog, redact, stage_wandb
 from feedback.judges.rule import trust_modules
 from pipeline.checkpoint import meta
 from pipeline.generation import NEUTRALISED
+from pipeline.mfu import describe
 from pipeline.models import load_causal_lm, load_tokenizer, missing_parts, resolve
 from pipeline.stages import REGISTRY
 from pipeline.stages.common import reset_peak_memory
@@ -286,6 +287,8 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
     distributed.barrier()
     if out.get("summary"):
         echo(f"[{st.name}] {out['summary']}")
+    if describe(metrics):
+        echo(f"[{st.name}] model FLOPs utilisation {describe(metrics)} (docs/mfu.md)")
     if cfg.tracking.wandb and distributed.is_main():
         from pipeline.report import log_to_wandb
 

@@ -1,6 +1,6 @@
 """How good a reward model is on held-out pairs, and the statistics its scores are normalised with.
 
-    metrics, rewards = evaluate(model, rows, pairs, pad_id, buckets=4)   # accuracy, margin, calibration
+    metrics, rewards = evaluate(model, rows, pad_id, buckets=4)          # accuracy, margin, calibration
     normalization(rewards)                                               # {mean, std, n} for the manifest
 
 Accuracy is the share of pairs whose chosen response scores higher (overall and by source); calibration
@@ -15,11 +15,19 @@ import math
 from reward.scoring import score_ids
 
 
-def evaluate(model, rows, pairs, pad_id: int, buckets: int) -> tuple[dict, list[float]]:
-    """Score encoded pairs with the same code users and PPO call: (pairwise metrics, every reward scored)."""
-    rc = score_ids(model, [r["chosen_ids"] for r in rows], pad_id)
-    rr = score_ids(model, [r["rejected_ids"] for r in rows], pad_id)
-    return pairwise_metrics(rc, rr, [p.source for p in pairs], buckets), rc + rr
+def evaluate(model, rows, pad_id: int, buckets: int, chunk: int = 1024) -> tuple[dict, list[float]]:
+    """Score encoded pairs with the same code users and PPO call: (pairwise metrics, every reward scored). `rows` is
+    a datasets.Dataset with chosen_ids, rejected_ids and source columns, read `chunk` rows at a time (a multiple of
+    score_ids' batch of 32, so the batches, and the scores, are those of scoring every row at once)."""
+    rc: list[float] = []
+    rr: list[float] = []
+    sources: list[str] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        rc += score_ids(model, part["chosen_ids"], pad_id)
+        rr += score_ids(model, part["rejected_ids"], pad_id)
+        sources += part["source"]
+    return pairwise_metrics(rc, rr, sources, buckets), rc + rr
 
 
 def pairwise_metrics(chosen: list[float], rejected: list[float], sources: list[str], buckets: int = 4) -> dict:

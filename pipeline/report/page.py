@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import write_atomic
+from pipeline.mfu import describe
 # the module, not its function: pipeline.monitor.plots imports pipeline.report.plots, whose package imports this
 # module, so when that import comes first this line finds pipeline.monitor.plots still being loaded
 from pipeline.monitor import plots as monitor_charts
@@ -261,6 +262,11 @@ def peak_memory(manifest: dict) -> str:
     return text
 
 
+def mfu(metrics: dict) -> str:
+    """The stage's model FLOPs utilisation and what it is the ratio of (docs/mfu.md)."""
+    return describe(metrics) or "—"
+
+
 def _processes(manifest: dict) -> str:
     dist = manifest.get("distributed") or {}
     ws = dist.get("world_size")
@@ -292,7 +298,7 @@ def _summary(stage: Stage) -> str:
     metrics = m.get("metrics") or {}
     facts = {"method": _fmt(stage.config.get("stage")), "kind": _fmt(m.get("kind")), "finished": _fmt(m.get(
              "created_at")), "time": _seconds(metrics.get("time/seconds")), "training time": _seconds(metrics.get(
-             "train/seconds")), "peak memory": peak_memory(m), "processes": _processes(m)}
+             "train/seconds")), "peak memory": peak_memory(m), "MFU": mfu(metrics), "processes": _processes(m)}
     return "<p class=facts>" + " · ".join(f"<b>{k}</b> {v}" for k, v in facts.items() if v != "—") + "</p>"
 
 

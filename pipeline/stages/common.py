@@ -13,6 +13,7 @@ manifest records.
 from __future__ import annotations
 
 import math
+import time
 
 from pipeline.blocks import LoraConfig
 from rlhf.errors import InvalidInput
@@ -22,7 +23,8 @@ from pipeline.artifacts import write_jsonl
 from feedback.schema import prompt_key
 from pipeline.data import read_prompts, resolve_data_path, rule_eval
 from pipeline.distributed import any_rank, gather, say
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.mfu import FlopCounter
+from pipeline.models import load_causal_lm, load_tokenizer, resolve_precision
 from pipeline.tracking import report_to
 
 
@@ -91,40 +93,83 @@ def training_args(cls, cfg, ctx, precision: str, **extra):
     )
 
 
-def pair_rows(ctx, cfg, splits: dict, convert, what: str = "pairs") -> tuple[dict, dict, dict]:
-    """The rows a pairwise trainer (reward model, DPO; KTO-style methods alike) takes, from preference pairs by split
-    ({"train": (file, pairs), "eval": (file, pairs)}). `convert(pair, split)` gives (row, None), or (None, reason) for a pair
-    the method cannot learn from (a tie, a prompt that leaves no response token): those are listed in skipped.jsonl
-    with their split and reason and counted, never dropped silently. No pair left to train on, or optim.eval_steps
-    with no eval pair, is an error naming the file. Returns (rows by split, the kept pairs by split, counts:
-    read / kept by split, skipped, skipped by reason)."""
-    rows: dict[str, list] = {}
-    kept: dict[str, list] = {}
+def pair_datasets(ctx, cfg, files: dict, convert, columns: dict, what: str = "pairs", unpaired: bool = False,
+                  expand=None) -> tuple[dict, dict]:
+    """The rows a pairwise trainer (reward model, DPO; KTO-style methods alike) takes, from the canonical JSONL files
+    of a preferences artifact by split ({"train": file, "eval": file}), as memory-mapped Arrow datasets written
+    under RUN_DIR/.cache/datasets (pipeline/arrow.py: tokenised once per input, in several processes for a large
+    file). `convert(pair, split)` gives (row, None), or (None, reason) for a pair the method cannot learn from (a
+    tie, a prompt that leaves no response token): those are listed in skipped.jsonl with their split and reason and
+    counted, never dropped silently. `columns` ({name: datasets feature}) are the row's columns; `expand(item)` turns
+    one canonical row into several (KTO: a pair into its two answers). No pair left to train on, or
+    optim.eval_steps with no eval pair, is an error naming the file. Returns (datasets by split, holding `columns`
+    and the meta columns of pipeline.arrow.META: select the trainer's columns; counts: read / kept by split,
+    skipped, skipped by reason)."""
+    from datasets import Features
+
+    from pipeline import arrow
+
+    cache = arrow.cache_dir(ctx.run_dir)
+    features = Features({**columns, **arrow.meta_features()})
+    rows: dict = {}
+    read: dict[str, int] = {}
     skipped: list[dict] = []
-    for split, (_, pairs) in splits.items():
-        rows[split], kept[split] = [], []
-        for pair in pairs:
-            row, reason = convert(pair, split)
-            if reason is not None:
-                skipped.append({"id": pair.id, "split": split, "reason": reason})
-            else:
-                rows[split].append(row)
-                kept[split].append(pair)
+    for split, path in files.items():
+        lines = arrow.jsonl_lines(path, cache)
+        mapped = arrow.map_rows(lines, _pair_batch, features, f"[{ctx.name}] {split} {what}",
+                                {"split": split, "convert": convert, "columns": tuple(columns), "unpaired": unpaired,
+                                 "expand": expand})
+        read[split] = len(mapped)
+        rows[split], left_out = arrow.settle(mapped, path, list(columns))
+        skipped += [{"id": s["id"], "split": split, "reason": s["reason"]} for s in left_out]
     if skipped:
         write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
         reasons = sorted({s["reason"].split(":")[0] for s in skipped})
         say(f"[{ctx.name}] {len(skipped)} {what} not used ({'; '.join(reasons)}); reasons in skipped.jsonl")
-    if not rows["train"]:
-        raise InvalidInput(f"{splits['train'][0]}: no {what} to train on ({len(skipped)} skipped: see skipped.jsonl)")
-    if getattr(cfg.optim, "eval_steps", None) is not None and not rows.get("eval"):
-        raise InvalidInput(f"optim.eval_steps: {splits['eval'][0]} holds no usable eval {what} to evaluate on")
+    if not len(rows["train"]):
+        raise InvalidInput(f"{files['train']}: no {what} to train on ({len(skipped)} skipped: see skipped.jsonl)")
+    if getattr(cfg.optim, "eval_steps", None) is not None and not len(rows.get("eval") or ()):
+        raise InvalidInput(f"optim.eval_steps: {files['eval']} holds no usable eval {what} to evaluate on")
     by_reason: dict[str, int] = {}
     for s_ in skipped:
         key = s_["reason"].split(":")[0]
         by_reason[key] = by_reason.get(key, 0) + 1
-    counts = {"read": {k: len(v[1]) for k, v in splits.items()}, "kept": {k: len(v) for k, v in rows.items()},
-              "skipped": len(skipped), "skipped_by_reason": by_reason}
-    return rows, kept, counts
+    counts = {"read": read, "kept": {k: len(v) for k, v in rows.items()}, "skipped": len(skipped),
+              "skipped_by_reason": by_reason}
+    return rows, counts
+
+
+def _pair_batch(batch: dict, split: str, convert, columns: tuple, unpaired: bool, expand) -> dict:
+    """A batch of canonical JSONL lines -> their training rows (pair_datasets' map function): each line parsed as
+    read_pairs parses it, expanded, converted; the meta columns say what became of each row (pipeline.arrow)."""
+    import json
+
+    from feedback.schema import from_dict, unpaired_from_dict
+    from pipeline.arrow import META, counted, plain_messages
+
+    parse = unpaired_from_dict if unpaired else from_dict
+    out: dict[str, list] = {k: [] for k in (*columns, *META)}
+    for line, text in zip(batch["line"], batch["text"]):
+        try:
+            item, error = parse(json.loads(text))
+        except json.JSONDecodeError as exc:
+            item, error = None, f"invalid JSON: {exc.msg}"
+        for it in ([None] if error else expand(item) if expand else [item]):
+            (row, reason), neutralised = counted(convert, it, split) if it is not None else ((None, None), None)
+            for c in columns:
+                out[c].append(plain_messages(row[c]) if row is not None and c in row else None)
+            out["line"].append(line)
+            out["id"].append(getattr(it, "id", None))
+            out["source"].append(getattr(it, "source", None))
+            out["reason"].append(reason)
+            out["error"].append(error)
+            out["neutralised"].append(neutralised)
+    return out
+
+
+def trainer_rows(rows, columns: list[str]):
+    """A pair_datasets dataset with only the columns a trainer reads (TRL keeps every column it is given)."""
+    return rows.select_columns(columns) if rows is not None else None
 
 
 def chat_prompt_tokens(tok, prompt: list, replies: list) -> int:
@@ -140,9 +185,9 @@ def chat_prompt_tokens(tok, prompt: list, replies: list) -> int:
     return min(common(start, ids(prompt + reply)) for reply in replies)
 
 
-def held_out_prompts(cfg, eval_items: list) -> tuple[list, str]:
-    """cfg.eval_prompts restricted to the prompts of the held-out preference rows (the first 64 when none of them
-    are held out), and what they are, as the summary names them (DPO, KTO: the rule reward before and after)."""
+def held_out_prompts(cfg, eval_items) -> tuple[list, str]:
+    """cfg.eval_prompts restricted to the prompts of the held-out preference rows (`eval_items`, read once: a
+    read_pairs iterator will do; the first 64 when none of them are held out), and what they are, as the summary names them (DPO, KTO: the rule reward before and after)."""
     if not cfg.eval_prompts:
         return [], ""
 
@@ -155,22 +200,21 @@ def held_out_prompts(cfg, eval_items: list) -> tuple[list, str]:
     return prompts[:64], f"the first {len(prompts[:64])} prompts of {cfg.eval_prompts} (none of them held out)"
 
 
-def offline_trainer(trainer_cls, cfg, ctx, args, model, tok, train: list, evals: list, counts: dict, described: str):
-    """A TRL trainer of a policy on recorded preferences (DPO, KTO) over `train` and `evals` rows. Full tuning: the
+def offline_trainer(trainer_cls, cfg, ctx, args, model, tok, train, evals, counts: dict, described: str):
+    """A TRL trainer of a policy on recorded preferences (DPO, KTO) over `train` and `evals` rows (datasets holding
+    only the columns TRL reads; `evals` may be empty). Full tuning: the
     reference is a frozen copy of the policy as loaded (TRL would reload it from the policy's path without its
     revision); LoRA: the disabled adapter; precomputed: no reference kept. Rows TRL filters beyond what the stage
     predicted are counted (counts.dropped_by_trl) and said; `described` (the rows, weights) opens the line that
     says what is trained."""
     import copy
 
-    from datasets import Dataset
-
     from pipeline.models import count_parameters
     from pipeline.tracking import readable_progress, trainer_callback
 
     reference = copy.deepcopy(model) if cfg.tuning == "full" and not cfg.precompute_ref_log_probs else None
-    trainer = trainer_cls(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(train),
-                          eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tok,
+    trainer = trainer_cls(model=model, ref_model=reference, args=args, train_dataset=train,
+                          eval_dataset=evals if len(evals) else None, processing_class=tok,
                           peft_config=peft_config(cfg.lora) if cfg.tuning == "lora" else None,
                           callbacks=[trainer_callback(ctx.metrics)])
     readable_progress(trainer, ctx.name)
@@ -188,14 +232,12 @@ def train_and_save(trainer, ctx, cfg, tok, info: dict, rule, metrics: dict, eval
     """Train (fit), read the held-out `eval_keys` from the trainer's evaluation, the rule reward after, check that
     everything is finite, and save the policy: the stage result's outputs, metrics and extra (model, check), and
     the steps and seconds trained, for the stage to complete with its counts and summary (DPO, KTO)."""
-    import time
-
     from pipeline.models import count_parameters
 
     total, trainable = count_parameters(trainer.model)  # before a LoRA adapter is merged
     dtype = weights_dtype(trainer.model)
     t0 = time.time()
-    fit(trainer, ctx, cfg)
+    metrics.update(perf_metrics(fit(trainer, ctx, cfg)))
     seconds = time.time() - t0
     if has_eval:
         ev = trainer.evaluate()
@@ -237,18 +279,31 @@ def trl_choices(config_cls, field: str) -> tuple[str, ...]:
 def fit(trainer, ctx, cfg):
     """trainer.train() with our checkpoint marks, resuming from ctx.resume_from when set, stopped at the first
     non-finite training loss or gradient norm it logs (training_args turns off transformers' filter that would
-    log a NaN loss as the mean of the earlier ones), and refused when the trained weights are not all finite."""
+    log a NaN loss as the mean of the earlier ones), and refused when the trained weights are not all finite. The
+    forwards of the trained model, its reference and reward models are counted for the stage's MFU
+    (perf_metrics(result))."""
     stop = checkpoint.stop_after_step()
     trainer.add_callback(checkpoint.hf_callback(ctx.work_dir / "checkpoints", ctx.checkpoint_meta,
                                                 cfg.checkpoint.keep, stop))
     trainer.add_callback(_stop_when_diverged(ctx.name))
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    t0 = time.time()
+    with FlopCounter(policy=trainer.model, reference=getattr(trainer, "ref_model", None),
+                     **{f"reward_{i}": f for i, f in enumerate(getattr(trainer, "reward_funcs", None) or [])
+                        if hasattr(f, "parameters")}) as flops:
+        result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    # the model FLOPs utilisation of the training (pipeline/mfu.py), in the stage's metrics: perf_metrics(result)
+    result.metrics.update(flops.metrics(time.time() - t0, resolve_precision(cfg.precision)))
     if stop is not None and trainer.state.global_step < trainer.state.max_steps:
         raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {trainer.state.global_step} "
                                  "(RLHF_STOP_AFTER_STEP); continue with --resume")
     check_finite(ctx, {"train/loss": result.training_loss})
     _check_weights_finite(ctx.name, trainer.model)
     return result
+
+
+def perf_metrics(result) -> dict:
+    """The perf/* metrics fit() measured (model FLOPs, FLOP/s, the matmul peak, MFU: pipeline/mfu.py)."""
+    return {k: v for k, v in result.metrics.items() if k.startswith("perf/")}
 
 
 def _diverged(name: str, what: str, value, step: int) -> InvalidInput:

@@ -20,8 +20,9 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OfflinePreferenceBlock, OptimConfig
 from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, load_policy, offline_trainer,
-                                    pair_rows, train_and_save, training_args, trl_choices)
+                                    pair_datasets, train_and_save, trainer_rows, training_args, trl_choices)
 from feedback.schema import read_pairs
+from pipeline.arrow import message_features, procs
 from pipeline.data import neutralised
 from pipeline.models import resolve_precision
 
@@ -71,6 +72,9 @@ class DPOStageConfig(OfflinePreferenceBlock):
 Config = DPOStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 
 
+COLUMNS = ["prompt", "chosen", "rejected"]  # TRL's conversational preference row
+
+
 def to_dpo_row(p) -> dict:
     """Canonical pair -> TRL conversational preference row (explicit prompt)."""
     prompt = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else p.prompt
@@ -87,10 +91,10 @@ def prompt_tokens(tok, row: dict) -> int:
     return chat_prompt_tokens(tok, row["prompt"], [row["chosen"], row["rejected"]])
 
 
-def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: list) -> tuple[list, list, dict]:
-    """The pairs DPO trains and evaluates on, as TRL rows (common.pair_rows: what is not used is listed and
-    counted): not ties (no preferred response), nor pairs whose prompt alone reaches max_length (TRL drops them:
-    no response token would be left)."""
+def _rows(cfg: DPOStageConfig, ctx, prefs, tok) -> tuple:
+    """The pairs DPO trains and evaluates on, as TRL rows in Arrow datasets (common.pair_datasets: what is not used
+    is listed and counted): not ties (no preferred response), nor pairs whose prompt alone reaches max_length (TRL
+    drops them: no response token would be left)."""
     def convert(p, split):
         if p.tie:
             return None, "tie: DPO needs a preferred response"
@@ -101,11 +105,11 @@ def _rows(cfg: DPOStageConfig, ctx, prefs, tok, train_pairs: list, eval_pairs: l
                           "response token would be trained on")
         return row, None
 
-    rows, _, c = pair_rows(ctx, cfg, {"train": (prefs.output("train"), train_pairs),
-                                      "eval": (prefs.output("eval"), eval_pairs)}, convert)
+    rows, c = pair_datasets(ctx, cfg, {"train": prefs.output("train"), "eval": prefs.output("eval")}, convert,
+                            {k: message_features() for k in COLUMNS})
     counts = {"train_pairs": c["kept"]["train"], "eval_pairs": c["kept"]["eval"], "skipped": c["skipped"],
               "ties_skipped": c["skipped_by_reason"].get("tie", 0)}
-    return rows["train"], rows["eval"], counts
+    return trainer_rows(rows["train"], COLUMNS), trainer_rows(rows["eval"], COLUMNS), counts
 
 
 def run(cfg: DPOStageConfig, ctx) -> dict:
@@ -114,18 +118,17 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
 
     set_seed(ctx.seed)
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
-    eval_pairs = list(read_pairs(prefs.output("eval")))
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
-    train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"))), eval_pairs)
-    prompts, named = held_out_prompts(cfg, eval_pairs)
+    train, evals, data_counts = _rows(cfg, ctx, prefs, tok)
+    prompts, named = held_out_prompts(cfg, read_pairs(prefs.output("eval")))
     rule = RuleReward(cfg.eval_rule, prompts, cfg.eval_max_new_tokens, ctx.seed, named)
     metrics: dict = {}
     rule.before(model, tok, metrics)
 
     args = training_args(DPOConfig, cfg, ctx, precision, loss_type=[cfg.loss_type], beta=cfg.beta,
                          label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
-                         precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataset_num_proc=None,
+                         precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataset_num_proc=procs(len(train)),
                          trust_remote_code=info.get("trust_remote_code", False))
     trainer = offline_trainer(DPOTrainer, cfg, ctx, args, model, tok, train, evals, data_counts,
                               f"{len(train)} train / {len(evals)} eval pairs")

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OnlineRLBlock, OptimConfig
 from rlhf.errors import UsageError
 from pipeline.stages.common import (RuleReward, final_model, fit, held_out_named, load_policy, memory_metrics,
-                                    peft_config, save_policy, training_args, weights_dtype)
+                                    peft_config, perf_metrics, save_policy, training_args, weights_dtype)
 from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
 from pipeline.distributed import say
 from pipeline.models import count_parameters, resolve_precision
@@ -259,7 +259,7 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
         say(f"[{ctx.name}] {cfg.stage.upper()}: {len(train)} train / {len(eval_prompts)} held-out prompts, "
             f"{cfg.num_generations} generations each; {trainable:,} of {total:,} parameters trainable")
         t0 = time.time()
-        fit(trainer, ctx, cfg)
+        metrics.update(perf_metrics(fit(trainer, ctx, cfg)))
         seconds = time.time() - t0
     finally:
         restore_rates()

@@ -23,19 +23,20 @@ prompts before and after.
 
 from __future__ import annotations
 
-import random
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from feedback.schema import UnpairedRow, read_pairs
 from pipeline.blocks import OfflinePreferenceBlock, OptimConfig
+from pipeline.arrow import message_features, procs, seeded_order
 from pipeline.data import neutralised
 from pipeline.distributed import say
 from pipeline.models import resolve_precision
 from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, load_policy, offline_trainer,
-                                    pair_rows, train_and_save, training_args)
+                                    pair_datasets, train_and_save, trainer_rows, training_args)
 
+COLUMNS = ["prompt", "completion", "label"]  # TRL's conversational unpaired row
 WEIGHT_RANGE = (1.0, 4 / 3)  # desirable_weight * n_desirable / (undesirable_weight * n_undesirable), KTO paper eq. 8
 
 
@@ -124,10 +125,12 @@ def to_kto_row(r: UnpairedRow) -> dict:
     return {"prompt": prompt, "completion": completion, "label": r.label}
 
 
-def _rows(cfg: KTOStageConfig, ctx, prefs, tok, train_items: list, eval_items: list) -> tuple[list, list, dict]:
-    """The rows KTO trains and evaluates on, as TRL rows (common.pair_rows: what is not used is listed and counted):
-    not ties (from a pairs artifact), nor rows whose prompt alone reaches max_length (TRL drops them: no
-    completion token would be left)."""
+def _rows(cfg: KTOStageConfig, ctx, prefs, tok) -> tuple:
+    """The rows KTO trains and evaluates on, as TRL rows in Arrow datasets (common.pair_datasets: what is not used is
+    listed and counted): not ties (from a pairs artifact), nor rows whose prompt alone reaches max_length (TRL drops
+    them: no completion token would be left)."""
+    from datasets import Value
+
     def convert(r, split):
         if not isinstance(r, UnpairedRow):
             return None, "tie: no desirable answer in the pair"
@@ -138,13 +141,25 @@ def _rows(cfg: KTOStageConfig, ctx, prefs, tok, train_items: list, eval_items: l
                           "completion token would be trained on")
         return {**row, "label": r.label}, None
 
-    rows, _, c = pair_rows(ctx, cfg, {"train": (prefs.output("train"), _unpaired(train_items)),
-                                      "eval": (prefs.output("eval"), _unpaired(eval_items))}, convert, what="rows")
+    rows, c = pair_datasets(ctx, cfg, {"train": prefs.output("train"), "eval": prefs.output("eval")}, convert,
+                            {"prompt": message_features(), "completion": message_features(), "label": Value("bool")},
+                            what="rows", unpaired=prefs.kind == "unpaired_preferences", expand=_unpaired_one)
+    desirable = count_true(rows["train"], "label")
     counts = {"train_rows": c["kept"]["train"], "eval_rows": c["kept"]["eval"], "skipped": c["skipped"],
               "ties_skipped": c["skipped_by_reason"].get("tie", 0),
-              "train_desirable": sum(r["label"] for r in rows["train"]),
-              "train_undesirable": sum(not r["label"] for r in rows["train"])}
-    return rows["train"], rows["eval"], counts
+              "train_desirable": desirable, "train_undesirable": len(rows["train"]) - desirable}
+    return trainer_rows(rows["train"], COLUMNS), trainer_rows(rows["eval"], COLUMNS), counts
+
+
+def _unpaired_one(item) -> list:
+    return _unpaired([item])
+
+
+def count_true(rows, column: str) -> int:
+    """How many rows of a dataset hold true in a boolean column (read as Arrow, not as Python rows)."""
+    import pyarrow.compute as pc
+
+    return sum(int(pc.sum(batch.column(column)).as_py() or 0) for batch in rows.with_format("arrow").iter(10_000))
 
 
 def run(cfg: KTOStageConfig, ctx) -> dict:
@@ -154,21 +169,19 @@ def run(cfg: KTOStageConfig, ctx) -> dict:
     set_seed(ctx.seed)
     prefs = ctx.artifact(cfg.preferences, ("unpaired_preferences", "preferences"), "preferences")
     unpaired = prefs.kind == "unpaired_preferences"
-    eval_items = list(read_pairs(prefs.output("eval"), unpaired=unpaired))
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
-    train, evals, data_counts = _rows(cfg, ctx, prefs, tok, list(read_pairs(prefs.output("train"), unpaired=unpaired)),
-                                      eval_items)
+    train, evals, data_counts = _rows(cfg, ctx, prefs, tok)
     # TRL reads the rows in order (its KL estimate pairs neighbours): shuffle once, seeded, so that a file sorted by
     # time or by label does not give batches of one kind
-    random.Random(ctx.seed).shuffle(train)
+    train = train.select(seeded_order(len(train), ctx.seed))
     n_d, n_u = data_counts["train_desirable"], data_counts["train_undesirable"]
     desirable_weight, undesirable_weight = balanced_weights(cfg.desirable_weight, cfg.undesirable_weight, n_d, n_u)
     ratio = desirable_weight * n_d / (undesirable_weight * n_u) if n_d and n_u else None
     if ratio is not None and not WEIGHT_RANGE[0] - 1e-9 <= ratio <= WEIGHT_RANGE[1] + 1e-9:
         say(f"[{ctx.name}] note: desirable_weight x {n_d} desirable / (undesirable_weight x {n_u} undesirable) is "
             f"{ratio:.2f}, outside the [1, 4/3] the KTO paper recommends")
-    prompts, named = held_out_prompts(cfg, eval_items)
+    prompts, named = held_out_prompts(cfg, read_pairs(prefs.output("eval"), unpaired=unpaired))
     rule = RuleReward(cfg.eval_rule, prompts, cfg.eval_max_new_tokens, ctx.seed, named)
     metrics: dict = {}
     rule.before(model, tok, metrics)
@@ -176,7 +189,7 @@ def run(cfg: KTOStageConfig, ctx) -> dict:
     args = training_args(KTOConfig, cfg, ctx, precision, loss_type=cfg.loss_type, beta=cfg.beta,
                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
                          max_length=cfg.max_length, precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-                         dataset_num_proc=None, trust_remote_code=info.get("trust_remote_code", False),
+                         dataset_num_proc=procs(len(train)), trust_remote_code=info.get("trust_remote_code", False),
                          train_sampling_strategy="sequential")
     trainer = offline_trainer(KTOTrainer, cfg, ctx, args, model, tok, train, evals, data_counts,
                               f"{len(train)} train ({n_d} desirable, {n_u} undesirable) / {len(evals)} eval rows; "

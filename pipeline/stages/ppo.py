@@ -31,6 +31,7 @@ from rlhf.errors import InvalidInput, UsageError
 from feedback.judges.rule import load_callable
 from pipeline.data import read_prompts, resolve_data_path, split_by_prompt
 from pipeline.distributed import say
+from pipeline.mfu import FlopCounter
 from pipeline.models import count_parameters, hidden_size, load_causal_lm, load_tokenizer, resolve_precision
 from pipeline.stages.common import (held_out_named, logits_fingerprint, memory_metrics, peak_memory, peft_config,
                                    save_model)
@@ -352,12 +353,9 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
 def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]:
     """Held-out evaluation, `steps` PPO steps (rollout, scoring, update) with checkpoints, evaluation again.
     Returns (eval before, eval after, the last step's metrics, training seconds)."""
-    from tqdm.auto import tqdm
+    from pipeline.rl.ppo import cycle_batches, evaluate, load_state  # deferred: it imports torch
 
-    from pipeline.rl.ppo import cycle_batches, evaluate, load_state, ppo_step, save_state  # deferred: it imports torch
-    from pipeline.rl.rollout import gather_rollout, generate, row_seeds, score_rollout  # deferred: it imports torch
-
-    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    main = distributed.is_main()
     ro_cfg, models = cfg.rollout, s.models
     hp = _Hyper(cfg)
     batches = cycle_batches(s.train_prompts, ro_cfg.prompts_per_step, ctx.seed)
@@ -378,6 +376,30 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
         before.pop("_samples", None)
     t0 = time.time()
     last: dict = {}
+    with FlopCounter(policy=models.policy, critic=getattr(models.critic_module, "model", None),
+                     reference=models.reference, reward=getattr(s.reward_fn.scorer, "model", None)) as flops:
+        _steps(cfg, ctx, s, first, batches, hp, samples_path, ckpt_dir, stop, before, last)
+    seconds = time.time() - t0
+    # the model FLOPs utilisation of the steps (pipeline/mfu.py): sampling, scoring, the no-grad and training forwards
+    last.update(flops.metrics(seconds, resolve_precision(cfg.precision)))
+    after = held_out()
+    if main:
+        _write_samples(samples_path, [{"step": "final-eval", "prompt": p, "response": r}
+                                      for p, r in after.get("_samples", [])])
+    after.pop("_samples", None)
+    return before, after, last, seconds
+
+
+def _steps(cfg: PPOStageConfig, ctx, s: _Setup, first: int, batches, hp, samples_path, ckpt_dir, stop, before: dict,
+           last: dict) -> None:
+    """PPO steps `first`..cfg.steps (rollout, scoring, update) with checkpoints; `last` gets the last step's metrics."""
+    from tqdm.auto import tqdm
+
+    from pipeline.rl.ppo import ppo_step, save_state  # deferred: it imports torch
+    from pipeline.rl.rollout import gather_rollout, generate, row_seeds, score_rollout  # deferred: it imports torch
+
+    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    ro_cfg, models = cfg.rollout, s.models
     for step in tqdm(range(first, cfg.steps + 1), desc="PPO", unit="step", initial=first - 1, total=cfg.steps,
                      disable=not main):
         epoch, batch = next(batches)
@@ -391,7 +413,8 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
         phases = score_rollout(models, ro, s.reward_fn, ro_cfg.missing_eos_penalty, step, hp.forward_batch_size)
         t_score = time.perf_counter()
         ro = gather_rollout(ro, s.tok.pad_token_id)
-        last = ppo_step(models, s.strategy, ro, hp, s.kl_ctl, step)
+        last.clear()
+        last.update(ppo_step(models, s.strategy, ro, hp, s.kl_ctl, step))
         # where a step's time goes (seconds, this process): sampling, the reward, the no-grad forwards for old
         # log-probs and values and for the reference, the PPO epochs of updates
         last.update({"ppo/time/generate": t_gen - t_step, **phases, "ppo/time/update": time.perf_counter() - t_score,
@@ -409,13 +432,6 @@ def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]
         if step == stop and step < cfg.steps:
             raise checkpoint.Stopped(f"[{ctx.name}] stopped after step {step} (RLHF_STOP_AFTER_STEP); "
                                      "continue with --resume")
-    seconds = time.time() - t0
-    after = held_out()
-    if main:
-        _write_samples(samples_path, [{"step": "final-eval", "prompt": p, "response": r}
-                                      for p, r in after.get("_samples", [])])
-    after.pop("_samples", None)
-    return before, after, last, seconds
 
 
 def _write_samples(path, rows: list[dict]) -> None:

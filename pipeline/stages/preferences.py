@@ -23,12 +23,12 @@ from typing import Literal
 from pydantic import Field
 
 from feedback.readers import ALIASES, FORMATS, RANKED_MODES
-from feedback.schema import SOURCES, write_pairs
+from feedback.schema import SOURCES, prompt_key, write_pairs
 from feedback.validate import DUPLICATES, validate_file
 from pipeline.blocks import StageBlock, Strict
 from rlhf.errors import InvalidInput
 from pipeline.artifacts import write_jsonl
-from pipeline.data import resolve_data_path, split_by_prompt
+from pipeline.data import held_out_keys, resolve_data_path
 from pipeline.distributed import say
 
 
@@ -93,19 +93,21 @@ def run(cfg: PreferencesStageConfig, ctx) -> dict:
     what = "unpaired rows" if report.unpaired else "pairs"
     if not report.pairs:
         raise InvalidInput(f"{report.path}: no valid {what} ({report.summary()})")
-    train, evals = split_by_prompt(report.pairs, cfg.eval_fraction, ctx.seed)
-    write_pairs(ctx.work_dir / "preferences.jsonl", train)
-    write_pairs(ctx.work_dir / "eval.jsonl", evals)
+    # the split by prompt, each pair written to its side as it is read again: no list of either side is built
+    held = held_out_keys(report.pairs, cfg.eval_fraction, ctx.seed)
+    side = lambda held_out: (p for p in report.pairs if (prompt_key(p.prompt) in held) == held_out)  # noqa: E731
+    n_train = write_pairs(ctx.work_dir / "preferences.jsonl", side(False))
+    n_eval = write_pairs(ctx.work_dir / "eval.jsonl", side(True))
     outputs = {"train": "preferences.jsonl", "eval": "eval.jsonl"}
     if not report.ok:  # rejected rows, and pairs rejected from otherwise valid rows (ranked, outvoted)
         write_jsonl(ctx.work_dir / "rejected.jsonl", report.rejected_rows())
         outputs["rejected"] = "rejected.jsonl"
-    counts = {**report.counts(), "train": len(train), "eval": len(evals)}
+    counts = {**report.counts(), "train": n_train, "eval": n_eval}
     if report.unpaired:
-        counts["train_desirable"] = sum(p.label for p in train)
+        counts["train_desirable"] = sum(p.label for p in side(False))
     else:
         counts["ties"] = sum(p.tie for p in report.pairs)
-    summary = (f"{report.summary()} ({report.format}); {len(train)} train / {len(evals)} eval {what}"
+    summary = (f"{report.summary()} ({report.format}); {n_train} train / {n_eval} eval {what}"
                + (f" ({counts['desirable']} desirable, {counts['undesirable']} undesirable)" if report.unpaired else "")
                + (f"; rejected rows in {ctx.run_dir / ctx.name / 'rejected.jsonl'}" if not report.ok else ""))
     return {"kind": "unpaired_preferences" if report.unpaired else "preferences", "outputs": outputs, "counts": counts,

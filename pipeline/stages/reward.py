@@ -25,9 +25,8 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, TrainingBlock
 from rlhf.errors import InvalidInput
-from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, pair_rows, peft_config,
-                                    save_policy, training_args, weights_dtype)
-from feedback.schema import read_pairs
+from pipeline.stages.common import (check_finite, fit, logits_fingerprint, memory_metrics, pair_datasets,
+                                    peft_config, perf_metrics, save_policy, trainer_rows, training_args, weights_dtype)
 from pipeline.distributed import say
 from pipeline.models import count_parameters, load_tokenizer, resolve_precision
 from pipeline.tracking import readable_progress, trainer_callback
@@ -72,11 +71,13 @@ Config = RewardStageConfig  # the registry's handle (pipeline/stages/__init__.py
 
 
 def _pairs(cfg: RewardStageConfig, ctx, tokenizer):
-    """(train rows, eval rows, kept train pairs, kept eval pairs, counts); pairs not trained on (ties, truncated)
-    listed in skipped.jsonl with their reasons (common.pair_rows)."""
+    """(train rows, eval rows, counts) as Arrow datasets of encoded pairs, with their meta columns (the eval rows'
+    `source` splits the accuracy); pairs not trained on (ties, truncated) listed in skipped.jsonl with their reasons
+    (common.pair_datasets)."""
+    from datasets import List, Value
+
     prefs = ctx.artifact(cfg.preferences, "preferences", "preferences")
     eval_art = ctx.artifact(cfg.eval_preferences, "preferences", "eval_preferences") if cfg.eval_preferences else prefs
-    train_pairs, eval_pairs = list(read_pairs(prefs.output("train"))), list(read_pairs(eval_art.output("eval")))
 
     def convert(p, split):
         row, reason = encode_pair(p, tokenizer, cfg.max_length, cfg.use_margin and split == "train")
@@ -85,18 +86,20 @@ def _pairs(cfg: RewardStageConfig, ctx, tokenizer):
             row["length"] = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
         return row, reason
 
+    columns = {"chosen_ids": List(Value("int64")), "rejected_ids": List(Value("int64")),
+               **({"margin": Value("float64")} if cfg.use_margin else {}),
+               **({"length": Value("int64")} if cfg.optim.group_by_length else {})}
     try:
-        rows, kept, c = pair_rows(ctx, cfg, {"train": (prefs.output("train"), train_pairs),
-                                             "eval": (eval_art.output("eval"), eval_pairs)}, convert)
+        rows, c = pair_datasets(ctx, cfg, {"train": prefs.output("train"), "eval": eval_art.output("eval")}, convert,
+                                columns)
     except NoMargin as exc:
         raise InvalidInput(str(exc)) from None
-    counts = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "trained_on": c["kept"]["train"],
+    counts = {"train_pairs": c["read"]["train"], "eval_pairs": c["read"]["eval"], "trained_on": c["kept"]["train"],
               "evaluated_on": c["kept"]["eval"], "skipped": c["skipped"]}
-    return rows["train"], rows["eval"], kept["train"], kept["eval"], counts
+    return rows["train"], rows["eval"], counts
 
 
 def run(cfg: RewardStageConfig, ctx) -> dict:
-    from datasets import Dataset
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
@@ -106,15 +109,18 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     trust, revision = info.get("trust_remote_code", False), info.get("revision")
     tokenizer, model = load_tokenizer(path, trust, revision), load_reward_model(path, "fp32", trust, revision)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train_rows, eval_rows, train_kept, eval_kept, counts = _pairs(cfg, ctx, tokenizer)
+    train_rows, eval_rows, counts = _pairs(cfg, ctx, tokenizer)
+    # what TRL reads: the ids, the margin of training pairs (use_margin), the length (group_by_length)
+    trained = [c for c in ("chosen_ids", "rejected_ids", "margin", "length") if c in train_rows.column_names]
 
     args = training_args(RewardConfig, cfg, ctx, precision, max_length=None,
                          center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None,
                          # TRL keeps only chosen_ids/rejected_ids/margin unless told otherwise; the length column
                          # must reach the sampler (its collator ignores it)
                          remove_unused_columns=not cfg.optim.group_by_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=trainer_rows(train_rows, trained),
+                            eval_dataset=trainer_rows(eval_rows, [c for c in trained if c != "margin"])
+                            if len(eval_rows) else None,
                             processing_class=tokenizer, callbacks=[trainer_callback(ctx.metrics)],
                             peft_config=peft_config(cfg.lora, "SEQ_CLS") if cfg.tuning == "lora" else None)
     readable_progress(trainer, ctx.name)
@@ -122,22 +128,22 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
     say(f"[{ctx.name}] {len(train_rows)} train / {len(eval_rows)} eval pairs; "
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning}); the score head starts fresh")
     # Held-out metrics come from the same scoring code that users and PPO call.
-    score_rows, score_pairs = (eval_rows, eval_kept) if eval_rows else (train_rows, train_kept)
-    before, _ = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
+    score_rows = eval_rows if len(eval_rows) else train_rows
+    before, _ = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)
     t0 = time.time()
-    fit(trainer, ctx, cfg)
+    perf = perf_metrics(fit(trainer, ctx, cfg))
     seconds = time.time() - t0
-    after, rewards = evaluate(trainer.model, score_rows, score_pairs, tokenizer.pad_token_id, cfg.calibration_buckets)
+    after, rewards = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)
     check_finite(ctx, {"held-out rewards": rewards})
     calibration = after.pop("calibration")
     before.pop("calibration", None)
     metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
-               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2), **memory_metrics()}
+               "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2), **perf, **memory_metrics()}
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
     save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=True, trust_remote_code=trust)
-    split = "eval" if eval_rows else "train (no eval split)"
+    split = "eval" if len(eval_rows) else "train (no eval split)"
     summary = (f"{trainer.state.global_step} steps in {seconds:.1f}s; {split} accuracy "
                f"{before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "
                f"artifact: {ctx.run_dir / ctx.name / 'model'}")

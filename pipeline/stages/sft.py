@@ -10,7 +10,7 @@ By default the loss covers the assistant's tokens only (via the chat template's
 
 from __future__ import annotations
 
-import random
+import json
 import time
 from typing import ClassVar, Literal
 
@@ -18,10 +18,11 @@ from pydantic import Field, model_validator
 
 from pipeline.blocks import OptimConfig, Strict, TrainingBlock
 from pipeline.stages.common import (check_finite, fit, load_policy, logits_fingerprint, memory_metrics, peft_config,
-                                    save_policy, training_args, weights_dtype)
+                                    perf_metrics, save_policy, training_args, weights_dtype)
 from rlhf.errors import InvalidInput
 from pipeline import artifacts
-from pipeline.data import neutralised, read_examples, resolve_data_path
+from pipeline.arrow import plain_messages, procs, seeded_order
+from pipeline.data import DEFAULT_SPLIT, check_examples, iter_examples, neutralised, resolve_data_path
 from pipeline.distributed import say, world_size
 from pipeline.models import count_parameters, resolve_precision
 from pipeline.tracking import readable_progress, trainer_callback
@@ -104,11 +105,19 @@ Config = SFTStageConfig  # the registry's handle (pipeline/stages/__init__.py)
 def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval): a seeded random `fraction` of the rows held out (at least one when fraction > 0); both
     keep the file's order, so that `data.max_rows` takes the first N training rows."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    k = max(1, int(round(len(rows) * fraction))) if fraction > 0 else 0
-    held = set(order[:k])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    train, held = held_out_rows(len(rows), fraction, seed)
+    return [rows[i] for i in train], [rows[i] for i in held]
+
+
+def held_out_rows(n: int, fraction: float, seed: int):
+    """hold_out on row numbers: (train rows, eval rows), each in file order, as arrays."""
+    import numpy as np
+
+    k = max(1, int(round(n * fraction))) if fraction > 0 else 0
+    held = np.sort(seeded_order(n, seed)[:k])
+    train = np.ones(n, dtype=bool)
+    train[held] = False
+    return np.flatnonzero(train), held
 
 
 def trl_drops(tokenizer, example: dict, max_length: int, assistant_only_loss: bool, packing: bool) -> str | None:
@@ -131,27 +140,55 @@ def trl_drops(tokenizer, example: dict, max_length: int, assistant_only_loss: bo
             f"reply is {mask.index(1)} tokens")
 
 
-def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train: list, evals: list, counts: dict) -> tuple[list, list]:
-    """The examples TRL will train and evaluate on (plain {"messages"} rows); the ones it would drop are listed
-    with their reasons in skipped.jsonl and counted, never dropped unseen (as DPO does for its pairs)."""
-    kept: dict[str, list] = {"train": [], "eval": []}
-    skipped = []
+def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train, evals, counts: dict) -> tuple:
+    """The examples TRL will train and evaluate on, as datasets of {"messages"} rows with special tokens made text;
+    the ones it would drop are listed with their reasons in skipped.jsonl and counted, never dropped unseen (as DPO
+    does for its pairs). A batched map over the examples (in several processes for a large file), cached under
+    RUN_DIR/.cache/datasets (pipeline/arrow.py)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Features, Value
+
+    from pipeline import arrow
+
+    features = Features({"messages": arrow.message_features(), "where": Value("string"), "reason": Value("string"),
+                         "neutralised": Value("string")})
+    kept: dict = {}
+    skipped: list[dict] = []
     for split, rows in (("train", train), ("eval", evals)):
-        for where, ex in rows:
-            why = trl_drops(tokenizer, ex, cfg.max_length, cfg.assistant_only_loss, cfg.packing)
-            if why:
-                skipped.append({"where": where, "split": split, "reason": why})
-            else:
-                kept[split].append(ex)
+        mapped = arrow.map_rows(rows, _checked_batch, features, f"[{ctx.name}] {split} examples",
+                                {"tokenizer": tokenizer, "max_length": cfg.max_length,
+                                 "assistant_only_loss": cfg.assistant_only_loss, "packing": cfg.packing})
+        table = mapped.data.table
+        for counted in arrow._where(table.select(["neutralised"]), "neutralised").column("neutralised").to_pylist():
+            arrow.NEUTRALISED.update(json.loads(counted))
+        skipped += [{**r, "split": split} for r in arrow._where(table.select(["where", "reason"]), "reason").to_pylist()]
+        keep = np.flatnonzero(pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False))
+        kept[split] = (mapped.select(keep) if len(keep) < len(mapped) else mapped).select_columns(["messages"])
     if skipped:
-        artifacts.write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
+        artifacts.write_jsonl(ctx.work_dir / "skipped.jsonl", [{k: r[k] for k in ("where", "split", "reason")}
+                                                                for r in skipped])
         say(f"[{ctx.name}] {len(skipped)} examples not trained on (no assistant token left within max_length "
             f"{cfg.max_length}); reasons in skipped.jsonl")
-    if not kept["train"]:
+    if not len(kept["train"]):
         raise InvalidInput(f"{cfg.data.train}: no example left to train on ({len(skipped)} skipped: see skipped.jsonl)")
     counts.update({"train": len(kept["train"]), "eval": len(kept["eval"]), **({"skipped": len(skipped)} if skipped
                                                                                else {})})
     return kept["train"], kept["eval"]
+
+
+def _checked_batch(batch: dict, tokenizer, max_length: int, assistant_only_loss: bool, packing: bool) -> dict:
+    """_trainable's map function: each example with its special tokens made text, and why TRL would drop it."""
+    from pipeline.arrow import counted, plain_messages
+
+    out: dict[str, list] = {"messages": [], "where": [], "reason": [], "neutralised": []}
+    for where, messages in zip(batch["where"], batch["messages"]):
+        ex, n = counted(neutralised, tokenizer, {"messages": messages})
+        out["messages"].append(plain_messages(ex["messages"]))
+        out["where"].append(where)
+        out["reason"].append(trl_drops(tokenizer, ex, max_length, assistant_only_loss, packing))
+        out["neutralised"].append(n)
+    return out
 
 
 # --------------------------------------------------------------------------- model set-up
@@ -183,26 +220,61 @@ def freeze_lower(model, n: int) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def _data(cfg: SFTStageConfig, ctx) -> tuple[list, list, dict]:
-    """(train, eval, counts), each example with its location ((where, example)); rejected rows written to
-    rejected.jsonl with their reasons."""
+def _example_rows(path: str, fmt: str, split: str | None, split_key: str, default_split: str | None, content: str):
+    """An SFT file's rows for Dataset.from_generator (`content` only keys the cache: a changed file is read anew):
+    each example or the reason it is invalid, and at the end how the file was read (rows holding only a note)."""
+    notes: list[str] = []
+    for where, ex, err, raw in iter_examples(path, fmt, split, split_key, default_split, notes=notes):
+        yield {"where": where, "messages": plain_messages(ex["messages"]) if ex else None, "error": err, "raw": raw if err else None,
+               "note": None}
+    for note in notes:
+        yield {"where": None, "messages": None, "error": None, "raw": None, "note": note}
+
+
+def _read(ctx, path, fmt: str, on_error: str, rejected: list, split: str | None, split_key: str,
+          default_split: str | None = DEFAULT_SPLIT):
+    """(the valid examples as an Arrow dataset of {"where", "messages"}, rows read) of one SFT file, read once per
+    file content into RUN_DIR/.cache/datasets; invalid rows raise (fail) or go to `rejected` (skip), as read_examples
+    does."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Dataset, Features, Value
+
+    from pipeline import arrow
+
+    features = Features({"where": Value("string"), "messages": arrow.message_features(), "error": Value("string"),
+                         "raw": Value("string"), "note": Value("string")})
+    rows = Dataset.from_generator(_example_rows, features=features, cache_dir=str(arrow.cache_dir(ctx.run_dir)),
+                                  gen_kwargs={"path": str(path), "fmt": fmt, "split": split, "split_key": split_key,
+                                              "default_split": default_split, "content": arrow.content_key(path)})
+    table = rows.data.table
+    for note in arrow._where(table.select(["note"]), "note").column("note").to_pylist():
+        say(f"note: {note}")
+    bad = arrow._where(table.select(["where", "error", "raw"]), "error").to_pylist()
+    rejected += [{"where": r["where"], "reason": r["error"], "row": r["raw"]} for r in bad]
+    is_note = pc.is_valid(table.column("note")).to_numpy(zero_copy_only=False)
+    n = len(rows) - int(is_note.sum())
+    check_examples(path, on_error, n, [f"{r['where']}: {r['error']}" for r in bad])
+    valid = np.flatnonzero(pc.is_null(table.column("error")).to_numpy(zero_copy_only=False) & ~is_note)
+    return rows.select(valid).select_columns(["where", "messages"]), n
+
+
+def _data(cfg: SFTStageConfig, ctx) -> tuple:
+    """(train, eval, counts): datasets of {"where", "messages"} (where: the example's FILE:LINE); rejected rows written
+    to rejected.jsonl with their reasons."""
     rejected: list[dict] = []
     d = cfg.data
-    where: list[str] = []
-    train, n_train = read_examples(resolve_data_path(d.train), d.format, d.on_error, rejected, d.split, "data.split",
-                                   where=where)
-    train = list(zip(where, train))
+    train, n_train = _read(ctx, resolve_data_path(d.train), d.format, d.on_error, rejected, d.split, "data.split")
     if d.eval:
-        where = []
-        evals, n_eval = read_examples(resolve_data_path(d.eval), d.format, d.on_error, rejected, d.eval_split,
-                                      "data.eval_split", default_split=None, where=where)
-        evals = list(zip(where, evals))
+        evals, n_eval = _read(ctx, resolve_data_path(d.eval), d.format, d.on_error, rejected, d.eval_split,
+                              "data.eval_split", default_split=None)
     else:
         n_eval = 0
-        train, evals = hold_out(train, cfg.data.eval_fraction, ctx.seed)
+        kept, held = held_out_rows(len(train), cfg.data.eval_fraction, ctx.seed)
+        train, evals = train.select(kept), train.select(held)
     unused = max(0, len(train) - cfg.data.max_rows) if cfg.data.max_rows else 0
-    if cfg.data.max_rows:
-        train = train[: cfg.data.max_rows]  # the first N training rows, in file order
+    if unused:
+        train = train.select(range(cfg.data.max_rows))  # the first N training rows, in file order
     if rejected:
         artifacts.write_jsonl(ctx.work_dir / "rejected.jsonl", rejected)
         say(f"[{ctx.name}] skipped {len(rejected)} invalid rows; reasons in rejected.jsonl")
@@ -226,7 +298,6 @@ def _peft(cfg: SFTStageConfig, path: str):
 
 
 def run(cfg: SFTStageConfig, ctx) -> dict:
-    from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -237,14 +308,13 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     precision = resolve_precision(cfg.precision)
     path, model_info, tokenizer, model = load_policy(ctx, cfg.model, role="model", merged=False)
     # special-token strings in the data become plain text first (what TRL tokenises), then what TRL would drop
-    train, evals = ([(where, neutralised(tokenizer, ex)) for where, ex in rows] for rows in (train, evals))
     train, evals = _trainable(cfg, ctx, tokenizer, train, evals, counts)
     if cfg.tuning == "freeze":
         freeze_lower(model, cfg.freeze_layers)
     args = training_args(SFTConfig, cfg, ctx, precision, max_length=cfg.max_length, packing=cfg.packing,
-                         assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tokenizer,
+                         assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=procs(len(train)))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train,
+                         eval_dataset=evals if len(evals) else None, processing_class=tokenizer,
                          peft_config=_peft(cfg, path),
                          callbacks=[trainer_callback(ctx.metrics)])
     readable_progress(trainer, ctx.name)
@@ -259,12 +329,12 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning})")
 
     metrics: dict[str, float] = {}
-    if evals and not trainer.is_deepspeed_enabled:  # HF evaluates under DeepSpeed only once the engine exists
+    if len(evals) and not trainer.is_deepspeed_enabled:  # HF evaluates under DeepSpeed only once the engine exists
         metrics["eval/loss_initial"] = trainer.evaluate()["eval_loss"]
     t0 = time.time()
     result = fit(trainer, ctx, cfg)
     seconds = time.time() - t0
-    if evals:
+    if len(evals):
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
     check_finite(ctx, metrics)
     if "train/loss" not in ctx.metrics.last:  # fewer steps than logging_steps: nothing per-step was logged
@@ -286,7 +356,8 @@ def run(cfg: SFTStageConfig, ctx) -> dict:
     return {
         "kind": "policy",
         "outputs": outputs,
-        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
+        "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **perf_metrics(result),
+                    **memory_metrics()},
         "counts": counts,
         "extra": {"model": {**model_info, "adapter": is_adapter, "tuning": cfg.tuning,
                             "parameters": total, "trainable": trainable, "precision": precision,

@@ -48,6 +48,7 @@ def test_kto_learns_from_unpaired_feedback(tmp_path, capsys):
     assert m["metrics"]["eval/rule_reward_mean"] >= m["metrics"]["eval/rule_reward_mean_initial"] + 0.1, m["metrics"]
     # on held-out rows, desirable answers gained implied reward (log-prob against the reference) over undesirable ones
     assert m["metrics"]["rewards/margins"] > 0.05
+    assert 0 < m["metrics"]["perf/mfu"] < 1 and m["metrics"]["perf/tokens_trained"] > 0  # pipeline/mfu.py
     c = m["counts"]
     assert (c["train_desirable"], c["train_undesirable"], c["skipped"]) == (171, 306, 0)
     assert m["weights"]["desirable"] == pytest.approx(306 / 171) and m["weights"]["undesirable"] == 1.0

@@ -23,6 +23,9 @@ def test_ppo_raises_held_out_rule_reward_within_kl_ceiling(tiny_run):
     assert after >= before + 0.2, (before, after)
     assert m["eval/reward_mean"] > m["eval/reward_mean_initial"]
     assert m["eval/kl"] < 20, "under configs/tiny.yaml's kl.ceiling"
+    assert_mfu(m, reference=True)  # rollouts, the reference and the reward model: forwards alone
+    for stage in ("sft", "reward"):  # the TRL-trained stages of the same run
+        assert_mfu(artifacts.load_artifact(tiny_run / stage, ("policy", "reward_model")).manifest["metrics"])
     rows = [json.loads(x) for x in (tiny_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(k in rows[0] for k in DESIGN_PPO_METRICS)
     assert (tiny_run / "ppo" / "value_head.safetensors").exists()
@@ -103,6 +106,13 @@ def test_ppo_lora_reference_is_the_disabled_adapter(tiny_run, tmp_path):
     assert torch.allclose(ref, want, atol=1e-5) and not torch.allclose(pol, want, atol=1e-3)
 
 
+def assert_mfu(m: dict, reference: bool = False) -> None:
+    """A stage's manifest metrics report its model FLOPs utilisation (pipeline/mfu.py): trained tokens, and forwards
+    alone where it has a frozen reference or samples."""
+    assert m["perf/tokens_trained"] > 0 and (m["perf/tokens_forward"] > 0 or not reference), m
+    assert 0 < m["perf/mfu"] < 1 and m["perf/model_flops"] > 0 and m["perf/peak_flops_per_second"] > 0, m
+
+
 def test_dpo_raises_held_out_rule_reward(tmp_path):
     run = tmp_path / "run"
     assert main(["run", str(ROOT / "configs" / "tiny-dpo.yaml"), "--run-dir", str(run)]) == 0
@@ -110,6 +120,7 @@ def test_dpo_raises_held_out_rule_reward(tmp_path):
     # stated margin: +0.15 (measured: about 0.27 -> 0.6)
     assert m["eval/rule_reward_mean"] >= m["eval/rule_reward_mean_initial"] + 0.15, m
     assert m["rewards/accuracies"] > 0.9 and m["rewards/margins"] > 0
+    assert_mfu(m)
     # LoRA with the reference given by the disabled adapter, IPO loss: runs and writes a merged policy
     assert main(["run", str(ROOT / "configs" / "tiny-dpo.yaml"), "--run-dir", str(run), "--stage", "dpo",
                  "--set", "stages.dpo.tuning=lora", "--set", "stages.dpo.loss_type=ipo",
@@ -129,4 +140,5 @@ def test_grpo_and_rloo_run_end_to_end(tmp_path):
         art = artifacts.load_artifact(run / name, "policy")
         assert art.manifest["model"]["method"] == name and art.manifest["metrics"]["train/steps"] == 4
         assert "eval/rule_reward_mean" in art.manifest["metrics"]
+        assert_mfu(art.manifest["metrics"], reference=True)  # sampling counts as forwards alone
         assert (art.output("model") / "model.safetensors").exists()

@@ -36,7 +36,8 @@ def test_full_sft_learns_saves_reloads_and_skips(tmp_path, tiny_path, capsys):
     assert (run / "sft" / "config.yaml").exists() and (run / "sft" / "metrics.jsonl").exists()
     logged = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in row for row in logged) and any("eval/loss" in row for row in logged)
-    assert not list(run.glob(".*")), "no partial directories left behind"
+    assert not list(run.glob(".*.partial")), "no partial directories left behind"
+    assert list((run / ".cache" / "datasets").iterdir()), "the tokenised rows are cached in the run directory"
 
     before, after = _weights(tiny_path), _weights(art.output("model"))
     assert all(not torch.equal(before[k], after[k]) for k in before if "layers.3.mlp" in k)

@@ -5,9 +5,9 @@ goes up a layer. The layers, bottom to top, are written down once here and in do
     foundation     rlhf.*                                   errors, atomic files, YAML, untrusted text
     data           feedback.*, reward.text                  preference data, judges, how a pair is encoded
     process        pipeline, pipeline.distributed, pipeline.blocks
-    runtime        pipeline.artifacts, .models, .generation, .strategy, .deepspeed, .checkpoint, .tracking
+    runtime        pipeline.artifacts, .models, .generation, .strategy, .deepspeed, .checkpoint, .tracking, .mfu
     models         reward.*                                 reward models: scoring, evaluation
-    methods        pipeline.data, pipeline.rl.*, pipeline.plan, pipeline.judging
+    methods        pipeline.data, pipeline.arrow, pipeline.rl.*, pipeline.plan, pipeline.judging
     stages         pipeline.stages.*                        one module per stage (they never import each other)
     orchestration  pipeline.config, .runner, .report, .export, .serve, .reference
     entry          pipeline.cli, pipeline.__main__
@@ -31,9 +31,9 @@ LAYERS = [
     ("data", ["feedback", "feedback.*", "reward.text"]),
     ("process", ["pipeline", "pipeline.distributed", "pipeline.blocks"]),
     ("runtime", ["pipeline.artifacts", "pipeline.models", "pipeline.generation", "pipeline.strategy",
-                 "pipeline.deepspeed", "pipeline.checkpoint", "pipeline.tracking"]),
+                 "pipeline.deepspeed", "pipeline.checkpoint", "pipeline.tracking", "pipeline.mfu"]),
     ("models", ["reward", "reward.*"]),
-    ("methods", ["pipeline.data", "pipeline.rl", "pipeline.rl.*", "pipeline.plan", "pipeline.judging"]),
+    ("methods", ["pipeline.data", "pipeline.arrow", "pipeline.rl", "pipeline.rl.*", "pipeline.plan", "pipeline.judging"]),
     ("stages", ["pipeline.stages", "pipeline.stages.*"]),
     ("orchestration", ["pipeline.config", "pipeline.runner", "pipeline.report", "pipeline.report.*", "pipeline.export",
                        "pipeline.serve", "pipeline.serve.*", "pipeline.reference", "pipeline.monitor",
