@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.artifacts import file_sha256
-from rlhf.errors import InvalidInput
+from rlhf.errors import InvalidInput, RLHFError
 from rlhf.text import NEUTRALISED
 
 CACHE = Path(".cache") / "datasets"  # under the run directory
@@ -63,8 +63,25 @@ def jsonl_lines(path: str | Path, cache: str | Path):
     features = Features({"line": Value("int64"), "text": Value("string")})
     if next(_lines(str(path), ""), None) is None:  # an empty split (all prompts held out, or none): no rows to write
         return Dataset.from_dict({"line": [], "text": []}, features=features)
-    return Dataset.from_generator(_lines, gen_kwargs={"path": str(path), "sha256": content_key(path)},
-                                  features=features, cache_dir=str(cache))
+    return generate(_lines, features, cache, {"path": str(path), "sha256": content_key(path)})
+
+
+def generate(fn, features, cache: str | Path, gen_kwargs: dict):
+    """Dataset.from_generator(fn) written under `cache`; an error of ours that the generator raised (a file without
+    rows, a row that cannot be read: FILE:LINE) comes out as itself, not wrapped in datasets' DatasetGenerationError
+    (which would end the run in a traceback instead of the message and its exit code)."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(fn, features=features, cache_dir=str(cache), gen_kwargs=gen_kwargs)
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, RLHFError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def map_rows(rows, fn, features, desc: str, fn_kwargs: dict):

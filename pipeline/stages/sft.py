@@ -238,15 +238,15 @@ def _read(ctx, path, fmt: str, on_error: str, rejected: list, split: str | None,
     does."""
     import numpy as np
     import pyarrow.compute as pc
-    from datasets import Dataset, Features, Value
+    from datasets import Features, Value
 
     from pipeline import arrow
 
     features = Features({"where": Value("string"), "messages": arrow.message_features(), "error": Value("string"),
                          "raw": Value("string"), "note": Value("string")})
-    rows = Dataset.from_generator(_example_rows, features=features, cache_dir=str(arrow.cache_dir(ctx.run_dir)),
-                                  gen_kwargs={"path": str(path), "fmt": fmt, "split": split, "split_key": split_key,
-                                              "default_split": default_split, "content": arrow.content_key(path)})
+    rows = arrow.generate(_example_rows, features, arrow.cache_dir(ctx.run_dir),
+                          {"path": str(path), "fmt": fmt, "split": split, "split_key": split_key,
+                           "default_split": default_split, "content": arrow.content_key(path)})
     table = rows.data.table
     for note in arrow._where(table.select(["note"]), "note").column("note").to_pylist():
         say(f"note: {note}")
