@@ -460,10 +460,14 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
-    summary = (f"{cfg.steps} steps in {seconds:.1f}s; {key.split('/')[1]} {before.get(key, float('nan')):.3f} -> "
-               f"{after.get(key, float('nan')):.3f}, KL {after.get('eval/kl', float('nan')):.3f} (its own samples of "
-               f"{held_out_named(len(s.eval_prompts), cfg.eval_fraction, cfg.prompts)}); "
-               f"artifact: {ctx.run_dir / ctx.name / 'model'}")
+    if s.eval_prompts:
+        measured = (f"{key.split('/')[1]} {before.get(key, float('nan')):.3f} -> {after.get(key, float('nan')):.3f}, "
+                    f"KL {after.get('eval/kl', float('nan')):.3f} (its own samples of "
+                    f"{held_out_named(len(s.eval_prompts), cfg.eval_fraction, cfg.prompts)})")
+    else:  # nothing held out to measure before and after (it read "nan -> nan"): the last step's own rollouts
+        measured = (f"no held-out prompts (eval_fraction: 0); last step's rollouts: reward_mean "
+                    f"{last.get('ppo/reward_mean', float('nan')):.3f}, KL {last.get('ppo/kl', float('nan')):.3f}")
+    summary = f"{cfg.steps} steps in {seconds:.1f}s; {measured}; artifact: {ctx.run_dir / ctx.name / 'model'}"
     zero = getattr(s.strategy, "stage", 0)
     return {"kind": "policy", "outputs": outputs, "metrics": metrics,
             "counts": {"train_prompts": len(s.train_prompts), "eval_prompts": len(s.eval_prompts),

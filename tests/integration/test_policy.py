@@ -66,6 +66,17 @@ def test_nan_reward_stops_ppo_and_leaves_no_artifact(tiny_run, tmp_path, capsys)
     assert not (tiny_run / "ppo_nan").exists()
 
 
+def test_ppo_without_held_out_prompts_says_so_rather_than_nan(tiny_run, tmp_path, capsys):
+    """With eval_fraction: 0 nothing is measured before and after: the summary says so and gives the last step's
+    rollouts (it printed "reward_mean nan -> nan, KL nan")."""
+    block = _ppo_block(eval_fraction=0)
+    block.pop("max_eval_prompts")
+    assert _run_extra(tiny_run, tmp_path, block, "ppo_no_eval") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[ppo_no_eval] 2 steps in"))
+    assert "no held-out prompts (eval_fraction: 0); last step's rollouts: reward_mean " in line, line
+    assert "nan" not in line, line
+
+
 def test_kl_ceiling_stops_with_a_reason(tiny_run, tmp_path, capsys):
     block = _ppo_block(kl={"ceiling": 1e-6}, optim={"lr": 1e-2})
     assert _run_extra(tiny_run, tmp_path, block, "ppo_kl") == 1
