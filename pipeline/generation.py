@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 
+from rlhf.batching import left_pad, position_ids
 from rlhf.text import NEUTRALISED, chat_ids, neutralise_special_tokens, safe_messages  # noqa: F401
+
 
 def prompt_learning(model) -> bool:
     """A peft prompt-learning model (prompt tuning, p-tuning, prefix tuning): it cannot take padded batches."""
@@ -35,18 +37,6 @@ def batches(lengths: list[int], batch_size: int, unpadded: bool = False) -> list
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
     return [rows[j : j + batch_size] for rows in groups.values() for j in range(0, len(rows), batch_size)]
-
-
-def left_pad(seqs: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def generation_config(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, **extra):
@@ -140,7 +130,7 @@ def response_logprobs(model, tokenizer, prompt_ids: list[list[int]], response_id
     with torch.no_grad():
         for rows in batches([len(s) for s in seqs], batch_size, unpadded=prompt_learning(model)):
             ids, mask = left_pad([seqs[r] for r in rows], tokenizer.pad_token_id)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            pos = position_ids(mask)
             kw = {} if prompt_learning(model) else {"position_ids": pos.to(device)}  # peft ignores them, and says so
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw).logits
             logits = logits[:, -ids.shape[1]:].float() / t  # prompt tuning prepends virtual tokens' logits

@@ -23,6 +23,7 @@ import numpy as np
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.judges.prompting import Template, build_messages, select_principles
 from feedback.schema import canonical
+from rlhf.batching import left_pad, position_ids
 from rlhf.text import chat_ids
 
 
@@ -95,14 +96,8 @@ class LocalJudge(Judge):
     def choice_probs(self, seqs: list) -> list[tuple[float, float]]:
         """One forward over token sequences (left-padded, masked): each row's next-token (p(A), p(B))."""
         torch = self._torch
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            if len(s):
-                ids[r, width - len(s):] = torch.as_tensor(np.asarray(s, dtype=np.int64))
-                mask[r, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+        ids, mask = left_pad(seqs, self.pad_id)
+        positions = position_ids(mask)  # each row counts from its first real token
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                              **({"logits_to_keep": 1} if self._keep else {}))

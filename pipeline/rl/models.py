@@ -22,6 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from rlhf.batching import position_ids
 from rlhf.errors import InvalidInput
 from pipeline.rl import losses
 
@@ -93,10 +94,6 @@ class ValueHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h).squeeze(-1)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _base(model):

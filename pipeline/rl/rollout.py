@@ -20,7 +20,8 @@ import torch
 
 from pipeline import distributed
 from rlhf.errors import InvalidInput
-from pipeline.generation import chat_ids, generation_config, left_pad
+from pipeline.generation import chat_ids, generation_config
+from rlhf.batching import left_pad
 from pipeline.generation import generate as generate_with
 from pipeline.rl import losses
 from pipeline.rl.models import disable_dropout

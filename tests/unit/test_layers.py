@@ -2,7 +2,7 @@
 inside functions alike), and the graph of imports between our own modules must have no cycle and no edge that
 goes up a layer. The layers, bottom to top, are written down once here and in docs/design.md:
 
-    foundation     rlhf.*                                   errors, atomic files, YAML, untrusted text
+    foundation     rlhf.*                                   errors, atomic files, YAML, untrusted text, left-padded batches
     data           feedback.*, reward.text                  preference data, judges, how a pair is encoded
     process        pipeline, pipeline.distributed, pipeline.blocks
     runtime        pipeline.artifacts, .models, .generation, .strategy, .deepspeed, .checkpoint, .tracking, .mfu
