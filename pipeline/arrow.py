@@ -130,33 +130,40 @@ def meta_features() -> dict:
             "error": Value("string"), "neutralised": Value("string")}
 
 
-def _where(table, column: str):
+def where_set(table, column: str):
     """The rows of an Arrow table whose `column` is set (not null), as a table (small: the exceptions)."""
     import pyarrow.compute as pc
 
     return table.filter(pc.is_valid(table.column(column)))
 
 
+def add_neutralised(table) -> None:
+    """Add the special tokens neutralised in a mapped table's rows (its `neutralised` column) to NEUTRALISED."""
+    for counts in where_set(table.select(["neutralised"]), "neutralised").column("neutralised").to_pylist():
+        NEUTRALISED.update(json.loads(counts))
+
+
+def without(rows, column: str):
+    """The rows of a mapped dataset whose `column` is null (a selection by index: nothing is copied to Python)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    keep = np.flatnonzero(pc.is_null(rows.data.table.column(column)).to_numpy(zero_copy_only=False))
+    return rows.select(keep) if len(keep) < len(rows) else rows
+
+
 def settle(rows, path: str | Path, columns: list[str]):
     """(rows to train on, holding `columns` and the meta columns; rows not used: [{"id", "reason", "line"}]) of a
     mapped dataset. A row that is not a canonical row stops here with FILE:LINE: reason; the special tokens
     neutralised in every row are added to NEUTRALISED."""
-    import pyarrow.compute as pc
-
     table = rows.data.table  # memory-mapped: filters below read columns, never rows as Python objects
-    bad = _where(table.select(["line", "error"]), "error")
+    bad = where_set(table.select(["line", "error"]), "error")
     if bad.num_rows:
         first = bad.slice(0, 1).to_pylist()[0]
         raise InvalidInput(f"{path}:{first['line']}: {first['error']}")
-    for counts in _where(table.select(["neutralised"]), "neutralised").column("neutralised").to_pylist():
-        NEUTRALISED.update(json.loads(counts))
-    skipped = _where(table.select(["id", "reason", "line"]), "reason").to_pylist()
-    if not skipped:
-        return rows.select_columns([*columns, *META]), []
-    import numpy as np
-
-    keep = np.flatnonzero(pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False))
-    return rows.select(keep).select_columns([*columns, *META]), skipped
+    add_neutralised(table)
+    skipped = where_set(table.select(["id", "reason", "line"]), "reason").to_pylist()
+    return without(rows, "reason").select_columns([*columns, *META]), skipped
 
 
 def seeded_order(n: int, seed: int):

@@ -261,6 +261,15 @@ def train_and_save(trainer, ctx, cfg, tok, info: dict, rule, metrics: dict, eval
                       "check": {"logits_fingerprint": fingerprint}}}
 
 
+def last_logged(trainer, keys: tuple) -> dict:
+    """The values of `keys` in the trainer's last training log that has them all ({} if none has): what a stage
+    without held-out rows can report, labelled as training numbers."""
+    for entry in reversed(trainer.state.log_history):
+        if all(k in entry for k in keys):
+            return {k: entry[k] for k in keys}
+    return {}
+
+
 def trl_choices(config_cls, field: str) -> tuple[str, ...]:
     """The values a TRL config documents for `field` ("Possible values are: `'sigmoid'`, ..." or "Supported values
     are 'grpo', ..., and 'vespo'."), so that a stage's setting is checked against the TRL that is installed. TRL

@@ -19,8 +19,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OfflinePreferenceBlock, OptimConfig
-from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, load_policy, offline_trainer,
-                                    pair_datasets, train_and_save, trainer_rows, training_args, trl_choices)
+from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, last_logged, load_policy,
+                                    offline_trainer, pair_datasets, train_and_save, trainer_rows, training_args,
+                                    trl_choices)
 from feedback.schema import read_pairs
 from pipeline.arrow import message_features, procs
 from pipeline.data import neutralised
@@ -135,8 +136,15 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     out = train_and_save(trainer, ctx, cfg, tok, info, rule, metrics, has_eval=bool(evals), eval_keys=(
         "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"))
     m = out["metrics"]
-    summary = (f"{out['steps']} steps in {out['seconds']:.1f}s; rewards/accuracies "
-               f"{m.get('rewards/accuracies', float('nan')):.3f}, rewards/margins {m.get('rewards/margins', float('nan')):.3f}"
-               + rule.summary(m) + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
+    if evals:
+        pairs = (f"held-out rewards/accuracies {m.get('rewards/accuracies', float('nan')):.3f}, "
+                 f"rewards/margins {m.get('rewards/margins', float('nan')):.3f}")
+    else:  # no held-out pair (the preferences' eval_fraction 0): say so, and give what training last logged
+        last = last_logged(trainer, ("rewards/accuracies", "rewards/margins"))
+        pairs = "no held-out pairs" + (f"; the last logged training step's rewards/accuracies "
+                                       f"{last['rewards/accuracies']:.3f}, rewards/margins {last['rewards/margins']:.3f}"
+                                       if len(last) == 2 else "")
+    summary = (f"{out['steps']} steps in {out['seconds']:.1f}s; {pairs}" + rule.summary(m)
+               + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
     out["extra"]["model"].update(precision=precision, loss_type=cfg.loss_type, beta=cfg.beta)
     return {**{k: out[k] for k in ("kind", "outputs", "metrics", "extra")}, "counts": data_counts, "summary": summary}

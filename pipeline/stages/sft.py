@@ -10,7 +10,6 @@ By default the loss covers the assistant's tokens only (via the chat template's
 
 from __future__ import annotations
 
-import json
 import time
 from typing import ClassVar, Literal
 
@@ -145,8 +144,6 @@ def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train, evals, counts: dict) 
     the ones it would drop are listed with their reasons in skipped.jsonl and counted, never dropped unseen (as DPO
     does for its pairs). A batched map over the examples (in several processes for a large file), cached under
     RUN_DIR/.cache/datasets (pipeline/arrow.py)."""
-    import numpy as np
-    import pyarrow.compute as pc
     from datasets import Features, Value
 
     from pipeline import arrow
@@ -160,11 +157,10 @@ def _trainable(cfg: SFTStageConfig, ctx, tokenizer, train, evals, counts: dict) 
                                 {"tokenizer": tokenizer, "max_length": cfg.max_length,
                                  "assistant_only_loss": cfg.assistant_only_loss, "packing": cfg.packing})
         table = mapped.data.table
-        for counted in arrow._where(table.select(["neutralised"]), "neutralised").column("neutralised").to_pylist():
-            arrow.NEUTRALISED.update(json.loads(counted))
-        skipped += [{**r, "split": split} for r in arrow._where(table.select(["where", "reason"]), "reason").to_pylist()]
-        keep = np.flatnonzero(pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False))
-        kept[split] = (mapped.select(keep) if len(keep) < len(mapped) else mapped).select_columns(["messages"])
+        arrow.add_neutralised(table)
+        skipped += [{**r, "split": split}
+                    for r in arrow.where_set(table.select(["where", "reason"]), "reason").to_pylist()]
+        kept[split] = arrow.without(mapped, "reason").select_columns(["messages"])
     if skipped:
         artifacts.write_jsonl(ctx.work_dir / "skipped.jsonl", [{k: r[k] for k in ("where", "split", "reason")}
                                                                 for r in skipped])
@@ -248,9 +244,9 @@ def _read(ctx, path, fmt: str, on_error: str, rejected: list, split: str | None,
                           {"path": str(path), "fmt": fmt, "split": split, "split_key": split_key,
                            "default_split": default_split, "content": arrow.content_key(path)})
     table = rows.data.table
-    for note in arrow._where(table.select(["note"]), "note").column("note").to_pylist():
+    for note in arrow.where_set(table.select(["note"]), "note").column("note").to_pylist():
         say(f"note: {note}")
-    bad = arrow._where(table.select(["where", "error", "raw"]), "error").to_pylist()
+    bad = arrow.where_set(table.select(["where", "error", "raw"]), "error").to_pylist()
     rejected += [{"where": r["where"], "reason": r["error"], "row": r["raw"]} for r in bad]
     is_note = pc.is_valid(table.column("note")).to_numpy(zero_copy_only=False)
     n = len(rows) - int(is_note.sum())

@@ -23,6 +23,9 @@ def test_the_hh_recipe_reduced_on_the_tiny_model(tmp_path, capsys):
     assert main(["run", str(CONFIG), "--run-dir", str(run), *TINY]) == 0
     out = capsys.readouterr().out
     assert "win rate vs sft" in out and "scorer scorer" in out and "length-controlled" in out  # the printed table
+    # DPO trains on every hh_train pair (eval_fraction 0): its summary says so and gives training numbers, not nan
+    dpo = next(line for line in out.splitlines() if line.startswith("[dpo] 3 steps in"))
+    assert "no held-out pairs; the last logged training step's rewards/accuracies" in dpo and "nan" not in dpo
 
     art = artifacts.load_artifact(run / "evaluate", "eval")
     m, ev = art.manifest["metrics"], art.manifest["evaluate"]
