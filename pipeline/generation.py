@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 
-from rlhf.batching import left_pad, position_ids
+from rlhf.batching import keeps_logits, left_pad, logprobs_from_logits, position_ids
 from rlhf.text import NEUTRALISED, chat_ids, neutralise_special_tokens, safe_messages  # noqa: F401
 
 
@@ -132,9 +132,15 @@ def response_logprobs(model, tokenizer, prompt_ids: list[list[int]], response_id
             ids, mask = left_pad([seqs[r] for r in rows], tokenizer.pad_token_id)
             pos = position_ids(mask)
             kw = {} if prompt_learning(model) else {"position_ids": pos.to(device)}  # peft ignores them, and says so
+            # left-padded, every response ends at the last column: only the last `keep` positions' logits are read
+            # (the longest response's tokens and the position before it), so only those are computed, where the
+            # model can: a [rows, length, vocabulary] projection is most of a long prompt's forward
+            keep = min(max(len(response_ids[r]) for r in rows) + 1, ids.shape[1])
+            if keeps_logits(model):
+                kw["logits_to_keep"] = keep
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw).logits
-            logits = logits[:, -ids.shape[1]:].float() / t  # prompt tuning prepends virtual tokens' logits
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+            logits = logits[:, -keep:].float() / t  # the last `keep` (prompt tuning prepends virtual tokens' logits)
+            logp = logprobs_from_logits(logits[:, :-1], ids[:, ids.shape[1] - keep + 1:].to(device)).cpu()
             for j, r in enumerate(rows):
                 n = len(response_ids[r])
                 out[r] = float(logp[j, logp.shape[1] - n:].sum()) if n else 0.0

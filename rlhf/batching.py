@@ -1,9 +1,11 @@
 """Token sequences of different lengths as one batch: padded on the left (so the last column is every row's next
 token, where generation and next-token scoring read), with the attention mask and the position ids that make each
-row score as it does alone.
+row score as it does alone; and the log-probability of each next token from the logits.
 
     ids, mask = left_pad(seqs, tokenizer.pad_token_id)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                **({"logits_to_keep": k} if keeps_logits(model) else {}))
+    logp = logprobs_from_logits(out.logits[:, -k:-1], ids[:, -k + 1:])   # the last k-1 tokens' log-probabilities
 """
 
 from __future__ import annotations
@@ -25,3 +27,22 @@ def left_pad(seqs: list[list[int]], pad_id: int):
 def position_ids(mask):
     """Each row's positions counted from its first real token (padding at 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def keeps_logits(model) -> bool:
+    """Whether the (base) model's forward takes `logits_to_keep` (every causal LM of transformers 4.50+; remote code
+    may not): with it, the vocabulary projection runs only for the last k positions, where the [batch, length,
+    vocabulary] logits would otherwise be most of a forward's memory; without it, slice the logits after."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it through
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def logprobs_from_logits(logits, labels):
+    """log p(label) per position: logits[label] - logsumexp(logits), the chosen entry of log_softmax(logits) without
+    materialising the whole [B, T, V] log-softmax. logits [B, T, V], labels [B, T] -> [B, T]."""
+    import torch
+
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

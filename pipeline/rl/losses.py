@@ -33,12 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) per position: logits[label] - logsumexp(logits), the chosen entry of log_softmax(logits) without
-    materialising the whole [B, T, V] log-softmax. logits [B, T, V], labels [B, T] -> [B, T]."""
-    logits = logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+from rlhf.batching import logprobs_from_logits  # noqa: F401  (the same maths everywhere a token is scored)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

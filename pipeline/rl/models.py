@@ -22,7 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from rlhf.batching import position_ids
+from rlhf.batching import keeps_logits, position_ids
 from rlhf.errors import InvalidInput
 from pipeline.rl import losses
 
@@ -122,19 +122,11 @@ def response_logits(model, input_ids, attention_mask, position_ids, start: int):
     hook = base.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.__setitem__("h", args[0]))
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    **({"logits_to_keep": keep} if _keeps_logits(base) else {}))
+                    **({"logits_to_keep": keep} if keeps_logits(base) else {}))
     finally:
         hook.remove()
     logits, h = out.logits[:, -keep:-1], seen["h"][:, -keep:-1]
     return logits, h
-
-
-def _keeps_logits(model) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (every causal LM of transformers 4.50+; remote code may
-    not): without it the forward computes every position's logits and the response positions are sliced after."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class Actor(nn.Module):
