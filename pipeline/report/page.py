@@ -59,7 +59,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return _e(v)
-        return f"{v:,.0f}" if abs(v) >= 1e5 or (v.is_integer() and abs(v) >= 1e3) else f"{v:.4g}"
+        # from 10,000 on, .4g would switch to an exponent (a peak of 10434.8 MiB as 1.043e+04): whole numbers there
+        return f"{v:,.0f}" if abs(v) >= 1e4 or (v.is_integer() and abs(v) >= 1e3) else f"{v:.4g}"
     if isinstance(v, (list, tuple)):
         return ", ".join(_fmt(x) for x in v) if all(not isinstance(x, (dict, list)) for x in v) else _e(
             json.dumps(v))
@@ -157,9 +158,12 @@ def _eval_policy_table(manifest: dict) -> str:
     heads = [_e(r[0]) + "".join(f" <span class=tag>{role}</span>" for role in ("baseline", "reference")
                                 if ev.get(role) == r[0]) for r in rows]
     body = []
+    # the judge's rows stay, empty, only when nothing gives win rates (so that their absence shows); a run whose
+    # win rates come from a reward model or scorer has them in the win-rate table below instead
+    judged = ("win rate", "95% interval", "pairs") if not win_rate_sources(manifest) else ()
     for i, label in enumerate(header[1:], 1):
         values = [r[i] for r in rows]
-        if label in ("win rate", "95% interval", "pairs") or any(v is not None for v in values):
+        if label in judged or any(v is not None for v in values):
             body.append(f"<tr><th>{_e(label)}</th>" + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>")
     head = "<tr><th>policy</th>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
     return f"<table class='grid num'><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
@@ -171,9 +175,14 @@ def win_rate_sources(manifest: dict) -> list[tuple[str, str]]:
     m, ev = manifest.get("metrics") or {}, manifest.get("evaluate") or {}
     names = eval_policies(manifest)
     sources = [("judge", ""), ("reward model", "reward_"),
-               *[(f"independent scorer {sn}", f"{sn}_") for sn in (ev.get("scorers") or {})]]
+               *[(scorer_label(sn), f"{sn}_") for sn in (ev.get("scorers") or {})]]
     return [(label, pre) for label, pre in sources if any(isinstance(m.get(f"eval/{n}/{pre}win_rate"), (int, float))
                                                            for n in names)]
+
+
+def scorer_label(name: str) -> str:
+    """'independent scorer NAME', or just 'independent scorer' for one named scorer (not 'scorer scorer')."""
+    return "independent scorer" if name == "scorer" else f"independent scorer {name}"
 
 
 def _interval(m: dict, n: str, key: str) -> str:

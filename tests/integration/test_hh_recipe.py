@@ -3,6 +3,8 @@ models (the trained one and the independent scorer), DPO, PPO, and the evaluate 
 both, raw and length-controlled, with KL and the few-shot baseline, in the manifest, the printed table and the
 report."""
 
+import re
+
 from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.report import write_report
@@ -50,5 +52,10 @@ def test_the_hh_recipe_reduced_on_the_tiny_model(tmp_path, capsys):
     assert prefs["hh_train"]["train"] == 726 and prefs["hh_eval"]["rejected"] == 1
 
     page = write_report(run).read_text()
-    assert "Win rates against sft" in page and "independent scorer scorer" in page
-    assert "by the independent scorer scorer" in page  # the verdict, without a judge
+    assert "Win rates against sft" in page and "(independent scorer)" in page and "scorer scorer" not in page
+    assert "is not distinguishable from sft by the independent scorer:" in page or \
+        "than sft by the independent scorer:" in page  # the verdict, without a judge, by the scorer
+    policies = page[page.index('id="stage-evaluate"'):page.index("Win rates against sft")]
+    assert "<th>KL</th>" in policies and "<th>95% interval</th>" not in policies  # no empty judge rows, no judge
+    shown = re.sub(r'data:image/png;base64,[^"]+', "", page)
+    assert not re.findall(r".{80}\de\+\d.{20}", shown)  # numbers as numbers (a peak of 10434.8 MiB was 1.043e+04)

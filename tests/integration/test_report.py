@@ -428,3 +428,10 @@ def test_wandb_offline_one_run_per_stage_under_the_run_dir_grouped_with_the_plot
     assert ev["group"] == str(run) and "media/images/report/win_rate" in " ".join(ev["images"])
     tables = [p for p in (run / "wandb").rglob("*.table.json")]
     assert tables and "win rate" in tables[0].read_text()
+
+
+def test_numbers_are_written_as_numbers_never_with_an_exponent_from_ten_thousand_on():
+    from pipeline.report.page import _fmt
+
+    assert [_fmt(v) for v in (10434.8, 12567.0, 7560.1, 1234.5, 0.30459, 2e-5)] == \
+        ["10,435", "12,567", "7560", "1234", "0.3046", "2e-05"]
