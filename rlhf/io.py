@@ -75,16 +75,17 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """One JSON object per line, written atomically. NaN and Infinity are refused (they are not JSON, and other
-    readers fail on them): an error naming the row, and nothing written."""
+    """One JSON object per line, written atomically as the rows come (a generator of millions of rows is never held
+    in memory). NaN and Infinity are refused (they are not JSON, and other readers fail on them): an error naming
+    the row, and nothing written (the temporary file is removed, `path` left as it was)."""
     n = 0
-    lines = []
-    for row in rows:
-        try:
-            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False))
-        except ValueError as exc:
-            raise InvalidInput(f"{path}: row {n + 1} cannot be written as JSON: {exc} (NaN and Infinity are "
-                               "not JSON); nothing written") from None
-        n += 1
-    write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+    with open_atomic(path) as f:
+        for row in rows:
+            try:
+                line = json.dumps(row, ensure_ascii=False, allow_nan=False)
+            except ValueError as exc:
+                raise InvalidInput(f"{path}: row {n + 1} cannot be written as JSON: {exc} (NaN and Infinity are "
+                                   "not JSON); nothing written") from None
+            f.write(line + "\n")
+            n += 1
     return n

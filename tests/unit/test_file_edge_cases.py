@@ -119,6 +119,28 @@ def test_write_jsonl_refuses_nan(tmp_path):
     with pytest.raises(InvalidInput, match="row 2 cannot be written as JSON"):
         write_jsonl(out, [{"a": 1.0}, {"a": float("nan")}])
     assert not out.exists()
+    out.write_text('{"kept": true}\n')
+    with pytest.raises(InvalidInput, match="row 2 cannot be written as JSON"):
+        write_jsonl(out, [{"a": 1.0}, {"a": float("inf")}])
+    assert out.read_text() == '{"kept": true}\n' and list(tmp_path.iterdir()) == [out]  # the old file, no leftover
+
+
+def test_write_jsonl_writes_rows_as_they_come(tmp_path):
+    """A generator of rows is streamed to the (temporary) file, never gathered first: a million-row file costs
+    a line of memory, not the file."""
+    from pipeline.artifacts import write_jsonl
+
+    out = tmp_path / "out.jsonl"
+    seen_on_disk = []
+
+    def rows():
+        for i in range(20_000):
+            if i == 19_999:  # before the last row: most of the file is already in the temporary file
+                seen_on_disk.append(sum(p.stat().st_size for p in tmp_path.iterdir() if p.name != "out.jsonl"))
+            yield {"i": i, "text": "x" * 50}
+
+    assert write_jsonl(out, rows()) == 20_000
+    assert seen_on_disk[0] > 500_000 and len(out.read_text().splitlines()) == 20_000
 
 
 # --------------------------------------------------------------------------- 10. dataset directories
