@@ -1,17 +1,22 @@
 """Benchmark (not a test): AI labelling at scale, side by side in one run.
 
-    .venv/bin/python bench/judge_batch.py                                  # tiny local 2000 pairs; SmolLM2 64; http 32
-    .venv/bin/python bench/judge_batch.py --local tiny:10000 --http none   # the issue's 10k pairs, tiny model only
+    .venv/bin/python bench/judge_batch.py                                  # tiny 10000 pairs; SmolLM2 128; http 32
+    .venv/bin/python bench/judge_batch.py --local tiny:2000 --http none    # a quicker tiny row only
 
-1. The local judge batched (`batch_size`, the two orders of a pair in one forward, length-sorted) against the same
-   judge one prompt at a time (batch_size 1), on the same pairs (feedback.synthetic's preference pairs, both orders,
-   position policy `average`, tie band 0.05): pairs/s each, the ratio (the issue's goal: >= 5x), and whether the
+1. The local judge as users get it (`batch_size`, default 16: the two orders of a pair in one forward,
+   length-sorted; the prompts tokenized as one list; the prompts' shared prefix, the chat template's system turn
+   and the instructions, forwarded once and its keys and values reused by every batch) against the reference: the
+   judge one prompt at a time, each prompt tokenized alone and forwarded whole (`batch_size 1`, `prefix_cache`
+   off: what the judge did one by one before the prefix cache). The judge at batch_size 1 with the prefix cache on (what
+   a config with `batch_size: 1` now gets) is timed too, so the table says how much of the gain is the prefix and
+   how much the batching. Same pairs (feedback.synthetic's preference pairs, both orders, position policy
+   `average`, tie band 0.05): pairs/s each, the ratio to the reference (the issue's goal: >= 5x), and whether the
    labels are the same (every pair's choice, and the largest difference in averaged P(A)).
 2. The http judge against a local `rlhf serve judge` (started here, `--concurrency N`), with 1 request in flight
    and with N: pairs/s, the ratio, the same labels, how the verdicts were read (answer-token logprobs or text) and
    the tokens summed over the run.
 
-Each `--local MODEL:PAIRS` is one side-by-side row; tokenizing the prompts is inside both timings. Appended to
+Each `--local MODEL:PAIRS` is one side-by-side row; tokenizing the prompts is inside every timing. Appended to
 bench/RESULTS.md.
 """
 
@@ -64,6 +69,13 @@ def local_rows(specs: list[str], batch_size: int) -> tuple[list[str], list[str]]
 
     judges = ROOT / "configs" / "judges"
     template, principles = load_template(judges / "pairwise.yaml"), load_principles(judges / "constitution.yaml")
+
+    class Reference(LocalJudge):
+        """Each prompt tokenized alone (and, built below, forwarded whole, one a forward)."""
+
+        def prompts_ids(self, items):
+            return [self.prompt_ids(it) for it in items]
+
     rows, notes = [], []
     for spec in specs:
         model_ref, _, n = spec.partition(":")
@@ -71,13 +83,21 @@ def local_rows(specs: list[str], batch_size: int) -> tuple[list[str], list[str]]
         model, tok = load_causal_lm(path, "fp32"), load_tokenizer(path)
         items = pairs(int(n or 64))
         make = lambda b: LocalJudge(model, tok, model_ref, template, principles, "all", batch_size=b)  # noqa: E731
-        timed(make(1), items[:2]), timed(make(batch_size), items[:2])  # warm-up
-        t1, one = timed(make(1), items)
+        reference = lambda: Reference(model, tok, model_ref, template, principles, "all", batch_size=1,  # noqa: E731
+                                      prefix_cache=False)
+        for judge in (reference(), make(1), make(batch_size)):  # warm-up
+            timed(judge, items[:2])
+        t1, one = timed(reference(), items)
+        judge = make(1)
+        tp, _ = timed(judge, items)
         tb, batched = timed(make(batch_size), items)
         differ, gap = same_labels(one, batched)
-        rows.append(f"| {model_ref} | {len(items)} | {len(items) / t1:.2f} | {len(items) / tb:.2f} | "
-                    f"**{t1 / tb:.2f}x** | {differ} | {gap:.2e} |")
-        notes.append(f"{model_ref}: one by one {t1:.1f} s, batched {tb:.1f} s")
+        length = sum(map(len, judge.prompts_ids(items[: min(len(items), 256)]))) / min(len(items), 256)
+        rows.append(f"| {model_ref} | {len(items)} | {length:.0f} | {judge.prefix_tokens} | {len(items) / t1:.2f} | "
+                    f"{len(items) / tp:.2f} ({t1 / tp:.2f}x) | {len(items) / tb:.2f} | **{t1 / tb:.2f}x** | {differ} | "
+                    f"{gap:.2e} |")
+        notes.append(f"{model_ref}: reference {t1:.1f} s, batch_size 1 with the prefix cache {tp:.1f} s, "
+                     f"batched {tb:.1f} s")
         print(rows[-1], flush=True)
     return rows, notes
 
@@ -132,22 +152,26 @@ def http_rows(model: str, n: int, concurrency: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--local", action="append", help="MODEL:PAIRS, repeatable (default: tiny:2000 and "
-                    "smollm2-135m-instruct:64)")
+    ap.add_argument("--local", action="append", help="MODEL:PAIRS, repeatable (default: tiny:10000 and "
+                    "smollm2-135m-instruct:128)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--http", default="smollm2-135m-instruct:32", help="MODEL:PAIRS for the http judge, or none")
     ap.add_argument("--concurrency", type=int, default=2, help="requests in flight (and the server's workers)")
     args = ap.parse_args()
-    specs = args.local or ["tiny:2000", "smollm2-135m-instruct:64"]
+    specs = args.local or ["tiny:10000", "smollm2-135m-instruct:128"]
     cmd = "`.venv/bin/python bench/judge_batch.py " + " ".join(sys.argv[1:]) + "`"
     rows, notes = local_rows(specs, args.batch_size)
     record("Local judge batched vs one by one (bench/judge_batch.py)",
            f"feedback.synthetic preference pairs, both orders, position policy average (tie band 0.05), fp32, "
-           f"torch threads {__import__('torch').get_num_threads()}; batched: batch_size {args.batch_size}, both "
-           f"orders of a pair in one forward, length-sorted, last-position logits only; one by one: batch_size 1. "
-           f"Tokenizing is inside both timings ({'; '.join(notes)}). Command: {cmd}.",
-           "| model | pairs | one by one (pairs/s) | batched (pairs/s) | ratio | labels differing | max abs P(A) diff |\n"
-           "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+           f"torch threads {__import__('torch').get_num_threads()}. Reference: one prompt a forward, each tokenized "
+           f"alone and forwarded whole (batch_size 1, no prefix cache). Batch 1 + prefix: the judge at batch_size 1 "
+           f"(prompts tokenized as one list, the shared prefix forwarded once). Batched: batch_size "
+           f"{args.batch_size}, both orders of a pair in one forward, length-sorted, the shared prefix forwarded "
+           f"once, last-position logits only. Labels compared between the reference and batched. Tokenizing is "
+           f"inside every timing ({'; '.join(notes)}). Command: {cmd}.",
+           "| model | pairs | prompt tokens (mean) | shared prefix tokens | reference one by one (pairs/s) | "
+           "batch 1 + prefix (pairs/s) | batched (pairs/s) | batched vs reference | labels differing | "
+           "max abs P(A) diff |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     if args.http != "none":
         model, _, n = args.http.partition(":")
         rows = http_rows(model, int(n or 32), args.concurrency)

@@ -6,6 +6,12 @@ row score as it does alone; and the log-probability of each next token from the 
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                 **({"logits_to_keep": k} if keeps_logits(model) else {}))
     logp = logprobs_from_logits(out.logits[:, -k:-1], ids[:, -k + 1:])   # the last k-1 tokens' log-probabilities
+
+Rows that all continue one cached prefix (its keys and values computed once, repeated for the batch) are padded
+between the prefix and their own tokens; the mask hides that padding and the positions carry on from the prefix:
+
+    ids, mask, positions = after_prefix(suffixes, prefix_len, tokenizer.pad_token_id)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache_for_the_batch)
 """
 
 from __future__ import annotations
@@ -46,3 +52,15 @@ def logprobs_from_logits(logits, labels):
 
     logits = logits.float()
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def after_prefix(seqs: list[list[int]], prefix_len: int, pad_id: int):
+    """(ids, mask, positions) for sequences that continue a cached prefix of `prefix_len` tokens: ids [rows, longest]
+    left-padded; mask [rows, prefix_len + longest] over the cached prefix and the ids, as the model's forward wants it
+    with a cache (the prefix seen by every row, the padding between it and a row's tokens not); positions
+    [rows, longest] counted on from the prefix, so each row's tokens sit where they would in prefix + row alone."""
+    import torch
+
+    ids, mask = left_pad(seqs, pad_id)
+    full = torch.cat([mask.new_ones((len(seqs), prefix_len)), mask], dim=1)
+    return ids, full, position_ids(full)[:, prefix_len:]

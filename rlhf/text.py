@@ -6,6 +6,7 @@ character, and counted (NEUTRALISED; the runner reports the count per stage).
     safe = neutralise_special_tokens(tokenizer, text)
     messages = safe_messages(tokenizer, prompt)        # a prompt (text or messages) as safe chat messages
     ids = chat_ids(tokenizer, prompt)                  # its chat-template ids, ready to generate from
+    ids = chat_ids_batch(tokenizer, prompts)           # the same for many, the tokenizer called once on the list
 """
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ def safe_messages(tokenizer, prompt) -> list[dict]:
 
 
 def chat_ids(tokenizer, prompt) -> list[int]:
-    msgs = safe_messages(tokenizer, prompt)
+    return chat_ids_batch(tokenizer, [prompt])[0]
+
+
+def chat_ids_batch(tokenizer, prompts: list) -> list[list[int]]:
+    """chat_ids of each prompt: the chat template renders each one, the (fast) tokenizer encodes the list at once."""
+    if not prompts:
+        return []
+    msgs = [safe_messages(tokenizer, p) for p in prompts]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
-    return tokenizer("\n\n".join(m["content"] for m in msgs) + "\n\n")["input_ids"]
+    return tokenizer(["\n\n".join(m["content"] for m in ms) + "\n\n" for ms in msgs])["input_ids"]

@@ -12,10 +12,20 @@ token, so the last column is every row's next token and a row scores as it does 
 tests check batched probabilities against one-by-one ones). Only the last position's logits are
 computed (`logits_to_keep`) where the model's forward takes it: the [batch, length, vocabulary]
 logits would otherwise be most of a forward's time and memory.
+
+Shared prefix (`prefix_cache`, on by default): every prompt of a run opens with the same tokens
+(the chat template's system turn, the judge's instructions up to the first pair-specific text).
+Their keys and values are computed once per `judge` call (a transformers cache) and repeated for
+each batch, which forwards only the rest of each prompt: padding goes between the prefix and a
+row's own tokens, hidden by the mask, positions carrying on from the prefix (rlhf.batching.
+after_prefix), so a row still scores as its whole prompt alone (tested against the uncached
+one-by-one forward). Models whose forward takes no cache, or with sliding-window or recurrent
+layers (where padding in the middle would change what a row sees), score without it.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import numpy as np
@@ -23,8 +33,8 @@ import numpy as np
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.judges.prompting import Template, build_messages, select_principles
 from feedback.schema import canonical
-from rlhf.batching import left_pad, position_ids
-from rlhf.text import chat_ids
+from rlhf.batching import after_prefix, left_pad, position_ids
+from rlhf.text import chat_ids, chat_ids_batch
 
 
 def pair_key(it: JudgeItem) -> str:
@@ -60,9 +70,10 @@ class LocalJudge(Judge):
 
     def __init__(self, model, tokenizer, model_ref: str, template: Template, principles: list[str],
                  principle_mode: str = "all", n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8,
-                 revision: str | None = None):
+                 revision: str | None = None, prefix_cache: bool = True):
         """`model` and `tokenizer` loaded by the caller (pipeline.judging, from the judge config); `model_ref` and
-        `revision` name them in the judge's identity."""
+        `revision` name them in the judge's identity. `prefix_cache=False` forwards every prompt whole (the
+        reference the tests and bench/judge_batch.py compare against)."""
         import torch
 
         self.ref, self.template, self.principles = model_ref, template, principles
@@ -73,9 +84,14 @@ class LocalJudge(Judge):
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"the choices {template.choices[:2]} share their first token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # remote code may lack it: then every position's logits are computed and the last one kept
-        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # remote code (or a peft wrapper) may lack these: then every position's logits are computed and the last
+        # one kept, and every prompt is forwarded whole
+        params = inspect.signature(model.forward).parameters
+        self._keep = "logits_to_keep" in params
+        # transformers 5 names a forward's cache `cache`, 4.x `past_key_values` (deprecated in 5)
+        self._cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None) if prefix_cache else None
         self.forwards = 0  # batches run (stats)
+        self.prefix_tokens = 0  # tokens of the last run's shared prefix, forwarded once instead of in every prompt
         self._torch = torch
 
     def _first_token(self, text: str) -> int:
@@ -86,21 +102,63 @@ class LocalJudge(Judge):
         return {"type": "local", "model": self.ref, **pin, "principles": self.mode, "n_principles": self.n}
 
     def stats(self) -> dict:
-        return {"forwards": self.forwards, "batch_size": self.batch_size}
+        return {"forwards": self.forwards, "batch_size": self.batch_size, "prefix_tokens": self.prefix_tokens}
+
+    def _messages(self, it: JudgeItem) -> list[dict]:
+        principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))
+        return build_messages(self.template, it.prompt, it.response_a, it.response_b, principles)
 
     def prompt_ids(self, it: JudgeItem) -> list[int]:
-        principles = select_principles(self.principles, self.mode, self.n, str(it.prompt) + str(it.id))
-        msgs = build_messages(self.template, it.prompt, it.response_a, it.response_b, principles)
-        return chat_ids(self.tok, msgs)  # special tokens in the (untrusted) prompt and responses stay text
+        return chat_ids(self.tok, self._messages(it))  # special tokens in the (untrusted) prompt and responses stay text
 
-    def choice_probs(self, seqs: list) -> list[tuple[float, float]]:
-        """One forward over token sequences (left-padded, masked): each row's next-token (p(A), p(B))."""
+    def prompts_ids(self, items: list[JudgeItem]) -> list[list[int]]:
+        """prompt_ids of every item, the tokenizer called once on the list (its fast path for many texts)."""
+        return chat_ids_batch(self.tok, [self._messages(it) for it in items])
+
+    def shared_prefix(self, seqs: list) -> int:
+        """How many tokens every sequence opens with, leaving each at least its last one (read for the verdict)."""
+        n = min(map(len, seqs)) - 1
+        first = np.asarray(seqs[0][:n])
+        for s in seqs[1:]:
+            differ = np.flatnonzero(first[:n] != np.asarray(s[:n]))
+            n = int(differ[0]) if differ.size else n
+        return max(n, 0)
+
+    def prefix_cache(self, prefix: list[int]):
+        """The keys and values of `prefix` (a transformers cache), or None where this model's cannot be shared
+        with padding after it: layers other than plain full attention (a sliding window is counted in columns,
+        which the padding moves; a recurrent state would read the padding)."""
         torch = self._torch
-        ids, mask = left_pad(seqs, self.pad_id)
-        positions = position_ids(mask)  # each row counts from its first real token
+        try:
+            from transformers.cache_utils import DynamicLayer
+        except ImportError:  # before the per-layer caches of transformers 4.56
+            return None
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                             **({"logits_to_keep": 1} if self._keep else {}))
+            out = self.model(input_ids=torch.as_tensor(np.asarray(prefix), dtype=torch.long)[None], use_cache=True)
+        cache = out.get("cache")  # transformers 5; 4.x returns it as past_key_values
+        cache = out.get("past_key_values") if cache is None else cache
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        return cache
+
+    def choice_probs(self, seqs: list, prefix=None) -> list[tuple[float, float]]:
+        """One forward over token sequences (left-padded, masked): each row's next-token (p(A), p(B)). With
+        `prefix` = (cache, P), the prefix_cache of P tokens, each sequence is what follows those P tokens."""
+        torch = self._torch
+        kw = {"logits_to_keep": 1} if self._keep else {}
+        with torch.inference_mode():
+            if prefix is None:
+                ids, mask = left_pad(seqs, self.pad_id)
+                positions = position_ids(mask)  # each row counts from its first real token
+                kw["use_cache"] = False
+            else:
+                cache, n = prefix
+                ids, mask, positions = after_prefix(seqs, n, self.pad_id)
+                rows = copy.deepcopy(cache)  # the forward appends to the cache it is given
+                rows.batch_repeat_interleave(len(seqs))
+                kw[self._cache_kw] = rows
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
         self.forwards += 1
         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)[:, self.choice_ids]
         return [tuple(row) for row in probs.tolist()]
@@ -108,12 +166,18 @@ class LocalJudge(Judge):
     def judge(self, items: list[JudgeItem]) -> list[Verdict]:
         from tqdm.auto import tqdm
 
+        if not items:
+            return []
         # tokenized once, kept as compact arrays (10k pairs are 20k prompts of a few hundred tokens)
-        seqs = [np.asarray(self.prompt_ids(it), dtype=np.int32) for it in items]
+        seqs = [np.asarray(s, dtype=np.int32) for s in self.prompts_ids(items)]
+        n = self.shared_prefix(seqs) if self._cache_kw else 0
+        cache = self.prefix_cache(seqs[0][:n]) if n else None
+        cut = self.prefix_tokens = n if cache is not None else 0
+        prefix = (cache, cut) if cut else None
         batches = plan_batches([len(s) for s in seqs], [pair_key(it) for it in items], self.batch_size)
         out: list[Verdict | None] = [None] * len(items)
         for batch in tqdm(batches, desc=f"judging ({self.ref})", unit="batch", disable=len(batches) <= 1):
-            for i, (pa, pb) in zip(batch, self.choice_probs([seqs[i] for i in batch])):
+            for i, (pa, pb) in zip(batch, self.choice_probs([seqs[i][cut:] for i in batch], prefix)):
                 p = pa / (pa + pb) if pa + pb > 0 else 0.5
                 choice = "tie" if abs(p - 0.5) <= self.tie_band else ("a" if p > 0.5 else "b")
                 out[i] = Verdict(choice, p, raw=f"p(A)={pa:.4g} p(B)={pb:.4g}", read="logprobs",
