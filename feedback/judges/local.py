@@ -67,6 +67,7 @@ def plan_batches(lengths: list[int], keys: list[str], batch_size: int) -> list[l
 class LocalJudge(Judge):
     name = "local"
     reads = "logprobs"  # every verdict, from the next-token probabilities (cached ones included)
+    streams_results = True  # CachedJudge stores each batch's verdicts as they are made, not at the end of the run
 
     def __init__(self, model, tokenizer, model_ref: str, template: Template, principles: list[str],
                  principle_mode: str = "all", n_principles: int = 2, tie_band: float = 0.0, batch_size: int = 8,
@@ -163,7 +164,9 @@ class LocalJudge(Judge):
         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)[:, self.choice_ids]
         return [tuple(row) for row in probs.tolist()]
 
-    def judge(self, items: list[JudgeItem]) -> list[Verdict]:
+    def judge(self, items: list[JudgeItem], on_result=None) -> list[Verdict]:
+        """A verdict per item; `on_result(i, verdict)` is called as each batch's verdicts are made (CachedJudge
+        stores them then, so a run killed at pair 9,000 of 10,000 keeps the 9,000 for its rerun)."""
         from tqdm.auto import tqdm
 
         if not items:
@@ -182,4 +185,6 @@ class LocalJudge(Judge):
                 choice = "tie" if abs(p - 0.5) <= self.tie_band else ("a" if p > 0.5 else "b")
                 out[i] = Verdict(choice, p, raw=f"p(A)={pa:.4g} p(B)={pb:.4g}", read="logprobs",
                                  reason=f"next-token mass on the choices {pa + pb:.3f}")
+                if on_result is not None:
+                    on_result(i, out[i])
         return out  # type: ignore[return-value]

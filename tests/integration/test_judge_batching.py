@@ -174,3 +174,23 @@ def test_a_sliding_window_model_scores_without_the_prefix_cache(tiny_path):
     for a, b in zip(alone, together):
         assert b.forward.prob_a == pytest.approx(a.forward.prob_a, abs=TOL)
         assert b.backward.prob_a == pytest.approx(a.backward.prob_a, abs=TOL)
+
+
+def test_each_batch_of_verdicts_reaches_the_cache_before_the_next_batch_runs(tiny_path, tmp_path):
+    """A labelling run killed part way keeps what it judged: CachedJudge stores the local judge's verdicts batch by
+    batch (they used to be stored only when the whole run returned)."""
+    from feedback.judges.cache import CachedJudge, VerdictCache
+
+    model, tok = load_causal_lm(tiny_path, "fp32"), load_tokenizer(tiny_path)
+    template = load_template(ROOT / "configs" / "judges" / "pairwise.yaml")
+    cache = VerdictCache(tmp_path / "verdicts.sqlite")
+    stored_before_batch = []
+
+    class Watched(LocalJudge):  # the real judge; it notes how many verdicts the cache holds as each batch starts
+        def choice_probs(self, rows, prefix):
+            stored_before_batch.append(cache._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+            return super().choice_probs(rows, prefix)
+
+    judge = CachedJudge(Watched(model, tok, "tiny", template, [], "none", batch_size=2), cache)
+    assert len(judge.judge(ITEMS[:5])) == 5
+    assert stored_before_batch == [0, 2, 4]
