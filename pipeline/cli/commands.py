@@ -129,7 +129,7 @@ def _print_notes(report) -> None:
 def cmd_data_validate(args) -> int:
     scan, _ = _data_report(args, scan=True)
     with scan:
-        for row in scan.rows():  # each problem printed as its row comes, in file order
+        for row in scan.problem_rows():  # each problem printed as its row comes, in file order
             for line in row_problems(row):
                 print(line)
     _print_notes(scan)
