@@ -16,7 +16,7 @@ replay them instead of parsing the file again. Only a spool this process wrote, 
 texts (`text_hashes`), so that fastpath.py computes it for a block of rows at once, from Arrow columns, and the
 per-row path for one row, the same way: equal keys give equal digests within a run (and across runs).
 
-Used by validate.py (`scan_file`) and stats.py; the temporary files live in a directory they are given.
+Used by validate.py (`scan_file`), fastpath.py and stats.py; the temporary files live in a directory they are given.
 """
 
 from __future__ import annotations
@@ -158,14 +158,15 @@ class DigestSpill:
         return sum(len(np.unique(entries["h"])) for entries in self._each_bucket())
 
 
-class RepeatSpill(DigestSpill):
-    """The DigestSpill of repeat keys: digests of whole blocks (fastpath.py) added as they come, the texts of rows
-    read one by one (validate.repeat_texts) hashed HASH_BATCH rows at a time (hashing one row at a time costs more
-    than reading it)."""
+class TextSpill(DigestSpill):
+    """A DigestSpill of keys made of normalised texts (repeats.norm_key): digests of whole blocks (fastpath.py) added
+    as they come, the texts of rows read one by one hashed HASH_BATCH rows at a time (hashing one row at a time costs
+    more than reading it). Three texts are a pair's repeat key, two an unpaired row's (repeat_digests), one a key of
+    its own (a prompt: its text_hashes)."""
 
     def __init__(self, directory: str | Path, name: str, buffer: int = BUFFER, buckets: int = BUCKETS):
         super().__init__(directory, name, buffer, buckets)
-        self._texts: dict[int, tuple[list[str], list[int]]] = {}  # by how many texts (3: a pair, 2: unpaired)
+        self._texts: dict[int, tuple[list[str], list[int]]] = {}  # by how many texts a key has
 
     def add_texts(self, texts: tuple[str, ...], row: int) -> None:
         flat, rows = self._texts.setdefault(len(texts), ([], []))
@@ -178,8 +179,8 @@ class RepeatSpill(DigestSpill):
         pending, self._texts = self._texts, {}  # taken first: add_digests may flush, which comes back here
         for k, (flat, rows) in pending.items():
             h = text_hashes(flat).reshape(len(rows), k)
-            self.add_digests(repeat_digests(h[:, 0], h[:, 1], h[:, 2] if k == 3 else None),
-                             np.array(rows, dtype=np.uint64))
+            digests = h[:, 0] if k == 1 else repeat_digests(h[:, 0], h[:, 1], h[:, 2] if k == 3 else None)
+            self.add_digests(digests, np.array(rows, dtype=np.uint64))
 
     def _flush(self) -> None:
         self._hash_texts()

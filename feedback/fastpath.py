@@ -21,7 +21,7 @@ lines go to the reader too.
 Texts are normalised as schema.norm_text normalises them (NFC, whitespace runs collapsed, ends stripped) without
 Python where that provably leaves them unchanged: ASCII with no control character, no double space and no space at
 either end. Any other text is normalised by norm_text itself. Runs are read again from the file when their rows are
-needed (validate's second pass, `rows`).
+needed (runs.py).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import pyarrow.json as pj
 
 from feedback import files
 from feedback.digests import repeat_digests, text_hashes
-from feedback.readers import ALIASES, OPTIONAL, Row, RowReader, _read_row, read_rows
-from feedback.schema import PreferencePair, is_blank, norm_text
+from feedback.readers import ALIASES, OPTIONAL, Row, RowReader, read_rows
+from feedback.schema import is_blank, norm_text
 
 BLOCK = 4 << 20  # bytes read and parsed at a time
 NEWLINE_SCAN = 1 << 18  # bytes of a block searched for newlines (or double spaces) at a time
@@ -81,7 +81,7 @@ def read_items(path, fmt: str = "auto", keys: dict | None = None, source: str = 
                detected: list | None = None, split: str | None = None, notes: list | None = None,
                fast: bool = True) -> Iterator[Row | Fast]:
     """read_rows, with the rows the fast path takes given as `Fast` runs instead of one Row each (their Rows:
-    `rows`). `fast=False` reads every row through read_rows."""
+    runs.rows). `fast=False` reads every row through read_rows."""
     notes = [] if notes is None else notes
     if not (fast and eligible(path, fmt, split)):
         yield from read_rows(path, fmt, keys, source, ranked, detected, split=split, notes=notes)
@@ -216,7 +216,7 @@ def _table(block: _Block, a: int, b: int) -> tuple[pa.Array, pa.Table | None]:
     """Lines a..b of the block as one Arrow string (for the checks of their bytes) and parsed by pyarrow (None when
     it cannot parse them, or when they are not UTF-8)."""
     data = block.part(a, b)
-    whole = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)), data])
+    whole = as_string(data)
     try:
         whole.validate(full=True)  # UTF-8: pyarrow.json takes any bytes inside a string
         return whole, _read_json(data, int((block.ends[a:b] - block.starts[a:b]).max()))
@@ -290,33 +290,48 @@ def _check(table: pa.Table, data: pa.Buffer, whole: pa.Array, keys: dict | None)
         if name in CHECKED and name not in used and col.null_count < len(col):
             slow |= _np(pc.is_valid(col))
     # what the raw bytes show of the texts: a \u escape may be any character (a space, a control one, non-ASCII)
-    escaped = _found(whole, r"\\u")
-    if escaped or _found(whole, "Human:"):
+    escaped = found(whole, r"\\u")
+    if escaped or found(whole, "Human:"):
         slow |= _np(pc.and_(pc.match_substring_regex(texts[1], "Human:"),
                             pc.match_substring_regex(texts[2], "Human:")))
     double = escaped or _double_space(data)
-    control = escaped or _found(whole, r"\\[bfnrt]")  # \n, \t...: whitespace that norm_text collapses
+    control = escaped or found(whole, r"\\[bfnrt]")  # \n, \t...: whitespace that norm_text collapses
     fixed, hashes = [], []
     for col in texts:
         slow |= _blank(col)
-        needs = _np(pc.starts_with(col, " ")) | _np(pc.ends_with(col, " "))
-        needs |= ~_np(pc.string_is_ascii(col))
-        if double:
-            needs |= _np(pc.match_substring_regex(col, "  "))
-        if control:
-            needs |= _np(pc.match_substring_regex(col, "[\\x00-\\x1f]"))
-        h = text_hashes(col)
-        idx = np.flatnonzero(needs & ~slow)
-        normed = [norm_text(t) for t in col.take(pa.array(idx, pa.int64())).to_pylist()] if len(idx) else []
-        if normed:
-            h[idx] = text_hashes(normed)
-        fixed.append((idx, normed))
+        h, normed = norm_hashes(col, slow, double, control)
+        fixed.append(normed)
         hashes.append(h)
     slow |= _identical(texts[1], texts[2], fixed[1], fixed[2], hashes[1], hashes[2])
     return slow, repeat_digests(*hashes)
 
 
-def _found(whole: pa.Array, pattern: str) -> bool:
+def norm_hashes(col: pa.Array, skip: np.ndarray | None = None, double: bool = True,
+                control: bool = True) -> tuple[np.ndarray, tuple[np.ndarray, list[str]]]:
+    """text_hashes of the texts once normalised (schema.norm_text), and (indices, texts) of those normalised in
+    Python: non-ASCII, with a space at either end, a double space (`double`: there may be one) or a control
+    character (`control`: there may be one). The others are their own normal form. Rows in `skip` are left as
+    they are (the per-line reader reads them)."""
+    needs = _np(pc.starts_with(col, " ")) | _np(pc.ends_with(col, " "))
+    needs |= ~_np(pc.string_is_ascii(col))
+    if double:
+        needs |= _np(pc.match_substring_regex(col, "  "))
+    if control:
+        needs |= _np(pc.match_substring_regex(col, "[\\x00-\\x1f]"))
+    h = text_hashes(col)
+    idx = np.flatnonzero(needs if skip is None else needs & ~skip)
+    normed = [norm_text(t) for t in col.take(pa.array(idx, pa.int64())).to_pylist()] if len(idx) else []
+    if normed:
+        h[idx] = text_hashes(normed)
+    return h, (idx, normed)
+
+
+def as_string(data: pa.Buffer) -> pa.Array:
+    """Bytes as one Arrow string (no copy), for the checks of a whole part at once."""
+    return pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)), data])
+
+
+def found(whole: pa.Array, pattern: str) -> bool:
     """Whether the bytes of a part (one Arrow value) hold `pattern` (RE2 syntax: it finds even a plain string faster
     than match_substring does)."""
     return bool(pc.match_substring_regex(whole, pattern)[0].as_py())
@@ -352,45 +367,3 @@ def _norm_at(col: pa.Array, fixed: tuple, k: int) -> str:
     idx, texts = fixed
     j = np.searchsorted(idx, k)
     return texts[j] if j < len(idx) and idx[j] == k else col[k].as_py()
-
-
-# --------------------------------------------------------------------------- reading runs again
-
-
-def _run_block(path, run: Run, upto: int | None = None) -> _Block:
-    """The lines of a run (the first `upto` or more of them), read again from the file."""
-    with pa.OSFile(str(path)) as f:
-        f.seek(run.offset)
-        buf = f.read_buffer(run.nbytes)
-    return _Block(buf, run.offset, run.line, _newlines(buf, upto))
-
-
-def run_lines(path, run: Run, only: list[int]) -> Iterator[tuple[int, int, bytes]]:
-    """(index in the run, byte offset in the file, bytes) of some lines of a run (sorted indices)."""
-    block = _run_block(path, run, only[-1] + 1 if only else 0)
-    for k in only:
-        yield k, run.offset + int(block.starts[k]), block.raw(k)
-
-
-def line_at(path, offset: int, nbytes: int) -> bytes:
-    with pa.OSFile(str(path)) as f:
-        f.seek(offset)
-        return f.read(nbytes)
-
-
-def line_row(path, line: int, raw: bytes, keys: dict | None, source: str, ranked: str) -> Row:
-    """The Row of one line of a run, read as the per-line reader reads it (parsed by json, its pair built by
-    readers._read_row): for the candidates of validate's second pass, and the rows it rejected."""
-    return _read_row(files.jsonl_line(Path(path), line, raw), "pairs", keys, source, ranked, [0, None])
-
-
-def rows(path, run: Run, keys: dict | None, source: str) -> Iterator[Row]:
-    """Every Row of a run, built from the Arrow columns: what the per-line reader gives for such rows (valid pairs of
-    strings with no optional field; test_fastpath.py compares the two), without parsing each line in Python."""
-    where, block = Path(path), _run_block(path, run)
-    table = _read_json(block.buf, int((block.ends - block.starts).max()))
-    prompts, chosens, rejecteds = (col.to_pylist() for _, col in _texts(table, keys))
-    for k in range(run.rows):
-        line = run.line + k
-        pair = PreferencePair(prompt=prompts[k], chosen=chosens[k], rejected=rejecteds[k], source=source)
-        yield Row(f"{where}:{line}", line, pairs=[pair], raw=block.raw(k).decode("utf-8").rstrip("\r\n"))

@@ -31,12 +31,18 @@ def repeat_key(p: PreferencePair | UnpairedRow) -> str:
     return canonical([text_key(p.prompt), sorted([text_key(p.chosen), text_key(p.rejected)])])
 
 
+def norm_key(x) -> str:
+    """A text's normal form, equal for two texts exactly when their text_key is: a string's norm_text (which never
+    starts with a space: what fastpath.py gets without Python for most rows), a message list's text_key after a
+    space."""
+    return norm_text(x) if isinstance(x, str) else " " + text_key(x)
+
+
 def repeat_texts(p: PreferencePair | UnpairedRow) -> tuple[str, ...]:
-    """The normalised texts a repeat is found by, each equal for two pairs when their part of repeat_key is: a
-    string's norm_text (what fastpath.py gets without Python for most rows), a message list's text_key. Pairs:
-    (prompt, chosen, rejected), the responses in the order given (digests.repeat_digests takes them in either
-    order); unpaired rows: (prompt, completion). What scan_file digests, cheaper than the JSON of repeat_key."""
-    return tuple(norm_text(x) if isinstance(x, str) else text_key(x) for x in _texts(p))
+    """The normal forms (norm_key) a repeat is found by: (prompt, chosen, rejected), the responses in the order
+    given (digests.repeat_digests takes them in either order); unpaired rows: (prompt, completion). What scan_file
+    digests, cheaper than the JSON of repeat_key."""
+    return tuple(map(norm_key, _texts(p)))
 
 
 def _texts(p: PreferencePair | UnpairedRow) -> list:

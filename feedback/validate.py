@@ -23,12 +23,12 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from feedback import digests, fastpath
-from feedback.digests import DigestSpill, RepeatSpill, RowSpool
+from feedback import digests, fastpath, runs
+from feedback.digests import DigestSpill, RowSpool, TextSpill
 from feedback.fastpath import Run
 from feedback.readers import Row, read_rows
 from feedback.repeats import _agreement, _check_ids, _check_repeats, repeat_key, repeat_texts  # noqa: F401 (API)
@@ -230,33 +230,60 @@ class Scan:
     def unpaired(self) -> bool:
         return self.format == "unpaired"
 
+    @property
+    def source(self) -> str:
+        """The source of pairs whose row does not give one (a RunPart's)."""
+        return self._read["source"]
+
     def rows(self) -> Iterator[Row]:
         """Every row once, as validate_file's Report holds it (repeats, ids and truncation resolved)."""
         self.tally = Tally(self.unpaired)
         for n, item in _numbered(self._spool):
-            rows = fastpath.rows(self._file, item, self._read["keys"], self._read["source"]) \
+            rows = runs.rows(self._file, item, self._read["keys"], self._read["source"]) \
                 if isinstance(item, Run) else (item,)
             for m, row in enumerate(rows, n):
                 yield self._checked(m, row)
 
-    def problem_rows(self) -> Iterator[Row]:
-        """The rows with a problem, in order, as rows() gives them; every row is counted (`tally`). The rows of a
-        fastpath.Run are read again only where the whole-file checks rejected one."""
-        if self._tokenizer is not None and self._max_length:  # truncation: every row is tokenized
-            yield from (row for row in self.rows() if row_problems(row))
+    def parts(self) -> Iterator[Row | RunPart]:
+        """Every row as rows() gives it, but the rows of a fastpath.Run that the whole-file checks left alone: those
+        come as one RunPart, for consumers that take them whole (text_of, columns_of, rows_of), and the others of
+        the run as Rows after it (read again where their lines are). Every row is counted (`tally`). With the
+        truncation check (a tokenizer), every row is a Row."""
+        if self._tokenizer is not None and self._max_length:
+            yield from self.rows()
             return
         self.tally = Tally(self.unpaired)
         for n, item in _numbered(self._spool):
             if not isinstance(item, Run):
-                row = self._checked(n, item)
-                if row_problems(row):
-                    yield row
+                yield self._checked(n, item)
                 continue
             lo, hi = np.searchsorted(self._changed_rows, [n, n + item.rows])
-            self.tally.add_pairs(item.rows - (hi - lo))  # valid rows of one pair each
-            for m in self._changed_rows[lo:hi].tolist():  # read again where their lines are
-                raw = fastpath.line_at(self._file, *self._changed[m][2])
-                yield self._checked(m, fastpath.line_row(self._file, item.line + m - n, raw, **self._read))
+            changed = self._changed_rows[lo:hi].tolist()
+            self.tally.add_pairs(item.rows - len(changed))  # valid rows of one pair each
+            yield RunPart(item, [m - n for m in changed])
+            for m in changed:
+                raw = runs.line_at(self._file, *self._changed[m][2])
+                yield self._checked(m, runs.line_row(self._file, item.line + m - n, raw, **self._read))
+
+    def problem_rows(self) -> Iterator[Row]:
+        """The rows with a problem, in order, as rows() gives them; every row is counted (`tally`)."""
+        return (part for part in self.parts() if isinstance(part, Row) and row_problems(part))
+
+    def rows_of(self, part: RunPart) -> Iterator[Row]:
+        """The Rows of a RunPart (counted already)."""
+        skip = set(part.skip)
+        return (row for k, row in enumerate(runs.rows(self._file, part.run, self._read["keys"], self._read["source"]))
+                if k not in skip)
+
+    def text_of(self, part: RunPart) -> tuple[int, str]:
+        """How many pairs a RunPart holds and their canonical JSON lines (runs.canonical_text)."""
+        return runs.canonical_text(self._file, part.run, part.skip, self._read["keys"], self._read["source"])
+
+    def columns_of(self, part: RunPart) -> tuple[list, np.ndarray]:
+        """The prompt, chosen and rejected columns of a RunPart's run (Arrow), and which of its rows are the part's."""
+        keep = np.ones(part.run.rows, dtype=bool)
+        keep[part.skip] = False
+        return runs.text_columns(self._file, part.run, self._read["keys"])[1], keep
 
     def _checked(self, n: int, row: Row) -> Row:
         if n in self._changed:
@@ -285,6 +312,13 @@ class Scan:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RunPart(NamedTuple):
+    """The rows of a fastpath.Run but those at `skip` (indices in the run): valid pairs of strings (Scan.parts)."""
+
+    run: Run
+    skip: list[int]
 
 
 def _numbered(spool: RowSpool) -> Iterator[tuple[int, Row | Run]]:
@@ -320,14 +354,14 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
         notes: list[str] = []
         spool = RowSpool(Path(tmp.name) / "rows.pickle")
         buffer = buffer or digests.BUFFER
-        repeats = RepeatSpill(tmp.name, "repeat", buffer)
+        repeats = TextSpill(tmp.name, "repeat", buffer)
         ids = DigestSpill(tmp.name, "id", buffer)
-        n, runs, foreign = 0, False, False
+        n, taken, foreign = 0, False, False  # taken: a Run was
         for item in fastpath.read_items(path, fmt, keys, source, ranked, detected, split, notes, fast):
             if isinstance(item, fastpath.Fast):
                 spool.add(item.run)
                 repeats.add_digests(item.digests, n)
-                n, runs = n + item.run.rows, True
+                n, taken = n + item.run.rows, True
                 continue
             spool.add(item)
             if item.error is None:
@@ -336,10 +370,10 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
                     ids.add(p.id, n)
                     foreign = foreign or _foreign_id(p)
             n += 1
-        if runs and foreign:  # an id that may be a Run row's auto id: digest those too
+        if taken and foreign:  # an id that may be a Run row's auto id: digest those too
             for n, item in _numbered(spool):
                 if isinstance(item, Run):
-                    for m, row in enumerate(fastpath.rows(path, item, keys, source), n):
+                    for m, row in enumerate(runs.rows(path, item, keys, source), n):
                         ids.add(row.pairs[0].id, m)
         candidates = np.union1d(repeats.repeated(), ids.repeated())
         changed, agreement = _resolve_candidates(spool, candidates, duplicates, str(path), path, read)
@@ -387,8 +421,8 @@ def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str, file,
             item.raw = None
             rows[n] = item
             continue
-        for k, offset, raw in fastpath.run_lines(file, item, (wanted[lo:hi] - n).tolist()):
-            rows[n + k] = fastpath.line_row(file, item.line + k, raw, **read)
+        for k, offset, raw in runs.run_lines(file, item, (wanted[lo:hi] - n).tolist()):
+            rows[n + k] = runs.line_row(file, item.line + k, raw, **read)
             rows[n + k].raw = None
             located[n + k] = (offset, len(raw))
     before = {n: list(row.pairs) for n, row in rows.items()}

@@ -70,6 +70,9 @@ ODD = [
     '{"prompt": "Q", "responses": ["a", "b"], "ranks": [1, 2]}',  # ranked
     '{"prompt": "Q", "completion": "a", "label": true}',  # unpaired
     '{"prompt": "Q", "chosen": "x", "rejected": "y", "big": 123456789012345678901234567890}',
+    # valid rows whose texts import writes escaped: quotes, a backslash, a newline, a tab, a control character
+    '{"prompt": "Say \\"hi\\"", "chosen": "a\\\\b", "rejected": "line 1\\nline 2\\tend\\u0001"}',
+    '{"prompt": "caf\u00e9 \U0001f600", "chosen": "\\u00e9t\u00e9", "rejected": "\\ud83d\\ude00 ok"}',
 ]
 
 
