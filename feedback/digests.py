@@ -22,6 +22,7 @@ Used by validate.py (`scan_file`), fastpath.py and stats.py; the temporary files
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from array import array
 from pathlib import Path
@@ -90,7 +91,9 @@ class DigestSpill:
     """(digest, row number) entries, partitioned to disk; see the module docstring."""
 
     def __init__(self, directory: str | Path, name: str, buffer: int = BUFFER, buckets: int = BUCKETS):
-        self.dir, self.name, self.buffer, self.buckets = Path(directory), name, buffer, buckets
+        # paths as plain strings: pathlib interns every part of a path, and a scan's temporary directory has a new
+        # name each time (growing the interpreter's table of interned strings, a resize of which costs megabytes)
+        self.dir, self.name, self.buffer, self.buckets = str(directory), name, buffer, buckets
         self._shift = np.uint64(64 - (buckets - 1).bit_length())
         self._h, self._i = array("Q"), array("Q")
         self.count = 0
@@ -114,8 +117,8 @@ class DigestSpill:
                 self._flush()
         self.count += len(digests)
 
-    def _bucket(self, b: int) -> Path:
-        return self.dir / f"{self.name}.{b:03d}"
+    def _bucket(self, b: int) -> str:
+        return os.path.join(self.dir, f"{self.name}.{b:03d}")
 
     def _flush(self) -> None:
         if not self._h:
@@ -136,11 +139,17 @@ class DigestSpill:
         self._flush()
         for b in range(self.buckets):
             path = self._bucket(b)
-            if path.exists():
+            if os.path.exists(path):
                 yield np.fromfile(path, dtype=_ENTRY)
 
     def repeated(self) -> np.ndarray:
         """The row numbers (sorted, each once) whose digest another entry has too."""
+        found = self.repeated_by_bucket()
+        return np.unique(np.concatenate(found)) if found else np.empty(0, np.uint64)
+
+    def repeated_by_bucket(self) -> list[np.ndarray]:
+        """repeated(), bucket by bucket (the row numbers of one bucket sorted, each once): the copies of a key are in
+        one bucket."""
         found = []
         for entries in self._each_bucket():
             entries = entries[np.argsort(entries["h"], kind="stable")]
@@ -149,9 +158,9 @@ class DigestSpill:
             mask = np.zeros(len(h), dtype=bool)
             mask[1:] |= same
             mask[:-1] |= same
-            found.append(entries["i"][mask])
-        rows = np.unique(np.concatenate(found)) if found else np.empty(0, np.uint64)
-        return rows
+            if mask.any():
+                found.append(np.unique(entries["i"][mask]))
+        return found
 
     def distinct(self) -> int:
         """How many distinct digests were added."""
@@ -191,7 +200,7 @@ class RowSpool:
     """Rows written once (pickled, `chunk` at a time) and replayed in order as often as needed."""
 
     def __init__(self, path: str | Path, chunk: int | None = None):
-        self.path, self.chunk = Path(path), chunk or SPOOL_CHUNK
+        self.path, self.chunk = str(path), chunk or SPOOL_CHUNK  # (a string: see DigestSpill)
         self._f = open(self.path, "wb")
         self._pending: list[Any] = []
 

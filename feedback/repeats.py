@@ -67,6 +67,12 @@ def _repeat_groups(rows: list[Row]) -> list[list[Copy]]:
 
 def _agreement(groups: list[list[Copy]]) -> dict:
     """Over pairs labelled more than once: the share of label pairs (two copies) that agree."""
+    return agreement(_agreement_counts(groups))
+
+
+def _agreement_counts(groups: list[list[Copy]]) -> tuple[int, int, int]:
+    """(pairs labelled more than once, label pairs, label pairs that agree): what agreement() reports, as counts
+    that add up over groups checked apart (candidates.py)."""
     agree = total = 0
     for g in groups:
         labels = [_label(row.pairs[i]) for row, i in g]
@@ -74,7 +80,12 @@ def _agreement(groups: list[list[Copy]]) -> dict:
             for b in range(a + 1, len(labels)):
                 total += 1
                 agree += labels[a] == labels[b]
-    return {"pairs_labelled_more_than_once": len(groups), "label_pairs": total,
+    return len(groups), total, agree
+
+
+def agreement(counts: tuple[int, int, int]) -> dict:
+    groups, total, agree = counts
+    return {"pairs_labelled_more_than_once": groups, "label_pairs": total,
             "agreement": round(agree / total, 4) if total else None}
 
 
@@ -164,10 +175,15 @@ def _reject_pairs(rejections: list[Rejection]) -> None:
 
 def _check_repeats(rows: list[Row], mode: str, path: str) -> dict:
     """Resolve repeated pairs per `mode`; returns the agreement over them (measured before resolving)."""
+    return agreement(_check_repeat_counts(rows, mode, path))
+
+
+def _check_repeat_counts(rows: list[Row], mode: str, path: str) -> tuple[int, int, int]:
+    """_check_repeats, the agreement as _agreement_counts."""
     groups = _repeat_groups(rows)
-    agreement = _agreement(groups)
+    counts = _agreement_counts(groups)
     _reject_pairs([r for g in groups for r in _resolve(g, mode, path)])
-    return agreement
+    return counts
 
 
 def _check_ids(rows: list[Row], path: str) -> None:

@@ -22,6 +22,15 @@ from feedback.readers import Row, _read_row
 from feedback.schema import PreferencePair
 
 
+def numbered(spool) -> Iterator[tuple[int, Row | Run]]:
+    """A scan's spool (digests.RowSpool of Rows and Runs) with the number of each item's (first) row: a Run holds
+    run.rows rows."""
+    n = 0
+    for item in spool:
+        yield n, item
+        n += item.rows if isinstance(item, Run) else 1
+
+
 def _run_block(path, run: Run, upto: int | None = None) -> _Block:
     """The lines of a run (the first `upto` or more of them), read again from the file."""
     with pa.OSFile(str(path)) as f:

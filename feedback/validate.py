@@ -18,20 +18,20 @@ and how often repeated pairs agree.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from feedback import digests, fastpath, runs
+from feedback import candidates, digests, fastpath, runs
 from feedback.digests import DigestSpill, RowSpool, TextSpill
 from feedback.fastpath import Run
 from feedback.readers import Row, read_rows
-from feedback.repeats import _agreement, _check_ids, _check_repeats, repeat_key, repeat_texts  # noqa: F401 (API)
+from feedback.repeats import _check_ids, _check_repeats, repeat_key, repeat_texts  # noqa: F401 (API)
 from feedback.schema import PreferencePair, UnpairedRow, pair_id, unpaired_id
 from reward.text import encode
 
@@ -238,7 +238,7 @@ class Scan:
     def rows(self) -> Iterator[Row]:
         """Every row once, as validate_file's Report holds it (repeats, ids and truncation resolved)."""
         self.tally = Tally(self.unpaired)
-        for n, item in _numbered(self._spool):
+        for n, item in runs.numbered(self._spool):
             rows = runs.rows(self._file, item, self._read["keys"], self._read["source"]) \
                 if isinstance(item, Run) else (item,)
             for m, row in enumerate(rows, n):
@@ -253,7 +253,7 @@ class Scan:
             yield from self.rows()
             return
         self.tally = Tally(self.unpaired)
-        for n, item in _numbered(self._spool):
+        for n, item in runs.numbered(self._spool):
             if not isinstance(item, Run):
                 yield self._checked(n, item)
                 continue
@@ -287,7 +287,7 @@ class Scan:
 
     def _checked(self, n: int, row: Row) -> Row:
         if n in self._changed:
-            row = _apply(row, self._changed[n])
+            row = candidates.apply(row, self._changed[n])
         if self._tokenizer is not None and self._max_length:
             _check_truncation([row], self._tokenizer, self._max_length)
         self.tally.add(row)
@@ -321,14 +321,6 @@ class RunPart(NamedTuple):
     skip: list[int]
 
 
-def _numbered(spool: RowSpool) -> Iterator[tuple[int, Row | Run]]:
-    """The spool's items with the number of their (first) row: a Run holds run.rows rows."""
-    n = 0
-    for item in spool:
-        yield n, item
-        n += item.rows if isinstance(item, Run) else 1
-
-
 def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "human", ranked: str = "all_pairs",
               tokenizer=None, max_length: int | None = None, split: str | None = None, duplicates: str = "fail",
               workdir: str | None = None, buffer: int | None = None, fast: bool = True) -> Scan:
@@ -343,8 +335,8 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
     id, a hash of the texts, repeats exactly when the texts do; the id of another row that looks like one makes the
     scan digest theirs too). The rows whose digest repeats are the only ones that can be duplicates, conflicts or
     reused ids: a second pass over the spool gathers just those rows and resolves them with validate_file's own
-    rules (_check_repeats, _check_ids), on their real keys. `Scan.rows()` then replays the spool with those outcomes
-    (and the truncation check) applied."""
+    rules (_check_repeats, _check_ids), on their real keys, a batch at a time (candidates.py). `Scan.rows()` then
+    replays the spool with those outcomes (and the truncation check) applied."""
     if duplicates not in DUPLICATES:
         raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
     tmp = tempfile.TemporaryDirectory(prefix="rlhf-scan-", dir=workdir)
@@ -352,7 +344,7 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
     try:
         detected: list[str] = []
         notes: list[str] = []
-        spool = RowSpool(Path(tmp.name) / "rows.pickle")
+        spool = RowSpool(os.path.join(tmp.name, "rows.pickle"))
         buffer = buffer or digests.BUFFER
         repeats = TextSpill(tmp.name, "repeat", buffer)
         ids = DigestSpill(tmp.name, "id", buffer)
@@ -371,12 +363,11 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
                     foreign = foreign or _foreign_id(p)
             n += 1
         if taken and foreign:  # an id that may be a Run row's auto id: digest those too
-            for n, item in _numbered(spool):
+            for n, item in runs.numbered(spool):
                 if isinstance(item, Run):
                     for m, row in enumerate(runs.rows(path, item, keys, source), n):
                         ids.add(row.pairs[0].id, m)
-        candidates = np.union1d(repeats.repeated(), ids.repeated())
-        changed, agreement = _resolve_candidates(spool, candidates, duplicates, str(path), path, read)
+        changed, agreement = candidates.resolve(spool, repeats, ids, duplicates, str(path), path, read, tmp.name)
         found = fmt if fmt != "auto" else (detected[0] if detected else None)
         return Scan(path, found, notes, agreement, spool, changed, tmp, read, tokenizer, max_length)
     except BaseException:
@@ -394,57 +385,3 @@ def _foreign_id(p: PreferencePair | UnpairedRow) -> bool:
     own = unpaired_id(p.prompt, p.completion, p.label) if isinstance(p, UnpairedRow) else pair_id(
         p.prompt, p.chosen, p.rejected)
     return p.id != own
-
-
-Outcome = tuple  # (error or None, ((pair index, code, reason), ...), where its line is when in a Run: (offset,
-#                  nbytes) or None): what the whole-file checks decided for a row
-
-
-def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str, file, read: dict
-                        ) -> tuple[dict[int, Outcome], dict]:
-    """What the repeated-pair and id checks decide for each candidate row (by number), resolved on the candidates
-    gathered from the spool (a Run's read again from `file`; without their raw text, which the checks do not read);
-    the agreement over repeated pairs. Only the outcomes of rows that lose something are kept for the replay."""
-    if not len(candidates):
-        return {}, _agreement([])
-    wanted = candidates.astype(np.int64)  # sorted row numbers: walked with the spool
-    rows: dict[int, Row] = {}
-    located: dict[int, tuple[int, int]] = {}  # the rows of runs: where their lines are
-    for n, item in _numbered(spool):
-        size = item.rows if isinstance(item, Run) else 1
-        lo, hi = np.searchsorted(wanted, [n, n + size])
-        if lo == hi:
-            if lo == len(wanted):
-                break
-            continue
-        if not isinstance(item, Run):
-            item.raw = None
-            rows[n] = item
-            continue
-        for k, offset, raw in runs.run_lines(file, item, (wanted[lo:hi] - n).tolist()):
-            rows[n + k] = runs.line_row(file, item.line + k, raw, **read)
-            rows[n + k].raw = None
-            located[n + k] = (offset, len(raw))
-    before = {n: list(row.pairs) for n, row in rows.items()}
-    subset = list(rows.values())
-    agreement = _check_repeats(subset, mode, path)
-    _check_ids(subset, path)
-    outcomes = {}
-    for n, row in rows.items():
-        index = {id(p): i for i, p in enumerate(before[n])}
-        dropped = tuple((index[id(p)], code, reason) for p, code, reason in row.dropped)
-        if row.error is not None or dropped:
-            outcomes[n] = (row.error, dropped, located.get(n))
-    return outcomes, agreement
-
-
-def _apply(row: Row, outcome: Outcome) -> Row:
-    """A spooled row with what the whole-file checks decided (as _reject_pairs and _check_ids left it)."""
-    error, dropped, _ = outcome
-    if dropped:
-        gone = {i for i, _, _ in dropped}
-        row.dropped = [(row.pairs[i], code, reason) for i, code, reason in dropped]
-        row.pairs = [p for i, p in enumerate(row.pairs) if i not in gone]
-    if error is not None and row.error is None:
-        row.error = error
-    return row

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from feedback import fastpath
+from feedback import candidates, fastpath
 from feedback.schema import pair_id
 from feedback.validate import row_problems, scan_file, validate_file
 from pipeline.cli import main
@@ -121,6 +121,7 @@ def scanned(path, fast: bool, **kw) -> dict:
 def small_blocks(monkeypatch):
     monkeypatch.setattr(fastpath, "BLOCK", 700)  # a few rows a block: many blocks, runs and halvings
     monkeypatch.setattr(fastpath, "MIN_LINES", 2)
+    monkeypatch.setattr(candidates, "CANDIDATE_BATCH", 3)  # repeats resolved a few buckets at a time
 
 
 def fast_rows(path, **kw) -> int:
@@ -210,3 +211,20 @@ def test_import_and_stats_write_the_same_with_the_fast_path_on_and_off(tmp_path,
                         capsys.readouterr().out))
     assert outputs[0] == outputs[1]
     assert len(outputs[0][0].splitlines()) > 300 and len(outputs[0][1].splitlines()) > 30
+
+
+def test_ranked_rows_repeating_across_batches_resolve_as_in_memory(tmp_path, small_blocks):
+    """Ranked rows whose pairs repeat in other rows (a row's pairs in several digest buckets: one batch of all), and
+    pairs rows resolved a few buckets at a time: the same problems, counts and agreement as validate_file."""
+    rng = random.Random(7)
+    ranked = []
+    for i in range(60):
+        texts = [text(rng) + f" {i} {j}" for j in range(3)]
+        ranked.append({"prompt": f"q{i % 20}", "responses": texts if i < 20 else ranked[i % 20]["responses"][::-1],
+                       "ranks": [1, 2, 3]})
+    p = tmp_path / "r.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ranked))
+    for mode in ("fail", "first", "majority"):
+        whole = validate_file(p, duplicates=mode)
+        assert scanned(p, True, duplicates=mode)["problems"] == whole.problems() != []
+        assert scanned(p, True, duplicates=mode)["agreement"] == whole.agreement
