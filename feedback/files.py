@@ -288,17 +288,10 @@ def _jsonl(path: Path, notes: list[str]) -> Iterator[Record]:
     first = True
     with opener() as f:
         for i, raw in enumerate(f, 1):
-            where = f"{path}:{i}"
-            try:
-                text = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield Record(where, i, error=_undecodable(raw, exc), code="not_utf8",
-                             raw=raw.decode("utf-8", "replace").rstrip("\n"))
-                continue
-            if not text.strip():
+            rec = jsonl_line(path, i, raw)
+            if rec is None:
                 continue  # blank lines are not rows
-            rec = _json_record(where, i, text)
-            if first and rec.code == "invalid_json" and text.lstrip().startswith("["):
+            if first and rec.code == "invalid_json" and rec.raw.lstrip().startswith("["):
                 array = _whole_array(opener)
                 if array is not None:
                     notes.append(f"{path}: holds one JSON array, not JSON Lines: read as a JSON array")
@@ -306,6 +299,20 @@ def _jsonl(path: Path, notes: list[str]) -> Iterator[Record]:
                     return
             first = False
             yield rec
+
+
+def jsonl_line(path: Path, i: int, raw: bytes) -> Record | None:
+    """Line `i` of a JSON Lines file (its bytes, with their line ending) as a Record, or None for a blank line. Each
+    line is decoded on its own, so one bad byte rejects one row (fastpath.py reads the lines it does not take so)."""
+    where = f"{path}:{i}"
+    try:
+        text = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        return Record(where, i, error=_undecodable(raw, exc), code="not_utf8",
+                      raw=raw.decode("utf-8", "replace").rstrip("\n"))
+    if not text.strip():
+        return None
+    return _json_record(where, i, text)
 
 
 def _whole_array(opener) -> list | None:

@@ -379,53 +379,89 @@ def read_rows(path, fmt: str = "auto", keys: dict[str, str] | None = None, sourc
     """Every row of `path` as a Row; `detected` (a list) receives the format used, `notes` (a list) what the user
     should know about how the file was read (dataset splits read and skipped, a prompt column ignored)."""
     notes = [] if notes is None else notes
-    chosen_fmt = None if fmt == "auto" else fmt
-    first = None  # (auto) where the file's format was read from
-    columns = [n for names in ALIASES.values() for n in names] + list((keys or {}).values())
-    noted = False  # hh: the note about a prompt column is given once, from the first row
-    merged = [0, None]  # hh: how many rows had consecutive turns of one role, and where the first is (not a list of
-    #                     every such row: memory must not grow with the file)
-    typos: Counter = Counter()  # (role, the name rows use instead): how many rows
-    rows = 0  # objects read (the denominator of "most rows")
-    for rec in iter_records(path, split=split, notes=notes, message_columns=columns):
+    reader = RowReader(path, fmt, keys, source, ranked, detected, notes)
+    for rec in iter_records(path, split=split, notes=notes, message_columns=reader.columns):
+        yield reader.read(rec)
+    reader.finish()
+
+
+class RowReader:
+    """The rows of one file read in order (read_rows; fastpath.read_items, which hands it the lines its fast path
+    does not take): the file's format (given, or detected on the first row that tells it), where it was detected,
+    and what the notes given at the end count."""
+
+    def __init__(self, path, fmt: str, keys: dict[str, str] | None, source: str, ranked: str,
+                 detected: list | None, notes: list):
+        self.path, self.keys, self.source, self.ranked, self.detected, self.notes = (
+            path, keys, source, ranked, detected, notes)
+        self.auto = fmt == "auto"
+        self.fmt = None if self.auto else fmt
+        self.first = None  # (auto) where the file's format was read from
+        self.columns = [n for names in ALIASES.values() for n in names] + list((keys or {}).values())
+        self.noted = False  # hh: the note about a prompt column is given once, from the first row
+        self.merged = [0, None]  # hh: how many rows had consecutive turns of one role, and where the first is (not a
+        #                          list of every such row: memory must not grow with the file)
+        self.typos: Counter = Counter()  # (role, the name rows use instead): how many rows
+        self.rows = 0  # objects read (the denominator of "most rows")
+
+    def read(self, rec) -> Row:
+        """The Row of one record, in file order."""
         if rec.error:
-            yield Row(rec.where, rec.line, error=(rec.code or "unreadable", rec.error), raw=rec.raw)
-            continue
+            return Row(rec.where, rec.line, error=(rec.code or "unreadable", rec.error), raw=rec.raw)
         if not isinstance(rec.value, dict):
-            yield Row(rec.where, rec.line, error=("not_object", f"row is a {type(rec.value).__name__}, not an object"),
-                      raw=rec.raw)
-            continue
-        if chosen_fmt is None:
-            chosen_fmt = detect_format(rec.value, keys)
-            if chosen_fmt is None:
+            return Row(rec.where, rec.line, error=("not_object", f"row is a {type(rec.value).__name__}, not an object"),
+                       raw=rec.raw)
+        keys = self.keys
+        if self.fmt is None:
+            self.fmt = detect_format(rec.value, keys)
+            if self.fmt is None:
                 row = _undetected(rec, keys)
                 if row.typo:
-                    typos[row.typo] += 1
-                rows += 1
-                yield row
-                continue
-            first = rec.where
-            if detected is not None:
-                detected.append(chosen_fmt)
-        elif first is not None:
-            other = _other_format(rec.value, keys, chosen_fmt)
+                    self.typos[row.typo] += 1
+                self.rows += 1
+                return row
+            self._detected(rec.where)
+        elif self.first is not None:
+            other = _other_format(rec.value, keys, self.fmt)
             if other:
-                yield Row(rec.where, rec.line, raw=rec.raw, error=("mixed_format", (
-                    f"this row is in the {other} format but the file's first row ({first}) is {chosen_fmt}: a file "
-                    f"holds one format; split the file, or give --format (data.format) to read every row as one")))
-                continue
-        if chosen_fmt == "hh" and not noted:
-            noted = _note_ignored_prompt(path, rec.value, keys, notes)
-        row = _read_row(rec, chosen_fmt, keys, source, ranked, merged)
+                return Row(rec.where, rec.line, raw=rec.raw, error=("mixed_format", (
+                    f"this row is in the {other} format but the file's first row ({self.first}) is {self.fmt}: a "
+                    f"file holds one format; split the file, or give --format (data.format) to read every row as one")))
+        if self.fmt == "hh" and not self.noted:
+            self.noted = _note_ignored_prompt(self.path, rec.value, keys, self.notes)
+        row = _read_row(rec, self.fmt, keys, self.source, self.ranked, self.merged)
         if row.typo:
-            typos[row.typo] += 1
-        rows += 1
-        yield row
-    _note_typos(path, typos, rows, keys, notes)
-    if merged[0]:
-        loc = merged[1][len(str(path)) + 1:]
-        notes.append(f"{path}: {merged[0]} row{'s' * (merged[0] != 1)} of hh transcripts had consecutive turns "
-                     f"of one role (the first at {'line ' * loc.isdigit()}{loc}), merged into one turn each")
+            self.typos[row.typo] += 1
+        self.rows += 1
+        return row
+
+    def _detected(self, where: str) -> None:
+        self.first = where
+        if self.detected is not None:
+            self.detected.append(self.fmt)
+
+    def takes_pairs(self) -> bool:
+        """Whether a row of prompt/chosen/rejected strings read now is read as the pairs format (the format given,
+        or detected from it: no earlier row told another)."""
+        return self.fmt == "pairs" or (self.auto and self.fmt is None)
+
+    def took_pairs(self, where: str, rows: int) -> None:
+        """`rows` rows of the pairs format, the first at `where`, were read elsewhere (fastpath.py: valid rows of
+        prompt/chosen/rejected strings that no later check needs to see): counted as read() counts them."""
+        if self.fmt is None:
+            self.fmt = "pairs"
+            self._detected(where)
+        self.rows += rows
+
+    def finish(self) -> None:
+        """The notes about the whole file, once every row was read."""
+        path, merged = self.path, self.merged
+        _note_typos(path, self.typos, self.rows, self.keys, self.notes)
+        if merged[0]:
+            loc = merged[1][len(str(path)) + 1:]
+            self.notes.append(f"{path}: {merged[0]} row{'s' * (merged[0] != 1)} of hh transcripts had consecutive "
+                              f"turns of one role (the first at {'line ' * loc.isdigit()}{loc}), merged into one "
+                              "turn each")
 
 
 def _undetected(rec, keys) -> Row:

@@ -1,10 +1,11 @@
 """`rlhf data stats`: what a preference file holds (pairs; or unpaired rows: desirable and undesirable counts),
 including how often annotators agree.
 
-`PairStats` takes the pairs one at a time and keeps what does not grow with the file: lengths as counts per length
-(exact quantiles from a histogram), counters of sources and annotators, and distinct prompts as 8-byte digests spilled
-to disk (digests.DigestSpill). `file_stats(report)` describes a validate_file Report; the CLI feeds PairStats the
-rows of a streamed scan (validate.scan_file).
+`PairStats` takes the pairs one at a time (or a fastpath Run's at once, as Arrow columns: `add_columns`) and keeps
+what does not grow with the file: lengths as counts per length (exact quantiles from a histogram), counters of
+sources and annotators, and distinct prompts as 8-byte digests of their normal form spilled to disk
+(digests.TextSpill). `file_stats(report)` describes a validate_file Report; the CLI feeds PairStats the parts of a
+streamed scan (validate.scan_file).
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import math
 import tempfile
 from collections import Counter
 
-from feedback.digests import DigestSpill
-from feedback.schema import PreferencePair, UnpairedRow, prompt_key, text_of
+import numpy as np
+import pyarrow.compute as pc
+
+from feedback.digests import TextSpill
+from feedback.fastpath import norm_hashes
+from feedback.repeats import norm_key
+from feedback.schema import PreferencePair, UnpairedRow, text_of
 from feedback.validate import Report
 
 
@@ -53,7 +59,7 @@ class PairStats:
         self.annotators: Counter = Counter()
         self.ties = self.with_margin = self.n = self.desirable = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="rlhf-stats-", dir=workdir)
-        self.prompts = DigestSpill(self._tmp.name, "prompt")
+        self.prompts = TextSpill(self._tmp.name, "prompt")
 
     def _length(self, x) -> int:
         t = text_of(x)
@@ -71,7 +77,21 @@ class PairStats:
         else:
             self.ties += bool(p.tie)
             self.with_margin += p.margin is not None
-        self.prompts.add(prompt_key(p.prompt), 0)
+        self.prompts.add_texts((norm_key(p.prompt),), 0)
+
+    def add_columns(self, columns: list, keep: np.ndarray, source: str) -> None:
+        """The pairs of a fastpath Run at once: its prompt, chosen and rejected columns (Arrow strings), the rows in
+        `keep` (valid pairs with no optional field: source `source`, no tie, margin or annotator). What add() counts
+        for each, without a Python object per row (lengths in characters: no tokenizer)."""
+        n = int(keep.sum())
+        self.n += n
+        for k, col in zip(self.fields, columns):
+            values, counts = np.unique(pc.utf8_length(col).to_numpy()[keep], return_counts=True)
+            self.lengths[k].update(dict(zip(values.tolist(), counts.tolist())))
+        self.turns[1] += n
+        self.sources[source] += n
+        self.annotators["(none)"] += n
+        self.prompts.add_digests(norm_hashes(columns[0])[0][keep], 0)
 
     def result(self, report) -> dict:
         """The stats dict; `report` (a Report or a finished Scan) gives the file, format, counts, agreement, notes."""

@@ -18,18 +18,21 @@ and how often repeated pairs agree.
 
 from __future__ import annotations
 
+import os
+import re
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from feedback import digests
-from feedback.digests import DigestSpill, RowSpool
+from feedback import candidates, digests, fastpath, runs
+from feedback.digests import DigestSpill, RowSpool, TextSpill
+from feedback.fastpath import Run
 from feedback.readers import Row, read_rows
-from feedback.schema import PreferencePair, UnpairedRow, canonical, text_key
+from feedback.repeats import _check_ids, _check_repeats, repeat_key, repeat_texts  # noqa: F401 (API)
+from feedback.schema import PreferencePair, UnpairedRow, pair_id, unpaired_id
 from reward.text import encode
 
 DUPLICATES = ("fail", "first", "majority")
@@ -98,6 +101,12 @@ class Tally:
         self.invalid_codes: Counter = Counter()
         self.dropped_codes: Counter = Counter()
 
+    def add_pairs(self, n: int) -> None:
+        """`n` valid rows of one pair each (a fastpath.Run's rows that the whole-file checks left alone)."""
+        self.rows += n
+        self.valid += n
+        self.pairs += n
+
     def add(self, row: Row) -> None:
         self.rows += 1
         if row.error is not None:
@@ -158,173 +167,6 @@ def _pair_name(p: PreferencePair | UnpairedRow, width: int = 30) -> str:
     return f"the pair {short(p.chosen)} over {short(p.rejected)}"
 
 
-# --------------------------------------------------------------------------- repeated pairs
-
-Copy = tuple[Row, int]  # one copy of a repeated pair: its row and the pair's index in row.pairs
-Rejection = tuple[Row, int, str, str]  # (row, pair index, code, reason)
-
-
-def _label(p: PreferencePair | UnpairedRow) -> str:
-    if isinstance(p, UnpairedRow):
-        return "desirable" if p.label else "undesirable"
-    return "tie" if p.tie else text_key(p.chosen)
-
-
-def repeat_key(p: PreferencePair | UnpairedRow) -> str:
-    """The same prompt and the same two responses, in either order (unpaired: the same completion), on normalised
-    text."""
-    if isinstance(p, UnpairedRow):
-        return canonical([text_key(p.prompt), text_key(p.completion)])
-    return canonical([text_key(p.prompt), sorted([text_key(p.chosen), text_key(p.rejected)])])
-
-
-def repeat_digest_key(p: PreferencePair | UnpairedRow) -> str:
-    """A string equal for two pairs exactly when their repeat_key is (the same normalised components, joined by a
-    NUL, which canonical JSON never holds unescaped): what scan_file digests, cheaper than the JSON of repeat_key."""
-    if isinstance(p, UnpairedRow):
-        return f"{text_key(p.prompt)}\0{text_key(p.completion)}"
-    c, r = sorted([text_key(p.chosen), text_key(p.rejected)])
-    return f"{text_key(p.prompt)}\0{c}\0{r}"
-
-
-def _texts(p: PreferencePair | UnpairedRow) -> list:
-    return [p.prompt, p.completion] if isinstance(p, UnpairedRow) else [p.prompt, p.chosen, p.rejected]
-
-
-def _what(p: PreferencePair | UnpairedRow) -> tuple[str, str]:
-    """How messages name what repeats and what its copies disagree on."""
-    return ("prompt and completion", "label") if isinstance(p, UnpairedRow) else ("prompt and responses",
-                                                                                  "preference")
-
-
-def _repeat_groups(rows: list[Row]) -> list[list[Copy]]:
-    """The pairs of valid rows labelled more than once, grouped by repeat_key, in file order."""
-    groups: dict[str, list[Copy]] = defaultdict(list)
-    for row in rows:
-        if row.error is None:
-            for i, p in enumerate(row.pairs):
-                groups[repeat_key(p)].append((row, i))
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def _agreement(groups: list[list[Copy]]) -> dict:
-    """Over pairs labelled more than once: the share of label pairs (two copies) that agree."""
-    agree = total = 0
-    for g in groups:
-        labels = [_label(row.pairs[i]) for row, i in g]
-        for a in range(len(labels)):
-            for b in range(a + 1, len(labels)):
-                total += 1
-                agree += labels[a] == labels[b]
-    return {"pairs_labelled_more_than_once": len(groups), "label_pairs": total,
-            "agreement": round(agree / total, 4) if total else None}
-
-
-def _where(row: Row, path: str) -> str:
-    """How a message names another row: "line 12" in text files, "row 3" or "train:row 3" otherwise."""
-    loc = row.where[len(path) + 1:] if row.where.startswith(path + ":") else row.where
-    return f"line {loc}" if loc.isdigit() else loc
-
-
-def _same_text(a: PreferencePair | UnpairedRow, b: PreferencePair | UnpairedRow) -> bool:
-    return canonical(_texts(a)) == canonical(_texts(b))
-
-
-def _pair(m: Copy) -> PreferencePair:
-    return m[0].pairs[m[1]]
-
-
-def _resolve(group: list[Copy], mode: str, path: str) -> list[Rejection]:
-    """The copies of one repeated pair to reject. `fail`: every copy when the labels differ, else the later copies;
-    `first`: the later copies; `majority`: all but the first copy of the winning label (every copy on a tie)."""
-    labels = [_label(_pair(m)) for m in group]
-    if mode == "first":
-        kept = _where(group[0][0], path)
-        return [(*m, "duplicate", f"{'duplicate' if lab == labels[0] else 'repeat with a different label'} of "
-                 f"{kept}, which is kept (--duplicates first)") for m, lab in zip(group[1:], labels[1:])]
-    if mode == "fail" and len(set(labels)) > 1:
-        same, differs = _what(_pair(group[0]))
-        return [(*m, "conflict", f"conflicting duplicate of {_where(_first_other(group, labels, lab)[0], path)} "
-                 f"(same {same}, different {differs})") for m, lab in zip(group, labels)]
-    return _resolve_votes(group, labels, path)
-
-
-def _first_other(group: list[Copy], labels: list[str], label: str) -> Copy:
-    """The first copy whose label differs from `label`."""
-    return next(m for m, lab in zip(group, labels) if lab != label)
-
-
-def _resolve_votes(group: list[Copy], labels: list[str], path: str) -> list[Rejection]:
-    """Keep the first copy of the label most copies give: the other agreeing copies are duplicates, the rest
-    outvoted; when two labels have as many votes, no copy is kept."""
-    votes = Counter(labels).most_common()
-    winner, top = votes[0]
-    if len(votes) > 1 and votes[1][1] == top:
-        split = "-".join(str(n) for _, n in votes)
-        where = ", ".join(_where(m[0], path) for m in group)
-        return [(*m, "conflict", f"conflicting duplicate with no majority (votes {split} across {where})")
-                for m in group]
-    kept = group[labels.index(winner)]
-    out = []
-    for m, lab in zip(group, labels):
-        if m is kept:
-            continue
-        if lab != winner:
-            out.append((*m, "outvoted", f"outvoted ({top} of {len(group)} {_winner_says(winner, lab)})"))
-        elif _same_text(_pair(m), _pair(kept)):
-            out.append((*m, "duplicate", f"exact duplicate of {_where(kept[0], path)}"))
-        else:
-            out.append((*m, "duplicate", f"duplicate of {_where(kept[0], path)} (same {_what(_pair(m))[0]} and label "
-                                         "once Unicode and whitespace are normalised)"))
-    return out
-
-
-def _winner_says(winner: str, loser: str) -> str:
-    if winner in ("desirable", "undesirable"):
-        return f"labelled it {winner}"
-    if winner == "tie":
-        return "called it a tie"
-    return "preferred one of the responses" if loser == "tie" else "preferred the other response"
-
-
-def _reject_pairs(rejections: list[Rejection]) -> None:
-    """Apply pair rejections: a row losing all its pairs is rejected (first reason); otherwise only those pairs go."""
-    by_row: dict[int, list] = defaultdict(list)
-    rows = {}
-    for row, i, code, reason in rejections:
-        by_row[id(row)].append((i, code, reason))
-        rows[id(row)] = row
-    for key, items in by_row.items():
-        row, gone = rows[key], {i for i, _, _ in items}
-        if len(gone) == len(row.pairs):
-            i, code, reason = min(items)
-            row.error = (code, reason)
-        else:
-            row.dropped += [(row.pairs[i], code, reason) for i, code, reason in sorted(items)]
-            row.pairs = [p for i, p in enumerate(row.pairs) if i not in gone]
-
-
-def _check_repeats(rows: list[Row], mode: str, path: str) -> dict:
-    """Resolve repeated pairs per `mode`; returns the agreement over them (measured before resolving)."""
-    groups = _repeat_groups(rows)
-    agreement = _agreement(groups)
-    _reject_pairs([r for g in groups for r in _resolve(g, mode, path)])
-    return agreement
-
-
-def _check_ids(rows: list[Row], path: str) -> None:
-    """An id used by two kept rows: the later one is rejected, naming the first."""
-    seen: dict[str, Row] = {}
-    for row in rows:
-        if row.error is not None:
-            continue
-        for p in row.pairs:
-            if p.id in seen and seen[p.id] is not row:
-                row.error = ("duplicate_id", f"duplicate id {p.id!r}: {_where(seen[p.id], path)} has it too")
-                break
-            seen.setdefault(p.id, row)
-
-
 def _check_truncation(rows: list[Row], tokenizer, max_length: int) -> None:
     for row in rows:
         if row.error:
@@ -371,14 +213,16 @@ def validate_file(path, fmt: str = "auto", keys: dict | None = None, source: str
 
 class Scan:
     """A file checked in bounded memory (see `scan_file`): `rows()` replays every row, in order, with the checks
-    that need the whole file applied; the counts (`tally`) are complete once it has been read to the end. Use it as
-    a context manager (its temporary files are removed on exit)."""
+    that need the whole file applied (`problem_rows()` only those with a problem); the counts (`tally`) are complete
+    once it has been read to the end. Use it as a context manager (its temporary files are removed on exit)."""
 
-    def __init__(self, path: str, fmt: str | None, notes: list[str], agreement: dict, spool: RowSpool,
-                 changed: dict[int, tuple], tmp: tempfile.TemporaryDirectory, tokenizer=None,
+    def __init__(self, path, fmt: str | None, notes: list[str], agreement: dict, spool: RowSpool,
+                 changed: dict[int, tuple], tmp: tempfile.TemporaryDirectory, read: dict, tokenizer=None,
                  max_length: int | None = None):
-        self.path, self.format, self.notes, self.agreement = path, fmt, notes, agreement
+        self.path, self.format, self.notes, self.agreement = str(path), fmt, notes, agreement
+        self._file, self._read = path, read  # what a fastpath.Run is read again with (keys, source, ranked)
         self._spool, self._changed, self._tmp = spool, changed, tmp
+        self._changed_rows = np.array(sorted(changed), dtype=np.int64)
         self._tokenizer, self._max_length = tokenizer, max_length
         self.tally = Tally(self.unpaired)
 
@@ -386,16 +230,68 @@ class Scan:
     def unpaired(self) -> bool:
         return self.format == "unpaired"
 
+    @property
+    def source(self) -> str:
+        """The source of pairs whose row does not give one (a RunPart's)."""
+        return self._read["source"]
+
     def rows(self) -> Iterator[Row]:
         """Every row once, as validate_file's Report holds it (repeats, ids and truncation resolved)."""
         self.tally = Tally(self.unpaired)
-        for n, row in enumerate(self._spool):
-            if n in self._changed:
-                row = _apply(row, self._changed[n])
-            if self._tokenizer is not None and self._max_length:
-                _check_truncation([row], self._tokenizer, self._max_length)
-            self.tally.add(row)
-            yield row
+        for n, item in runs.numbered(self._spool):
+            rows = runs.rows(self._file, item, self._read["keys"], self._read["source"]) \
+                if isinstance(item, Run) else (item,)
+            for m, row in enumerate(rows, n):
+                yield self._checked(m, row)
+
+    def parts(self) -> Iterator[Row | RunPart]:
+        """Every row as rows() gives it, but the rows of a fastpath.Run that the whole-file checks left alone: those
+        come as one RunPart, for consumers that take them whole (text_of, columns_of, rows_of), and the others of
+        the run as Rows after it (read again where their lines are). Every row is counted (`tally`). With the
+        truncation check (a tokenizer), every row is a Row."""
+        if self._tokenizer is not None and self._max_length:
+            yield from self.rows()
+            return
+        self.tally = Tally(self.unpaired)
+        for n, item in runs.numbered(self._spool):
+            if not isinstance(item, Run):
+                yield self._checked(n, item)
+                continue
+            lo, hi = np.searchsorted(self._changed_rows, [n, n + item.rows])
+            changed = self._changed_rows[lo:hi].tolist()
+            self.tally.add_pairs(item.rows - len(changed))  # valid rows of one pair each
+            yield RunPart(item, [m - n for m in changed])
+            for m in changed:
+                raw = runs.line_at(self._file, *self._changed[m][2])
+                yield self._checked(m, runs.line_row(self._file, item.line + m - n, raw, **self._read))
+
+    def problem_rows(self) -> Iterator[Row]:
+        """The rows with a problem, in order, as rows() gives them; every row is counted (`tally`)."""
+        return (part for part in self.parts() if isinstance(part, Row) and row_problems(part))
+
+    def rows_of(self, part: RunPart) -> Iterator[Row]:
+        """The Rows of a RunPart (counted already)."""
+        skip = set(part.skip)
+        return (row for k, row in enumerate(runs.rows(self._file, part.run, self._read["keys"], self._read["source"]))
+                if k not in skip)
+
+    def text_of(self, part: RunPart) -> tuple[int, str]:
+        """How many pairs a RunPart holds and their canonical JSON lines (runs.canonical_text)."""
+        return runs.canonical_text(self._file, part.run, part.skip, self._read["keys"], self._read["source"])
+
+    def columns_of(self, part: RunPart) -> tuple[list, np.ndarray]:
+        """The prompt, chosen and rejected columns of a RunPart's run (Arrow), and which of its rows are the part's."""
+        keep = np.ones(part.run.rows, dtype=bool)
+        keep[part.skip] = False
+        return runs.text_columns(self._file, part.run, self._read["keys"])[1], keep
+
+    def _checked(self, n: int, row: Row) -> Row:
+        if n in self._changed:
+            row = candidates.apply(row, self._changed[n])
+        if self._tokenizer is not None and self._max_length:
+            _check_truncation([row], self._tokenizer, self._max_length)
+        self.tally.add(row)
+        return row
 
     @property
     def ok(self) -> bool:
@@ -418,82 +314,74 @@ class Scan:
         self.close()
 
 
+class RunPart(NamedTuple):
+    """The rows of a fastpath.Run but those at `skip` (indices in the run): valid pairs of strings (Scan.parts)."""
+
+    run: Run
+    skip: list[int]
+
+
 def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "human", ranked: str = "all_pairs",
               tokenizer=None, max_length: int | None = None, split: str | None = None, duplicates: str = "fail",
-              workdir: str | None = None, buffer: int | None = None) -> Scan:
+              workdir: str | None = None, buffer: int | None = None, fast: bool = True) -> Scan:
     """validate_file for files of any size: the same rows, problems, counts and agreement, in memory that does not
     grow with the file but by the rows that repeat.
 
-    Pass 1 parses each row once, spools it to a temporary file (in `workdir`, default the system's temporary
-    directory: about the size of the input) and records an 8-byte digest of each pair's repeat_key and id with its
-    row number (digests.DigestSpill: 16 bytes of disk per pair, `buffer` entries of memory, default digests.BUFFER). The rows whose digest
-    repeats are the only ones that can be duplicates, conflicts or reused ids: a second pass over the spool
-    gathers just those rows and resolves them with validate_file's own rules (_check_repeats, _check_ids), on their
-    real keys. `Scan.rows()` then replays the spool with those outcomes (and the truncation check) applied."""
+    Pass 1 reads each row once and spools it to a temporary file (in `workdir`, default the system's temporary
+    directory: about the size of the input), recording an 8-byte digest of each pair's repeat key and id with its
+    row number (digests.DigestSpill: 16 bytes of disk per pair, `buffer` entries of memory, default digests.BUFFER).
+    Rows of pairs that nothing flags in a plain JSONL file are read by fastpath.py (`fast`; False reads every row one
+    by one) as Runs: the spool keeps where they are, not the rows, and only their repeat keys are digested (an auto
+    id, a hash of the texts, repeats exactly when the texts do; the id of another row that looks like one makes the
+    scan digest theirs too). The rows whose digest repeats are the only ones that can be duplicates, conflicts or
+    reused ids: a second pass over the spool gathers just those rows and resolves them with validate_file's own
+    rules (_check_repeats, _check_ids), on their real keys, a batch at a time (candidates.py). `Scan.rows()` then
+    replays the spool with those outcomes (and the truncation check) applied."""
     if duplicates not in DUPLICATES:
         raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
     tmp = tempfile.TemporaryDirectory(prefix="rlhf-scan-", dir=workdir)
+    read = {"keys": keys, "source": source, "ranked": ranked}
     try:
         detected: list[str] = []
         notes: list[str] = []
-        spool = RowSpool(Path(tmp.name) / "rows.pickle")
+        spool = RowSpool(os.path.join(tmp.name, "rows.pickle"))
         buffer = buffer or digests.BUFFER
-        repeats = DigestSpill(tmp.name, "repeat", buffer)
+        repeats = TextSpill(tmp.name, "repeat", buffer)
         ids = DigestSpill(tmp.name, "id", buffer)
-        for n, row in enumerate(read_rows(path, fmt, keys, source, ranked, detected, split=split, notes=notes)):
-            spool.add(row)
-            if row.error is None:
-                for p in row.pairs:
-                    repeats.add(repeat_digest_key(p), n)
+        n, taken, foreign = 0, False, False  # taken: a Run was
+        for item in fastpath.read_items(path, fmt, keys, source, ranked, detected, split, notes, fast):
+            if isinstance(item, fastpath.Fast):
+                spool.add(item.run)
+                repeats.add_digests(item.digests, n)
+                n, taken = n + item.run.rows, True
+                continue
+            spool.add(item)
+            if item.error is None:
+                for p in item.pairs:
+                    repeats.add_texts(repeat_texts(p), n)
                     ids.add(p.id, n)
-        candidates = np.union1d(repeats.repeated(), ids.repeated())
-        changed, agreement = _resolve_candidates(spool, candidates, duplicates, str(path))
+                    foreign = foreign or _foreign_id(p)
+            n += 1
+        if taken and foreign:  # an id that may be a Run row's auto id: digest those too
+            for n, item in runs.numbered(spool):
+                if isinstance(item, Run):
+                    for m, row in enumerate(runs.rows(path, item, keys, source), n):
+                        ids.add(row.pairs[0].id, m)
+        changed, agreement = candidates.resolve(spool, repeats, ids, duplicates, str(path), path, read, tmp.name)
         found = fmt if fmt != "auto" else (detected[0] if detected else None)
-        return Scan(str(path), found, notes, agreement, spool, changed, tmp, tokenizer, max_length)
+        return Scan(path, found, notes, agreement, spool, changed, tmp, read, tokenizer, max_length)
     except BaseException:
         tmp.cleanup()
         raise
 
 
-Outcome = tuple  # (error or None, ((pair index, code, reason), ...)): what the whole-file checks decided for a row
+_AUTO_ID = re.compile(r"[0-9a-f]{16}")
 
 
-def _resolve_candidates(spool: RowSpool, candidates, mode: str, path: str) -> tuple[dict[int, Outcome], dict]:
-    """What the repeated-pair and id checks decide for each candidate row (by number), resolved on the candidates
-    gathered from the spool (without their raw text, which the checks do not read); the agreement over repeated
-    pairs. Only the outcomes of rows that lose something are kept for the replay."""
-    if not len(candidates):
-        return {}, _agreement([])
-    wanted = iter(candidates.tolist())  # sorted row numbers: walked with the spool, no set of them built
-    nxt = next(wanted, None)
-    rows: dict[int, Row] = {}
-    for n, row in enumerate(spool):
-        if n == nxt:
-            row.raw = None
-            rows[n] = row
-            nxt = next(wanted, None)
-            if nxt is None:
-                break
-    before = {n: list(row.pairs) for n, row in rows.items()}
-    subset = list(rows.values())
-    agreement = _check_repeats(subset, mode, path)
-    _check_ids(subset, path)
-    outcomes = {}
-    for n, row in rows.items():
-        index = {id(p): i for i, p in enumerate(before[n])}
-        dropped = tuple((index[id(p)], code, reason) for p, code, reason in row.dropped)
-        if row.error is not None or dropped:
-            outcomes[n] = (row.error, dropped)
-    return outcomes, agreement
-
-
-def _apply(row: Row, outcome: Outcome) -> Row:
-    """A spooled row with what the whole-file checks decided (as _reject_pairs and _check_ids left it)."""
-    error, dropped = outcome
-    if dropped:
-        gone = {i for i, _, _ in dropped}
-        row.dropped = [(row.pairs[i], code, reason) for i, code, reason in dropped]
-        row.pairs = [p for i, p in enumerate(row.pairs) if i not in gone]
-    if error is not None and row.error is None:
-        row.error = error
-    return row
+def _foreign_id(p: PreferencePair | UnpairedRow) -> bool:
+    """An id shaped like an auto id (schema.pair_id) that is not this pair's own: it may be another row's."""
+    if not (isinstance(p.id, str) and _AUTO_ID.fullmatch(p.id)):
+        return False
+    own = unpaired_id(p.prompt, p.completion, p.label) if isinstance(p, UnpairedRow) else pair_id(
+        p.prompt, p.chosen, p.rejected)
+    return p.id != own

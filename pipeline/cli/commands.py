@@ -19,7 +19,7 @@ from pipeline.judging import build_judge
 from feedback.schema import write_pairs
 from feedback.parquet_out import ParquetRows
 from feedback.stats import PairStats
-from feedback.validate import rejected_records, row_problems, scan_file, validate_file
+from feedback.validate import RunPart, rejected_records, row_problems, scan_file, validate_file
 from feedback.readers import ALIASES
 from pipeline import distributed
 from pipeline import plan as planner
@@ -129,7 +129,7 @@ def _print_notes(report) -> None:
 def cmd_data_validate(args) -> int:
     scan, _ = _data_report(args, scan=True)
     with scan:
-        for row in scan.rows():  # each problem printed as its row comes, in file order
+        for row in scan.problem_rows():  # each problem printed as its row comes, in file order
             for line in row_problems(row):
                 print(line)
     _print_notes(scan)
@@ -156,6 +156,20 @@ def _json_line(out: Path, n: int, row: dict) -> str:
                            "nothing written") from None
 
 
+def _write_run(f, scan, part: RunPart, parquet: bool) -> int:
+    """The pairs of a RunPart, as Parquet rows or as canonical JSON lines built whole (runs.canonical_text: what
+    _json_line writes for each); how many."""
+    if not parquet:
+        n, text = scan.text_of(part)
+        f.write(text)
+        return n
+    n = 0
+    for row in scan.rows_of(part):
+        f.add(row.pairs[0].to_dict())
+        n += 1
+    return n
+
+
 def cmd_data_import(args) -> int:
     """Rows are checked and written as they are read (a streamed scan): the output (JSONL, or Parquet when OUT ends
     in .parquet) and OUT.rejected.jsonl are temporary files until the end, put in place only when the run succeeds
@@ -173,7 +187,10 @@ def cmd_data_import(args) -> int:
             if parquet:
                 f = ParquetRows(f, out, scan.unpaired)
                 files.callback(f.close)  # before its file closes, whatever happens (a no-op once closed)
-            for row in scan.rows():
+            for row in scan.parts():
+                if isinstance(row, RunPart):  # valid pairs of a fastpath run, read again from the file
+                    n += _write_run(f, scan, row, parquet)
+                    continue
                 lines = row_problems(row)
                 n_problems += len(lines)
                 problems += lines[: 21 - len(problems)]
@@ -212,7 +229,10 @@ def cmd_data_stats(args) -> int:
     report, tokenizer = _data_report(args, scan=True)
     with report:  # streamed: the pairs are counted as they come, never held
         acc = PairStats(report.unpaired, tokenizer)
-        for row in report.rows():
+        for row in report.parts():  # (with a tokenizer, every part is a Row)
+            if isinstance(row, RunPart):
+                acc.add_columns(*report.columns_of(row), report.source)
+                continue
             for p in row.pairs if row.error is None else ():
                 acc.add(p)
         stats = acc.result(report)
