@@ -26,14 +26,14 @@ from feedback.fastpath import Run
 from feedback.readers import Row
 from feedback.repeats import _check_ids, _check_repeat_counts, agreement
 
-CANDIDATE_BATCH = 4096  # candidate rows resolved at a time (rounded up to whole buckets)
+CANDIDATE_BATCH = 1024  # candidate rows resolved at a time (rounded up to whole buckets)
 
 Outcome = tuple  # (error or None, ((pair index, code, reason), ...), where its line is when in a Run: (offset,
 #                  nbytes) or None): what the whole-file checks decided for a row
 
 
 def resolve(spool: RowSpool, repeats: DigestSpill, ids: DigestSpill, mode: str, path: str, file, read: dict,
-            directory) -> tuple[dict[int, Outcome], dict]:
+            directory, index: runs.LineIndex) -> tuple[dict[int, Outcome], dict]:
     """What the repeated-pair and id checks decide for each candidate row (by number), and the agreement over
     repeated pairs. Only the outcomes of rows that lose something are kept for the replay."""
     batches = _batches(repeats.repeated_by_bucket())
@@ -46,7 +46,7 @@ def resolve(spool: RowSpool, repeats: DigestSpill, ids: DigestSpill, mode: str, 
     paths = [os.path.join(directory, name) for name in names]  # (strings: see digests.DigestSpill)
     with contextlib.ExitStack() as stack:
         out = [stack.enter_context(open(p, "wb")) for p in paths]
-        for n, row, where in _gather(spool, np.union1d(rows, id_rows), file, read):
+        for n, row, where in _gather(spool, np.union1d(rows, id_rows), file, read, index):
             k = np.searchsorted(rows, n)
             if k < len(rows) and rows[k] == n:
                 pickle.dump((n, row, where), out[batch[k]], protocol=pickle.HIGHEST_PROTOCOL)
@@ -90,9 +90,10 @@ def _batches(by_bucket: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _gather(spool: RowSpool, wanted: np.ndarray, file, read: dict) -> Iterator[tuple[int, Row, tuple | None]]:
+def _gather(spool: RowSpool, wanted: np.ndarray, file, read: dict,
+            index: runs.LineIndex) -> Iterator[tuple[int, Row, tuple | None]]:
     """(row number, Row without its raw text, which the checks do not read, where its line is when in a Run) for
-    each wanted row (sorted numbers), in one walk of the spool."""
+    each wanted row (sorted numbers), in one walk of the spool (a Run's lines read alone: `index`)."""
     for n, item in runs.numbered(spool):
         size = item.rows if isinstance(item, Run) else 1
         lo, hi = np.searchsorted(wanted, [n, n + size])
@@ -104,7 +105,7 @@ def _gather(spool: RowSpool, wanted: np.ndarray, file, read: dict) -> Iterator[t
             item.raw = None
             yield n, item, None
             continue
-        for k, offset, raw in runs.run_lines(file, item, (wanted[lo:hi] - n).tolist()):
+        for k, offset, raw in index.lines(file, item, (wanted[lo:hi] - n).tolist()):
             row = runs.line_row(file, item.line + k, raw, **read)
             row.raw = None
             yield n + k, row, (offset, len(raw))

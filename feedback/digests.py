@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from array import array
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +32,7 @@ import pyarrow as pa
 
 BUFFER = 1 << 20  # entries held in memory before a flush (16 MiB)
 BUCKETS = 256  # files the digests are partitioned into, by their top byte
+FLUSH_SLICE = 1 << 17  # entries of the buffer partitioned at a time when it is flushed
 SPOOL_CHUNK = 2048  # rows pickled together in a RowSpool (and held while one is read back)
 _ENTRY = np.dtype([("h", "<u8"), ("i", "<u8")])
 
@@ -95,25 +95,29 @@ class DigestSpill:
         # name each time (growing the interpreter's table of interned strings, a resize of which costs megabytes)
         self.dir, self.name, self.buffer, self.buckets = str(directory), name, buffer, buckets
         self._shift = np.uint64(64 - (buckets - 1).bit_length())
-        self._h, self._i = array("Q"), array("Q")
+        # the buffer allocated once at its full size (its pages touched as it fills): growing it would copy it
+        self._h, self._i, self._n = np.empty(buffer, np.uint64), np.empty(buffer, np.uint64), 0
         self.count = 0
 
     def add(self, key: str, row: int) -> None:
-        self._h.append(digest(key))
-        self._i.append(row)
+        self._h[self._n], self._i[self._n] = digest(key), row
+        self._n += 1
         self.count += 1
-        if len(self._h) >= self.buffer:
+        if self._n >= self.buffer:
             self._flush()
 
     def add_digests(self, digests: np.ndarray, rows: np.ndarray | int) -> None:
         """Digests already computed (repeat_digests), with their row numbers (an int: the first of consecutive
-        rows); flushed as add() flushes (a block's digests in parts of the buffer's size)."""
-        for i in range(0, len(digests), self.buffer):
-            part = digests[i:i + self.buffer]
-            numbers = np.arange(rows + i, rows + i + len(part)) if isinstance(rows, int) else rows[i:i + self.buffer]
-            self._h.frombytes(np.ascontiguousarray(part, dtype="<u8").tobytes())
-            self._i.frombytes(np.ascontiguousarray(numbers, dtype="<u8").tobytes())
-            if len(self._h) >= self.buffer:
+        rows); flushed as add() flushes, whenever the buffer is full."""
+        done = 0
+        while done < len(digests):
+            take = min(len(digests) - done, self.buffer - self._n)
+            self._h[self._n:self._n + take] = digests[done:done + take]
+            self._i[self._n:self._n + take] = (np.arange(rows + done, rows + done + take) if isinstance(rows, int)
+                                               else rows[done:done + take])
+            self._n += take
+            done += take
+            if self._n >= self.buffer:
                 self._flush()
         self.count += len(digests)
 
@@ -121,19 +125,20 @@ class DigestSpill:
         return os.path.join(self.dir, f"{self.name}.{b:03d}")
 
     def _flush(self) -> None:
-        if not self._h:
-            return
-        entries = np.empty(len(self._h), dtype=_ENTRY)
-        entries["h"], entries["i"] = np.frombuffer(self._h, np.uint64), np.frombuffer(self._i, np.uint64)
-        self._h, self._i = array("Q"), array("Q")
-        bucket = entries["h"] >> self._shift
-        order = np.argsort(bucket, kind="stable")
-        entries, bucket = entries[order], bucket[order]
-        bounds = np.searchsorted(bucket, np.arange(self.buckets + 1))
-        for b in range(self.buckets):
-            if bounds[b] < bounds[b + 1]:
+        """The buffer appended to the bucket files, FLUSH_SLICE entries at a time: a flush comes while a block is
+        being read, and its temporaries (the order by bucket, a radix sort of one byte per entry) stay that small."""
+        for lo in range(0, self._n, FLUSH_SLICE):
+            h, i = self._h[lo:min(self._n, lo + FLUSH_SLICE)], self._i[lo:min(self._n, lo + FLUSH_SLICE)]
+            bucket = (h >> self._shift).astype(np.uint8 if self.buckets <= 256 else np.uint32)
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(self.buckets + 1))
+            for b in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+                idx = order[bounds[b]:bounds[b + 1]]
+                part = np.empty(len(idx), dtype=_ENTRY)
+                part["h"], part["i"] = h[idx], i[idx]
                 with open(self._bucket(b), "ab") as f:
-                    entries[bounds[b]:bounds[b + 1]].tofile(f)
+                    part.tofile(f)
+        self._n = 0
 
     def _each_bucket(self) -> Iterator[np.ndarray]:
         self._flush()

@@ -56,13 +56,16 @@ class Run:
     nbytes: int
     line: int  # the first row's line number
     rows: int
+    index: int = -1  # where its lines' starts are in a runs.LineIndex (set when one records them)
 
 
 class Fast(NamedTuple):
-    """A run proposed to the reader, with the digests of its rows' repeat keys (digests.repeat_digests)."""
+    """A run proposed to the reader, with the digests of its rows' repeat keys (digests.repeat_digests) and where
+    each of its lines starts (bytes from the run's first)."""
 
     run: Run
     digests: np.ndarray
+    starts: np.ndarray
 
 
 def eligible(path, fmt: str, split: str | None) -> bool:
@@ -130,16 +133,10 @@ class _Block:
         return self.buf.slice(self.starts[a], self.ends[b - 1] - self.starts[a])
 
 
-def _newlines(buf: pa.Buffer, upto: int | None = None) -> np.ndarray:
-    """Positions of the newlines in buf (the first `upto` or more of them), NEWLINE_SCAN bytes at a time: the
-    comparison's temporary stays that small."""
+def _newlines(buf: pa.Buffer) -> np.ndarray:
+    """Positions of the newlines in buf, NEWLINE_SCAN bytes at a time: the comparison's temporary stays that small."""
     data = np.frombuffer(buf, np.uint8)
-    found, count = [], 0
-    for i in range(0, len(data), NEWLINE_SCAN):
-        found.append(np.flatnonzero(data[i:i + NEWLINE_SCAN] == 10) + i)
-        count += len(found[-1])
-        if upto is not None and count >= upto:
-            break
+    found = [np.flatnonzero(data[i:i + NEWLINE_SCAN] == 10) + i for i in range(0, len(data), NEWLINE_SCAN)]
     return np.concatenate(found) if found else np.empty(0, np.int64)
 
 
@@ -246,7 +243,7 @@ def _parse(block: _Block, a: int, b: int, keys: dict | None, parsed: tuple | Non
         if k < s:
             run = Run(block.offset + int(block.starts[k]), int(block.ends[s - 1] - block.starts[k]), block.line + k,
                       int(s - k))
-            yield Fast(run, digests[k - a:s - a])
+            yield Fast(run, digests[k - a:s - a], block.starts[k:s] - block.starts[k])
         if s < b:
             yield int(s)
         k = s + 1

@@ -7,6 +7,7 @@ test_fastpath.py compares them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from json.encoder import encode_basestring  # json.dumps(ensure_ascii=False)'s string encoder (C)
 from pathlib import Path
@@ -31,19 +32,45 @@ def numbered(spool) -> Iterator[tuple[int, Row | Run]]:
         n += item.rows if isinstance(item, Run) else 1
 
 
-def _run_block(path, run: Run, upto: int | None = None) -> _Block:
-    """The lines of a run (the first `upto` or more of them), read again from the file."""
+def _run_block(path, run: Run) -> _Block:
+    """The lines of a run, read again from the file."""
     with pa.OSFile(str(path)) as f:
         f.seek(run.offset)
         buf = f.read_buffer(run.nbytes)
-    return _Block(buf, run.offset, run.line, _newlines(buf, upto))
+    return _Block(buf, run.offset, run.line, _newlines(buf))
 
 
-def run_lines(path, run: Run, only: list[int]) -> Iterator[tuple[int, int, bytes]]:
-    """(index in the run, byte offset in the file, bytes) of some lines of a run (sorted indices)."""
-    block = _run_block(path, run, only[-1] + 1 if only else 0)
-    for k in only:
-        yield k, run.offset + int(block.starts[k]), block.raw(k)
+class LineIndex:
+    """Where each line of a scan's Runs starts (4 bytes a row, from its run's first byte, in a file of the scan's
+    temporary directory), so that the few lines validate's second pass needs are read alone, not their runs."""
+
+    def __init__(self, path: str):
+        self.path, self.rows = path, 0
+        self._f = open(path, "wb")
+
+    def add(self, fast) -> Run:
+        """A fastpath.Fast's run, its line starts recorded (the Run to keep: it knows where they are)."""
+        self._f.write(np.ascontiguousarray(fast.starts, dtype="<u4").tobytes())
+        run = dataclasses.replace(fast.run, index=self.rows)
+        self.rows += run.rows
+        return run
+
+    def close(self) -> None:
+        self._f.close()
+
+    def lines(self, path, run: Run, only: list[int]) -> Iterator[tuple[int, int, bytes]]:
+        """(index in the run, byte offset in the file, bytes) of some lines of a run (sorted indices)."""
+        if not only:
+            return
+        self._f.flush()
+        lo, hi = only[0], min(only[-1] + 2, run.rows)
+        starts = np.fromfile(self.path, "<u4", count=hi - lo, offset=4 * (run.index + lo)).astype(np.int64)
+        with open(path, "rb") as f:
+            for k in only:
+                start = int(starts[k - lo])
+                end = int(starts[k + 1 - lo]) if k + 1 < run.rows else run.nbytes
+                f.seek(run.offset + start)
+                yield k, run.offset + start, f.read(end - start)
 
 
 def line_at(path, offset: int, nbytes: int) -> bytes:

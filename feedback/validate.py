@@ -332,8 +332,9 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
     row number (digests.DigestSpill: 16 bytes of disk per pair, `buffer` entries of memory, default digests.BUFFER).
     Rows of pairs that nothing flags in a plain JSONL file are read by fastpath.py (`fast`; False reads every row one
     by one) as Runs: the spool keeps where they are, not the rows, and only their repeat keys are digested (an auto
-    id, a hash of the texts, repeats exactly when the texts do; the id of another row that looks like one makes the
-    scan digest theirs too). The rows whose digest repeats are the only ones that can be duplicates, conflicts or
+    id, a hash of the texts, repeats when the texts do; the id of another row that looks like one makes the scan
+    digest theirs too. Two texts sharing the auto id's 64 bits, about 3 chances in a million at 10M pairs, would be
+    a reused id to the per-row path and pass here). The rows whose digest repeats are the only ones that can be duplicates, conflicts or
     reused ids: a second pass over the spool gathers just those rows and resolves them with validate_file's own
     rules (_check_repeats, _check_ids), on their real keys, a batch at a time (candidates.py). `Scan.rows()` then
     replays the spool with those outcomes (and the truncation check) applied."""
@@ -348,10 +349,11 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
         buffer = buffer or digests.BUFFER
         repeats = TextSpill(tmp.name, "repeat", buffer)
         ids = DigestSpill(tmp.name, "id", buffer)
+        index = runs.LineIndex(os.path.join(tmp.name, "lines"))
         n, taken, foreign = 0, False, False  # taken: a Run was
         for item in fastpath.read_items(path, fmt, keys, source, ranked, detected, split, notes, fast):
             if isinstance(item, fastpath.Fast):
-                spool.add(item.run)
+                spool.add(index.add(item))
                 repeats.add_digests(item.digests, n)
                 n, taken = n + item.run.rows, True
                 continue
@@ -367,7 +369,9 @@ def scan_file(path, fmt: str = "auto", keys: dict | None = None, source: str = "
                 if isinstance(item, Run):
                     for m, row in enumerate(runs.rows(path, item, keys, source), n):
                         ids.add(row.pairs[0].id, m)
-        changed, agreement = candidates.resolve(spool, repeats, ids, duplicates, str(path), path, read, tmp.name)
+        changed, agreement = candidates.resolve(spool, repeats, ids, duplicates, str(path), path, read, tmp.name,
+                                                index)
+        index.close()
         found = fmt if fmt != "auto" else (detected[0] if detected else None)
         return Scan(path, found, notes, agreement, spool, changed, tmp, read, tokenizer, max_length)
     except BaseException:
