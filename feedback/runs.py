@@ -1,8 +1,8 @@
-"""The rows of fastpath Runs, read again from their file when they are needed: the lines validate's second pass
-resolves (candidates of repeats, the rows it rejected), every Row (`rows`: for consumers that take Rows), and, for
-writers that do not need Rows, the canonical JSON lines `rlhf data import` writes (`canonical_lines`) and the text
-columns `rlhf data stats` measures (`text_columns`). Each is what the per-line reader gives for the same lines:
-test_fastpath.py compares them.
+"""The rows of fastpath Runs, read again from their file when they are needed: single lines (validate's second
+pass: the candidates of repeats, found through a `LineIndex`, and the rows it rejected), every Row (`rows`: for
+consumers that take Rows), and, for writers that do not need Rows, the canonical JSON lines `rlhf data import`
+writes (`canonical_text`) and the text columns `rlhf data stats` measures (`text_columns`). Each is what the
+per-line reader gives for the same lines: test_fastpath.py compares them.
 """
 
 from __future__ import annotations
