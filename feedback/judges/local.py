@@ -33,7 +33,7 @@ import numpy as np
 from feedback.judges import Judge, JudgeItem, Verdict
 from feedback.judges.prompting import Template, build_messages, select_principles
 from feedback.schema import canonical
-from rlhf.batching import after_prefix, left_pad, position_ids
+from rlhf.batching import after_prefix, keeps_logits, left_pad, position_ids
 from rlhf.text import chat_ids, chat_ids_batch
 
 
@@ -85,11 +85,13 @@ class LocalJudge(Judge):
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"the choices {template.choices[:2]} share their first token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # remote code (or a peft wrapper) may lack these: then every position's logits are computed and the last
-        # one kept, and every prompt is forwarded whole
+        # remote code may lack `logits_to_keep`: then every position's logits are computed and the last one kept
+        # (a peft wrapper passes it through to its base model, which keeps_logits looks at)
+        self._keep = keeps_logits(model)
+        # transformers 5 names a forward's cache `cache`, 4.x `past_key_values` (deprecated in 5). Read from the
+        # model's own forward: a peft wrapper (whose prompt-learning types build their own cache) shows neither,
+        # so its prompts are forwarded whole
         params = inspect.signature(model.forward).parameters
-        self._keep = "logits_to_keep" in params
-        # transformers 5 names a forward's cache `cache`, 4.x `past_key_values` (deprecated in 5)
         self._cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None) if prefix_cache else None
         self.forwards = 0  # batches run (stats)
         self.prefix_tokens = 0  # tokens of the last run's shared prefix, forwarded once instead of in every prompt

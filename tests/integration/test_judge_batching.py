@@ -194,3 +194,23 @@ def test_each_batch_of_verdicts_reaches_the_cache_before_the_next_batch_runs(tin
     judge = CachedJudge(Watched(model, tok, "tiny", template, [], "none", batch_size=2), cache)
     assert len(judge.judge(ITEMS[:5])) == 5
     assert stored_before_batch == [0, 2, 4]
+
+
+def test_a_peft_wrapped_judge_projects_only_the_last_position(tiny_path):
+    """A judge model loaded as an unmerged adapter is a peft wrapper, whose forward shows only **kwargs: the judge
+    still asks its base model for the last position's logits alone (the [batch, length, vocabulary] logits are most
+    of a forward's memory), and gives the same P(A) as the plain model."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_causal_lm(tiny_path, "fp32"), load_tokenizer(tiny_path)
+    template = load_template(ROOT / "configs" / "judges" / "pairwise.yaml")
+    plain = judge_both_orders(LocalJudge(model, tok, "tiny", template, [], "none", batch_size=2), ITEMS[:2],
+                              "average", "tie", 0.0)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True)).eval()
+    projected = []
+    wrapped.get_base_model().lm_head.register_forward_hook(lambda m, i, out: projected.append(out.shape[1]))
+    got = judge_both_orders(LocalJudge(wrapped, tok, "tiny", template, [], "none", batch_size=2), ITEMS[:2],
+                            "average", "tie", 0.0)
+    assert projected and set(projected) == {1}
+    for a, b in zip(plain, got):
+        assert b.prob_a == pytest.approx(a.prob_a, abs=TOL)
