@@ -270,6 +270,36 @@ def last_logged(trainer, keys: tuple) -> dict:
     return {}
 
 
+def prompts_within(cfg, ctx, prompts: list, tok) -> tuple[list, int]:
+    """The prompts of at most cfg.max_prompt_tokens chat-templated tokens, in file order, and how many were not: those
+    are listed in skipped.jsonl (their place in the prompt file and their length), never dropped unseen. Sampling
+    time and memory grow with the longest prompt of a batch (PPO, GRPO, RLOO)."""
+    from rlhf.text import chat_ids_batch, uncounted
+
+    limit = cfg.max_prompt_tokens
+    if limit is None:
+        return prompts, 0
+    with uncounted():  # the samplers count what they neutralise when they use the prompt
+        lengths = [len(ids) for ids in chat_ids_batch(tok, prompts)]  # as they render it
+    skipped = [{"where": f"{cfg.prompts}: prompt {i + 1}", "reason": f"prompt over max_prompt_tokens: {n} tokens > "
+                f"{limit}"} for i, n in enumerate(lengths) if n > limit]
+    if skipped:
+        write_jsonl(ctx.work_dir / "skipped.jsonl", skipped)
+        say(f"[{ctx.name}] {len(skipped)} of {len(prompts)} prompts over max_prompt_tokens {limit} not used (the "
+            f"longest has {max(lengths)} tokens); listed in skipped.jsonl")
+    return [p for p, n in zip(prompts, lengths) if n <= limit], len(skipped)
+
+
+def held_out_summary(trainer, metrics: dict, has_eval: bool, keys: tuple, rows: str = "pairs") -> str:
+    """The held-out values of `keys` for a stage's summary line; without held-out rows (the preferences'
+    eval_fraction 0) it says so and gives the last training log's values, labelled as such, rather than nothing."""
+    values = lambda got: ", ".join(f"{k} {got.get(k, float('nan')):.3f}" for k in keys)  # noqa: E731
+    if has_eval:
+        return f"held-out {values(metrics)}"
+    last = last_logged(trainer, keys)
+    return f"no held-out {rows}" + (f"; the last logged training step's {values(last)}" if last else "")
+
+
 def trl_choices(config_cls, field: str) -> tuple[str, ...]:
     """The values a TRL config documents for `field` ("Possible values are: `'sigmoid'`, ..." or "Supported values
     are 'grpo', ..., and 'vespo'."), so that a stage's setting is checked against the TRL that is installed. TRL

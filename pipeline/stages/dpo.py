@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.blocks import OfflinePreferenceBlock, OptimConfig
-from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, last_logged, load_policy,
+from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, held_out_summary, load_policy,
                                     offline_trainer, pair_datasets, train_and_save, trainer_rows, training_args,
                                     trl_choices)
 from feedback.schema import read_pairs
@@ -136,14 +136,7 @@ def run(cfg: DPOStageConfig, ctx) -> dict:
     out = train_and_save(trainer, ctx, cfg, tok, info, rule, metrics, has_eval=bool(evals), eval_keys=(
         "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"))
     m = out["metrics"]
-    if evals:
-        pairs = (f"held-out rewards/accuracies {m.get('rewards/accuracies', float('nan')):.3f}, "
-                 f"rewards/margins {m.get('rewards/margins', float('nan')):.3f}")
-    else:  # no held-out pair (the preferences' eval_fraction 0): say so, and give what training last logged
-        last = last_logged(trainer, ("rewards/accuracies", "rewards/margins"))
-        pairs = "no held-out pairs" + (f"; the last logged training step's rewards/accuracies "
-                                       f"{last['rewards/accuracies']:.3f}, rewards/margins {last['rewards/margins']:.3f}"
-                                       if len(last) == 2 else "")
+    pairs = held_out_summary(trainer, m, bool(evals), ("rewards/accuracies", "rewards/margins"))
     summary = (f"{out['steps']} steps in {out['seconds']:.1f}s; {pairs}" + rule.summary(m)
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
     out["extra"]["model"].update(precision=precision, loss_type=cfg.loss_type, beta=cfg.beta)

@@ -33,8 +33,8 @@ from pipeline.arrow import message_features, procs, seeded_order
 from pipeline.data import neutralised
 from pipeline.distributed import say
 from pipeline.models import resolve_precision
-from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, load_policy, offline_trainer,
-                                    pair_datasets, train_and_save, trainer_rows, training_args)
+from pipeline.stages.common import (RuleReward, chat_prompt_tokens, held_out_prompts, held_out_summary, load_policy,
+                                    offline_trainer, pair_datasets, train_and_save, trainer_rows, training_args)
 
 COLUMNS = ["prompt", "completion", "label"]  # TRL's conversational unpaired row
 WEIGHT_RANGE = (1.0, 4 / 3)  # desirable_weight * n_desirable / (undesirable_weight * n_undesirable), KTO paper eq. 8
@@ -197,8 +197,8 @@ def run(cfg: KTOStageConfig, ctx) -> dict:
     out = train_and_save(trainer, ctx, cfg, tok, info, rule, metrics, has_eval=bool(evals), eval_keys=(
         "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected"))
     m = out["metrics"]
-    margins = f"; held-out rewards/margins {m['rewards/margins']:.3f}" if "rewards/margins" in m else ""
-    summary = (f"{out['steps']} steps in {out['seconds']:.1f}s{margins}" + rule.summary(m)
+    margins = held_out_summary(trainer, m, bool(evals), ("rewards/margins",), rows="rows")
+    summary = (f"{out['steps']} steps in {out['seconds']:.1f}s; {margins}" + rule.summary(m)
                + f"; artifact: {ctx.run_dir / ctx.name / 'model'}")
     out["extra"]["model"].update(precision=precision, loss_type=cfg.loss_type, beta=cfg.beta)
     out["extra"]["weights"] = {"desirable": desirable_weight, "undesirable": undesirable_weight,

@@ -63,7 +63,10 @@ def test_kto_learns_from_unpaired_feedback(tmp_path, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     block = {"stage": "kto", "policy": "stage:sft", "preferences": "stage:extra_prefs", "max_length": 64,
              "precision": "fp32", "optim": {"max_steps": 2, "per_device_batch_size": 4}}
+    capsys.readouterr()
     assert _stages(run, tmp_path, "kto_small", block, data) == 0
+    # its preferences hold nothing out: the summary says so rather than silently leaving the margins out
+    assert "; no held-out rows" in capsys.readouterr().out
     m = artifacts.load_artifact(run / "kto_small", "policy").manifest
     skipped = [json.loads(x) for x in (run / "kto_small" / "skipped.jsonl").read_text().splitlines()]
     assert [s["reason"].split(":")[0] for s in skipped] == ["prompt over max_length"] and m["counts"]["skipped"] == 1
