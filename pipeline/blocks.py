@@ -425,6 +425,9 @@ class OnlineRLBlock(TrainingBlock):
     prompts_split: str | None = Field(None, description="prompts is a DatasetDict directory: the split to read "
                                       "(default: train)")
     reward: RewardSourceConfig = Field(description="a reward model (model: stage:NAME), a rule, or both (summed)")
+    max_prompt_tokens: int | None = Field(1024, ge=1, description="longest prompt, in tokens as the chat template "
+                                          "renders it (OpenRLHF's prompt_max_len): longer ones are neither trained "
+                                          "nor evaluated on, counted and listed in skipped.jsonl; null: no limit")
     eval_rule: str | None = Field(None, description="a rule reported on held-out prompts (eval/rule_reward_mean)")
 
     def inputs(self) -> dict[str, tuple[str, str]]:

@@ -11,6 +11,7 @@ character, and counted (NEUTRALISED; the runner reports the count per stage).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 
@@ -48,6 +49,17 @@ def neutralise_special_tokens(tokenizer, text: str) -> str:
         return s[0] + _ZWSP + s[1:] if len(s) > 1 else "\ufffd"
 
     return pattern.sub(broken, text)
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Neutralisations inside the block are left out of NEUTRALISED: a text measured (a prompt's length), not used."""
+    saved = NEUTRALISED.copy()
+    try:
+        yield
+    finally:
+        NEUTRALISED.clear()
+        NEUTRALISED.update(saved)
 
 
 def safe_messages(tokenizer, prompt) -> list[dict]:

@@ -32,7 +32,8 @@ from pydantic import Field, model_validator
 from pipeline.blocks import OnlineRLBlock, OptimConfig
 from rlhf.errors import UsageError
 from pipeline.stages.common import (RuleReward, final_model, fit, held_out_named, load_policy, memory_metrics,
-                                    peft_config, perf_metrics, save_policy, training_args, weights_dtype)
+                                    peft_config, perf_metrics, prompts_within, save_policy, training_args,
+                                    weights_dtype)
 from pipeline.data import neutralised, read_prompts, resolve_data_path, split_by_prompt
 from pipeline.distributed import say
 from pipeline.models import count_parameters, resolve_precision
@@ -112,7 +113,8 @@ class GroupRLStageConfig(OnlineRLBlock):
         # sampling completions of max_completion_length after the prompt; a reference with beta > 0 (full tuning) and
         # a reward model, whole
         frozen = int(self.beta > 0 and self.tuning != "lora") + int(bool(self.reward.model))
-        return {"batch": self.optim.per_device_batch_size, "seq": prompt_tokens + self.max_completion_length,
+        longest = min(prompt_tokens, self.max_prompt_tokens or prompt_tokens)
+        return {"batch": self.optim.per_device_batch_size, "seq": longest + self.max_completion_length,
                 "generate": self.max_completion_length, "gen_batch": self.optim.per_device_batch_size,
                 "frozen_models": frozen}
 
@@ -221,11 +223,12 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
     from pipeline.rl.models import disable_dropout, refuse_random_forwards  # deferred: it imports torch
 
     set_seed(ctx.seed)
-    prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
-    # prompts are held out when eval_fraction is written or eval_rule samples them; otherwise all are trained on
-    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.held_out, ctx.seed, prompt_of=lambda p: p)
     precision = resolve_precision(cfg.precision)
     _, info, tok, model = load_policy(ctx, cfg.policy)
+    prompts, skipped = prompts_within(cfg, ctx, read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split),
+                                      tok)
+    # prompts are held out when eval_fraction is written or eval_rule samples them; otherwise all are trained on
+    train_prompts, eval_prompts = split_by_prompt(prompts, cfg.held_out, ctx.seed, prompt_of=lambda p: p)
     # TRL applies the chat template to these: special tokens in a prompt file stay text
     train = [neutralised(tok, {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p})
              for p in train_prompts]
@@ -271,9 +274,10 @@ def run(cfg: GroupRLStageConfig, ctx) -> dict:
                              trust_remote_code=info.get("trust_remote_code", False), revision=info.get("revision"))
     steps = trainer.state.global_step
     summary = f"{steps} steps in {seconds:.1f}s{rule.summary(metrics)}; artifact: {ctx.run_dir / ctx.name / 'model'}"
-    return {"kind": "policy", "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+    outputs = {"model": "model", "metrics": "metrics.jsonl", **({"skipped": "skipped.jsonl"} if skipped else {})}
+    return {"kind": "policy", "outputs": outputs,
             "metrics": {**metrics, "train/steps": steps, "train/seconds": round(seconds, 2), **memory_metrics()},
-            "counts": {"train_prompts": len(train), "eval_prompts": len(eval_prompts)},
+            "counts": {"train_prompts": len(train), "eval_prompts": len(eval_prompts), "skipped_prompts": skipped},
             "extra": {"model": {**info, "tuning": cfg.tuning, "adapter": is_adapter, "parameters": total,
                                 "trainable": trainable, "precision": precision, "weights_dtype": weights_dtype(model),
                                 "method": cfg.stage}},

@@ -34,7 +34,7 @@ from pipeline.distributed import say
 from pipeline.mfu import FlopCounter
 from pipeline.models import count_parameters, hidden_size, load_causal_lm, load_tokenizer, resolve_precision
 from pipeline.stages.common import (held_out_named, logits_fingerprint, memory_metrics, peak_memory, peft_config,
-                                   save_model)
+                                    prompts_within, save_model)
 from pipeline.tracking import wandb_run
 from reward.scoring import load_reward_model
 
@@ -181,7 +181,8 @@ class PPOStageConfig(OnlineRLBlock):
     def memory(self, procs: int, prompt_tokens: int) -> dict:
         # our own loop: micro-batches of ppo.micro_batch_size, this process's share of the prompts sampled at once, a
         # reference (full tuning) and a reward model, a critic of the policy's size with value_model: critic
-        return {"batch": self.ppo.micro_batch_size, "seq": prompt_tokens + self.rollout.max_new_tokens,
+        longest = min(prompt_tokens, self.max_prompt_tokens or prompt_tokens)
+        return {"batch": self.ppo.micro_batch_size, "seq": longest + self.rollout.max_new_tokens,
                 "generate": self.rollout.max_new_tokens, "gen_batch": max(1, self.rollout.prompts_per_step // procs),
                 "frozen_models": int(self.tuning != "lora") + int(bool(self.reward.model)),
                 "critic": self.value_model == "critic", "gather_for_generation": self.rollout.gather_zero3,
@@ -290,6 +291,7 @@ class _Setup:
     reward_art: Artifact | None
     per_rank: int
     minibatch: int
+    skipped: int  # prompts over max_prompt_tokens, listed in skipped.jsonl
 
 
 def run(cfg: PPOStageConfig, ctx) -> dict:
@@ -324,11 +326,15 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
     strategy = zero.select(ds, cfg.frozen.zero3, cfg.frozen.offload, cfg.rollout.gather_zero3)
     per_rank, minibatch = local_sizes(cfg, world)
     prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
+    tok = load_tokenizer(policy_path, info.get("trust_remote_code", False), info.get("revision"))
+    prompts, skipped = prompts_within(cfg, ctx, prompts, tok)
     train_prompts, eval_prompts = split_by_prompt(prompts, cfg.eval_fraction, ctx.seed, prompt_of=lambda p: p)
     eval_prompts = eval_prompts[: cfg.max_eval_prompts]
     if len(train_prompts) < cfg.rollout.prompts_per_step:
         raise InvalidInput(f"{cfg.prompts}: {len(train_prompts)} training prompts, fewer than "
-                           f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}")
+                           f"rollout.prompts_per_step {cfg.rollout.prompts_per_step}"
+                           + (f" (after skipping {skipped} over max_prompt_tokens: see skipped.jsonl)"
+                              if skipped else ""))
 
     models, reward_fn, tok, placement = _load_models(cfg, ctx, precision, strategy, policy_path, reward_art, info)
     models.prepare(strategy, Optim(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.max_grad_norm,
@@ -347,7 +353,7 @@ def _setup(cfg: PPOStageConfig, ctx) -> _Setup:
         + (f"; {world} processes, {per_rank} prompts each per step" if world > 1 else ""))
     say(f"[{ctx.name}] models: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in placement.items()))
     return _Setup(models, strategy, reward_fn, kl_ctl, tok, load_callable(cfg.eval_rule) if cfg.eval_rule else None,
-                  train_prompts, eval_prompts, info, policy_path, reward_art, per_rank, minibatch)
+                  train_prompts, eval_prompts, info, policy_path, reward_art, per_rank, minibatch, skipped)
 
 
 def _loop(cfg: PPOStageConfig, ctx, s: _Setup) -> tuple[dict, dict, dict, float]:
@@ -457,6 +463,8 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     memory = peak_memory()
     outputs = {"model": "model", "metrics": "metrics.jsonl", "samples": "samples.jsonl"}
     outputs.update(_save(cfg, ctx, s))
+    if s.skipped:
+        outputs["skipped"] = "skipped.jsonl"
     metrics = {**last, **{f"{k}_initial": v for k, v in before.items()}, **after, "train/steps": cfg.steps,
                "train/seconds": round(seconds, 2), **memory_metrics()}
     key = "eval/rule_reward_mean" if s.eval_rule else "eval/reward_mean"
@@ -471,7 +479,7 @@ def _finish(cfg: PPOStageConfig, ctx, s: _Setup, before: dict, after: dict, last
     zero = getattr(s.strategy, "stage", 0)
     return {"kind": "policy", "outputs": outputs, "metrics": metrics,
             "counts": {"train_prompts": len(s.train_prompts), "eval_prompts": len(s.eval_prompts),
-                       "rollouts": cfg.steps * cfg.rollout.prompts_per_step},
+                       "skipped_prompts": s.skipped, "rollouts": cfg.steps * cfg.rollout.prompts_per_step},
             "extra": {"ppo_state": {"kl_coef": s.kl_ctl.value, "kl": s.kl_ctl.state_dict()},
                       "model": s.info,
                       "check": {"logits_fingerprint": fingerprint},

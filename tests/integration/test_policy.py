@@ -143,13 +143,51 @@ def test_dpo_raises_held_out_rule_reward(tmp_path):
     assert (run / "dpo" / "model" / "model.safetensors").exists()
 
 
-def test_grpo_and_rloo_run_end_to_end(tmp_path):
+def test_grpo_and_rloo_run_end_to_end(tmp_path, tiny_path):
+    from pipeline.data import read_prompts, resolve_data_path
+    from pipeline.models import load_tokenizer
+    from rlhf.text import chat_ids_batch
+
+    # RLOO leaves out the prompts longer than the median one (as the chat template renders them), listing them
+    prompts = read_prompts(resolve_data_path("synthetic:prompts"))
+    lengths = sorted(len(ids) for ids in chat_ids_batch(load_tokenizer(tiny_path), prompts))
+    limit = lengths[len(lengths) // 2]
+    over = sum(n > limit for n in lengths)
     run = tmp_path / "run"
     assert main(["run", str(ROOT / "configs" / "tiny-grpo.yaml"), "--run-dir", str(run),
-                 "--set", "stages.grpo.optim.max_steps=4", "--set", "stages.rloo.optim.max_steps=4"]) == 0
+                 "--set", "stages.grpo.optim.max_steps=4", "--set", "stages.rloo.optim.max_steps=4",
+                 "--set", f"stages.rloo.max_prompt_tokens={limit}"]) == 0
     for name in ("grpo", "rloo"):
         art = artifacts.load_artifact(run / name, "policy")
         assert art.manifest["model"]["method"] == name and art.manifest["metrics"]["train/steps"] == 4
         assert "eval/rule_reward_mean" in art.manifest["metrics"]
         assert_mfu(art.manifest["metrics"], reference=True)  # sampling counts as forwards alone
         assert (art.output("model") / "model.safetensors").exists()
+        c = art.manifest["counts"]
+        assert c["skipped_prompts"] == (over if name == "rloo" else 0) and 0 < over < len(prompts)
+        assert c["train_prompts"] + c["eval_prompts"] == len(prompts) - c["skipped_prompts"]
+    assert sum(1 for _ in (run / "rloo" / "skipped.jsonl").open()) == over
+
+
+def test_ppo_skips_prompts_over_max_prompt_tokens_and_lists_them(tiny_run, tmp_path, capsys):
+    """A prompt longer than max_prompt_tokens is never sampled: counted, named by its place in the file with
+    its length in skipped.jsonl, and absent from every rollout (one long prompt makes a whole batch slow)."""
+    things = ("river", "lake", "sea", "park", "library", "garden", "forest", "hill", "town", "beach")
+    rows = [{"prompt": f"Tell me about the {t}."} for t in things]
+    for i in (2, 6, 9):  # the 3rd, 7th and 10th prompts: far over the limit
+        rows.insert(i, {"prompt": "Tell me about the river and its banks. " * 20})
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    block = _ppo_block(prompts=str(path), eval_fraction=0, steps=1,
+                       rollout={"prompts_per_step": 8, "max_new_tokens": 8}, max_prompt_tokens=48,
+                       log_samples_every=1)
+    block.pop("max_eval_prompts")
+    assert _run_extra(tiny_run, tmp_path, block, "ppo_long") == 0
+    assert "3 of 13 prompts over max_prompt_tokens 48 not used" in capsys.readouterr().out
+    manifest = artifacts.load_artifact(tiny_run / "ppo_long", "policy").manifest
+    assert manifest["counts"]["skipped_prompts"] == 3 and manifest["counts"]["train_prompts"] == 10
+    skipped = [json.loads(x) for x in (tiny_run / "ppo_long" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["where"] for s in skipped] == [f"{path}: prompt {n}" for n in (3, 7, 10)]
+    assert all(s["reason"].startswith("prompt over max_prompt_tokens: ") for s in skipped)
+    sampled = [json.loads(x)["prompt"] for x in (tiny_run / "ppo_long" / "samples.jsonl").read_text().splitlines()]
+    assert sampled and not any("its banks" in str(p) for p in sampled)
