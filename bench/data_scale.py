@@ -1,6 +1,6 @@
-"""Benchmark (not a test): `rlhf data validate`, `import` and `stats` on generated preference files of 1M and 10M
-pairs, side by side with `datasets.load_dataset("json")` of the same file: wall time, the ratio to load_dataset's,
-and peak RSS.
+"""Benchmark (not a test): `rlhf data validate`, `import` and `stats`, and the preferences stage (`rlhf run` of a
+config holding only it), on generated preference files of 1M and 10M pairs, side by side with
+`datasets.load_dataset("json")` of the same file: wall time, the ratio to load_dataset's, and peak RSS.
 
     .venv/bin/python bench/data_scale.py                      # 1M and 10M pairs
     .venv/bin/python bench/data_scale.py --rows 1000000        # 1M only
@@ -87,6 +87,14 @@ LOAD = ("import sys, datasets; datasets.disable_progress_bars(); "
         "print(len(ds))")
 
 
+def stage_config(path: Path, work: Path) -> Path:
+    """A run of one preferences stage on `path` (its rejected rows skipped and listed, 1% of prompts held out)."""
+    cfg = work / "preferences.yaml"
+    cfg.write_text(json.dumps({"run_dir": str(work / "run"), "seed": 0, "stages": [
+        {"stage": "preferences", "data": {"path": str(path), "on_error": "skip"}, "eval_fraction": 0.01}]}))
+    return cfg  # JSON is YAML
+
+
 def run_one(rows: int, work: Path) -> list[dict]:
     path = work / f"pairs-{rows}.jsonl"
     print(f"generating {rows:,} pairs in {path} ...", flush=True)
@@ -100,7 +108,8 @@ def run_one(rows: int, work: Path) -> list[dict]:
                 ("rlhf data validate", [PY, "-m", "pipeline", "data", "validate", str(path)]),
                 ("rlhf data import --on-error skip", [PY, "-m", "pipeline", "data", "import", str(path), "-o",
                                                       str(work / "out.jsonl"), "--on-error", "skip"]),
-                ("rlhf data stats", [PY, "-m", "pipeline", "data", "stats", str(path)])]
+                ("rlhf data stats", [PY, "-m", "pipeline", "data", "stats", str(path)]),
+                ("preferences stage (rlhf run)", [PY, "-m", "pipeline", "run", str(stage_config(path, work))])]
         for name, cmd in runs:
             print(f"  {name} ...", flush=True)
             m = measure(cmd, env)
@@ -108,8 +117,9 @@ def run_one(rows: int, work: Path) -> list[dict]:
             out.append({"rows": rows, "mb": size / 1e6, "what": name, **m})
             print(f"    {m['seconds']:.1f} s, {m['rss_mib']:.0f} MiB, exit {m['rc']}", flush=True)
     finally:
-        for p in (path, work / "out.jsonl", work / "out.rejected.jsonl"):
+        for p in (path, work / "out.jsonl", work / "out.rejected.jsonl", work / "preferences.yaml"):
             p.unlink(missing_ok=True)
+        shutil.rmtree(work / "run", ignore_errors=True)
     return out
 
 

@@ -224,6 +224,10 @@ class Scan:
         self._spool, self._changed, self._tmp = spool, changed, tmp
         self._changed_rows = np.array(sorted(changed), dtype=np.int64)
         self._tokenizer, self._max_length = tokenizer, max_length
+        # the truncation check tokenizes every row: done on the first whole replay, whose outcomes (the rows it
+        # rejects, a few) later replays reuse, so that a second pass (the preferences stage's) costs no tokenizing
+        self._truncated: dict[int, tuple] = {}
+        self._truncation_known = False
         self.tally = Tally(self.unpaired)
 
     @property
@@ -243,6 +247,7 @@ class Scan:
                 if isinstance(item, Run) else (item,)
             for m, row in enumerate(rows, n):
                 yield self._checked(m, row)
+        self._truncation_known = self._tokenizer is not None and bool(self._max_length)
 
     def parts(self) -> Iterator[Row | RunPart]:
         """Every row as rows() gives it, but the rows of a fastpath.Run that the whole-file checks left alone: those
@@ -288,8 +293,14 @@ class Scan:
     def _checked(self, n: int, row: Row) -> Row:
         if n in self._changed:
             row = candidates.apply(row, self._changed[n])
-        if self._tokenizer is not None and self._max_length:
+        if self._truncation_known:
+            if n in self._truncated:
+                row.error = self._truncated[n]
+        elif self._tokenizer is not None and self._max_length:
+            before = row.error
             _check_truncation([row], self._tokenizer, self._max_length)
+            if row.error is not before:
+                self._truncated[n] = row.error
         self.tally.add(row)
         return row
 

@@ -200,7 +200,12 @@ def split_by_prompt(items: list, eval_fraction: float, seed: int, prompt_of=lamb
 def held_out_keys(items, eval_fraction: float, seed: int, prompt_of=lambda p: p.prompt) -> set[str]:
     """The prompt keys split_by_prompt holds out, from one pass over `items` (any iterable): a stage can then write
     each item to its side as it reads it again, without a list of either side."""
-    prompts = sorted({prompt_key(prompt_of(p)) for p in items})
+    return held_out_of({prompt_key(prompt_of(p)) for p in items}, eval_fraction, seed)
+
+
+def held_out_of(keys: set[str], eval_fraction: float, seed: int) -> set[str]:
+    """The prompt keys (schema.prompt_key) held out of `keys`, the distinct prompts: held_out_keys's seeded choice."""
+    prompts = sorted(keys)
     random.Random(seed).shuffle(prompts)
     n_eval = math.ceil(len(prompts) * eval_fraction) if eval_fraction > 0 and len(prompts) > 1 else 0
     return set(prompts[:n_eval])

@@ -74,18 +74,23 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def json_line(path: str | Path, n: int, row: dict) -> str:
+    """Row `n` of the JSON Lines file `path`, with its newline. NaN and Infinity are refused (they are not JSON, and
+    other readers fail on them): an error naming the file and the row, and (from inside open_atomic) nothing
+    written."""
+    try:
+        return json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise InvalidInput(f"{path}: row {n} cannot be written as JSON: {exc} (NaN and Infinity are not JSON); "
+                           "nothing written") from None
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """One JSON object per line, written atomically as the rows come (a generator of millions of rows is never held
-    in memory). NaN and Infinity are refused (they are not JSON, and other readers fail on them): an error naming
-    the row, and nothing written (the temporary file is removed, `path` left as it was)."""
+    """One JSON object per line (json_line), written atomically as the rows come (a generator of millions of rows is
+    never held in memory)."""
     n = 0
     with open_atomic(path) as f:
         for row in rows:
-            try:
-                line = json.dumps(row, ensure_ascii=False, allow_nan=False)
-            except ValueError as exc:
-                raise InvalidInput(f"{path}: row {n + 1} cannot be written as JSON: {exc} (NaN and Infinity are "
-                                   "not JSON); nothing written") from None
-            f.write(line + "\n")
             n += 1
+            f.write(json_line(path, n, row))
     return n

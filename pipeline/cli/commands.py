@@ -24,7 +24,7 @@ from feedback.readers import ALIASES
 from pipeline import distributed
 from pipeline import plan as planner
 from pipeline.artifacts import MANIFEST, load_artifact, write_json, write_jsonl
-from rlhf.io import open_atomic
+from rlhf.io import json_line, open_atomic
 from pipeline.blocks import optim_changes, validate
 from pipeline.config import ModelSpec, load_pipeline
 from pipeline.data import read_prompts, resolve_data_path
@@ -148,17 +148,9 @@ class _Invalid(Exception):
     """--on-error fail found a problem: the files being written are discarded."""
 
 
-def _json_line(out: Path, n: int, row: dict) -> str:
-    try:
-        return json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
-    except ValueError as exc:  # as write_jsonl says it
-        raise InvalidInput(f"{out}: row {n} cannot be written as JSON: {exc} (NaN and Infinity are not JSON); "
-                           "nothing written") from None
-
-
 def _write_run(f, scan, part: RunPart, parquet: bool) -> int:
     """The pairs of a RunPart, as Parquet rows or as canonical JSON lines built whole (runs.canonical_text: what
-    _json_line writes for each); how many."""
+    json_line writes for each); how many."""
     if not parquet:
         n, text = scan.text_of(part)
         f.write(text)
@@ -201,11 +193,11 @@ def cmd_data_import(args) -> int:
                     if parquet:
                         f.add(p.to_dict())
                     else:
-                        f.write(_json_line(out, n, p.to_dict()))
+                        f.write(json_line(out, n, p.to_dict()))
                 for rec in rejected_records(row):
                     rf = rf or files.enter_context(open_atomic(rejected_path))
                     n_rejected += 1
-                    rf.write(_json_line(rejected_path, n_rejected, rec))
+                    rf.write(json_line(rejected_path, n_rejected, rec))
             if not scan.ok and args.on_error == "fail":
                 raise _Invalid  # the temporary files are removed
             if parquet:

@@ -225,3 +225,46 @@ def test_import_to_parquet_when_asked(tmp_path, capsys):
     assert main(["data", "import", str(mixed), "-o", str(tmp_path / "m.parquet")]) == 1
     assert "row 2 holds message lists where row 1 holds strings" in capsys.readouterr().err
     assert not (tmp_path / "m.parquet").exists() and not list(tmp_path.glob(".m.parquet*"))
+
+
+def test_the_preferences_stage_streams_and_splits_as_in_memory(tmp_path, capsys, monkeypatch):
+    """The preferences stage on 10x the pairs peaks at about the same memory (it held every row as Python objects:
+    about 12x more at 10,000 pairs); what it holds grows only by the distinct prompts' keys, which decide the split.
+    Its split is split_by_prompt's over validate_file's pairs, pair for pair, and bad rows are still named."""
+    from pipeline import artifacts
+    from pipeline.data import split_by_prompt
+    from tests.conftest import write_yaml
+
+    from feedback import fastpath
+
+    monkeypatch.setattr(digests, "BUFFER", 512)
+    monkeypatch.setattr(digests, "SPOOL_CHUNK", 64)
+    monkeypatch.setattr(fastpath, "BLOCK", 64 << 10)  # a block's columns are held while it is written: 64 KiB
+
+    def stage(name: str, path: Path, **data) -> int:
+        cfg = {"run_dir": str(tmp_path / "run"), "seed": 3, "stages": [
+            {"stage": "preferences", "name": name, "data": {"path": str(path), **data}, "eval_fraction": 0.25}]}
+        return main(["run", str(write_yaml(tmp_path / f"{name}.yaml", cfg))])
+
+    rows = pairs_rows(10000)
+    for i in range(0, 10000, 7):  # several pairs of one prompt: they must land on one side
+        rows[i]["prompt"] = f"q{i // 70}"
+    rows[5] = {"prompt": "q5", "chosen": "same", "rejected": "same"}  # a bad row, skipped and listed
+    warm, small, large = (write_jsonl(tmp_path / f"{n}.jsonl", rows[:n]) for n in (10, 1000, 10000))
+    assert stage("warm", warm, on_error="skip") == 0  # imports and caches, before anything is measured
+    p_small = peak(lambda: stage("small", small, on_error="skip"))
+    p_large = peak(lambda: stage("large", large, on_error="skip"))
+    assert p_large < 1.5 * p_small + 2_000_000, (p_small, p_large)
+
+    art = artifacts.load_artifact(tmp_path / "run" / "large", "preferences")
+    train, held = (art.output(k).read_text().splitlines() for k in ("train", "eval"))
+    expected = split_by_prompt(validate_file(large).pairs, 0.25, 3)
+    assert [json.loads(x) for x in train] == [p.to_dict() for p in expected[0]]
+    assert [json.loads(x) for x in held] == [p.to_dict() for p in expected[1]]
+    rejected = [json.loads(x) for x in art.output("rejected").read_text().splitlines()]
+    assert [(r["line"], r["code"]) for r in rejected] == [(6, rejected[0]["code"])] and len(rejected) == 1
+    assert art.manifest["counts"]["train"] + art.manifest["counts"]["eval"] == 9999
+    capsys.readouterr()
+    assert stage("failing", large) == 1  # on_error: fail names the row and writes nothing
+    assert f"{large}:6: " in capsys.readouterr().err
+    assert not (tmp_path / "run" / "failing").exists()
