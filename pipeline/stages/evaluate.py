@@ -432,17 +432,22 @@ def _fact(v) -> str:
     return f"{v:>13,d}" if isinstance(v, int) else f"{v:>13.3f}" if abs(v) < 100 else f"{v:>13,.0f}"
 
 
-def prompts_described(cfg: EvaluateStageConfig) -> str:
-    """What the evaluated prompts are: the held-out split, or (eval_fraction 0) every prompt of the file."""
-    return (f"held-out prompts (eval_fraction {cfg.eval_fraction} of {cfg.prompts})" if cfg.eval_fraction > 0
-            else f"prompts (every prompt of {cfg.prompts}: eval_fraction 0, none held out)")
+def prompts_described(cfg: EvaluateStageConfig, used: int, available: int) -> str:
+    """What the evaluated prompts are: the held-out split, or (eval_fraction 0) the file as given; and, when
+    max_prompts cut them, how many there were (the HH recipe's "48 prompts" are the first 48 of its 223, and a file
+    of held-out prompts evaluated whole is not split by this stage: "none split off", not "none held out")."""
+    first = f"; the first {used} of {available}" if used < available else ""
+    return (f"held-out prompts (eval_fraction {cfg.eval_fraction} of {cfg.prompts}{first})" if cfg.eval_fraction > 0
+            else f"prompts ({'every prompt' if not first else 'prompts'} of {cfg.prompts}: eval_fraction 0, none split "
+                 f"off{first})")
 
 
-def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> list:
+def held_out_prompts(cfg: EvaluateStageConfig, seed: int) -> tuple[list, int]:
+    """(the prompts to evaluate: the first max_prompts of the held-out split, or of the file; how many there were)."""
     prompts = read_prompts(resolve_data_path(cfg.prompts), split=cfg.prompts_split)
     if cfg.eval_fraction > 0:
         _, prompts = split_by_prompt(prompts, cfg.eval_fraction, seed, prompt_of=lambda p: p)
-    return prompts[: cfg.max_prompts]
+    return prompts[: cfg.max_prompts], len(prompts)
 
 
 def policy_facts(manifest: dict) -> dict:
@@ -476,15 +481,16 @@ def resolve_policies(cfg: EvaluateStageConfig, resolve, seed: int) -> tuple[list
 def compare(cfg: EvaluateStageConfig, resolve, reward_path: str | None, out_dir, seed: int,
             reward_trust: bool = False, scorer_paths: dict[str, str] | None = None) -> dict:
     """Run the comparison and write its outputs (samples.jsonl, table.csv) into out_dir: the stage's result."""
-    prompts = held_out_prompts(cfg, seed)
+    prompts, available = held_out_prompts(cfg, seed)
     policies, known = resolve_policies(cfg, resolve, seed)
-    say(f"[evaluate] {len(policies)} policies x {len(prompts)} {prompts_described(cfg)}")
+    described = prompts_described(cfg, len(prompts), available)
+    say(f"[evaluate] {len(policies)} policies x {len(prompts)} {described}")
     metrics, rows, judge_id = evaluate(cfg, policies, prompts, seed, reward_path, reward_trust, scorer_paths)
     names, scorers = [p.name for p in policies], list(scorer_paths or {})
     write_outputs(out_dir, rows, names, scorers)
     say(table(metrics, names, cfg.baseline, known, scorers))
     return {"kind": "eval", "outputs": {"samples": "samples.jsonl", "table": "table.csv"}, "metrics": metrics,
-            "counts": {"prompts": len(prompts), "policies": len(policies)},
+            "counts": {"prompts": len(prompts), "policies": len(policies), "prompts_available": available},
             "extra": {"evaluate": {"policies": known, "baseline": cfg.baseline, "reference": cfg.reference,
                                    "judge": judge_id, "scorers": dict(cfg.scorers) if scorer_paths else {},
                                    "length_control": "logistic regression of the outcome on the length difference "
@@ -516,5 +522,7 @@ def run(cfg: EvaluateStageConfig, ctx) -> dict:
     scorer_paths = {n: str(ctx.artifact(ref, "reward_model", f"scorers.{n}").path) for n, ref in cfg.scorers.items()}
     out = compare(cfg, resolve, str(reward_art.path) if reward_art else None, ctx.work_dir, ctx.seed,
                   bool(cfg.reward_model) and ctx.trusts_remote_code(cfg.reward_model), scorer_paths)
-    return {**out, "summary": f"{out['counts']['policies']} policies on {out['counts']['prompts']} "
-                              f"{prompts_described(cfg)}; table in {ctx.run_dir / ctx.name / 'table.csv'}"}
+    n = out["counts"]
+    return {**out, "summary": f"{n['policies']} policies on {n['prompts']} "
+                              f"{prompts_described(cfg, n['prompts'], n['prompts_available'])}; "
+                              f"table in {ctx.run_dir / ctx.name / 'table.csv'}"}

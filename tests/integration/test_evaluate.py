@@ -66,10 +66,12 @@ def test_rlhf_eval_says_whether_its_prompts_are_held_out(tmp_path, capsys):
     args = ["eval", "a=tiny", "b=tiny", "--prompts", "synthetic:prompts", "--max-prompts", "2", "--max-new-tokens", "2"]
     assert main([*args, "-o", str(tmp_path / "all")]) == 0
     out = capsys.readouterr().out
-    assert "2 policies x 2 prompts (every prompt of synthetic:prompts: eval_fraction 0, none held out)" in out
+    assert ("2 policies x 2 prompts (prompts of synthetic:prompts: eval_fraction 0, none split off; the first 2 "
+            "of 192)") in out
     assert "held-out" not in out
     assert main([*args, "--eval-fraction", "0.2", "-o", str(tmp_path / "held")]) == 0
-    assert "2 policies x 2 held-out prompts (eval_fraction 0.2 of synthetic:prompts)" in capsys.readouterr().out
+    held = capsys.readouterr().out
+    assert "2 policies x 2 held-out prompts (eval_fraction 0.2 of synthetic:prompts; the first 2 of " in held
 
 
 def test_rlhf_eval_reads_one_split_of_a_dataset_dict(tmp_path, capsys):

@@ -70,7 +70,8 @@ def test_rlhf_eval_takes_revision_and_trust_remote_code_and_says_which_prompts(t
 
     res = _rlhf(tmp_path, hub, *args, "--revision", "hub=v1", "--trust-remote-code", "-o", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 policies x 2 prompts (every prompt of synthetic:prompts: eval_fraction 0, none held out)" in res.stdout
+    assert ("2 policies x 2 prompts (prompts of synthetic:prompts: eval_fraction 0, none split off; the first 2 "
+            "of 192)") in res.stdout
     assert "held-out" not in res.stdout
 
     res = _rlhf(tmp_path, hub, *args, "--trust-remote-code", "-o", str(tmp_path / "b"))

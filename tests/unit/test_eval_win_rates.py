@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from pipeline.stages.evaluate import EvaluateStageConfig, length_controlled, score_verdicts, win_rates
+from pipeline.stages.evaluate import (EvaluateStageConfig, length_controlled, prompts_described, score_verdicts,
+                                      win_rates)
 
 
 def _sig(t):
@@ -55,3 +56,19 @@ def test_score_verdicts_and_scorer_names():
         EvaluateStageConfig.model_validate({**base, "scorers": {"reward": "stage:scorer"}})
     with pytest.raises(ValueError, match="baseline"):  # nothing judges: a baseline would go unused
         EvaluateStageConfig.model_validate({**base, "baseline": "sft"})
+
+
+def test_the_prompts_line_says_how_many_of_how_many_and_does_not_call_held_out_prompts_not_held_out():
+    # the HH recipe evaluates the first 48 of the 223 held-out prompts of hh:prompts-eval (eval_fraction 0: the file
+    # is a held-out part already); its log said "48 prompts (every prompt of hh:prompts-eval: eval_fraction 0, none
+    # held out)": neither every prompt, nor not held out
+    base = {"stage": "evaluate", "policies": {"sft": "stage:sft", "ppo": "stage:ppo"}, "prompts": "hh:prompts-eval"}
+    whole = EvaluateStageConfig.model_validate({**base, "eval_fraction": 0})
+    assert prompts_described(whole, 48, 223) == ("prompts (prompts of hh:prompts-eval: eval_fraction 0, none split "
+                                                 "off; the first 48 of 223)")
+    assert prompts_described(whole, 5, 5) == ("prompts (every prompt of hh:prompts-eval: eval_fraction 0, none split "
+                                              "off)")
+    split = EvaluateStageConfig.model_validate({**base, "eval_fraction": 0.2})
+    assert prompts_described(split, 8, 45) == ("held-out prompts (eval_fraction 0.2 of hh:prompts-eval; the first 8 "
+                                               "of 45)")
+    assert prompts_described(split, 8, 8) == "held-out prompts (eval_fraction 0.2 of hh:prompts-eval)"

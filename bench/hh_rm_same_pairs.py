@@ -1,0 +1,44 @@
+"""Benchmark (not a test): the HH recipe's own reward model (RUN_DIR/reward of `rlhf run configs/hh.yaml`) scored
+on exactly the evaluation pairs a plain TRL RewardTrainer keeps at max length 256 (both conversations, chat
+template applied, at most 256 tokens: 178 of the 223 valid ones), so that its accuracy can be set beside the TRL
+row of bench/reward_vs_trl.py --split hh pair for pair (that table scores each side on the pairs it could read).
+
+    .venv/bin/python bench/hh_rm_same_pairs.py [RUN_DIR]      # default runs/hh; prints accuracy and 95% interval
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main(run: Path, max_length: int = 256) -> None:
+    from reward.scoring import RewardScorer
+
+    rows = [json.loads(x) for x in (run / "hh_eval" / "eval.jsonl").read_text().splitlines() if x.strip()]
+    scorer = RewardScorer.from_artifact(run / "reward")
+    tok = scorer.tokenizer
+
+    def tokens(prompt, reply) -> int:  # what TRL's RewardTrainer measures against max_length
+        reply = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
+        return len(tok.apply_chat_template([*prompt, *reply], tokenize=True, return_dict=False))
+
+    kept = [r for r in rows if max(tokens(r["prompt"], r["chosen"]), tokens(r["prompt"], r["rejected"])) <= max_length]
+    chosen, _ = scorer.score([r["prompt"] for r in kept], [r["chosen"] for r in kept])
+    rejected, _ = scorer.score([r["prompt"] for r in kept], [r["rejected"] for r in kept])
+    acc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(chosen, rejected)) / len(kept)
+    low, high = wilson(acc, len(kept))
+    print(f"{len(kept)} of {len(rows)} evaluation pairs within {max_length} tokens; the recipe's reward model: "
+          f"accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f})")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/hh"))
