@@ -3,9 +3,11 @@
     python -m feedback.hh SOURCE.jsonl        # writes feedback/data/hh/*.jsonl from the 1,200-pair sample
 
 Every row of SOURCE (HH format: {"chosen": TRANSCRIPT, "rejected": TRANSCRIPT}) goes, whole and unchanged, to one
-of three parts, by a hash of its prompt (the dialogue before the last assistant reply, compared as
-feedback.schema.prompt_key compares prompts), so that every pair of a prompt lands in one part and the split does
-not depend on the order or number of rows:
+of three parts, by a hash of its conversation's opening: the first human turn, case-folded, its words only (no
+punctuation or spacing). HH dialogues continue one another (a longer transcript repeats a shorter one's turns word
+for word), so splitting by the whole prompt put 9 of the evaluation prompts in a conversation a training prompt had
+begun; by the opening, every pair of a conversation lands in one part, and the split does not depend on the order
+or number of rows:
 
     train.jsonl    SHA-256 bucket < 0.6   pairs the reward model, DPO and SFT train on (PPO's prompts)
     eval.jsonl     0.6 <= bucket < 0.8    held-out pairs: their prompts are the evaluate stage's, and the reward
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
+import unicodedata
 from pathlib import Path
 
 from feedback.readers import Bad, read_hh_row
@@ -58,10 +62,18 @@ def pair_of(line: str):
         return None
 
 
+def opening(prompt) -> str:
+    """A conversation's opening as the split compares it: the first human turn, NFKC, case-folded, its words (\\w+)
+    joined by one space; so that a copy differing in case or punctuation is the same conversation."""
+    first = prompt if isinstance(prompt, str) else next(
+        (m["content"] for m in prompt if m.get("role") == "user"), "")
+    return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", first).casefold()))
+
+
 def part_of(line: str) -> str:
     """The part (train, eval or scorer) a source line belongs to."""
     pair = pair_of(line)
-    b = bucket(prompt_key(pair.prompt) if pair is not None else line)
+    b = bucket(opening(pair.prompt) if pair is not None else line)
     return next(name for name, top in PARTS if b < top)
 
 
