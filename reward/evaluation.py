@@ -12,13 +12,14 @@ by reward.scoring.RewardScorer (and by PPO's critic).
 from __future__ import annotations
 
 import math
-from reward.scoring import score_ids
+from reward.scoring import SORT_WINDOW, score_ids
 
 
 def evaluate(model, rows, pad_id: int, buckets: int, chunk: int = 1024) -> tuple[dict, list[float]]:
     """Score encoded pairs with the same code users and PPO call: (pairwise metrics, every reward scored). `rows` is
     a datasets.Dataset with chosen_ids, rejected_ids and source columns, read `chunk` rows at a time (a multiple of
-    score_ids' batch of 32, so the batches, and the scores, are those of scoring every row at once)."""
+    score_ids' sorting window, so the batches, and the scores, are those of scoring every row at once)."""
+    assert chunk % SORT_WINDOW == 0, "chunk must be a multiple of reward.scoring.SORT_WINDOW"
     rc: list[float] = []
     rr: list[float] = []
     sources: list[str] = []

@@ -29,19 +29,29 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
+SORT_WINDOW = 1024  # score_ids batches each window of this many rows in order of length
+
+
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
-    """Reward for each token sequence (right-padded batches; the model reads its last non-pad token)."""
+    """Reward for each token sequence (right-padded batches; the model reads its last non-pad token). Each window of
+    SORT_WINDOW rows is batched in order of length, so that a batch pads little (HH replies at max length 256 run
+    from 40 to 256 tokens); the windows keep a caller that scores a long list in chunks of a multiple of
+    SORT_WINDOW (reward.evaluation) to the batches of scoring it whole."""
     import torch
 
-    out: list[float] = []
+    out: list[float] = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_batch(seqs[i : i + batch_size], pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            out.extend(logits[:, 0].float().cpu().tolist())
+        for w in range(0, len(seqs), SORT_WINDOW):
+            order = sorted(range(w, min(w + SORT_WINDOW, len(seqs))), key=lambda i: len(seqs[i]))
+            for b in range(0, len(order), batch_size):
+                rows = order[b : b + batch_size]
+                ids, mask = pad_batch([seqs[i] for i in rows], pad_id)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for i, v in zip(rows, logits[:, 0].float().cpu().tolist()):
+                    out[i] = v
     model.train(was_training)
     return out
 

@@ -260,7 +260,8 @@ def sample_policies(policies: list[Policy], prompts: list, sampling: SamplingCon
         tok, model = pol.load()
         prompt_ids = [pol.prompt_ids(tok, p) for p in prompts]
         ids = [r[0] for r in sample_ids(model, tok, prompt_ids, 1, sampling.temperature, sampling.top_p,
-                                        sampling.max_new_tokens, sampling.batch_size, seed, desc=f"sampling {pol.name}")]
+                                        sampling.max_new_tokens, sampling.batch_size, seed, desc=f"sampling {pol.name}",
+                                        by_length=True)]
         logp = response_logprobs(model, tok, prompt_ids, ids, sampling.temperature, sampling.batch_size)
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
         out[pol.name] = {"tok": tok, "ids": ids, "texts": texts, "logp": logp,
