@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--split", choices=("file", "hh"), default="file", help="file: the sample in file order (needs "
                    "../shared/data); hh: the shipped split of configs/hh.yaml")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="run only the rows whose name starts with these words "
+                   "(e.g. TRL; the TRL row always runs: it is the baseline)")
     a = p.parse_args()
     if a.split == "hh":
         train, evals = prepare_hh(a.train)
@@ -141,6 +143,8 @@ def main() -> None:
     if a.split == "hh":  # the speed row is the file split's question; this split asks about the recipe's settings
         del rows["ours, tuned for speed"]
         rows["ours, the HH recipe's settings (configs/hh.yaml)"] = lambda: recipe_row(train, evals, a.max_length)
+    if a.only:
+        rows = {n: fn for n, fn in rows.items() if n.startswith("TRL") or any(n.startswith(w) for w in a.only)}
     results = {}
     for name, fn in rows.items():
         results[name] = fn()
