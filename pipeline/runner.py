@@ -261,6 +261,9 @@ def _run_stage(cfg: PipelineConfig, st, inputs: dict, chash: str, echo, resume: 
         from pipeline.deepspeed import forget
 
         forget()  # HF keeps a stage's DeepSpeed config globally: the next stage loads its models whole
+    # every process has finished writing into the work directory (a stage that reads data alone, with no collective
+    # step to keep the processes together, may still be writing there) before rank 0 tidies it and moves it in place
+    distributed.barrier()
     if NEUTRALISED:  # special tokens found in untrusted text (data, responses) and kept as text
         out.setdefault("counts", {})["special_tokens_neutralised"] = dict(NEUTRALISED)
         echo(f"[{st.name}] neutralised {sum(NEUTRALISED.values())} special-token strings found in prompts or "

@@ -21,6 +21,22 @@ def tiny_path() -> str:
     return resolve("tiny")
 
 
+def contextual_lm(tiny_path: str):
+    """The tiny model with larger weights: its random initialisation is too flat for what it gives to depend on its
+    input (it repeats one token whatever it is given), so these weights are drawn from N(0, 0.3), seeded."""
+    import torch
+
+    from pipeline.models import load_causal_lm
+
+    model = load_causal_lm(tiny_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if "norm" not in name:
+                w.normal_(0, 0.3)
+    return model.eval()
+
+
 def write_yaml(path: Path, data) -> Path:
     import yaml
 

@@ -14,7 +14,8 @@ CONFIG = ROOT / "configs" / "hh.yaml"
 TINY = ["--set", "models.policy=tiny", "--set", "stages.evaluate.max_prompts=8",
         "--set", "stages.evaluate.sampling.max_new_tokens=8", "--set", "stages.ppo.steps=2",
         "--set", "stages.ppo.rollout.prompts_per_step=4", "--set", "stages.ppo.rollout.max_new_tokens=8",
-        "--set", "stages.ppo.ppo.minibatch_size=4", "--set", "stages.ppo.ppo.micro_batch_size=4"]
+        "--set", "stages.ppo.ppo.minibatch_size=4", "--set", "stages.ppo.ppo.micro_batch_size=4",
+        "--set", "stages.ppo.max_prompt_tokens=null"]  # the tiny tokenizer takes ~4x SmolLM2's tokens for a prompt
 TINY += [a for name in ("sft", "reward", "scorer", "dpo")
          for a in ("--set", f"stages.{name}.max_length=64", "--set", f"stages.{name}.optim.max_steps=3")]
 

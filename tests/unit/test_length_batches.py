@@ -3,7 +3,6 @@ sampling pad each batch to its own longest row, so that HH-length spreads (50 to
 batch padding; every row's result is the one it gets alone, in the caller's order."""
 
 import pytest
-import torch
 
 
 def test_batches_in_order_of_length_by_hand():
@@ -15,22 +14,17 @@ def test_batches_in_order_of_length_by_hand():
 
 @pytest.fixture(scope="module")
 def contextual(tiny_path):
-    """The tiny model with larger weights, so that what it gives depends on its input (see
-    test_prompt_learning_batches), and a one-output score head on the same body."""
+    """The tiny model with larger weights, so that what it gives depends on its input (conftest.contextual_lm), and a
+    one-output score model built from the tiny model."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.models import load_tokenizer
+    from tests.conftest import contextual_lm
 
-    tok = load_tokenizer(tiny_path)
-    lm = load_causal_lm(tiny_path)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, w in lm.named_parameters():
-            if "norm" not in name:
-                w.normal_(0, 0.3)
+    tok, lm = load_tokenizer(tiny_path), contextual_lm(tiny_path)
     scorer = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1)
     scorer.config.pad_token_id = tok.pad_token_id
-    return tok, lm.eval(), scorer.eval()
+    return tok, lm, scorer.eval()
 
 
 def test_score_ids_batches_by_length_and_keeps_each_score(contextual):

@@ -19,16 +19,11 @@ def models(tiny_path):
     import torch
     from peft import PromptTuningConfig, get_peft_model
 
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.models import load_tokenizer
+    from tests.conftest import contextual_lm
 
     def contextual():
-        model = load_causal_lm(tiny_path)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, w in model.named_parameters():
-                if "norm" not in name:
-                    w.normal_(0, 0.3)
-        return model.eval()
+        return contextual_lm(tiny_path)
 
     tuned = get_peft_model(contextual(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with torch.no_grad():  # trained virtual tokens, not near-zero ones: they must matter to the answer
