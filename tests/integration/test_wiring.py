@@ -178,6 +178,7 @@ NOT_TRAINER_CONFIG = {
     "eval_max_new_tokens": "held-out rule reward's samples", "eval_fraction": "held-out prompts",
     "reward.model": "reward functions (test_rlaif, test_policy)", "reward.rule": "reward functions",
     "reward.normalize": "reward functions (normalised scores)",
+    "max_prompt_tokens": "prompts left out before sampling (test_policy: grpo/rloo, ppo skips prompts over it)",
 }
 # Settings a stage refuses (its validator says why): nothing to wire.
 REFUSED = {"dpo": {"optim.group_by_length"}, "kto": {"optim.group_by_length"}, "grpo": {"optim.group_by_length", "optim.eval_steps"},
@@ -198,6 +199,7 @@ PPO_NOT_SETUP = {
     "stage": "picks the stage", "name": "the artifact's directory", "policy": "the model loaded",
     "prompts": "the data read", "prompts_split": "the split read (test_read_as_written)",
     "deepspeed": "the ZeRO config (tests/distributed)",
+    "max_prompt_tokens": "prompts left out before sampling (test_policy: ppo skips prompts over it)",
 }
 
 
