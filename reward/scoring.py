@@ -39,19 +39,20 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -
     SORT_WINDOW (reward.evaluation) to the batches of scoring it whole."""
     import torch
 
+    from pipeline.generation import batches
+
     out: list[float] = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
         for w in range(0, len(seqs), SORT_WINDOW):
-            order = sorted(range(w, min(w + SORT_WINDOW, len(seqs))), key=lambda i: len(seqs[i]))
-            for b in range(0, len(order), batch_size):
-                rows = order[b : b + batch_size]
-                ids, mask = pad_batch([seqs[i] for i in rows], pad_id)
+            window = seqs[w : w + SORT_WINDOW]
+            for rows in batches([len(s) for s in window], batch_size, by_length=True):
+                ids, mask = pad_batch([window[i] for i in rows], pad_id)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for i, v in zip(rows, logits[:, 0].float().cpu().tolist()):
-                    out[i] = v
+                    out[w + i] = v
     model.train(was_training)
     return out
 

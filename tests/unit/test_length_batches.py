@@ -27,7 +27,8 @@ def contextual(tiny_path):
     return tok, lm, scorer.eval()
 
 
-def test_score_ids_batches_by_length_and_keeps_each_score(contextual):
+def test_score_ids_batches_by_length_and_keeps_each_score(contextual, monkeypatch):
+    from reward import scoring
     from reward.scoring import score_ids
 
     tok, _, scorer = contextual
@@ -42,6 +43,8 @@ def test_score_ids_batches_by_length_and_keeps_each_score(contextual):
     assert widths == [6, 40, 41]  # [5, 6], [7, 40], [41]; in file order they padded to 40, 41 and 7
     alone = [score_ids(scorer, [s], tok.pad_token_id)[0] for s in seqs]
     assert together == pytest.approx(alone, abs=1e-5)
+    monkeypatch.setattr(scoring, "SORT_WINDOW", 2)  # windows of 2 rows: each score still lands on its own row
+    assert score_ids(scorer, seqs, tok.pad_token_id, batch_size=2) == pytest.approx(alone, abs=1e-5)
 
 
 def test_sampling_by_length_gives_each_prompt_its_own_answer(contextual):
