@@ -1,9 +1,13 @@
 """Benchmark (not a test): the HH recipe's own reward model (RUN_DIR/reward of `rlhf run configs/hh.yaml`) scored
 on exactly the evaluation pairs a plain TRL RewardTrainer keeps at max length 256 (both conversations, chat
-template applied, at most 256 tokens: 178 of the 223 valid ones), so that its accuracy can be set beside the TRL
+template applied, at most 256 tokens: 187 of the 241 valid ones), so that its accuracy can be set beside the TRL
 row of bench/reward_vs_trl.py --split hh pair for pair (that table scores each side on the pairs it could read).
 
     .venv/bin/python bench/hh_rm_same_pairs.py [RUN_DIR]      # default runs/hh; prints accuracy and 95% interval
+
+Beside it, on the same pairs, a rule with no model: "the shorter reply wins" (in tokens; a tie counts half), since
+harmless-base's chosen reply is more often the shorter one: a reward model that beats a coin may have learnt only
+that, and one that does not reach the rule has not learnt even that.
 """
 
 from __future__ import annotations
@@ -34,10 +38,16 @@ def main(run: Path, max_length: int = 256) -> None:
     kept = [r for r in rows if max(tokens(r["prompt"], r["chosen"]), tokens(r["prompt"], r["rejected"])) <= max_length]
     chosen, _ = scorer.score([r["prompt"] for r in kept], [r["chosen"] for r in kept])
     rejected, _ = scorer.score([r["prompt"] for r in kept], [r["rejected"] for r in kept])
-    acc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(chosen, rejected)) / len(kept)
-    low, high = wilson(acc, len(kept))
+
+    def accuracy(pairs) -> str:
+        acc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(kept)
+        low, high = wilson(acc, len(kept))
+        return f"accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f})"
+
+    # the reply's length: the whole conversation's tokens, the prompt's being the same on both sides
+    shorter = [(-tokens(r["prompt"], r["chosen"]), -tokens(r["prompt"], r["rejected"])) for r in kept]
     print(f"{len(kept)} of {len(rows)} evaluation pairs within {max_length} tokens; the recipe's reward model: "
-          f"accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f})")
+          f"{accuracy(zip(chosen, rejected))}; the rule 'the shorter reply wins': {accuracy(shorter)}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ class RewardStageConfig(TrainingBlock):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimiser, schedule and batches")
     calibration_buckets: int = Field(4, ge=1, description="held-out accuracy is also reported per quantile bucket of "
                                      "|margin|, this many")
+    eval_initial: bool = Field(True, description="also score the held-out pairs before training "
+                               "(eval/accuracy_initial: the fresh score head's); false saves one pass over them")
 
     @model_validator(mode="after")
     def _used(self):
@@ -129,23 +131,25 @@ def run(cfg: RewardStageConfig, ctx) -> dict:
         f"{trainable:,} of {total:,} parameters trainable ({cfg.tuning}); the score head starts fresh")
     # Held-out metrics come from the same scoring code that users and PPO call.
     score_rows = eval_rows if len(eval_rows) else train_rows
-    before, _ = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)
+    before = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)[0] \
+        if cfg.eval_initial else {}
     t0 = time.time()
     perf = perf_metrics(fit(trainer, ctx, cfg))
     seconds = time.time() - t0
     after, rewards = evaluate(trainer.model, score_rows, tokenizer.pad_token_id, cfg.calibration_buckets)
     check_finite(ctx, {"held-out rewards": rewards})
     calibration = after.pop("calibration")
-    before.pop("calibration", None)
-    metrics = {**after, "eval/accuracy_initial": before["eval/accuracy"],
+    initial = {"eval/accuracy_initial": before["eval/accuracy"]} if before else {}
+    metrics = {**after, **initial,
                "train/steps": trainer.state.global_step, "train/seconds": round(seconds, 2), **perf, **memory_metrics()}
     ctx.metrics.log(metrics, step=trainer.state.global_step)
 
     fingerprint = logits_fingerprint(trainer.model, tokenizer)
     save_policy(trainer, trainer.model, tokenizer, ctx.work_dir / "model", merge=True, trust_remote_code=trust)
     split = "eval" if len(eval_rows) else "train (no eval split)"
+    start = f"{before['eval/accuracy']:.3f} -> " if before else ""
     summary = (f"{trainer.state.global_step} steps in {seconds:.1f}s; {split} accuracy "
-               f"{before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "
+               f"{start}{after['eval/accuracy']:.3f}, margin {after['eval/margin_mean']:.3f}; "
                f"artifact: {ctx.run_dir / ctx.name / 'model'}")
     return {
         "kind": "reward_model",

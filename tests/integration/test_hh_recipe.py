@@ -48,6 +48,9 @@ def test_the_hh_recipe_reduced_on_the_tiny_model(tmp_path, capsys):
     scorer = artifacts.load_artifact(run / "scorer", "reward_model").manifest
     assert (reward["counts"]["train_pairs"], reward["counts"]["eval_pairs"]) == (713, 241)  # train; held-out eval
     assert (scorer["counts"]["train_pairs"], scorer["counts"]["eval_pairs"]) == (244, 241)  # scorer part; held-out eval
+    # the scorer skips scoring its held-out pairs before training (eval_initial: false); the reward model does not
+    assert "eval/accuracy_initial" not in scorer["metrics"] and "eval/accuracy_initial" in reward["metrics"]
+    assert "[scorer] 3 steps in" in out and re.search(r"\[scorer\] 3 steps in [\d.]+s; eval accuracy [\d.]+, ", out)
     prefs = {n: artifacts.load_artifact(run / n, "preferences").manifest["counts"]
              for n in ("hh_train", "hh_eval", "hh_scorer")}
     assert prefs["hh_train"]["train"] == 713 and prefs["hh_eval"]["rejected"] == 1

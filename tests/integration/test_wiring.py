@@ -174,6 +174,7 @@ NOT_TRAINER_CONFIG = {
     "prompts_split": "a dataset dict's split read (test_read_as_written)", "eval_prompts_split": "the split read",
     "eval_preferences": "the reward model's held-out pairs (test_rlaif)",
     "calibration_buckets": "the reward manifest's calibration table (test_reward)",
+    "eval_initial": "the reward manifest's eval/accuracy_initial (test_reward; test_hh_recipe: the scorer skips it)",
     "eval_prompts": "prompts sampled before and after (test_stage_settings)", "eval_rule": "held-out rule reward",
     "eval_max_new_tokens": "held-out rule reward's samples", "eval_fraction": "held-out prompts",
     "reward.model": "reward functions (test_rlaif, test_policy)", "reward.rule": "reward functions",
