@@ -44,8 +44,8 @@ def main(run: Path, pairs: str = "eval", max_length: int = 256) -> None:
     chosen, _ = scorer.score([r["prompt"] for r in kept], [r["chosen"] for r in kept])
     rejected, _ = scorer.score([r["prompt"] for r in kept], [r["rejected"] for r in kept])
 
-    def accuracy(pairs) -> str:
-        acc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(kept)
+    def accuracy(scored) -> str:
+        acc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scored) / len(kept)
         low, high = wilson(acc, len(kept))
         return f"accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f})"
 
