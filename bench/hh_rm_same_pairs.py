@@ -18,17 +18,11 @@ that, and one that does not reach the rule has not learnt even that.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
-def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def main(run: Path, pairs: str = "eval", max_length: int = 256) -> None:
+    from pipeline.stages.evaluate import wilson
     from reward.scoring import RewardScorer
 
     source = run / "hh_eval" / "eval.jsonl" if pairs == "eval" else run / "hh_scorer" / "preferences.jsonl"
@@ -40,17 +34,19 @@ def main(run: Path, pairs: str = "eval", max_length: int = 256) -> None:
         reply = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
         return len(tok.apply_chat_template([*prompt, *reply], tokenize=True, return_dict=False))
 
-    kept = [r for r in rows if max(tokens(r["prompt"], r["chosen"]), tokens(r["prompt"], r["rejected"])) <= max_length]
+    sizes = [(tokens(r["prompt"], r["chosen"]), tokens(r["prompt"], r["rejected"])) for r in rows]
+    fit = [(r, size) for r, size in zip(rows, sizes) if max(size) <= max_length]
+    kept = [r for r, _ in fit]
     chosen, _ = scorer.score([r["prompt"] for r in kept], [r["chosen"] for r in kept])
     rejected, _ = scorer.score([r["prompt"] for r in kept], [r["rejected"] for r in kept])
 
     def accuracy(scored) -> str:
-        acc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scored) / len(kept)
-        low, high = wilson(acc, len(kept))
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scored)
+        acc, (low, high) = wins / len(kept), wilson(wins, len(kept))
         return f"accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f})"
 
     # the reply's length: the whole conversation's tokens, the prompt's being the same on both sides
-    shorter = [(-tokens(r["prompt"], r["chosen"]), -tokens(r["prompt"], r["rejected"])) for r in kept]
+    shorter = [(-c, -r) for _, (c, r) in fit]
     print(f"{len(kept)} of {len(rows)} {pairs} pairs within {max_length} tokens; the recipe's reward model: "
           f"{accuracy(zip(chosen, rejected))}; the rule 'the shorter reply wins': {accuracy(shorter)}")
 
